@@ -1,0 +1,245 @@
+"""One typed configuration loader for every AIOS process.
+
+Layers, later wins: the defaults in this module, then ``config/aios.toml`` (or the file that
+``AIOS_CONFIG`` names), then environment variables ``AIOS_<SECTION>__<KEY>``. Values given in the
+environment for list or table settings are JSON (``AIOS_AGENTS__COMMAND_ALLOWLIST='["echo"]'``).
+
+Settings are validated once, at start, into frozen pydantic models. A bad value raises
+:class:`ConfigError` naming the key; the CLI turns that into exit status 2, so a process never runs
+half-configured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from aios.errors import ConfigError
+
+ENV_PREFIX = "AIOS_"
+#: The repository's default config file, used when AIOS_CONFIG is not set and the file exists.
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "aios.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    #: gunicorn worker processes and threads per process behind `aios api`.
+    workers: int = Field(2, ge=1, le=64)
+    threads: int = Field(4, ge=1, le=64)
+    #: Bodies above this size are refused with 413 before they are parsed.
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    #: Most tasks accepted by one POST /tasks/batch.
+    batch_max_tasks: int = Field(1000, ge=1, le=10_000)
+    #: Largest page a list endpoint returns.
+    page_max: int = Field(500, ge=1, le=10_000)
+
+
+class DatabaseSettings(_Section):
+    #: SQLAlchemy URL. The embedded default is a SQLite file under ./var.
+    url: str = "sqlite:///var/aios.db"
+    pool_size: int = Field(5, ge=1, le=200)
+    #: Seconds a SQLite writer waits for the lock before it gives up.
+    sqlite_busy_timeout_s: float = Field(15.0, gt=0)
+    echo: bool = False
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+
+class BrokerSettings(_Section):
+    #: kombu URL. ``filesystem://`` is the embedded default that needs no server;
+    #: production uses ``redis://`` or ``rediss://`` (Sentinel URLs pass through to kombu).
+    url: str = "filesystem://localhost/"
+    #: Where the filesystem transport keeps its messages (embedded mode only).
+    data_dir: str = "var/broker"
+    #: Prefix of every AIOS queue name, control and event exchange: lets several AIOS
+    #: deployments (or test runs) share one Redis without seeing each other.
+    namespace: str = Field("aios", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    #: Prepended to every Redis key kombu writes (kombu ``global_keyprefix``); empty = none.
+    key_prefix: str = ""
+    #: Redis redelivers a message not acked within this time. Must exceed the longest task
+    #: timeout, or long tasks run twice (celery redis caveats; kombu#337).
+    visibility_timeout_s: int = Field(7200, ge=10)
+    #: Publish attempts after the first, and the longest a publish may take in all. A broker
+    #: outage must not hang the API (celery#6046): past this the task stays PENDING.
+    publish_max_retries: int = Field(2, ge=0, le=10)
+    publish_timeout_s: float = Field(3.0, gt=0, le=30)
+    #: Seconds between polls for transports without blocking reads (filesystem).
+    polling_interval_s: float = Field(0.2, gt=0, le=10)
+
+    @property
+    def is_redis(self) -> bool:
+        return self.url.startswith(("redis://", "rediss://", "sentinel://", "redis+socket://"))
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.url.startswith("filesystem://")
+
+
+class OrchestratorSettings(_Section):
+    #: Longest any task may run; per-task ``timeout_s`` may only be lower.
+    task_timeout_s: int = Field(3600, ge=1)
+    default_priority: int = Field(5, ge=0, le=9)
+    max_retries: int = Field(3, ge=0, le=100)
+    sync_interval_s: int = Field(60, ge=1)
+    #: Exponential backoff between retries: base * 2**(attempt-1), capped, with full jitter.
+    retry_backoff_base_s: float = Field(1.0, ge=0)
+    retry_backoff_max_s: float = Field(600.0, ge=0)
+    #: A task that ignores its soft time limit is killed this many seconds later.
+    timeout_grace_s: int = Field(5, ge=1, le=600)
+    #: The queue a task goes to when the request names none.
+    default_queue: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+class AgentSettings(_Section):
+    #: Pool processes per agent (Celery prefork concurrency).
+    concurrency: int = Field(2, ge=1, le=256)
+    #: Queues an agent consumes when started without --queues.
+    queues: list[str] = Field(default_factory=lambda: ["default"])
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    #: argv[0] values agents may run for the `command` task type; empty = none.
+    command_allowlist: list[str] = Field(default_factory=list)
+
+
+class TaskSettings(_Section):
+    #: Extra modules imported at start that register task types (besides entry points).
+    modules: list[str] = Field(default_factory=list)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class Settings(_Section):
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    orchestrator: OrchestratorSettings = Field(default_factory=OrchestratorSettings)
+    agents: AgentSettings = Field(default_factory=AgentSettings)
+    tasks: TaskSettings = Field(default_factory=TaskSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="after")
+    def _visibility_timeout_exceeds_task_timeout(self) -> Settings:
+        longest = self.orchestrator.task_timeout_s + self.orchestrator.timeout_grace_s
+        if self.broker.is_redis and self.broker.visibility_timeout_s <= longest:
+            raise ValueError(
+                f"broker.visibility_timeout_s ({self.broker.visibility_timeout_s}) must be larger than "
+                f"orchestrator.task_timeout_s + timeout_grace_s ({longest}), or Redis redelivers "
+                "long tasks while they still run"
+            )
+        if self.orchestrator.retry_backoff_max_s < self.orchestrator.retry_backoff_base_s:
+            raise ValueError(
+                f"orchestrator.retry_backoff_max_s ({self.orchestrator.retry_backoff_max_s}) must be at "
+                f"least retry_backoff_base_s ({self.orchestrator.retry_backoff_base_s})"
+            )
+        return self
+
+
+def _env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Turn AIOS_<SECTION>__<KEY> variables into a nested dict, JSON-decoding lists and tables."""
+    layer: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].partition("__")
+        section, key = section.lower(), key.lower()
+        if section not in Settings.model_fields:
+            # AIOS_CONFIG and friends are not settings; unknown sections are typos.
+            raise ConfigError(f"{name}: unknown section [{section}]")
+        field = Settings.model_fields[section].annotation.model_fields.get(key)  # type: ignore[union-attr]
+        if field is None:
+            raise ConfigError(f"{name}: unknown key {section}.{key}")
+        value: Any = raw
+        origin = getattr(field.annotation, "__origin__", field.annotation)
+        if origin in (list, dict):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{name}: {section}.{key} must be JSON ({exc.msg})") from exc
+        layer.setdefault(section, {})[key] = value
+    return layer
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _file_layer(path: Path | None, explicit: bool) -> dict[str, Any]:
+    if path is None:
+        return {}
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"AIOS_CONFIG: file {path} does not exist")
+        return {}
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from defaults, the TOML file and the environment (later wins).
+
+    ``overrides`` (a nested dict) is applied last; tests use it instead of mutating globals.
+    """
+    environ = os.environ if environ is None else environ
+    explicit = environ.get("AIOS_CONFIG")
+    path = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
+    data = _file_layer(path, explicit=bool(explicit))
+    data = _merge(data, _env_layer(environ))
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        given = error.get("input")
+        shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+        lines.append(f"{key}: {message}{shown}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def redact_url(url: str) -> str:
+    """Hide the password in a database or broker URL before it reaches a log or an API answer."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a URL we cannot parse is shown without its credentials part
+        return url.split("@")[-1]

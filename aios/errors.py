@@ -1,0 +1,92 @@
+"""The one error tree of AIOS.
+
+Every exception AIOS raises on purpose descends from :class:`AiosError`; each class carries the HTTP
+status and the stable ``error`` code the API answers with, so the web layer maps errors in one place
+and a client can switch on ``error`` without parsing ``message``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AiosError(Exception):
+    """Base of every AIOS error. ``status`` and ``code`` define its HTTP answer."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **self.extra}
+
+
+class ConfigError(AiosError):
+    """A setting is missing or invalid; the process must not start (exit status 2)."""
+
+    code = "config_error"
+
+
+class NotMigrated(AiosError):
+    """The database schema is older than this code; names the command that fixes it."""
+
+    status = 503
+    code = "database_not_migrated"
+
+
+class BadRequest(AiosError):
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(AiosError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(AiosError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(AiosError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(AiosError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class ValidationFailed(AiosError):
+    """Input is well-formed but wrong; ``field`` names the offending part (dotted path)."""
+
+    status = 422
+    code = "validation_failed"
+
+
+class UnknownTaskType(ValidationFailed):
+    code = "unknown_task_type"
+
+
+class IllegalTransition(AiosError):
+    """A task state change the state machine forbids (e.g. leaving a terminal state)."""
+
+    status = 409
+    code = "illegal_transition"
+
+
+class ServiceUnavailable(AiosError):
+    status = 503
+    code = "service_unavailable"
+
+
+class TaskFailure(AiosError):
+    """Raised by a task type to fail without retrying (bad input found only at run time)."""
+
+    code = "task_failed"

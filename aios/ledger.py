@@ -1,0 +1,167 @@
+"""Reading and steering tasks in the ledger: find, list, cancel, retry.
+
+Plain functions over a Settings object and a Celery app, shared by the API and the CLI.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session, selectinload
+
+from aios.config import Settings
+from aios.db import session_scope
+from aios.dispatch import TaskSpec, create_tasks, dispatch
+from aios.errors import Conflict, NotFound, ValidationFailed
+from aios.models import Task
+from aios.states import CANCELLABLE, RETRYABLE, TERMINAL, TaskState, transition
+from aios.timeutil import isoformat, parse_iso
+
+logger = logging.getLogger(__name__)
+
+
+def get_task(session: Session, task_id: str, *, with_events: bool = False) -> Task:
+    statement = select(Task).where(Task.id == task_id)
+    if with_events:
+        statement = statement.options(selectinload(Task.events))
+    task = session.scalars(statement).one_or_none()
+    if task is None:
+        raise NotFound(f"no task with id {task_id!r}", field="id")
+    return task
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    states: tuple[str, ...] = ()
+    type: str | None = None
+    priority: int | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+def encode_cursor(task: Task) -> str:
+    raw = json.dumps([isoformat(task.created_at), task.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, task_id = json.loads(raw)
+        return parse_iso(created_at), str(task_id)
+    except (ValueError, TypeError) as exc:
+        raise ValidationFailed("cursor is not one this API returned", field="cursor") from exc
+
+
+def list_tasks(session: Session, where: TaskFilter, *, limit: int, cursor: str | None) -> tuple[list[Task], str | None]:
+    """Newest first, keyset-paginated on (created_at, id): each page costs one index range scan."""
+    statement = select(Task)
+    if where.states:
+        statement = statement.where(Task.state.in_(where.states))
+    if where.type:
+        statement = statement.where(Task.type == where.type)
+    if where.priority is not None:
+        statement = statement.where(Task.priority == where.priority)
+    if where.created_after:
+        statement = statement.where(Task.created_at > where.created_after)
+    if where.created_before:
+        statement = statement.where(Task.created_at < where.created_before)
+    if cursor:
+        created_at, task_id = decode_cursor(cursor)
+        statement = statement.where(
+            or_(Task.created_at < created_at, and_(Task.created_at == created_at, Task.id < task_id))
+        )
+    statement = statement.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1)
+    tasks = list(session.scalars(statement))
+    next_cursor = encode_cursor(tasks[limit - 1]) if len(tasks) > limit else None
+    return tasks[:limit], next_cursor
+
+
+def revoke(celery: Celery, task_id: str, *, terminate: bool) -> None:
+    """Tell agents to drop (or kill) a task. Best effort: the database row is what makes it stick."""
+    try:
+        celery.control.revoke(task_id, terminate=terminate, signal="SIGTERM")
+    except Exception as exc:  # noqa: BLE001 - the claim check still stops a queued copy
+        logger.warning("could not broadcast revoke of %s: %s", task_id, exc)
+
+
+def cancel_task(celery: Celery, settings: Settings, task_id: str, *, actor: str) -> Task:
+    """Cancel a task that has not finished.
+
+    A queued task is marked CANCELLED, so whichever agent gets its message skips it at claim time,
+    even after a restart; a running one is also revoked with terminate.
+    """
+    for _ in range(3):  # the state may move under us; re-read and try again
+        with session_scope(settings.database) as session:
+            task = get_task(session, task_id)
+            current = TaskState(task.state)
+            if current in TERMINAL:
+                raise Conflict(f"task {task_id} is already {current}; only unfinished tasks can be cancelled",
+                               state=current.value)
+            if current not in CANCELLABLE:  # pragma: no cover - every non-terminal state is cancellable
+                raise Conflict(f"a {current} task cannot be cancelled", state=current.value)
+            moved = transition(session, task_id, current, TaskState.CANCELLED, actor=actor,
+                               detail={"reason": "cancel requested"})
+        if moved:
+            revoke(celery, task_id, terminate=current is TaskState.RUNNING)
+            with session_scope(settings.database) as session:
+                return get_task(session, task_id)
+    raise Conflict(f"task {task_id} kept changing state; try again")
+
+
+def retry_task(celery: Celery, settings: Settings, task_id: str, *, actor: str) -> Task:
+    """Run a finished task again as a new task (``retry_of`` points back); the old one stays as it was."""
+    with session_scope(settings.database) as session:
+        old = get_task(session, task_id)
+        if TaskState(old.state) not in RETRYABLE:
+            allowed = ", ".join(sorted(s.value for s in RETRYABLE))
+            raise Conflict(f"task {task_id} is {old.state}; only {allowed} tasks can be retried", state=old.state)
+        spec = TaskSpec(type=old.type, parameters=old.parameters, priority=old.priority,
+                        max_retries=old.max_retries, timeout_s=old.timeout_s, queue=old.queue, retry_of=old.id)
+        (new,) = create_tasks(session, [spec], actor=actor)
+        new_id = new.id
+    dispatch(celery, settings, [new_id], actor=actor)
+    with session_scope(settings.database) as session:
+        return get_task(session, new_id)
+
+
+def task_to_dict(task: Task, *, with_events: bool = False) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": task.id,
+        "type": task.type,
+        "parameters": task.parameters,
+        "state": task.state,
+        "priority": task.priority,
+        "queue": task.queue,
+        "result": task.result,
+        "error": task.error,
+        "attempts": task.attempts,
+        "max_retries": task.max_retries,
+        "timeout_s": task.timeout_s,
+        "agent": task.agent,
+        "retry_of": task.retry_of,
+        "created_at": isoformat(task.created_at),
+        "updated_at": isoformat(task.updated_at),
+        "queued_at": isoformat(task.queued_at),
+        "started_at": isoformat(task.started_at),
+        "finished_at": isoformat(task.finished_at),
+    }
+    if with_events:
+        data["events"] = [
+            {
+                "at": isoformat(event.at),
+                "actor": event.actor,
+                "from_state": event.from_state,
+                "to_state": event.to_state,
+                "detail": event.detail,
+            }
+            for event in task.events
+        ]
+    return data

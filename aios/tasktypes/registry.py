@@ -1,0 +1,128 @@
+"""The task-type registry, the decorator that fills it, and plugin loading."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from aios.errors import UnknownTaskType, ValidationFailed
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "aios.task_types"
+
+
+class Parameters(BaseModel):
+    """Base for parameter models: unknown fields are errors, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class AnyParameters(BaseModel):
+    """Accepts any JSON object (the ``echo`` type)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a running task may know about itself."""
+
+    task_id: str
+    attempt: int
+    agent: str
+
+
+@dataclass(frozen=True)
+class TaskType:
+    name: str
+    run: Callable[[Any, TaskContext], Any]
+    parameters: type[BaseModel]
+    description: str = ""
+
+    def validate(self, raw: Any) -> BaseModel:
+        if not isinstance(raw, dict):
+            raise ValidationFailed("parameters must be a JSON object", field="parameters")
+        try:
+            return self.parameters.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            field = f"parameters.{where}" if where else "parameters"
+            raise ValidationFailed(
+                f"invalid parameters for task type {self.name!r}: {field}: {first['msg']}", field=field
+            ) from exc
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._types: dict[str, TaskType] = {}
+        self._lock = threading.Lock()
+
+    def add(self, task_type: TaskType) -> None:
+        with self._lock:
+            existing = self._types.get(task_type.name)
+            if existing is not None and existing.run is not task_type.run:
+                raise ValueError(f"task type {task_type.name!r} is registered twice")
+            self._types[task_type.name] = task_type
+
+    def get(self, name: str) -> TaskType:
+        try:
+            return self._types[name]
+        except KeyError:
+            known = ", ".join(sorted(self._types)) or "none"
+            raise UnknownTaskType(f"unknown task type {name!r} (known: {known})", field="type") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._types)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._types
+
+
+_registry = Registry()
+
+
+def get_registry() -> Registry:
+    return _registry
+
+
+def task_type(
+    name: str, *, parameters: type[BaseModel] = AnyParameters, description: str = ""
+) -> Callable[[Callable[[Any, TaskContext], Any]], Callable[[Any, TaskContext], Any]]:
+    """Register ``run(params, ctx)`` as the task type ``name``; its return value (JSON) is the result."""
+
+    def register(run: Callable[[Any, TaskContext], Any]) -> Callable[[Any, TaskContext], Any]:
+        text = description or (run.__doc__ or "").strip()
+        _registry.add(TaskType(name=name, run=run, parameters=parameters, description=text))
+        return run
+
+    return register
+
+
+_loaded: set[str] = set()
+
+
+def load_task_types(modules: Iterable[str] = ()) -> Registry:
+    """Import the built-ins, every ``aios.task_types`` entry point, and ``modules``; idempotent."""
+    importlib.import_module("aios.tasktypes.builtin")
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.value in _loaded:
+            continue
+        try:
+            entry.load()
+        except Exception:  # a broken plugin must not take the whole agent down
+            logger.exception("could not load task-type plugin %s = %s", entry.name, entry.value)
+        _loaded.add(entry.value)
+    for module in modules:
+        if module not in _loaded:
+            importlib.import_module(module)
+            _loaded.add(module)
+    return _registry

@@ -1,0 +1,1 @@
+"""The AIOS REST API (Flask). Build it with :func:`webapi.app.create_app`."""

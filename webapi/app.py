@@ -1,0 +1,39 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from celery import Celery
+from flask import Flask
+
+from aios.celery_app import create_celery_app
+from aios.config import Settings, load_settings
+from aios.db import ensure_migrated
+from aios.log import configure_logging
+from aios.tasktypes import load_task_types
+from webapi import health, tasks
+from webapi.context import ApiContext
+from webapi.errors import register_error_handlers
+
+
+def create_app(settings: Settings | None = None, celery: Celery | None = None, *, check_schema: bool = True) -> Flask:
+    """Build the API for ``settings`` (default: loaded from config file and environment).
+
+    Refuses to build on an unmigrated database (``NotMigrated`` names the command to run).
+    """
+    settings = settings or load_settings()
+    configure_logging(settings.logging)
+    if check_schema:
+        ensure_migrated(settings.database)
+    load_task_types(settings.tasks.modules)
+    # root_path given explicitly: editable installs hide the package file from Flask's lookup.
+    here = Path(__file__).resolve().parent
+    app = Flask(__name__, root_path=str(here), instance_path=str(here / "instance"))
+    app.config.update(MAX_CONTENT_LENGTH=settings.api.max_body_bytes, JSON_SORT_KEYS=False)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["aios"] = ApiContext(settings=settings, celery=celery or create_celery_app(settings))
+    register_error_handlers(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(tasks.bp)
+    return app

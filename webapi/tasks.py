@@ -1,0 +1,192 @@
+"""/api/v1/tasks: submit, batch submit, read, list, cancel, retry."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from flask import Blueprint, Response, jsonify, request, url_for
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from aios.config import Settings
+from aios.db import session_scope
+from aios.dispatch import TaskSpec, create_tasks, dispatch, submit_idempotent
+from aios.errors import ValidationFailed
+from aios.ledger import TaskFilter, cancel_task, get_task, list_tasks, retry_task, task_to_dict
+from aios.states import TaskState
+from aios.tasktypes import get_registry
+from aios.timeutil import parse_iso
+from webapi.context import ctx
+from webapi.requests import json_body, validate
+
+bp = Blueprint("tasks", __name__, url_prefix="/api/v1/tasks")
+
+QueueName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+IDEMPOTENCY_KEY_MAX = 255
+
+
+class TaskRequest(BaseModel):
+    """The body of POST /tasks (and each item of a batch). Unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    priority: int | None = Field(None, ge=0, le=9, description="0-9, 9 most urgent")
+    max_retries: int | None = Field(None, ge=0, le=100)
+    timeout_s: int | None = Field(None, ge=1)
+    queue: QueueName | None = None
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    tasks: list[dict[str, Any]] = Field(min_length=1)
+
+
+def to_spec(
+    settings: Settings, body: TaskRequest, *, field_prefix: str = "", idempotency_key: str | None = None
+) -> TaskSpec:
+    """Turn a validated body into a TaskSpec, applying defaults and checking the type's parameters."""
+    prefix = f"{field_prefix}." if field_prefix else ""
+    orchestrator = settings.orchestrator
+    if body.timeout_s is not None and body.timeout_s > orchestrator.task_timeout_s:
+        raise ValidationFailed(
+            f"{prefix}timeout_s: must be at most orchestrator.task_timeout_s ({orchestrator.task_timeout_s})",
+            field=f"{prefix}timeout_s",
+        )
+    registry = get_registry()
+    try:
+        task_type = registry.get(body.type)
+        params = task_type.validate(body.parameters)
+    except ValidationFailed as exc:
+        field = f"{prefix}{exc.extra.get('field', 'parameters')}"
+        raise type(exc)(f"{prefix}{exc.message}" if prefix else exc.message, field=field) from exc
+    return TaskSpec(
+        type=body.type,
+        parameters=params.model_dump(mode="json"),
+        priority=orchestrator.default_priority if body.priority is None else body.priority,
+        max_retries=orchestrator.max_retries if body.max_retries is None else body.max_retries,
+        timeout_s=body.timeout_s or orchestrator.task_timeout_s,
+        queue=body.queue or orchestrator.default_queue,
+        idempotency_key=idempotency_key,
+    )
+
+
+def _accepted(task_dict: dict[str, Any], *, replayed: bool = False) -> tuple[Response, int]:
+    response = jsonify(task_dict)
+    response.headers["Location"] = url_for("tasks.read", task_id=task_dict["id"])
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response, 202
+
+
+@bp.post("")
+def submit() -> Any:
+    """Accept one task. 202 means it is durably stored; it runs at least once."""
+    context = ctx()
+    body = validate(TaskRequest, json_body())
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
+        raise ValidationFailed(f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} characters", field="Idempotency-Key")
+    spec = to_spec(context.settings, body, idempotency_key=key)
+    task, created = submit_idempotent(context.settings, spec, actor="api")
+    if created:
+        dispatch(context.celery, context.settings, [task.id], actor="api")
+    with session_scope(context.settings.database) as session:
+        return _accepted(task_to_dict(get_task(session, task.id)), replayed=not created)
+
+
+@bp.post("/batch")
+def submit_batch() -> Any:
+    """Accept up to ``api.batch_max_tasks`` tasks in one transaction: all are stored, or none."""
+    context = ctx()
+    settings = context.settings
+    body = validate(BatchRequest, json_body())
+    if len(body.tasks) > settings.api.batch_max_tasks:
+        raise ValidationFailed(
+            f"tasks: at most {settings.api.batch_max_tasks} tasks per batch (got {len(body.tasks)})", field="tasks"
+        )
+    specs = [
+        to_spec(settings, validate(TaskRequest, item, prefix=f"tasks.{index}"), field_prefix=f"tasks.{index}")
+        for index, item in enumerate(body.tasks)
+    ]
+    with session_scope(settings.database) as session:
+        ids = [task.id for task in create_tasks(session, specs, actor="api")]
+    outcome = dispatch(context.celery, settings, ids, actor="api")
+    pending = set(outcome.pending)
+    return jsonify({
+        "ids": ids,
+        "count": len(ids),
+        "queued": len(ids) - len(pending),
+        "pending": len(pending),
+    }), 202
+
+
+@bp.get("/<task_id>")
+def read(task_id: str) -> Any:
+    with session_scope(ctx().settings.database) as session:
+        return jsonify(task_to_dict(get_task(session, task_id, with_events=True), with_events=True))
+
+
+class ListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    state: str | None = None
+    type: str | None = None
+    priority: int | None = Field(None, ge=0, le=9)
+    created_after: str | None = None
+    created_before: str | None = None
+    limit: int = Field(50, ge=1)
+    cursor: str | None = None
+
+
+@bp.get("")
+def index() -> Any:
+    """Newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+    settings = ctx().settings
+    raw = request.args.to_dict(flat=True)
+    query = validate(ListQuery, raw, prefix="")
+    if query.limit > settings.api.page_max:
+        raise ValidationFailed(f"limit: at most {settings.api.page_max}", field="limit")
+    states: tuple[str, ...] = ()
+    if query.state:
+        states = tuple(s.strip().upper() for s in query.state.split(",") if s.strip())
+        unknown = [s for s in states if s not in TaskState.__members__]
+        if unknown:
+            raise ValidationFailed(
+                f"state: unknown state(s) {', '.join(unknown)}; use {', '.join(TaskState.__members__)}", field="state"
+            )
+    where = TaskFilter(
+        states=states,
+        type=query.type,
+        priority=query.priority,
+        created_after=_time(query.created_after, "created_after"),
+        created_before=_time(query.created_before, "created_before"),
+    )
+    with session_scope(settings.database) as session:
+        tasks, next_cursor = list_tasks(session, where, limit=query.limit, cursor=query.cursor)
+        return jsonify({"tasks": [task_to_dict(t) for t in tasks], "next_cursor": next_cursor})
+
+
+def _time(value: str | None, field: str) -> Any:
+    if value is None:
+        return None
+    try:
+        return parse_iso(value)
+    except (ValueError, ValidationError) as exc:
+        raise ValidationFailed(f"{field}: not an ISO 8601 time ({value!r})", field=field) from exc
+
+
+@bp.delete("/<task_id>")
+def cancel(task_id: str) -> Any:
+    context = ctx()
+    task = cancel_task(context.celery, context.settings, task_id, actor="api")
+    return jsonify(task_to_dict(task))
+
+
+@bp.post("/<task_id>/retry")
+def retry(task_id: str) -> Any:
+    """Run a finished (FAILED, DEAD, CANCELLED, TIMED_OUT) task again, as a new task."""
+    context = ctx()
+    task = retry_task(context.celery, context.settings, task_id, actor="api")
+    return _accepted(task_to_dict(task))

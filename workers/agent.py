@@ -1,0 +1,65 @@
+"""Starting an agent: a Celery worker with AIOS's configuration, task and checks."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass, field
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from aios.celery_app import create_celery_app, queue_name
+from aios.config import Settings
+from aios.db import dispose_engines, ensure_migrated
+from aios.tasktypes import load_task_types
+from workers.tasks import register_tasks
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    name: str | None = None
+    queues: list[str] = field(default_factory=list)
+    concurrency: int | None = None
+    loglevel: str | None = None
+
+
+def hostname_for(name: str | None) -> str:
+    """The Celery hostname (and agent name): ``name@host`` unless ``name`` already has an ``@``."""
+    name = name or "agent"
+    return name if "@" in name else f"{name}@{socket.gethostname()}"
+
+
+@worker_process_init.connect
+def _fresh_engines_in_child(**_kwargs: object) -> None:
+    # A forked pool child must not reuse the parent's database connections.
+    dispose_engines()
+
+
+def build_worker_app(settings: Settings) -> Celery:
+    load_task_types(settings.tasks.modules)
+    app = create_celery_app(settings)
+    register_tasks(app, settings)
+    return app
+
+
+def run_agent(settings: Settings, options: AgentOptions) -> None:
+    """Run a Celery worker in the foreground until it is told to stop."""
+    ensure_migrated(settings.database)
+    app = build_worker_app(settings)
+    queues = options.queues or settings.agents.queues
+    argv = [
+        "worker",
+        "--hostname", hostname_for(options.name),
+        "--queues", ",".join(queue_name(settings, q) for q in queues),
+        "--concurrency", str(options.concurrency or settings.agents.concurrency),
+        "--pool", "prefork",
+        "--loglevel", options.loglevel or settings.logging.level,
+        "--task-events",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    logger.info("starting agent %s on queues %s", hostname_for(options.name), queues)
+    app.worker_main(argv)

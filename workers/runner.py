@@ -1,0 +1,153 @@
+"""Claim → run → record: what an agent does with one delivery, as plain functions.
+
+The Celery task in :mod:`workers.tasks` only decodes the message and calls :func:`execute`; the
+logic lives here so unit and integration tests can reach it without Celery's eager mode.
+
+The claim is the fence: one conditional UPDATE moves the task to RUNNING only if it is still
+QUEUED *for this dispatch*. A duplicate or stale delivery changes nothing and is acked and
+skipped; a cancelled task is skipped the same way, even if the agent restarted since the cancel.
+Every later write is fenced on the same dispatch id, so a report from a run that was fenced off
+(cancelled, timed out, re-routed) is recorded as a note and otherwise ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import select
+
+from aios.config import Settings
+from aios.db import session_scope
+from aios.dispatch import backoff_s, dispatch
+from aios.errors import TaskFailure, ValidationFailed
+from aios.models import Task
+from aios.states import TaskState, record_events, transition
+from aios.tasktypes import TaskContext, get_registry
+
+logger = logging.getLogger(__name__)
+
+#: Longest error text kept on a task row.
+MAX_ERROR_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class Claim:
+    task_id: str
+    dispatch_id: str
+    agent: str
+    type: str
+    parameters: dict[str, Any]
+    attempt: int
+    max_retries: int
+
+    @property
+    def actor(self) -> str:
+        return f"worker:{self.agent}"
+
+
+def claim(settings: Settings, task_id: str, dispatch_id: str, agent: str) -> Claim | None:
+    """Move the task to RUNNING for this dispatch, or return None (and note why) if it is not ours."""
+    actor = f"worker:{agent}"
+    with session_scope(settings.database) as session:
+        claimed = transition(
+            session, task_id, TaskState.QUEUED, TaskState.RUNNING, actor=actor, fence=dispatch_id,
+            values={"agent": agent, "attempts": Task.attempts + 1, "finished_at": None},
+            detail={"dispatch_id": dispatch_id},
+        )
+        row = session.execute(
+            select(Task.state, Task.dispatch_id, Task.type, Task.parameters, Task.attempts, Task.max_retries)
+            .where(Task.id == task_id)
+        ).first()
+        if row is None:
+            logger.warning("delivery for unknown task %s dropped", task_id)
+            return None
+        if not claimed:
+            reason = "cancelled" if row.state == TaskState.CANCELLED else (
+                "duplicate delivery" if row.dispatch_id == dispatch_id else "stale dispatch")
+            logger.info("skipping task %s: %s (state %s)", task_id, reason, row.state)
+            record_events(session, [task_id], actor=actor, from_state=None, to_state=None,
+                          detail={"note": f"delivery skipped: {reason}", "dispatch_id": dispatch_id,
+                                  "state": row.state})
+            return None
+        return Claim(task_id=task_id, dispatch_id=dispatch_id, agent=agent, type=row.type,
+                     parameters=row.parameters, attempt=row.attempts, max_retries=row.max_retries)
+
+
+def finish(settings: Settings, work: Claim, target: TaskState, **values: Any) -> bool:
+    """Record the end of a run, fenced on its dispatch; a fenced-off report becomes a note."""
+    with session_scope(settings.database) as session:
+        detail: dict[str, Any] = {"attempt": work.attempt}
+        if values.get("error"):
+            detail["error"] = values["error"][:500]
+        done = transition(session, work.task_id, TaskState.RUNNING, target, actor=work.actor,
+                          fence=work.dispatch_id, values=values, detail=detail)
+        if not done:
+            record_events(session, [work.task_id], actor=work.actor, from_state=None, to_state=None,
+                          detail={"note": f"late report ignored: run ended {target} after the task moved on",
+                                  "dispatch_id": work.dispatch_id})
+    return done
+
+
+def fail_or_retry(celery: Celery, settings: Settings, work: Claim, error: str) -> TaskState:
+    """A run failed: retry with backoff while retries are left, else DEAD."""
+    error = error[-MAX_ERROR_CHARS:]
+    if work.attempt > work.max_retries:
+        finish(settings, work, TaskState.DEAD, error=error)
+        return TaskState.DEAD
+    if not finish(settings, work, TaskState.RETRYING, error=error):
+        return TaskState.RETRYING
+    delay = backoff_s(settings, work.attempt)
+    dispatch(celery, settings, [work.task_id], actor=work.actor, from_state=TaskState.RETRYING,
+             countdown_s={work.task_id: delay})
+    return TaskState.RETRYING
+
+
+def execute(celery: Celery, settings: Settings, task_id: str, dispatch_id: str, agent: str) -> TaskState | None:
+    """Handle one delivery: claim it, run its task type, record the outcome. Never raises for task errors."""
+    work = claim(settings, task_id, dispatch_id, agent)
+    if work is None:
+        return None
+    try:
+        task_type = get_registry().get(work.type)
+        params = task_type.validate(work.parameters)
+        result = task_type.run(params, TaskContext(task_id=task_id, attempt=work.attempt, agent=agent))
+        result = json.loads(json.dumps(result))  # must be JSON; fail here, not in the database driver
+    except SoftTimeLimitExceeded:
+        finish(settings, work, TaskState.TIMED_OUT, error="timed out: the task ran past its timeout_s")
+        return TaskState.TIMED_OUT
+    except (TaskFailure, ValidationFailed) as exc:
+        finish(settings, work, TaskState.FAILED, error=f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS])
+        return TaskState.FAILED
+    except Exception as exc:  # noqa: BLE001 - any other error is a failed attempt
+        logger.exception("task %s (%s) failed on attempt %d", task_id, work.type, work.attempt)
+        return fail_or_retry(celery, settings, work, f"{type(exc).__name__}: {exc}")
+    finish(settings, work, TaskState.SUCCEEDED, result=result, error=None)
+    return TaskState.SUCCEEDED
+
+
+def record_lost_run(celery: Celery, settings: Settings, task_id: str, dispatch_id: str, agent: str,
+                    reason: str, target: TaskState | None = None) -> None:
+    """The pool process running a task died or was killed (hard time limit, OOM, SIGKILL).
+
+    Runs in the worker's main process. ``target`` TIMED_OUT records a hard timeout; otherwise the
+    run counts as a failed attempt (retried while retries are left, so a task that kills its own
+    process is bounded by max_retries instead of looping forever).
+    """
+    with session_scope(settings.database) as session:
+        row = session.execute(
+            select(Task.state, Task.dispatch_id, Task.type, Task.parameters, Task.attempts, Task.max_retries)
+            .where(Task.id == task_id)
+        ).first()
+    if row is None or row.state != TaskState.RUNNING or row.dispatch_id != dispatch_id:
+        return
+    work = Claim(task_id=task_id, dispatch_id=dispatch_id, agent=agent, type=row.type,
+                 parameters=row.parameters, attempt=row.attempts, max_retries=row.max_retries)
+    if target is TaskState.TIMED_OUT:
+        finish(settings, work, TaskState.TIMED_OUT, error=reason)
+    else:
+        fail_or_retry(celery, settings, work, reason)

@@ -1,0 +1,62 @@
+"""The one Celery task an agent runs, and the request class that notices lost runs.
+
+Thin on purpose: decode the message, call :func:`workers.runner.execute`, done.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from billiard.einfo import ExceptionInfo
+from celery import Celery
+from celery.exceptions import WorkerLostError
+from celery.worker.request import Request
+
+from aios.celery_app import RUN_TASK_NAME
+from aios.config import Settings
+from aios.states import TaskState
+from workers.runner import execute, record_lost_run
+
+logger = logging.getLogger(__name__)
+
+
+class AiosRequest(Request):
+    """Records in the database what the pool child could not: hard timeouts and lost processes."""
+
+    def _aios_settings(self) -> Settings:
+        return self.task.app.aios_settings  # type: ignore[no-any-return]
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        super().on_timeout(soft, timeout)
+        if not soft:
+            self._record_lost(f"timed out: killed after {timeout:g}s (hard time limit)", TaskState.TIMED_OUT)
+
+    def on_failure(self, exc_info: ExceptionInfo, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        if isinstance(exc, WorkerLostError):
+            self._record_lost(f"worker lost: {exc}", None)
+
+    def _record_lost(self, reason: str, target: TaskState | None) -> None:
+        dispatch_id = (self.kwargs or {}).get("dispatch_id")
+        if not dispatch_id:
+            return
+        try:
+            record_lost_run(self.task.app, self._aios_settings(), self.id, dispatch_id, self.hostname, reason, target)
+        except Exception:  # noqa: BLE001 - the main process must survive; sync repairs it later
+            logger.exception("could not record the lost run of task %s", self.id)
+
+
+def register_tasks(app: Celery, settings: Settings) -> Any:
+    """Attach ``aios.run`` to ``app``; returns the task."""
+
+    @app.task(name=RUN_TASK_NAME, bind=True, Request=AiosRequest, acks_late=True,
+              reject_on_worker_lost=True, ignore_result=True, typing=False)
+    def run(self: Any, dispatch_id: str | None = None, **_ignored: Any) -> None:
+        if not dispatch_id:
+            logger.warning("message for task %s carries no dispatch_id; dropped", self.request.id)
+            return
+        execute(self.app, settings, self.request.id, dispatch_id, self.request.hostname)
+
+    return run
