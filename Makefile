@@ -1,0 +1,39 @@
+# AIOS developer entry points. `make run` and `make test` are the two a newcomer needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# Parallel test processes (pytest-xdist); each gets its own PostgreSQL schema and Redis prefix.
+TEST_WORKERS ?= 2
+
+.PHONY: install run test test-unit test-integration lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+## install: create .venv and install AIOS with its test and lint tools
+install: $(STAMP)
+
+## run: API + one agent on the embedded default (SQLite + filesystem broker), or on
+##      PostgreSQL/Redis when AIOS_DATABASE__URL / AIOS_BROKER__URL are set
+run: $(STAMP)
+	$(BIN)/aios up --migrate
+
+## test: the whole suite (unit + integration on the real PostgreSQL and Redis)
+test: $(STAMP)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile -q -ra
+
+test-unit: $(STAMP)
+	$(BIN)/pytest tests/unit -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check aios workers webapi tests
+
+format: $(STAMP)
+	$(BIN)/ruff format aios workers webapi tests
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,266 @@
+"""Shared fixtures.
+
+Integration tests run against the real PostgreSQL (127.0.0.1:5432, database ``test``) and Redis
+(127.0.0.1:6379) and real ``aios worker`` processes. Each test session gets its own PostgreSQL
+schema and its own Redis key prefix and queue namespace, so runs never see each other.
+
+A missing service skips those tests on a laptop and fails them under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aios.config import Settings, load_settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PG_URL = os.environ.get("AIOS_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("AIOS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RUN_ID = uuid.uuid4().hex[:10]
+
+
+def service_missing(what: str, error: Exception) -> None:
+    message = f"{what} is not reachable ({type(error).__name__}: {error})"
+    if IN_CI:
+        pytest.fail(f"{message}; CI=true requires it", pytrace=False)
+    pytest.skip(message)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- services
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL schema for this session; dropped afterwards."""
+    import sqlalchemy as sa
+
+    schema = f"aios_t_{RUN_ID}"
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # noqa: BLE001
+        admin.dispose()
+        service_missing(f"PostgreSQL at {PG_URL}", exc)
+    url = f"{PG_URL}?options=-csearch_path%3D{schema}"
+    from aios import migrate
+    from aios.config import DatabaseSettings
+
+    migrate.upgrade(DatabaseSettings(url=url))
+    yield url
+    from aios.db import dispose_engines
+
+    dispose_engines()
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_prefix() -> Iterator[str]:
+    """A Redis key prefix for this session; its keys are deleted afterwards."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except Exception as exc:  # noqa: BLE001
+        service_missing(f"Redis at {REDIS_URL}", exc)
+    prefix = f"aios-t-{RUN_ID}:"
+    yield prefix
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    except Exception:  # noqa: BLE001 - a test may have left Redis stopped
+        pass
+
+
+@dataclass
+class Stack:
+    """Settings for the real services plus the same settings as environment variables."""
+
+    settings: Settings
+    env: dict[str, str]
+    tmp: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def override(self, **sections: dict[str, Any]) -> Stack:
+        """A copy with some settings changed, in both the Settings and the env form."""
+        env = dict(self.env)
+        for section, values in sections.items():
+            for key, value in values.items():
+                import json
+
+                env[f"AIOS_{section.upper()}__{key.upper()}"] = (
+                    json.dumps(value) if isinstance(value, list | dict) else str(value)
+                )
+        return Stack(settings=settings_from_env(env), env=env, tmp=self.tmp)
+
+
+def settings_from_env(env: dict[str, str]) -> Settings:
+    return load_settings(environ=env)
+
+
+@pytest.fixture(scope="session")
+def stack(pg_url: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    tmp = tmp_path_factory.mktemp("stack")
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("AIOS_")
+    }
+    env.update(
+        {
+            "AIOS_CONFIG": str(REPO_ROOT / "config" / "aios.toml"),
+            "AIOS_DATABASE__URL": pg_url,
+            "AIOS_BROKER__URL": REDIS_URL,
+            "AIOS_BROKER__KEY_PREFIX": redis_prefix,
+            "AIOS_BROKER__NAMESPACE": f"t{RUN_ID}",
+            "AIOS_TASKS__MODULES": '["tests.support.task_types"]',
+            "AIOS_ORCHESTRATOR__RETRY_BACKOFF_BASE_S": "0.2",
+            "AIOS_ORCHESTRATOR__RETRY_BACKOFF_MAX_S": "1.0",
+            "AIOS_ORCHESTRATOR__TIMEOUT_GRACE_S": "2",
+            "AIOS_LOGGING__LEVEL": "INFO",
+            "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
+    )
+    return Stack(settings=settings_from_env(env), env=env, tmp=tmp)
+
+
+@pytest.fixture(scope="session")
+def celery_client(stack: Stack) -> Any:
+    from aios.celery_app import create_celery_app
+
+    return create_celery_app(stack.settings)
+
+
+@pytest.fixture(scope="session")
+def api_app(stack: Stack, celery_client: Any) -> Any:
+    from webapi.app import create_app
+
+    return create_app(stack.settings, celery_client)
+
+
+@pytest.fixture()
+def client(api_app: Any) -> Any:
+    return api_app.test_client()
+
+
+@pytest.fixture()
+def queue() -> str:
+    """A queue of its own for one test, so its tasks meet no other test's workers."""
+    return f"q{uuid.uuid4().hex[:12]}"
+
+
+# --------------------------------------------------------------------------- workers
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    hostname: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture()
+def start_worker(stack: Stack, celery_client: Any, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real ``aios worker`` processes; each is stopped (SIGTERM, then SIGKILL) at teardown."""
+    started: list[WorkerProcess] = []
+
+    def start(queues: list[str], *, name: str | None = None, concurrency: int = 1,
+              env: dict[str, str] | None = None, ready_timeout: float = 60.0) -> WorkerProcess:
+        name = name or f"w{uuid.uuid4().hex[:8]}"
+        hostname = f"{name}@aios-test"
+        log_path = tmp_path / f"{name}.log"
+        handle = log_path.open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "aios.cli", "worker", "--name", hostname, "--queues", ",".join(queues),
+             "--concurrency", str(concurrency)],
+            env={**stack.env, **(env or {})},
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO_ROOT),
+        )
+        worker = WorkerProcess(name=name, hostname=hostname, process=process, log_path=log_path)
+        started.append(worker)
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"worker {name} exited with {process.returncode}:\n{worker.log()[-3000:]}")
+            return " ready." in worker.log()
+
+        wait_for(ready, timeout=ready_timeout, interval=0.2, what=f"worker {name} to be ready")
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+# --------------------------------------------------------------------------- ledger helpers
+
+
+@pytest.fixture()
+def ledger(stack: Stack) -> Any:
+    """Read tasks and events straight from the database."""
+    from sqlalchemy import select
+
+    from aios.db import session_scope
+    from aios.models import Task, TaskEvent
+
+    class Ledger:
+        def task(self, task_id: str) -> Task:
+            with session_scope(stack.settings.database) as session:
+                return session.get(Task, task_id)
+
+        def states(self, task_ids: list[str]) -> dict[str, str]:
+            with session_scope(stack.settings.database) as session:
+                rows = session.execute(select(Task.id, Task.state).where(Task.id.in_(task_ids))).all()
+                return {row.id: row.state for row in rows}
+
+        def events(self, task_id: str) -> list[TaskEvent]:
+            with session_scope(stack.settings.database) as session:
+                return list(session.scalars(select(TaskEvent).where(TaskEvent.task_id == task_id)
+                                            .order_by(TaskEvent.id)))
+
+        def wait_state(self, task_id: str, *states: str, timeout: float = 30.0) -> Task:
+            return wait_for(lambda: (t := self.task(task_id)) is not None and t.state in states and t,
+                            timeout=timeout, what=f"task {task_id} to reach {states}")
+
+    return Ledger()
