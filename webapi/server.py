@@ -31,6 +31,9 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
         # Request-line and header limits: part of bounding what one client can make us do.
         self.cfg.set("limit_request_line", 8190)
         self.cfg.set("limit_request_fields", 100)
+        if "control_socket_disable" in self.cfg.settings:
+            # gunicorn >= 24 opens a control socket in $HOME shared by every instance; AIOS does not use it.
+            self.cfg.set("control_socket_disable", True)
 
     def load(self) -> Any:
         from webapi.app import create_app
