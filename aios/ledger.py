@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 def get_task(session: Session, task_id: str, *, with_events: bool = False) -> Task:
+    if "\x00" in task_id:  # no id has one, and PostgreSQL refuses NUL in a query parameter (a 500)
+        raise NotFound(f"no task with id {task_id!r}", field="id")
     statement = select(Task).where(Task.id == task_id)
     if with_events:
         statement = statement.options(selectinload(Task.events))
@@ -55,7 +57,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, task_id = json.loads(raw)
-        return parse_iso(created_at), str(task_id)
+        if not isinstance(task_id, str) or "\x00" in task_id:
+            raise ValueError("the task id of a cursor is a string without NUL characters")
+        return parse_iso(created_at), task_id
     except (ValueError, TypeError) as exc:
         raise ValidationFailed("cursor is not one this API returned", field="cursor") from exc
 

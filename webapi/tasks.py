@@ -16,7 +16,7 @@ from aios.states import TaskState
 from aios.tasktypes import get_registry
 from aios.timeutil import parse_iso
 from webapi.context import ctx
-from webapi.requests import json_body, validate
+from webapi.requests import check_storable, json_body, validate
 
 bp = Blueprint("tasks", __name__, url_prefix="/api/v1/tasks")
 
@@ -60,7 +60,7 @@ def to_spec(
         params = task_type.validate(body.parameters)
     except ValidationFailed as exc:
         field = f"{prefix}{exc.extra.get('field', 'parameters')}"
-        raise type(exc)(f"{prefix}{exc.message}" if prefix else exc.message, field=field) from exc
+        raise type(exc)(f"{field_prefix}: {exc.message}" if field_prefix else exc.message, field=field) from exc
     return TaskSpec(
         type=body.type,
         parameters=params.model_dump(mode="json"),
@@ -144,7 +144,12 @@ class ListQuery(BaseModel):
 def index() -> Any:
     """Newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
     settings = ctx().settings
+    repeated = [key for key in request.args if len(request.args.getlist(key)) > 1]
+    if repeated:
+        raise ValidationFailed(f"{repeated[0]}: given more than once; use one value (state takes a comma list)",
+                               field=repeated[0])
     raw = request.args.to_dict(flat=True)
+    check_storable(raw)
     query = validate(ListQuery, raw, prefix="")
     if query.limit > settings.api.page_max:
         raise ValidationFailed(f"limit: at most {settings.api.page_max}", field="limit")
