@@ -61,7 +61,34 @@ def _config_show(args: argparse.Namespace, settings: Settings) -> int:
     data = settings.model_dump(mode="json")
     data["database"]["url"] = redact_url(settings.database.url)
     data["broker"]["url"] = redact_url(settings.broker.url)
+    if data["security"]["jwt_secret"]:
+        data["security"]["jwt_secret"] = "***"
     print(json.dumps(data, indent=2))
+    return 0
+
+
+def read_password(prompt: str = "password: ") -> str:
+    """From standard input when it is not a terminal (scripts, CI); else prompt twice without echo."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+
+    first = getpass.getpass(prompt)
+    if getpass.getpass("again: ") != first:
+        raise AiosError("the two passwords differ")
+    return first
+
+
+def _users(args: argparse.Namespace, settings: Settings) -> int:
+    from aios.db import ensure_migrated, session_scope
+    from aios.security.users import create_user
+
+    ensure_migrated(settings.database)
+    if args.users_action == "create":
+        password = read_password()
+        with session_scope(settings.database) as session:
+            user = create_user(session, args.name, password, args.role, bcrypt_cost=settings.security.bcrypt_cost)
+            print(f"created user {user.name!r} with role {user.role}")
     return 0
 
 
@@ -91,6 +118,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
 
     sub.add_parser("config", help="print the effective configuration (secrets hidden)")
     handlers["config"] = _config_show
+
+    users = sub.add_parser("users", help="user accounts")
+    users_sub = users.add_subparsers(dest="users_action", required=True)
+    create = users_sub.add_parser("create", help="create a user; the password is read from stdin or prompted")
+    create.add_argument("name")
+    create.add_argument("--role", required=True, choices=["admin", "operator", "viewer", "agent"])
+    handlers["users"] = _users
 
     up = sub.add_parser("up", help="run the API and one agent together (a laptop, a demo)")
     up.add_argument("--migrate", action="store_true", help="upgrade the database schema first")

@@ -118,6 +118,30 @@ class TaskSettings(_Section):
     modules: list[str] = Field(default_factory=list)
 
 
+class SecuritySettings(_Section):
+    #: HS256 signing key for JWTs, at least 32 bytes; or a file holding it (readable by its owner only).
+    #: Give it in the environment (AIOS_SECURITY__JWT_SECRET) or as a file, never in the committed TOML.
+    jwt_secret: str | None = Field(None, repr=False)
+    jwt_secret_file: str | None = None
+    jwt_issuer: str = "aios"
+    jwt_audience: str = "aios-api"
+    access_token_ttl_s: int = Field(900, ge=30, le=86_400)
+    refresh_token_ttl_s: int = Field(604_800, ge=60, le=90 * 86_400)
+    #: bcrypt work factor (OWASP: at least 10; AIOS insists on 12).
+    bcrypt_cost: int = Field(12, ge=12, le=16)
+    #: How long a rotated API key keeps working beside its successor (0 to 7 days).
+    key_rotation_grace_s: int = Field(86_400, ge=0, le=7 * 86_400)
+    #: Requests per principal per minute, by route class; login attempts per client IP per minute.
+    rate_limit_read_per_minute: int = Field(1200, ge=1)
+    rate_limit_write_per_minute: int = Field(300, ge=1)
+    rate_limit_login_per_minute: int = Field(30, ge=1)
+    #: Wrong passwords for one username before it is locked, and for how long.
+    login_max_failures: int = Field(20, ge=1)
+    login_lockout_s: int = Field(900, ge=1)
+    #: Origins allowed by CORS; empty = CORS off.
+    cors_origins: list[str] = Field(default_factory=list)
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -135,6 +159,7 @@ class Settings(_Section):
     orchestrator: OrchestratorSettings = Field(default_factory=OrchestratorSettings)
     agents: AgentSettings = Field(default_factory=AgentSettings)
     tasks: TaskSettings = Field(default_factory=TaskSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")

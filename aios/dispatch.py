@@ -46,6 +46,8 @@ class TaskSpec:
     queue: str
     idempotency_key: str | None = None
     retry_of: str | None = None
+    #: The user that submitted it.
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ def create_tasks(session: Session, specs: Sequence[TaskSpec], *, actor: str) -> 
             timeout_s=spec.timeout_s,
             idempotency_key=spec.idempotency_key,
             retry_of=spec.retry_of,
+            owner=spec.owner,
             created_at=now,
             updated_at=now,
         )

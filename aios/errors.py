@@ -16,10 +16,12 @@ class AiosError(Exception):
     status: int = 500
     code: str = "internal_error"
 
-    def __init__(self, message: str, **extra: Any) -> None:
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.message = message
         self.extra = extra
+        #: HTTP headers the answer must carry (Retry-After, WWW-Authenticate).
+        self.headers = headers or {}
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": self.code, "message": self.message, **self.extra}
@@ -41,6 +43,32 @@ class NotMigrated(AiosError):
 class BadRequest(AiosError):
     status = 400
     code = "bad_request"
+
+
+class Unauthorized(AiosError):
+    """No credentials, or credentials that are wrong, expired, revoked or disabled."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="aios"'}, **extra)
+
+
+class Forbidden(AiosError):
+    """Authenticated, but the role (or the object's owner) does not allow it."""
+
+    status = 403
+    code = "forbidden"
+
+
+class TooManyRequests(AiosError):
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, *, retry_after_s: int, **extra: Any) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after_s))},
+                         retry_after_s=max(1, retry_after_s), **extra)
 
 
 class NotFound(AiosError):

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, selectinload
 from aios.config import Settings
 from aios.db import session_scope
 from aios.dispatch import TaskSpec, create_tasks, dispatch
-from aios.errors import Conflict, NotFound, ValidationFailed
+from aios.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from aios.models import Task
 from aios.states import CANCELLABLE, RETRYABLE, TERMINAL, TaskState, transition
 from aios.timeutil import isoformat, parse_iso
@@ -96,7 +96,14 @@ def revoke(celery: Celery, task_id: str, *, terminate: bool) -> None:
         logger.warning("could not broadcast revoke of %s: %s", task_id, exc)
 
 
-def cancel_task(celery: Celery, settings: Settings, task_id: str, *, actor: str) -> Task:
+def check_owner(task: Task, only_owner: str | None) -> None:
+    """Object-level authorization: with ``only_owner`` set, the task must be theirs."""
+    if only_owner is not None and task.owner != only_owner:
+        raise Forbidden(f"task {task.id} belongs to another user; only its owner or an admin may change it")
+
+
+def cancel_task(celery: Celery, settings: Settings, task_id: str, *, actor: str,
+                only_owner: str | None = None) -> Task:
     """Cancel a task that has not finished.
 
     A queued task is marked CANCELLED, so whichever agent gets its message skips it at claim time,
@@ -105,6 +112,7 @@ def cancel_task(celery: Celery, settings: Settings, task_id: str, *, actor: str)
     for _ in range(3):  # the state may move under us; re-read and try again
         with session_scope(settings.database) as session:
             task = get_task(session, task_id)
+            check_owner(task, only_owner)
             current = TaskState(task.state)
             if current in TERMINAL:
                 raise Conflict(f"task {task_id} is already {current}; only unfinished tasks can be cancelled",
@@ -120,15 +128,18 @@ def cancel_task(celery: Celery, settings: Settings, task_id: str, *, actor: str)
     raise Conflict(f"task {task_id} kept changing state; try again")
 
 
-def retry_task(celery: Celery, settings: Settings, task_id: str, *, actor: str) -> Task:
+def retry_task(celery: Celery, settings: Settings, task_id: str, *, actor: str,
+               only_owner: str | None = None, owner: str | None = None) -> Task:
     """Run a finished task again as a new task (``retry_of`` points back); the old one stays as it was."""
     with session_scope(settings.database) as session:
         old = get_task(session, task_id)
+        check_owner(old, only_owner)
         if TaskState(old.state) not in RETRYABLE:
             allowed = ", ".join(sorted(s.value for s in RETRYABLE))
             raise Conflict(f"task {task_id} is {old.state}; only {allowed} tasks can be retried", state=old.state)
         spec = TaskSpec(type=old.type, parameters=old.parameters, priority=old.priority,
-                        max_retries=old.max_retries, timeout_s=old.timeout_s, queue=old.queue, retry_of=old.id)
+                        max_retries=old.max_retries, timeout_s=old.timeout_s, queue=old.queue, retry_of=old.id,
+                        owner=owner or old.owner)
         (new,) = create_tasks(session, [spec], actor=actor)
         new_id = new.id
     dispatch(celery, settings, [new_id], actor=actor)
@@ -151,6 +162,7 @@ def task_to_dict(task: Task, *, with_events: bool = False) -> dict[str, Any]:
         "timeout_s": task.timeout_s,
         "agent": task.agent,
         "retry_of": task.retry_of,
+        "owner": task.owner,
         "created_at": isoformat(task.created_at),
         "updated_at": isoformat(task.updated_at),
         "queued_at": isoformat(task.queued_at),

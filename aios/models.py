@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -67,6 +67,8 @@ class Task(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True, unique=True)
     #: A manual retry is a new task pointing at the one it repeats.
     retry_of: Mapped[str | None] = mapped_column(String(36), ForeignKey("tasks.id"), nullable=True)
+    #: The user that submitted it (directly or through one of their API keys).
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -101,3 +103,74 @@ class TaskEvent(Base):
     task: Mapped[Task] = relationship(back_populates="events")
 
     __table_args__ = (Index("ix_task_events_task", "task_id", "id"),)
+
+
+class User(Base):
+    """A person (or service account) who logs in with a password and owns API keys."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key, stored only as a SHA-256 hash; the plaintext is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    #: The public part of the key (``aios_<prefix>_<secret>``), used to find the row.
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    owner_id: Mapped[int] = mapped_column(Integer, ForeignKey("users.id", ondelete="CASCADE"))
+    #: ACTIVE or REVOKED; expiry (including a rotation's grace period) is ``expires_at``.
+    state: Mapped[str] = mapped_column(String(16), default="ACTIVE")
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    rotated_to: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_used_ip: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    owner: Mapped[User] = relationship()
+
+
+class AuditEntry(Base):
+    """One write, login or control action: who, from where, what, on what, and how it ended."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    principal: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    source_ip: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    #: success, denied (401/403/429), failure (any other error)
+    outcome: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JsonValue, nullable=True)
+
+    __table_args__ = (
+        Index("ix_audit_at", "at", "id"),
+        Index("ix_audit_principal_at", "principal", "at", "id"),
+        Index("ix_audit_action_at", "action", "at", "id"),
+    )
+
+
+class Counter(Base):
+    """Expiring counters and flags (rate limits, login lockouts, revoked tokens) when there is no Redis."""
+
+    __tablename__ = "counters"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from aios.config import Settings, redact_url
+from aios.security.secrets import ensure_secret_file
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,12 @@ def run_all_in_one(settings: Settings, *, migrate_first: bool, agent_name: str) 
     from aios.db import ensure_migrated
 
     ensure_migrated(settings.database)
+    child_env = dict(os.environ)
+    if settings.security.jwt_secret is None and settings.security.jwt_secret_file is None:
+        # The embedded default makes its own signing key once, kept beside the database.
+        secret_file = ensure_secret_file(Path(settings.broker.data_dir).parent / "jwt_secret")
+        child_env["AIOS_SECURITY__JWT_SECRET_FILE"] = str(secret_file.resolve())
+    bootstrap_admin(settings)
     children = [
         Child("api", _command("api")),
         Child("agent", _command("worker", "--name", agent_name)),
@@ -65,7 +75,7 @@ def run_all_in_one(settings: Settings, *, migrate_first: bool, agent_name: str) 
     signal.signal(signal.SIGINT, request_stop)
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
     for child in children:
-        child.process = subprocess.Popen(child.argv, preexec_fn=preexec)  # noqa: PLW1509 - only sets PDEATHSIG
+        child.process = subprocess.Popen(child.argv, preexec_fn=preexec, env=child_env)  # noqa: PLW1509 - only sets PDEATHSIG
         logger.info("started %s (pid %d)", child.name, child.process.pid)
     url = f"http://{settings.api.host}:{settings.api.port}"
     print(
@@ -89,6 +99,26 @@ def run_all_in_one(settings: Settings, *, migrate_first: bool, agent_name: str) 
         time.sleep(0.2)
     _stop(children)
     return exit_code
+
+
+def bootstrap_admin(settings: Settings) -> None:
+    """On first start (no users yet) create the user ``admin``.
+
+    Its password is ``AIOS_ADMIN_PASSWORD`` if set, else a random one printed here once.
+    """
+    from aios.db import session_scope
+    from aios.security.users import count_users, create_user
+
+    with session_scope(settings.database) as session:
+        if count_users(session):
+            return
+        given = os.environ.get("AIOS_ADMIN_PASSWORD")
+        password = given or secrets.token_urlsafe(18)
+        create_user(session, "admin", password, "admin", bcrypt_cost=settings.security.bcrypt_cost)
+    if given:
+        print("created the first user 'admin' with the password from AIOS_ADMIN_PASSWORD", flush=True)
+    else:
+        print(f"\ncreated the first user 'admin'; its password (shown once): {password}\n", flush=True)
 
 
 def _stop(children: list[Child]) -> None:

@@ -29,6 +29,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_URL = os.environ.get("AIOS_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("AIOS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN_ID = uuid.uuid4().hex[:10]
+#: The JWT signing key of this test session (tests grep logs for it: it must never appear).
+TEST_JWT_SECRET = f"test-jwt-secret-{uuid.uuid4().hex}{uuid.uuid4().hex}"
 
 
 def service_missing(what: str, error: Exception) -> None:
@@ -146,6 +148,7 @@ def stack(pg_url: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFacto
             "AIOS_ORCHESTRATOR__RETRY_BACKOFF_MAX_S": "1.0",
             "AIOS_ORCHESTRATOR__TIMEOUT_GRACE_S": "2",
             "AIOS_LOGGING__LEVEL": "INFO",
+            "AIOS_SECURITY__JWT_SECRET": TEST_JWT_SECRET,
             "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         }
     )
@@ -166,8 +169,46 @@ def api_app(stack: Stack, celery_client: Any) -> Any:
     return create_app(stack.settings, celery_client)
 
 
+@dataclass(frozen=True)
+class Credentials:
+    user: str
+    password: str
+    key: str
+
+
+def make_user(stack: Stack, role: str, *, name: str | None = None) -> Credentials:
+    """A user with ``role`` and an API key of that role, straight in the database."""
+    from aios.db import session_scope
+    from aios.security import api_keys
+    from aios.security.users import create_user
+
+    name = name or f"{role}-{uuid.uuid4().hex[:8]}"
+    password = f"pw-{uuid.uuid4().hex}"
+    with session_scope(stack.settings.database) as session:
+        user = create_user(session, name, password, role, bcrypt_cost=stack.settings.security.bcrypt_cost)
+        key = api_keys.generate(session, name=f"{name}-test", role=role, owner_id=user.id, expires_at=None)
+        return Credentials(user=name, password=password, key=key.plaintext)
+
+
+@pytest.fixture(scope="session")
+def admin(stack: Stack, pg_url: str) -> Credentials:
+    return make_user(stack, "admin")
+
+
+def authorize(test_client: Any, key: str) -> Any:
+    """Send ``key`` (X-API-Key) with every request of a Flask test client."""
+    test_client.environ_base["HTTP_X_API_KEY"] = key
+    return test_client
+
+
 @pytest.fixture()
-def client(api_app: Any) -> Any:
+def client(api_app: Any, admin: Credentials) -> Any:
+    """A test client of the real app, authenticated as an admin (role tests use their own)."""
+    return authorize(api_app.test_client(), admin.key)
+
+
+@pytest.fixture()
+def anonymous(api_app: Any) -> Any:
     return api_app.test_client()
 
 

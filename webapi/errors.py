@@ -39,7 +39,9 @@ def register_error_handlers(app: Flask) -> None:
     def _aios_error(exc: AiosError) -> tuple[Response, int]:
         if exc.status >= 500:
             logger.error("%s: %s", exc.code, exc.message)
-        return error_response(exc.status, exc.code, exc.message, **exc.extra)
+        response, status = error_response(exc.status, exc.code, exc.message, **exc.extra)
+        response.headers.update(exc.headers)
+        return response, status
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:

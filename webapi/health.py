@@ -9,17 +9,20 @@ from flask import Blueprint, jsonify
 from aios.config import redact_url
 from aios.db import ensure_migrated, ping
 from webapi.context import ctx
+from webapi.security import public
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@public()
 def healthz() -> Any:
     """The process is up and serving requests; says nothing about its dependencies."""
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
+@public()
 def readyz() -> Any:
     """Ready to accept work: the database answers (and is migrated) and the broker accepts connections."""
     context = ctx()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any
 
 from flask import Blueprint, Response, jsonify, request, url_for
@@ -12,11 +13,13 @@ from aios.db import session_scope
 from aios.dispatch import TaskSpec, create_tasks, dispatch, submit_idempotent
 from aios.errors import ValidationFailed
 from aios.ledger import TaskFilter, cancel_task, get_task, list_tasks, retry_task, task_to_dict
+from aios.security.roles import ADMIN, OPERATOR, VIEWER
 from aios.states import TaskState
 from aios.tasktypes import get_registry
 from aios.timeutil import parse_iso
 from webapi.context import ctx
 from webapi.requests import check_storable, json_body, validate
+from webapi.security import current_principal, policy, set_audit
 
 bp = Blueprint("tasks", __name__, url_prefix="/api/v1/tasks")
 
@@ -80,7 +83,19 @@ def _accepted(task_dict: dict[str, Any], *, replayed: bool = False) -> tuple[Res
     return response, 202
 
 
+def _actor() -> str:
+    principal = current_principal()
+    return f"api:{principal.name}" + (f" (key {principal.key_prefix})" if principal.key_prefix else "")
+
+
+def _only_owner() -> str | None:
+    """Operators may change only their own tasks; admins any."""
+    principal = current_principal()
+    return None if principal.role == ADMIN else principal.name
+
+
 @bp.post("")
+@policy(OPERATOR, audit_action="task.submit")
 def submit() -> Any:
     """Accept one task. 202 means it is durably stored; it runs at least once."""
     context = ctx()
@@ -88,15 +103,17 @@ def submit() -> Any:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
         raise ValidationFailed(f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} characters", field="Idempotency-Key")
-    spec = to_spec(context.settings, body, idempotency_key=key)
-    task, created = submit_idempotent(context.settings, spec, actor="api")
+    spec = replace(to_spec(context.settings, body, idempotency_key=key), owner=current_principal().name)
+    task, created = submit_idempotent(context.settings, spec, actor=_actor())
+    set_audit(target=task.id, type=spec.type, replayed=not created)
     if created:
-        dispatch(context.celery, context.settings, [task.id], actor="api")
+        dispatch(context.celery, context.settings, [task.id], actor=_actor())
     with session_scope(context.settings.database) as session:
         return _accepted(task_to_dict(get_task(session, task.id)), replayed=not created)
 
 
 @bp.post("/batch")
+@policy(OPERATOR, audit_action="task.submit_batch")
 def submit_batch() -> Any:
     """Accept up to ``api.batch_max_tasks`` tasks in one transaction: all are stored, or none."""
     context = ctx()
@@ -106,13 +123,16 @@ def submit_batch() -> Any:
         raise ValidationFailed(
             f"tasks: at most {settings.api.batch_max_tasks} tasks per batch (got {len(body.tasks)})", field="tasks"
         )
+    owner = current_principal().name
     specs = [
-        to_spec(settings, validate(TaskRequest, item, prefix=f"tasks.{index}"), field_prefix=f"tasks.{index}")
+        replace(to_spec(settings, validate(TaskRequest, item, prefix=f"tasks.{index}"), field_prefix=f"tasks.{index}"),
+                owner=owner)
         for index, item in enumerate(body.tasks)
     ]
     with session_scope(settings.database) as session:
-        ids = [task.id for task in create_tasks(session, specs, actor="api")]
-    outcome = dispatch(context.celery, settings, ids, actor="api")
+        ids = [task.id for task in create_tasks(session, specs, actor=_actor())]
+    set_audit(count=len(ids))
+    outcome = dispatch(context.celery, settings, ids, actor=_actor())
     pending = set(outcome.pending)
     return jsonify({
         "ids": ids,
@@ -123,6 +143,7 @@ def submit_batch() -> Any:
 
 
 @bp.get("/<task_id>")
+@policy(VIEWER, OPERATOR)
 def read(task_id: str) -> Any:
     with session_scope(ctx().settings.database) as session:
         return jsonify(task_to_dict(get_task(session, task_id, with_events=True), with_events=True))
@@ -141,6 +162,7 @@ class ListQuery(BaseModel):
 
 
 @bp.get("")
+@policy(VIEWER, OPERATOR)
 def index() -> Any:
     """Newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
     settings = ctx().settings
@@ -183,15 +205,19 @@ def _time(value: str | None, field: str) -> Any:
 
 
 @bp.delete("/<task_id>")
+@policy(OPERATOR, audit_action="task.cancel")
 def cancel(task_id: str) -> Any:
     context = ctx()
-    task = cancel_task(context.celery, context.settings, task_id, actor="api")
+    task = cancel_task(context.celery, context.settings, task_id, actor=_actor(), only_owner=_only_owner())
     return jsonify(task_to_dict(task))
 
 
 @bp.post("/<task_id>/retry")
+@policy(OPERATOR, audit_action="task.retry")
 def retry(task_id: str) -> Any:
     """Run a finished (FAILED, DEAD, CANCELLED, TIMED_OUT) task again, as a new task."""
     context = ctx()
-    task = retry_task(context.celery, context.settings, task_id, actor="api")
+    task = retry_task(context.celery, context.settings, task_id, actor=_actor(), only_owner=_only_owner(),
+                      owner=current_principal().name)
+    set_audit(new_task=task.id)
     return _accepted(task_to_dict(task))

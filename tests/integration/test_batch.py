@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from aios.db import session_scope
 from aios.models import Task, TaskEvent
-from tests.conftest import wait_for
+from tests.conftest import authorize, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -105,12 +105,12 @@ def test_a_batch_with_one_invalid_item_is_refused_whole_and_names_the_item_field
     assert count_tasks(stack) == before
 
 
-def test_a_batch_over_the_size_limit_is_refused_and_nothing_is_stored(stack, celery_client, queue):
+def test_a_batch_over_the_size_limit_is_refused_and_nothing_is_stored(stack, celery_client, queue, admin):
     # Given an API whose batch limit is 5 tasks
     from webapi.app import create_app
 
     small = stack.override(api={"batch_max_tasks": 5})
-    client = create_app(small.settings, celery_client).test_client()
+    client = authorize(create_app(small.settings, celery_client).test_client(), admin.key)
     before = count_tasks(stack)
 
     # When a batch of 6 valid tasks is submitted

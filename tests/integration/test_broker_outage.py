@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO_ROOT, Stack, wait_for
+from tests.conftest import REPO_ROOT, Stack, authorize, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -97,7 +97,7 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 @pytest.fixture()
 def outage(
-    private_redis: PrivateRedis, stack: Stack, start_worker: Any, ledger: Any, queue: str
+    private_redis: PrivateRedis, stack: Stack, start_worker: Any, ledger: Any, queue: str, admin: Any
 ) -> Iterator[Any]:
     """An API app and a worker on ``queue``, both using the private Redis as their broker.
 
@@ -113,7 +113,7 @@ def outage(
 
     class Outage:
         redis = private_redis
-        client = app.test_client()
+        client = authorize(app.test_client(), admin.key)
         env = private.env
         worker_log = staticmethod(worker.log)
 

@@ -23,7 +23,7 @@ from aios.db import session_scope
 from aios.dispatch import TaskSpec, create_tasks
 from aios.models import Task
 from aios.states import TaskState, transition
-from tests.conftest import wait_for
+from tests.conftest import authorize, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -207,7 +207,7 @@ def test_submitting_twice_with_the_same_idempotency_key_returns_the_first_task(c
     assert count_tasks_with_key(stack, key) == 1
 
 
-def test_ten_concurrent_submits_with_one_idempotency_key_create_one_task(api_app, ledger, stack, queue):
+def test_ten_concurrent_submits_with_one_idempotency_key_create_one_task(api_app, admin, ledger, stack, queue):
     # Given ten clients ready to submit the same request with the same Idempotency-Key at once
     key = f"key-{uuid.uuid4()}"
     body = {"type": "echo", "parameters": {"n": 10}, "queue": queue}
@@ -215,7 +215,7 @@ def test_ten_concurrent_submits_with_one_idempotency_key_create_one_task(api_app
     barrier = threading.Barrier(clients)
 
     def submit(_: int) -> tuple[int, str, bool]:
-        own_client = api_app.test_client()
+        own_client = authorize(api_app.test_client(), admin.key)
         barrier.wait(timeout=30)
         response = own_client.post("/api/v1/tasks", json=body, headers={"Idempotency-Key": key})
         return response.status_code, response.json.get("id"), response.headers.get("Idempotent-Replayed") == "true"

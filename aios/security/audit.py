@@ -1,0 +1,37 @@
+"""The audit log: one row per write, login or control action, whatever its outcome."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from aios.models import AuditEntry
+from aios.timeutil import utcnow
+
+SUCCESS, DENIED, FAILURE = "success", "denied", "failure"
+
+
+def outcome_for_status(status: int) -> str:
+    if status < 400:
+        return SUCCESS
+    if status in (401, 403, 429):
+        return DENIED
+    return FAILURE
+
+
+def record(
+    session: Session,
+    *,
+    principal: str,
+    role: str | None,
+    source_ip: str | None,
+    action: str,
+    target: str | None,
+    outcome: str,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    session.add(AuditEntry(at=utcnow(), principal=principal[:128], role=role, source_ip=source_ip, action=action,
+                           target=(target or None) and target[:255], outcome=outcome,
+                           detail=dict(detail) if detail else None))

@@ -1,0 +1,107 @@
+"""/api/v1/auth: log in (token), refresh, log out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+from flask_jwt_extended import create_access_token, create_refresh_token, decode_token, get_jwt, verify_jwt_in_request
+from flask_jwt_extended.exceptions import JWTExtendedException
+from jwt.exceptions import PyJWTError
+from sqlalchemy import select
+
+from aios.db import session_scope
+from aios.errors import BadRequest, TooManyRequests, Unauthorized, ValidationFailed
+from aios.models import User
+from aios.security.passwords import verify_password
+from aios.security.roles import ROLES
+from aios.timeutil import utcnow
+from webapi.context import ctx
+from webapi.requests import json_body
+from webapi.security import TokenUser, client_ip, current_principal, policy, public, security_store, set_audit
+
+bp = Blueprint("auth", __name__, url_prefix="/api/v1/auth")
+
+
+def _credentials() -> tuple[str, str]:
+    if request.is_json:
+        body = json_body()
+        if not isinstance(body, dict):
+            raise ValidationFailed("the body must be a JSON object", field="body")
+    else:
+        body = request.form
+    username, password = body.get("username"), body.get("password")
+    if not isinstance(username, str) or not username:
+        raise ValidationFailed("username: required", field="username")
+    if not isinstance(password, str) or not password:
+        raise ValidationFailed("password: required", field="password")
+    return username[:64], password
+
+
+def _tokens(user: TokenUser) -> dict[str, Any]:
+    claims = {"role": user.role, "name": user.name}
+    refresh = create_refresh_token(identity=str(user.id), additional_claims=claims)
+    refresh_jti = decode_token(refresh)["jti"]
+    access = create_access_token(identity=str(user.id), additional_claims={**claims, "rjti": refresh_jti})
+    return {"access_token": access, "refresh_token": refresh, "token_type": "Bearer",
+            "expires_in": ctx().settings.security.access_token_ttl_s}
+
+
+@bp.post("/token")
+@public(audit_action="auth.login")
+def token() -> Any:
+    """Exchange a username and password (JSON or form) for an access and a refresh token."""
+    security = ctx().settings.security
+    store = security_store()
+    count, retry_after = store.hit(f"login-ip:{client_ip()}", 60)
+    if count > security.rate_limit_login_per_minute:
+        raise TooManyRequests("too many login attempts from this address", retry_after_s=retry_after)
+    username, password = _credentials()
+    set_audit(target=username, principal=username)
+    failures, locked_for = store.peek(f"login-fail:{username}")
+    if failures >= security.login_max_failures:
+        raise TooManyRequests(f"user {username!r} is locked after {failures} failed logins", retry_after_s=locked_for)
+    with session_scope(ctx().settings.database) as session:
+        user = session.scalars(select(User).where(User.name == username)).one_or_none()
+        ok = verify_password(password, user.password_hash if user else None) and user is not None and not user.disabled
+        found = TokenUser(id=user.id, name=user.name, role=user.role) if ok and user else None
+    if found is None:
+        store.hit(f"login-fail:{username}", security.login_lockout_s)
+        raise Unauthorized("wrong username or password")
+    store.clear(f"login-fail:{username}")
+    return jsonify(_tokens(found))
+
+
+@bp.post("/refresh")
+@public()
+def refresh() -> Any:
+    """A new access token for a valid refresh token (sent as ``Authorization: Bearer <refresh>``)."""
+    from flask_jwt_extended import get_current_user
+
+    try:
+        verify_jwt_in_request(refresh=True)
+        user = get_current_user()
+        claims = get_jwt()
+    except (JWTExtendedException, PyJWTError) as exc:
+        raise Unauthorized(f"invalid refresh token: {exc}") from exc
+    access = create_access_token(identity=str(user.id),
+                                 additional_claims={"role": user.role, "name": user.name, "rjti": claims["jti"]})
+    return jsonify({"access_token": access, "token_type": "Bearer",
+                    "expires_in": ctx().settings.security.access_token_ttl_s})
+
+
+@bp.post("/logout")
+@policy(*ROLES, audit_action="auth.logout")
+def logout() -> Any:
+    """Revoke this access token and the refresh token issued with it, on every API process."""
+    principal = current_principal()
+    claims = principal.token_claims
+    if claims is None:
+        raise BadRequest("logout ends a token session; an API key is revoked with POST /api/v1/keys/{id}/revoke")
+    store = security_store()
+    now = int(utcnow().timestamp())
+    store.revoke_token(claims["jti"], int(claims["exp"]) - now + 1)
+    if claims.get("rjti"):
+        store.revoke_token(claims["rjti"], ctx().settings.security.refresh_token_ttl_s)
+    set_audit(target=principal.name)
+    return jsonify({"revoked": True})

@@ -1,0 +1,285 @@
+"""Authentication, authorization, rate limits, audit and security headers for every request.
+
+How a request is checked, in one place:
+
+1. ``authenticate_request`` (before every request): routes marked :func:`public` pass; every other
+   route under ``/api/`` needs an API key (``X-API-Key`` or ``Authorization: Bearer aios_…``) or a
+   JWT access token, or it is a 401 — also for routes that do not exist, so probing learns nothing.
+   The principal's role is read from the database on every request, so a role change, a disabled
+   user or a revoked key takes effect at once on every API process.
+2. The per-principal rate limit of the route's class (read or write) is counted (429 + Retry-After).
+3. :func:`policy` on each view declares which roles may call it; admin may call everything.
+4. ``audit_response`` (after every request) appends one audit row for views declared with
+   ``audit=...``, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import wraps
+from typing import Any
+
+from flask import Flask, Response, current_app, g, request
+from flask_jwt_extended import JWTManager, get_current_user, get_jwt, verify_jwt_in_request
+from flask_jwt_extended.exceptions import JWTExtendedException
+from jwt.exceptions import PyJWTError
+
+from aios.config import Settings
+from aios.db import session_scope
+from aios.errors import Forbidden, TooManyRequests, Unauthorized
+from aios.models import User
+from aios.security import api_keys, audit
+from aios.security.roles import ADMIN
+from aios.security.secrets import resolve_jwt_secret
+from aios.security.store import SecurityStore, create_store
+
+logger = logging.getLogger(__name__)
+
+View = Callable[..., Any]
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a user, directly (JWT) or through one of their API keys."""
+
+    name: str
+    role: str
+    user_id: int
+    key_id: str | None = None
+    key_prefix: str | None = None
+    token_claims: dict[str, Any] | None = None
+
+    @property
+    def rate_key(self) -> str:
+        return f"key:{self.key_prefix}" if self.key_prefix else f"user:{self.name}"
+
+
+def current_principal() -> Principal:
+    principal = g.get("principal")
+    if principal is None:  # pragma: no cover - authenticate_request guarantees it on non-public routes
+        raise Unauthorized("authentication required")
+    return principal  # type: ignore[no-any-return]
+
+
+def policy(*roles: str, audit_action: str | None = None, rate: str | None = None) -> Callable[[View], View]:
+    """Declare who may call a view (admin always may), what it audits, and its rate-limit class."""
+    allowed = frozenset(roles) | {ADMIN}
+
+    def decorate(view: View) -> View:
+        @wraps(view)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            principal = current_principal()
+            if principal.role not in allowed:
+                raise Forbidden(f"role {principal.role!r} may not do this (allowed: {', '.join(sorted(allowed))})")
+            return view(*args, **kwargs)
+
+        guarded.aios_roles = allowed  # type: ignore[attr-defined]
+        guarded.aios_audit = audit_action  # type: ignore[attr-defined]
+        guarded.aios_rate = rate  # type: ignore[attr-defined]
+        return guarded
+
+    return decorate
+
+
+def public(*, audit_action: str | None = None) -> Callable[[View], View]:
+    """Mark a view that needs no credentials (health probes, login, refresh)."""
+
+    def decorate(view: View) -> View:
+        view.aios_public = True  # type: ignore[attr-defined]
+        view.aios_audit = audit_action  # type: ignore[attr-defined]
+        return view
+
+    return decorate
+
+
+def set_audit(*, target: str | None = None, action: str | None = None, principal: str | None = None,
+              **detail: Any) -> None:
+    """Let a view refine its audit row (the object it acted on, a more exact action, extra detail)."""
+    if target is not None:
+        g.audit_target = target
+    if action is not None:
+        g.audit_action = action
+    if principal is not None:
+        g.audit_principal = principal
+    if detail:
+        g.setdefault("audit_detail", {}).update(detail)
+
+
+def _view() -> View | None:
+    return current_app.view_functions.get(request.endpoint) if request.endpoint else None
+
+
+def _settings() -> Settings:
+    return current_app.extensions["aios"].settings  # type: ignore[no-any-return]
+
+
+def security_store() -> SecurityStore:
+    return current_app.extensions["aios_security_store"]  # type: ignore[no-any-return]
+
+
+def client_ip() -> str | None:
+    return request.remote_addr
+
+
+def _authenticate_key(presented: str) -> Principal:
+    with session_scope(_settings().database) as session:
+        row = api_keys.authenticate(session, presented, source_ip=client_ip())
+        if row is None:
+            raise Unauthorized("invalid, revoked or expired API key")
+        owner = session.get(User, row.owner_id)
+        if owner is None or owner.disabled:
+            raise Unauthorized("the owner of this API key is disabled")
+        return Principal(name=owner.name, role=row.role, user_id=owner.id, key_id=row.id, key_prefix=row.prefix)
+
+
+def _authenticate_jwt() -> Principal:
+    try:
+        verify_jwt_in_request()
+        user = get_current_user()
+        claims = get_jwt()
+    except (JWTExtendedException, PyJWTError) as exc:
+        raise Unauthorized(f"invalid token: {exc}" if str(exc) else "invalid token") from exc
+    return Principal(name=user.name, role=user.role, user_id=user.id, token_claims=dict(claims))
+
+
+def authenticate() -> Principal:
+    key = request.headers.get("X-API-Key")
+    authorization = request.headers.get("Authorization", "")
+    bearer = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+    if not key and api_keys.looks_like_key(bearer):
+        key = bearer
+    if key:
+        return _authenticate_key(key)
+    if not bearer:
+        raise Unauthorized("authentication required: send a Bearer token or an X-API-Key header")
+    return _authenticate_jwt()
+
+
+def enforce_rate_limit(principal: Principal, view: View) -> None:
+    settings = _settings().security
+    route_class = getattr(view, "aios_rate", None) or ("read" if request.method in ("GET", "HEAD") else "write")
+    limit = settings.rate_limit_read_per_minute if route_class == "read" else settings.rate_limit_write_per_minute
+    count, retry_after = security_store().hit(f"rl:{route_class}:{principal.rate_key}", 60)
+    if count > limit:
+        raise TooManyRequests(f"rate limit of {limit} {route_class} requests per minute exceeded",
+                              retry_after_s=retry_after)
+
+
+def authenticate_request() -> Response | None:
+    g.principal = None
+    if request.method == "OPTIONS" and _settings().security.cors_origins:
+        return current_app.make_default_options_response()
+    view = _view()
+    if view is not None and getattr(view, "aios_public", False):
+        return None
+    if not request.path.startswith("/api/") and view is None:
+        return None  # an unknown path outside the API: plain 404
+    principal = authenticate()
+    g.principal = principal
+    if view is not None:
+        enforce_rate_limit(principal, view)
+    return None
+
+
+def audit_response(response: Response) -> Response:
+    view = _view()
+    action = g.get("audit_action") or (getattr(view, "aios_audit", None) if view else None)
+    if action:
+        principal: Principal | None = g.get("principal")
+        target = g.get("audit_target")
+        if target is None and request.view_args:
+            target = ",".join(str(value) for value in request.view_args.values())
+        try:
+            with session_scope(_settings().database) as session:
+                audit.record(
+                    session,
+                    principal=g.get("audit_principal") or (principal.name if principal else "anonymous"),
+                    role=principal.role if principal else None,
+                    source_ip=client_ip(),
+                    action=action,
+                    target=target,
+                    outcome=audit.outcome_for_status(response.status_code),
+                    detail={**(g.get("audit_detail") or {}),
+                            **({"key": principal.key_prefix} if principal and principal.key_prefix else {}),
+                            "status": response.status_code},
+                )
+        except Exception:  # noqa: BLE001 - never turn a done action into an error; but say so loudly
+            logger.exception("could not write the audit row for %s", action)
+    return response
+
+
+def add_security_headers(response: Response) -> Response:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    origins = _settings().security.cors_origins
+    origin = request.headers.get("Origin")
+    if origins and origin and (origin in origins or "*" in origins):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-API-Key, Idempotency-Key"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, PATCH, DELETE, OPTIONS"
+    return response
+
+
+@dataclass(frozen=True)
+class TokenUser:
+    id: int
+    name: str
+    role: str
+
+
+def init_security(app: Flask, settings: Settings) -> None:
+    """Wire JWT, the shared store and the request hooks into ``app``; refuses a weak JWT secret."""
+    security = settings.security
+    app.config.update(
+        JWT_SECRET_KEY=resolve_jwt_secret(security),
+        JWT_ALGORITHM="HS256",
+        JWT_DECODE_ALGORITHMS=["HS256"],
+        JWT_ENCODE_ISSUER=security.jwt_issuer,
+        JWT_DECODE_ISSUER=security.jwt_issuer,
+        JWT_ENCODE_AUDIENCE=security.jwt_audience,
+        JWT_DECODE_AUDIENCE=security.jwt_audience,
+        JWT_ACCESS_TOKEN_EXPIRES=timedelta(seconds=security.access_token_ttl_s),
+        JWT_REFRESH_TOKEN_EXPIRES=timedelta(seconds=security.refresh_token_ttl_s),
+        JWT_TOKEN_LOCATION=["headers"],
+    )
+    jwt = JWTManager(app)
+    app.extensions["aios_security_store"] = create_store(settings)
+
+    @jwt.user_lookup_loader
+    def _load_user(_header: dict[str, Any], payload: dict[str, Any]) -> TokenUser | None:
+        with session_scope(settings.database) as session:
+            user = session.get(User, int(payload["sub"]))
+            if user is None or user.disabled:
+                return None  # -> UserLookupError -> 401: a disabled user's tokens stop working at once
+            return TokenUser(id=user.id, name=user.name, role=user.role)
+
+    @jwt.token_in_blocklist_loader
+    def _revoked(_header: dict[str, Any], payload: dict[str, Any]) -> bool:
+        return security_store().is_token_revoked(payload["jti"])
+
+    app.before_request(authenticate_request)
+    app.after_request(audit_response)
+    app.after_request(add_security_headers)
+
+
+def check_every_view_declares_access(app: Flask) -> None:
+    """Fail at start if a route forgot its policy: access is declared per route, never defaulted."""
+    missing = [
+        endpoint for endpoint, view in app.view_functions.items()
+        if endpoint != "static" and not getattr(view, "aios_public", False) and not hasattr(view, "aios_roles")
+    ]
+    if missing:
+        raise RuntimeError(f"routes without an access policy: {', '.join(sorted(missing))}")
