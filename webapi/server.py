@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
 from aios.config import Settings
 from aios.db import ensure_migrated
+from aios.errors import ConfigError
 
 
 class ApiServer(BaseApplication):  # type: ignore[misc]
     """gunicorn, configured from AIOS settings; each worker process builds its own app."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, certfile: str | None = None, keyfile: str | None = None) -> None:
         self.settings = settings
+        self.certfile, self.keyfile = certfile, keyfile
         super().__init__()
 
     def load_config(self) -> None:
@@ -31,6 +34,9 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
         # Request-line and header limits: part of bounding what one client can make us do.
         self.cfg.set("limit_request_line", 8190)
         self.cfg.set("limit_request_fields", 100)
+        if self.certfile:
+            self.cfg.set("certfile", self.certfile)
+            self.cfg.set("keyfile", self.keyfile)
         if "control_socket_disable" in self.cfg.settings:
             # gunicorn >= 24 opens a control socket in $HOME shared by every instance; AIOS does not use it.
             self.cfg.set("control_socket_disable", True)
@@ -49,8 +55,18 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         overrides["port"] = args.port
     if overrides:
         settings = settings.model_copy(update={"api": settings.api.model_copy(update=overrides)})
+    if bool(args.certfile) != bool(args.keyfile):
+        raise ConfigError("--certfile and --keyfile go together (TLS needs both)")
+    for path in filter(None, (args.certfile, args.keyfile)):
+        if not Path(path).is_file():
+            raise ConfigError(f"TLS file {path} does not exist")
     ensure_migrated(settings.database)
-    ApiServer(settings).run()
+    # Build one app up front so a bad setting (a weak JWT secret) stops the command with exit 2,
+    # instead of every gunicorn worker failing to boot.
+    from webapi.app import create_app
+
+    create_app(settings)
+    ApiServer(settings, certfile=args.certfile, keyfile=args.keyfile).run()
     return 0
 
 
@@ -59,4 +75,6 @@ def register(subparsers: Any) -> Any:
     parser = subparsers.add_parser("api", help="serve the REST API (gunicorn)")
     parser.add_argument("--host", help="overrides [api] host")
     parser.add_argument("--port", type=int, help="overrides [api] port")
+    parser.add_argument("--certfile", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
     return _run
