@@ -26,4 +26,7 @@ def isoformat(value: datetime | None) -> str | None:
 def parse_iso(text: str) -> datetime:
     """Parse an ISO 8601 time; a time without zone is taken as UTC."""
     parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "+", 1) if "T" in text else text)
-    return as_utc(parsed)  # type: ignore[return-value]
+    try:
+        return as_utc(parsed)  # type: ignore[return-value]
+    except OverflowError as exc:  # 0001-01-01T00:00+01:00 and 9999-12-31T23:59-14:00 have no UTC time
+        raise ValueError(f"{text!r} is outside the range of UTC times") from exc

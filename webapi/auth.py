@@ -58,15 +58,20 @@ def token() -> Any:
         raise TooManyRequests("too many login attempts from this address", retry_after_s=retry_after)
     username, password = _credentials()
     set_audit(target=username, principal=username)
-    failures, locked_for = store.peek(f"login-fail:{username}")
-    if failures >= security.login_max_failures:
-        raise TooManyRequests(f"user {username!r} is locked after {failures} failed logins", retry_after_s=locked_for)
+    locked, locked_for = store.peek(f"login-lock:{username}")
+    if locked:
+        raise TooManyRequests(f"user {username!r} is locked after {security.login_max_failures} failed logins",
+                              retry_after_s=locked_for)
     with session_scope(ctx().settings.database) as session:
         user = session.scalars(select(User).where(User.name == username)).one_or_none()
         ok = verify_password(password, user.password_hash if user else None) and user is not None and not user.disabled
         found = TokenUser(id=user.id, name=user.name, role=user.role) if ok and user else None
     if found is None:
-        store.hit(f"login-fail:{username}", security.login_lockout_s)
+        failures, _ = store.hit(f"login-fail:{username}", security.login_lockout_s)
+        if failures >= security.login_max_failures:
+            # The lock lasts login_lockout_s from this failure (not from the first one of the window).
+            store.hit(f"login-lock:{username}", security.login_lockout_s)
+            store.clear(f"login-fail:{username}")
         raise Unauthorized("wrong username or password")
     store.clear(f"login-fail:{username}")
     return jsonify(_tokens(found))

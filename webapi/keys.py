@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
@@ -122,7 +122,9 @@ def activate(key_id: str) -> Any:
 def rotate(key_id: str) -> Any:
     """A new key with the same name, role and expiry; the old one works for a grace period more."""
     principal = current_principal()
-    body = validate(RotateKey, json_body())
+    # The body is optional: a bare POST (no content type, no body) rotates with the default grace.
+    has_body = bool(request.content_type) or bool(request.get_data(cache=True))
+    body = validate(RotateKey, json_body() if has_body else {})
     grace_s = ctx().settings.security.key_rotation_grace_s if body.grace_s is None else body.grace_s
     with session_scope(ctx().settings.database) as session:
         old = _own_key(session, principal, key_id)

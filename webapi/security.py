@@ -32,7 +32,7 @@ from aios.db import session_scope
 from aios.errors import Forbidden, TooManyRequests, Unauthorized
 from aios.models import User
 from aios.security import api_keys, audit
-from aios.security.roles import ADMIN
+from aios.security.roles import ADMIN, effective_key_role
 from aios.security.secrets import resolve_jwt_secret
 from aios.security.store import SecurityStore, create_store
 
@@ -141,7 +141,11 @@ def _authenticate_key(presented: str) -> Principal:
         owner = session.get(User, row.owner_id)
         if owner is None or owner.disabled:
             raise Unauthorized("the owner of this API key is disabled")
-        return Principal(name=owner.name, role=row.role, user_id=owner.id, key_id=row.id, key_prefix=row.prefix)
+        # The owner's role is read on every request too: a demotion holds at once for their keys.
+        role = effective_key_role(row.role, owner.role)
+        if role is None:
+            raise Unauthorized("the owner of this API key no longer holds a role it can act with")
+        return Principal(name=owner.name, role=role, user_id=owner.id, key_id=row.id, key_prefix=row.prefix)
 
 
 def _authenticate_jwt() -> Principal:
@@ -268,7 +272,10 @@ def init_security(app: Flask, settings: Settings) -> None:
 
     @jwt.token_in_blocklist_loader
     def _revoked(_header: dict[str, Any], payload: dict[str, Any]) -> bool:
-        return security_store().is_token_revoked(payload["jti"])
+        # Logout revokes the access token and its session's refresh token (``rjti``): that also ends
+        # every other access token refreshed from that session.
+        store = security_store()
+        return any(store.is_token_revoked(jti) for jti in (payload.get("jti"), payload.get("rjti")) if jti)
 
     app.before_request(authenticate_request)
     app.after_request(audit_response)

@@ -3,14 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger as GunicornLogger
 
 from aios.config import Settings
 from aios.db import ensure_migrated
 from aios.errors import ConfigError
+from aios.log import redact
+
+
+class _Redacted(logging.Formatter):
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record))
+
+
+class RedactingGunicornLogger(GunicornLogger):  # type: ignore[misc]
+    """gunicorn's error and access logs through the same redactor as every AIOS log line: the access
+    log's request line carries the query string, where a client may have put a key or a token."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            for handler in log.handlers:
+                if getattr(handler, "_gunicorn", False) and not isinstance(handler.formatter, _Redacted):
+                    handler.setFormatter(_Redacted(handler.formatter or logging.Formatter()))
 
 
 class ApiServer(BaseApplication):  # type: ignore[misc]
@@ -30,6 +54,7 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
         self.cfg.set("timeout", 60)
         self.cfg.set("graceful_timeout", 20)
         self.cfg.set("accesslog", "-")
+        self.cfg.set("logger_class", RedactingGunicornLogger)
         self.cfg.set("loglevel", self.settings.logging.level.lower())
         # Request-line and header limits: part of bounding what one client can make us do.
         self.cfg.set("limit_request_line", 8190)
