@@ -99,8 +99,12 @@ class OrchestratorSettings(_Section):
     retry_backoff_max_s: float = Field(600.0, ge=0)
     #: A task that ignores its soft time limit is killed this many seconds later.
     timeout_grace_s: int = Field(5, ge=1, le=600)
-    #: The queue a task goes to when the request names none.
+    #: The queue of tasks that name a queue explicitly but none in particular (legacy path).
     default_queue: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    #: How tasks find an agent (aios.routing): round_robin, weighted_round_robin, least_loaded, shared.
+    routing_policy: Literal["round_robin", "weighted_round_robin", "least_loaded", "shared"] = "round_robin"
+    #: Most agents that may be registered; 0 = no limit.
+    max_agents: int = Field(10, ge=0)
 
 
 class AgentSettings(_Section):
@@ -109,8 +113,26 @@ class AgentSettings(_Section):
     #: Queues an agent consumes when started without --queues.
     queues: list[str] = Field(default_factory=lambda: ["default"])
     heartbeat_interval_s: float = Field(5.0, gt=0)
+    #: An agent without a heartbeat for this long is OFFLINE; default 3 heartbeat intervals.
+    heartbeat_timeout_s: float | None = Field(None, gt=0)
+    #: Capabilities this agent announces besides the task types it has registered.
+    capabilities: list[str] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+    weight: int = Field(1, ge=1, le=1000)
+    #: Resource use above which an agent is DEGRADED (percent). CPU defaults to 100 (never): a busy
+    #: agent running CPU-bound work is working, not sick; set it lower to steer work off hot hosts.
+    cpu_degraded_pct: float = Field(100.0, gt=0, le=100)
+    memory_degraded_pct: float = Field(90.0, gt=0, le=100)
+    disk_degraded_pct: float = Field(95.0, gt=0, le=100)
+    #: The directory whose disk use heartbeats report.
+    work_dir: str = "."
     #: argv[0] values agents may run for the `command` task type; empty = none.
     command_allowlist: list[str] = Field(default_factory=list)
+
+
+    @property
+    def effective_heartbeat_timeout_s(self) -> float:
+        return self.heartbeat_timeout_s or 3 * self.heartbeat_interval_s
 
 
 class TaskSettings(_Section):
@@ -164,6 +186,12 @@ class Settings(_Section):
 
     @model_validator(mode="after")
     def _visibility_timeout_exceeds_task_timeout(self) -> Settings:
+        agents = self.agents
+        if agents.heartbeat_timeout_s is not None and agents.heartbeat_timeout_s <= agents.heartbeat_interval_s:
+            raise ValueError(
+                f"agents.heartbeat_timeout_s ({agents.heartbeat_timeout_s:g}) must be larger than "
+                f"agents.heartbeat_interval_s ({agents.heartbeat_interval_s:g})"
+            )
         longest = self.orchestrator.task_timeout_s + self.orchestrator.timeout_grace_s
         if self.broker.is_redis and self.broker.visibility_timeout_s <= longest:
             raise ValueError(

@@ -48,6 +48,10 @@ class TaskSpec:
     retry_of: str | None = None
     #: The user that submitted it.
     owner: str | None = None
+    #: A policy of aios.routing, "queue" (publish to ``queue``) or "pinned" (to ``pinned_agent``).
+    routing: str | None = None
+    pinned_agent: str | None = None
+    on_agent_lost: str = "retry"
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,9 @@ def create_tasks(session: Session, specs: Sequence[TaskSpec], *, actor: str) -> 
             idempotency_key=spec.idempotency_key,
             retry_of=spec.retry_of,
             owner=spec.owner,
+            routing=spec.routing,
+            pinned_agent=spec.pinned_agent,
+            on_agent_lost=spec.on_agent_lost,
             created_at=now,
             updated_at=now,
         )
@@ -192,18 +199,37 @@ def dispatch(
 
     Tasks that moved on meanwhile (cancelled, claimed by another dispatcher) are left alone.
     """
+    from aios.placement import Placeable, place
+
     outcome = DispatchOutcome()
     if not task_ids:
         return outcome
-    dispatch_ids = {task_id: str(uuid.uuid4()) for task_id in task_ids}
     with session_scope(settings.database) as session:
+        candidates = [
+            Placeable(id=row.id, type=row.type, routing=row.routing, pinned_agent=row.pinned_agent, queue=row.queue)
+            for row in session.execute(
+                select(Task.id, Task.type, Task.routing, Task.pinned_agent, Task.queue)
+                .where(Task.id.in_(list(task_ids)), Task.state == from_state.value)
+            )
+        ]
+    placed = place(settings, candidates)
+    routable = {task_id: queue for task_id, queue in placed.items() if queue}
+    waiting = [task_id for task_id, queue in placed.items() if not queue]
+    dispatch_ids = {task_id: str(uuid.uuid4()) for task_id in routable}
+    with session_scope(settings.database) as session:
+        if waiting:
+            _wait_for_agent(session, waiting, from_state, actor)
         moved = transition_many(
             session,
-            list(task_ids),
+            list(routable),
             from_state,
             TaskState.QUEUED,
             actor=actor,
-            per_task_values={task_id: {"dispatch_id": d} for task_id, d in dispatch_ids.items()},
+            per_task_values={
+                task_id: {"dispatch_id": dispatch_ids[task_id], "queue": routable[task_id], "pending_reason": None}
+                for task_id in routable
+            },
+            detail_for={task_id: {"queue": routable[task_id]} for task_id in routable},
         )
         rows = session.execute(
             select(Task.id, Task.queue, Task.priority, Task.timeout_s).where(Task.id.in_(moved))
@@ -229,10 +255,24 @@ def dispatch(
                 transition_many(
                     session, [task_id], TaskState.QUEUED, TaskState.PENDING, actor=actor,
                     fence=dispatch_ids[task_id], detail={"reason": "publish failed", "error": error[:500]},
+                    values={"pending_reason": "publish_failed"},
                 )
-        outcome.pending = list(failures)
         outcome.errors = failures
+    outcome.pending = list(failures) + waiting
     return outcome
+
+
+def _wait_for_agent(session: Session, task_ids: list[str], from_state: TaskState, actor: str) -> None:
+    """No healthy agent can take these now: they wait PENDING (reason no_healthy_agent) until one can."""
+    detail = {"reason": "no_healthy_agent"}
+    if from_state is TaskState.PENDING:
+        from sqlalchemy import update
+
+        session.execute(update(Task).where(Task.id.in_(task_ids), Task.state == TaskState.PENDING.value)
+                        .values(pending_reason="no_healthy_agent"))
+    else:
+        transition_many(session, task_ids, from_state, TaskState.PENDING, actor=actor, detail=detail,
+                        values={"pending_reason": "no_healthy_agent"})
 
 
 def dispatch_pending(

@@ -139,7 +139,8 @@ def retry_task(celery: Celery, settings: Settings, task_id: str, *, actor: str,
             raise Conflict(f"task {task_id} is {old.state}; only {allowed} tasks can be retried", state=old.state)
         spec = TaskSpec(type=old.type, parameters=old.parameters, priority=old.priority,
                         max_retries=old.max_retries, timeout_s=old.timeout_s, queue=old.queue, retry_of=old.id,
-                        owner=owner or old.owner)
+                        owner=owner or old.owner, routing=old.routing, pinned_agent=old.pinned_agent,
+                        on_agent_lost=old.on_agent_lost)
         (new,) = create_tasks(session, [spec], actor=actor)
         new_id = new.id
     dispatch(celery, settings, [new_id], actor=actor)
@@ -163,6 +164,10 @@ def task_to_dict(task: Task, *, with_events: bool = False) -> dict[str, Any]:
         "agent": task.agent,
         "retry_of": task.retry_of,
         "owner": task.owner,
+        "routing": task.routing,
+        "pinned_agent": task.pinned_agent,
+        "on_agent_lost": task.on_agent_lost,
+        "pending_reason": task.pending_reason,
         "created_at": isoformat(task.created_at),
         "updated_at": isoformat(task.updated_at),
         "queued_at": isoformat(task.queued_at),

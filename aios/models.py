@@ -52,7 +52,8 @@ class Task(Base):
     parameters: Mapped[dict[str, Any]] = mapped_column(JsonValue)
     #: 0-9, 9 most urgent (the API's scale; aios.priority maps it to the transport's).
     priority: Mapped[int] = mapped_column(Integer)
-    queue: Mapped[str] = mapped_column(String(64))
+    #: The AIOS queue it was published to: a named queue, ``agent.<name>`` or ``cap.<capability>``.
+    queue: Mapped[str] = mapped_column(String(300))
     state: Mapped[str] = mapped_column(String(16), default=TaskState.PENDING.value)
     result: Mapped[Any | None] = mapped_column(JsonValue, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -69,6 +70,14 @@ class Task(Base):
     retry_of: Mapped[str | None] = mapped_column(String(36), ForeignKey("tasks.id"), nullable=True)
     #: The user that submitted it (directly or through one of their API keys).
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: How the task finds an agent: a policy of aios.routing, "queue" (an explicit queue) or "pinned".
+    routing: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    #: The agent the task was pinned to (``agent`` field at submit), if any.
+    pinned_agent: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    #: What to do with a RUNNING task whose agent goes OFFLINE: "retry" (an attempt) or "fail".
+    on_agent_lost: Mapped[str] = mapped_column(String(8), default="retry")
+    #: Why a PENDING task waits (e.g. "no_healthy_agent", "publish_failed").
+    pending_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -83,6 +92,8 @@ class Task(Base):
         Index("ix_tasks_created", "created_at", "id"),
         Index("ix_tasks_state_created", "state", "created_at", "id"),
         Index("ix_tasks_type_created", "type", "created_at", "id"),
+        Index("ix_tasks_queue_state", "queue", "state"),
+        Index("ix_tasks_agent_state", "agent", "state"),
     )
 
 
@@ -174,3 +185,52 @@ class Counter(Base):
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     value: Mapped[int] = mapped_column(Integer, default=0)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Agent(Base):
+    """An agent (a Celery worker): what it can run, how it is doing, and what an operator set."""
+
+    __tablename__ = "agents"
+
+    #: The Celery hostname, e.g. ``gpu-01@host``.
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    capabilities: Mapped[list[str]] = mapped_column(JsonValue, default=list)
+    labels: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)
+    weight: Mapped[int] = mapped_column(Integer, default=1)
+    max_concurrency: Mapped[int] = mapped_column(Integer, default=1)
+    #: What an operator asked for: ACTIVE, DRAINING or DISABLED.
+    admin_status: Mapped[str] = mapped_column(String(16), default="ACTIVE")
+    #: What aios.health decided: ONLINE, BUSY, DEGRADED, DRAINING, DISABLED or OFFLINE.
+    status: Mapped[str] = mapped_column(String(16), default="OFFLINE")
+    status_reason: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    #: psutil figures of the last heartbeat (cpu_pct, memory_pct, load_avg, disk_pct, rss_bytes).
+    resources: Mapped[dict[str, Any] | None] = mapped_column(JsonValue, nullable=True)
+    active: Mapped[int] = mapped_column(Integer, default=0)
+    processed: Mapped[int] = mapped_column(Integer, default=0)
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AgentEvent(Base):
+    """A change of an agent's status, with the reason."""
+
+    __tablename__ = "agent_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    agent: Mapped[str] = mapped_column(String(255), ForeignKey("agents.name", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    from_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    to_status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(255), nullable=True)
+
+    __table_args__ = (Index("ix_agent_events_agent", "agent", "id"),)
+
+
+class RoutingState(Base):
+    """Shared routing state (the round-robin cursor, weighted credits) when there is no Redis."""
+
+    __tablename__ = "routing_state"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[dict[str, Any]] = mapped_column(JsonValue)

@@ -110,6 +110,7 @@ def transition_many(
     fence: str | None = None,
     values: Mapping[str, Any] | None = None,
     per_task_values: Mapping[str, Mapping[str, Any]] | None = None,
+    detail_for: Mapping[str, Mapping[str, Any]] | None = None,
     now: datetime | None = None,
 ) -> list[str]:
     """Bulk form of :func:`transition`: returns the ids that did move.
@@ -144,15 +145,8 @@ def transition_many(
             own = {**common, **((per_task_values or {}).get(task_id, {}))}
             if session.execute(statement.values(**own).returning(Task.id)).first() is not None:
                 moved.append(task_id)
-    record_events(
-        session,
-        moved,
-        actor=actor,
-        from_state=current,
-        to_state=target,
-        detail=detail,
-        now=now,
-    )
+    record_events(session, moved, actor=actor, from_state=current, to_state=target, detail=detail, now=now,
+                  detail_for=detail_for)
     return moved
 
 
@@ -165,8 +159,12 @@ def record_events(
     to_state: TaskState | None,
     detail: Mapping[str, Any] | None = None,
     now: datetime | None = None,
+    detail_for: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
-    """Append timeline rows. ``to_state=None`` records a note (e.g. a duplicate delivery skipped)."""
+    """Append timeline rows (one INSERT). ``to_state=None`` records a note (e.g. a duplicate delivery skipped).
+
+    ``detail_for`` adds per-task detail to the shared ``detail``.
+    """
     from aios.models import TaskEvent
 
     rows = [
@@ -176,7 +174,7 @@ def record_events(
             "actor": actor[:128],
             "from_state": from_state.value if from_state else None,
             "to_state": to_state.value if to_state else None,
-            "detail": dict(detail) if detail else None,
+            "detail": {**(detail or {}), **((detail_for or {}).get(task_id) or {})} or None,
         }
         for task_id in task_ids
     ]

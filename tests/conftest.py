@@ -149,6 +149,8 @@ def stack(pg_url: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFacto
             "AIOS_ORCHESTRATOR__TIMEOUT_GRACE_S": "2",
             "AIOS_LOGGING__LEVEL": "INFO",
             "AIOS_SECURITY__JWT_SECRET": TEST_JWT_SECRET,
+            # Every started worker registers an agent; a whole session makes more than the default 10.
+            "AIOS_ORCHESTRATOR__MAX_AGENTS": "0",
             "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         }
     )
@@ -307,3 +309,81 @@ def ledger(stack: Stack) -> Any:
                             timeout=timeout, what=f"task {task_id} to reach {states}")
 
     return Ledger()
+
+
+# --------------------------------------------------------------------------- API processes
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ApiProcess:
+    """A real ``aios api`` (gunicorn) on its own port, in its own process group."""
+
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout: float = 60.0) -> ApiProcess:
+        import requests
+
+        def healthy() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"API {self.name} exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            try:
+                return requests.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_for(healthy, timeout=timeout, interval=0.1, what=f"API {self.name} to answer /healthz")
+        return self
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM to gunicorn's master; if it does not exit in time, SIGKILL to its process group."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.process.wait()
+
+
+@pytest.fixture()
+def start_api(stack: Stack, tmp_path: Path) -> Iterator[Callable[..., ApiProcess]]:
+    """Start real ``python -m aios.cli api`` processes (one gunicorn worker each) on free ports, with
+    the session's settings plus ``env``; waits for /healthz; stops each one at teardown."""
+    started: list[ApiProcess] = []
+
+    def start(*, name: str | None = None, env: dict[str, str] | None = None, wait: bool = True,
+              ready_timeout: float = 60.0) -> ApiProcess:
+        name = name or f"api{len(started) + 1}"
+        port = free_port()
+        log_path = tmp_path / f"{name}.log"
+        with log_path.open("wb") as handle:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "aios.cli", "api"],
+                env={**stack.env, "AIOS_API__PORT": str(port), "AIOS_API__WORKERS": "1",
+                     "PYTHONUNBUFFERED": "1", **(env or {})},
+                stdout=handle, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT), start_new_session=True,
+            )
+        api = ApiProcess(name=name, url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+        started.append(api)
+        return api.wait_ready(ready_timeout) if wait else api
+
+    yield start
+    for api in started:
+        api.stop()

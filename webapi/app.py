@@ -12,7 +12,7 @@ from aios.config import Settings, load_settings
 from aios.db import ensure_migrated
 from aios.log import configure_logging
 from aios.tasktypes import load_task_types
-from webapi import audit, auth, health, keys, tasks, users
+from webapi import agents, audit, auth, health, keys, tasks, users
 from webapi.context import ApiContext
 from webapi.errors import register_error_handlers
 from webapi.security import check_every_view_declares_access, init_security
@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None, *
     app.extensions["aios"] = ApiContext(settings=settings, celery=celery or create_celery_app(settings))
     register_error_handlers(app)
     init_security(app, settings)
-    for blueprint in (health.bp, auth.bp, tasks.bp, keys.bp, users.bp, audit.bp):
+    for blueprint in (health.bp, auth.bp, tasks.bp, agents.bp, keys.bp, users.bp, audit.bp):
         app.register_blueprint(blueprint)
     check_every_view_declares_access(app)
     return app

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from flask import Blueprint, Response, jsonify, request, url_for
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from aios.config import Settings
 from aios.db import session_scope
 from aios.dispatch import TaskSpec, create_tasks, dispatch, submit_idempotent
-from aios.errors import ValidationFailed
+from aios.errors import Conflict, ValidationFailed
 from aios.ledger import TaskFilter, cancel_task, get_task, list_tasks, retry_task, task_to_dict
 from aios.security.roles import ADMIN, OPERATOR, VIEWER
 from aios.states import TaskState
@@ -38,6 +38,12 @@ class TaskRequest(BaseModel):
     max_retries: int | None = Field(None, ge=0, le=100)
     timeout_s: int | None = Field(None, ge=1)
     queue: QueueName | None = None
+    #: Routing policy for this task (default orchestrator.routing_policy); exclusive with queue and agent.
+    routing: Literal["round_robin", "weighted_round_robin", "least_loaded", "shared"] | None = None
+    #: Pin the task to one agent (409 unless it is healthy and can run the type).
+    agent: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    #: A RUNNING task whose agent goes OFFLINE is retried (an attempt) or failed.
+    on_agent_lost: Literal["retry", "fail"] | None = None
 
 
 class BatchRequest(BaseModel):
@@ -57,6 +63,10 @@ def to_spec(
             f"{prefix}timeout_s: must be at most orchestrator.task_timeout_s ({orchestrator.task_timeout_s})",
             field=f"{prefix}timeout_s",
         )
+    chosen = [name for name in ("queue", "agent", "routing") if getattr(body, name) is not None]
+    if len(chosen) > 1:
+        raise ValidationFailed(f"{prefix}{chosen[1]}: give only one of queue, agent and routing",
+                               field=f"{prefix}{chosen[1]}")
     registry = get_registry()
     try:
         task_type = registry.get(body.type)
@@ -70,9 +80,27 @@ def to_spec(
         priority=orchestrator.default_priority if body.priority is None else body.priority,
         max_retries=orchestrator.max_retries if body.max_retries is None else body.max_retries,
         timeout_s=body.timeout_s or orchestrator.task_timeout_s,
-        queue=body.queue or orchestrator.default_queue,
+        queue=body.queue or "",
         idempotency_key=idempotency_key,
+        routing="queue" if body.queue else ("pinned" if body.agent else body.routing or orchestrator.routing_policy),
+        pinned_agent=body.agent,
+        on_agent_lost=body.on_agent_lost or "retry",
     )
+
+
+def check_pinned(settings: Settings, spec: TaskSpec, *, field: str = "agent") -> None:
+    """A task pinned to an agent is refused (409) unless that agent is healthy and can run it."""
+    if spec.pinned_agent is None:
+        return
+    from aios.agents import forget_healthy_cache, healthy_agents
+
+    forget_healthy_cache()
+    for candidate in healthy_agents(settings):
+        if candidate.name == spec.pinned_agent:
+            if spec.type in candidate.capabilities:
+                return
+            raise Conflict(f"agent {spec.pinned_agent!r} cannot run tasks of type {spec.type!r}", field=field)
+    raise Conflict(f"agent {spec.pinned_agent!r} is not a healthy agent", field=field)
 
 
 def _accepted(task_dict: dict[str, Any], *, replayed: bool = False) -> tuple[Response, int]:
@@ -104,6 +132,7 @@ def submit() -> Any:
     if key is not None and not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
         raise ValidationFailed(f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} characters", field="Idempotency-Key")
     spec = replace(to_spec(context.settings, body, idempotency_key=key), owner=current_principal().name)
+    check_pinned(context.settings, spec)
     task, created = submit_idempotent(context.settings, spec, actor=_actor())
     set_audit(target=task.id, type=spec.type, replayed=not created)
     if created:
@@ -129,6 +158,8 @@ def submit_batch() -> Any:
                 owner=owner)
         for index, item in enumerate(body.tasks)
     ]
+    for index, spec in enumerate(specs):
+        check_pinned(settings, spec, field=f"tasks.{index}.agent")
     with session_scope(settings.database) as session:
         ids = [task.id for task in create_tasks(session, specs, actor=_actor())]
     set_audit(count=len(ids))

@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from celery import Celery
 from celery.signals import worker_process_init
 
+from aios.agents import agent_queue, capability_queue
 from aios.celery_app import create_celery_app, queue_name
 from aios.config import Settings
 from aios.db import dispose_engines, ensure_migrated
 from aios.tasktypes import load_task_types
+from workers.heartbeat import Heartbeat, capabilities_of
 from workers.tasks import register_tasks
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ def build_worker_app(settings: Settings) -> Celery:
     load_task_types(settings.tasks.modules)
     app = create_celery_app(settings)
     register_tasks(app, settings)
+    app.steps["worker"].add(Heartbeat)
     return app
 
 
@@ -49,10 +52,14 @@ def run_agent(settings: Settings, options: AgentOptions) -> None:
     """Run a Celery worker in the foreground until it is told to stop."""
     ensure_migrated(settings.database)
     app = build_worker_app(settings)
-    queues = options.queues or settings.agents.queues
+    hostname = hostname_for(options.name)
+    # Its own queue (round robin, least loaded, pinned), its capabilities' queues (shared), and
+    # any named queues (tasks submitted with an explicit queue).
+    queues = [agent_queue(hostname), *(capability_queue(c) for c in capabilities_of(settings)),
+              *(options.queues or settings.agents.queues)]
     argv = [
         "worker",
-        "--hostname", hostname_for(options.name),
+        "--hostname", hostname,
         "--queues", ",".join(queue_name(settings, q) for q in queues),
         "--concurrency", str(options.concurrency or settings.agents.concurrency),
         "--pool", "prefork",
@@ -61,5 +68,5 @@ def run_agent(settings: Settings, options: AgentOptions) -> None:
         "--without-mingle",
         "--without-gossip",
     ]
-    logger.info("starting agent %s on queues %s", hostname_for(options.name), queues)
+    logger.info("starting agent %s on queues %s", hostname, queues)
     app.worker_main(argv)

@@ -1,0 +1,270 @@
+"""Agents in the ledger: registration, heartbeats, health transitions, offline sweep and re-routing.
+
+Who notices that an agent died? Every live agent's heartbeat also sweeps: one conditional UPDATE per
+stale agent moves it to OFFLINE, and only the process whose UPDATE won re-routes its work, so the
+work moves once however many agents (or, later, the sync job) notice at the same moment.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from aios.config import Settings
+from aios.db import session_scope
+from aios.errors import Conflict, NotFound
+from aios.health import ROUTABLE, AgentStatus, Thresholds, decide
+from aios.models import Agent, AgentEvent, Task
+from aios.routing import Candidate
+from aios.states import TaskState, transition_many
+from aios.timeutil import as_utc, utcnow
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the healthy set is cached per process: routing costs no query per task.
+HEALTHY_CACHE_S = 1.0
+
+
+def thresholds(settings: Settings) -> Thresholds:
+    agents = settings.agents
+    return Thresholds(cpu_pct=agents.cpu_degraded_pct, memory_pct=agents.memory_degraded_pct,
+                      disk_pct=agents.disk_degraded_pct)
+
+
+def _queue_safe(text: str) -> str:
+    # Every transport accepts these characters in queue and exchange names (the filesystem one no more).
+    return re.sub(r"[^A-Za-z0-9._-]", "-", text)
+
+
+def agent_queue(name: str) -> str:
+    """The AIOS queue only this agent consumes (``gpu-01@host`` → ``agent.gpu-01-host``)."""
+    return f"agent.{_queue_safe(name)}"
+
+
+def capability_queue(capability: str) -> str:
+    """The queue every agent with ``capability`` consumes (the ``shared`` policy)."""
+    return f"cap.{_queue_safe(capability)}"
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    name: str
+    capabilities: list[str]
+    labels: dict[str, str]
+    weight: int = 1
+    max_concurrency: int = 1
+
+
+def register(session: Session, spec: AgentSpec, *, max_agents: int, update_existing: bool) -> tuple[Agent, bool]:
+    """Create the agent row (409 past ``max_agents``); an existing row is updated or refused."""
+    agent = session.get(Agent, spec.name)
+    now = utcnow()
+    if agent is not None:
+        if not update_existing:
+            raise Conflict(f"agent {spec.name!r} is already registered; change it with PATCH", field="name")
+        agent.capabilities, agent.max_concurrency, agent.updated_at = sorted(set(spec.capabilities)), \
+            spec.max_concurrency, now
+        if spec.labels:
+            agent.labels = spec.labels
+        return agent, False
+    if max_agents:
+        count = session.scalar(select(func.count()).select_from(Agent)) or 0
+        if count >= max_agents:
+            raise Conflict(f"orchestrator.max_agents ({max_agents}) agents are registered already; "
+                           "delete an offline one or raise the limit", field="name")
+    agent = Agent(name=spec.name, capabilities=sorted(set(spec.capabilities)), labels=spec.labels,
+                  weight=spec.weight, max_concurrency=spec.max_concurrency, admin_status="ACTIVE",
+                  status=AgentStatus.OFFLINE.value, status_reason="registered, no heartbeat yet",
+                  active=0, processed=0, registered_at=now, updated_at=now)
+    session.add(agent)
+    session.flush()
+    return agent, True
+
+
+def get_agent(session: Session, name: str) -> Agent:
+    agent = session.get(Agent, name)
+    if agent is None:
+        raise NotFound(f"no agent named {name!r}", field="name")
+    return agent
+
+
+def _set_status(session: Session, agent: Agent, status: AgentStatus, reason: str) -> AgentStatus | None:
+    """Apply a verdict; returns the old status if it changed (and records an agent event)."""
+    old = agent.status
+    agent.status_reason = reason[:255]
+    if old == status.value:
+        return None
+    agent.status = status.value
+    session.add(AgentEvent(agent=agent.name, at=utcnow(), from_status=old, to_status=status.value,
+                           reason=reason[:255]))
+    return AgentStatus(old)
+
+
+def reevaluate(session: Session, settings: Settings, agent: Agent) -> AgentStatus | None:
+    verdict = decide(admin_status=agent.admin_status, last_heartbeat_at=as_utc(agent.last_heartbeat_at),
+                     now=utcnow(), heartbeat_timeout_s=settings.agents.effective_heartbeat_timeout_s,
+                     resources=agent.resources, active=agent.active, max_concurrency=agent.max_concurrency,
+                     thresholds=thresholds(settings))
+    return _set_status(session, agent, verdict.status, verdict.reason)
+
+
+@dataclass(frozen=True)
+class HeartbeatOutcome:
+    old: AgentStatus | None
+    new: AgentStatus
+
+    @property
+    def became_routable(self) -> bool:
+        return self.old is not None and self.old not in ROUTABLE and self.new in ROUTABLE
+
+
+def record_heartbeat(settings: Settings, name: str, *, resources: dict[str, Any], active: int,
+                     processed: int) -> HeartbeatOutcome:
+    with session_scope(settings.database) as session:
+        agent = get_agent(session, name)
+        agent.last_heartbeat_at, agent.resources = utcnow(), resources
+        agent.active, agent.processed, agent.updated_at = active, processed, utcnow()
+        old = reevaluate(session, settings, agent)
+        return HeartbeatOutcome(old=old, new=AgentStatus(agent.status))
+
+
+def mark_offline(settings: Settings, celery: Celery | None, name: str, reason: str) -> bool:
+    """Mark an agent OFFLINE now (a clean shutdown); re-route its queued work if it was routable."""
+    with session_scope(settings.database) as session:
+        won = session.execute(
+            update(Agent).where(Agent.name == name, Agent.status != AgentStatus.OFFLINE.value)
+            .values(status=AgentStatus.OFFLINE.value, status_reason=reason[:255], updated_at=utcnow())
+            .returning(Agent.status)
+        ).first() is not None
+        if won:
+            session.add(AgentEvent(agent=name, at=utcnow(), from_status=None, to_status="OFFLINE", reason=reason[:255]))
+    if won and celery is not None:
+        reroute(settings, celery, name, include_running=False, reason=reason)
+    forget_healthy_cache()
+    return won
+
+
+def sweep_offline(settings: Settings, celery: Celery) -> list[str]:
+    """Mark agents past the heartbeat timeout OFFLINE and re-route their work (bounded, idempotent)."""
+    timeout_s = settings.agents.effective_heartbeat_timeout_s
+    cutoff = utcnow() - timedelta(seconds=timeout_s)
+    with session_scope(settings.database) as session:
+        stale = list(session.scalars(
+            select(Agent.name).where(Agent.status != AgentStatus.OFFLINE.value,
+                                     or_(Agent.last_heartbeat_at.is_(None), Agent.last_heartbeat_at < cutoff))
+            .limit(100)
+        ))
+    lost = []
+    for name in stale:
+        with session_scope(settings.database) as session:
+            row = session.execute(
+                update(Agent)
+                .where(Agent.name == name, Agent.status != AgentStatus.OFFLINE.value,
+                       or_(Agent.last_heartbeat_at.is_(None), Agent.last_heartbeat_at < cutoff))
+                .values(status=AgentStatus.OFFLINE.value, updated_at=utcnow(),
+                        status_reason=f"no heartbeat for more than {timeout_s:g}s")
+                .returning(Agent.name)
+            ).first()
+            if row is None:
+                continue  # someone else got there first, or it came back
+            session.add(AgentEvent(agent=name, at=utcnow(), from_status=None, to_status="OFFLINE",
+                                   reason=f"no heartbeat for more than {timeout_s:g}s"))
+        lost.append(name)
+        logger.warning("agent %s is OFFLINE (no heartbeat for %gs); re-routing its work", name, timeout_s)
+        reroute(settings, celery, name, include_running=True, reason="agent offline")
+    if lost:
+        forget_healthy_cache()
+    return lost
+
+
+def reroute(settings: Settings, celery: Celery, name: str, *, include_running: bool, reason: str) -> dict[str, int]:
+    """Move an agent's QUEUED tasks to other agents (new dispatch ids); retry or fail its RUNNING ones."""
+    from aios.dispatch import dispatch
+
+    actor = "router"
+    with session_scope(settings.database) as session:
+        queued = list(session.scalars(select(Task.id).where(Task.state == TaskState.QUEUED.value,
+                                                            Task.queue == agent_queue(name))))
+        moved = transition_many(session, queued, TaskState.QUEUED, TaskState.PENDING, actor=actor,
+                                detail={"reason": reason, "agent": name}, values={"pending_reason": "rerouted"})
+        retry_ids: list[str] = []
+        if include_running:
+            running = session.execute(select(Task.id, Task.on_agent_lost, Task.attempts, Task.max_retries)
+                                      .where(Task.state == TaskState.RUNNING.value, Task.agent == name)).all()
+            for row in running:
+                detail = {"reason": f"{reason}: its agent {name} was lost", "attempt": row.attempts}
+                if row.on_agent_lost == "fail":
+                    transition_many(session, [row.id], TaskState.RUNNING, TaskState.FAILED, actor=actor,
+                                    detail=detail, values={"error": f"agent {name} was lost while running it"})
+                elif row.attempts > row.max_retries:
+                    transition_many(session, [row.id], TaskState.RUNNING, TaskState.DEAD, actor=actor,
+                                    detail=detail, values={"error": f"agent {name} was lost; no retries left"})
+                else:
+                    retry_ids += transition_many(session, [row.id], TaskState.RUNNING, TaskState.RETRYING,
+                                                 actor=actor, detail=detail,
+                                                 values={"error": f"agent {name} was lost while running it"})
+    if moved:
+        dispatch(celery, settings, moved, actor=actor)
+    if retry_ids:
+        dispatch(celery, settings, retry_ids, actor=actor, from_state=TaskState.RETRYING)
+    return {"queued": len(moved), "retried": len(retry_ids)}
+
+
+# --------------------------------------------------------------------------- the healthy set
+
+_cache_lock = threading.Lock()
+_cache: dict[str, tuple[float, list[Candidate]]] = {}
+
+
+def forget_healthy_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+def healthy_agents(settings: Settings) -> list[Candidate]:
+    """Routable agents with a fresh heartbeat, and their load; cached for about a second."""
+    key = settings.database.url
+    now = time.monotonic()
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit and now - hit[0] < HEALTHY_CACHE_S:
+            return hit[1]
+    cutoff = utcnow() - timedelta(seconds=settings.agents.effective_heartbeat_timeout_s)
+    with session_scope(settings.database) as session:
+        rows = session.execute(
+            select(Agent.name, Agent.capabilities, Agent.weight)
+            .where(Agent.status.in_([s.value for s in ROUTABLE]), Agent.last_heartbeat_at >= cutoff)
+        ).all()
+        loads = dict(session.execute(
+            select(Task.queue, func.count()).where(
+                Task.state.in_([TaskState.QUEUED.value, TaskState.RUNNING.value]),
+                Task.queue.in_([agent_queue(r.name) for r in rows]))
+            .group_by(Task.queue)
+        ).all()) if rows else {}
+    candidates = [Candidate(name=r.name, capabilities=frozenset(r.capabilities or []), weight=max(1, r.weight),
+                            load=int(loads.get(agent_queue(r.name), 0))) for r in rows]
+    if candidates:  # never cache "nobody": a new agent must be routable at once
+        with _cache_lock:
+            _cache[key] = (now, candidates)
+    return candidates
+
+
+def waiting_task_ids(settings: Settings, capabilities: Sequence[str], limit: int = 1000) -> list[str]:
+    """PENDING tasks that wait for an agent with one of ``capabilities``, oldest first."""
+    with session_scope(settings.database) as session:
+        return list(session.scalars(
+            select(Task.id).where(Task.state == TaskState.PENDING.value,
+                                  Task.pending_reason == "no_healthy_agent",
+                                  Task.type.in_(list(capabilities)))
+            .order_by(Task.created_at, Task.id).limit(limit)
+        ))

@@ -1,0 +1,69 @@
+"""Routing state shared by every API process: the round-robin cursor and weighted credits.
+
+Held in Redis under a short lock when the broker is Redis, else in the ``routing_state`` table under a
+row lock. Reading, computing (with the pure functions of :mod:`aios.routing`) and writing happen under
+that one lock, so two API processes never hand out the same turn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from aios.config import Settings
+from aios.db import get_engine, session_scope
+from aios.models import RoutingState
+
+logger = logging.getLogger(__name__)
+
+Result = TypeVar("Result")
+Update = Callable[[dict[str, Any]], tuple[Result, dict[str, Any]]]
+
+_redis_clients: dict[str, Any] = {}
+
+
+def _redis(settings: Settings) -> Any:
+    import redis
+
+    client = _redis_clients.get(settings.broker.url)
+    if client is None:
+        client = _redis_clients[settings.broker.url] = redis.Redis.from_url(
+            settings.broker.url, socket_connect_timeout=1, socket_timeout=2)
+    return client
+
+
+def with_state(settings: Settings, key: str, update: Update[Result]) -> Result:
+    """Run ``update(state) -> (result, new_state)`` atomically against the shared state ``key``."""
+    if settings.broker.is_redis:
+        try:
+            return _with_redis_state(settings, key, update)
+        except Exception as exc:  # noqa: BLE001 - no Redis: the broker is down too; route from a fresh state
+            logger.warning("routing state unavailable in Redis (%s); using a local rotation", exc)
+            return update({})[0]
+    return _with_database_state(settings, key, update)
+
+
+def _with_redis_state(settings: Settings, key: str, update: Update[Result]) -> Result:
+    client = _redis(settings)
+    name = f"{settings.broker.key_prefix}aios:routing:{key}"
+    with client.lock(f"{name}:lock", timeout=5, blocking_timeout=3):
+        raw = client.get(name)
+        result, state = update(json.loads(raw) if raw else {})
+        client.set(name, json.dumps(state))
+    return result
+
+
+def _with_database_state(settings: Settings, key: str, update: Update[Result]) -> Result:
+    dialect = get_engine(settings.database).dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    with session_scope(settings.database) as session:
+        session.execute(insert(RoutingState).values(key=key, state={}).on_conflict_do_nothing())
+        row = session.scalars(select(RoutingState).where(RoutingState.key == key).with_for_update()).one()
+        result, state = update(dict(row.state or {}))
+        row.state = state
+    return result

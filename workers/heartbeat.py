@@ -1,0 +1,119 @@
+"""The agent's heartbeat: a worker bootstep that registers the agent and reports every interval.
+
+Each heartbeat carries psutil figures (CPU %, memory %, load average, disk % of the work dir, RSS of
+the worker and its pool) and the active and processed counts; the ledger turns them into a status
+(aios.health). The same loop sweeps for agents that stopped beating (their work is re-routed once)
+and, when this agent becomes routable, dispatches the tasks that were waiting for it.
+
+Celery's own heartbeats and events stay on: Flower and ``celery inspect`` keep seeing the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+import psutil
+from celery import bootsteps
+from celery.worker import state as worker_state
+
+from aios import agents
+from aios.config import Settings
+from aios.db import session_scope
+from aios.dispatch import dispatch
+from aios.health import ROUTABLE
+from aios.tasktypes import get_registry
+
+logger = logging.getLogger(__name__)
+
+
+def resource_figures(work_dir: str) -> dict[str, Any]:
+    """What one heartbeat reports about the host and this agent's processes."""
+    me = psutil.Process()
+    rss = me.memory_info().rss
+    for child in me.children(recursive=True):
+        try:
+            rss += child.memory_info().rss
+        except psutil.Error:
+            continue
+    try:
+        disk_pct = psutil.disk_usage(work_dir).percent
+    except OSError:
+        disk_pct = None
+    return {
+        "cpu_pct": psutil.cpu_percent(interval=None),
+        "memory_pct": psutil.virtual_memory().percent,
+        "load_avg": list(os.getloadavg()),
+        "disk_pct": disk_pct,
+        "rss_bytes": rss,
+        "cpu_count": psutil.cpu_count(),
+    }
+
+
+def capabilities_of(settings: Settings) -> list[str]:
+    return sorted(set(get_registry().names()) | set(settings.agents.capabilities))
+
+
+class Heartbeat(bootsteps.StartStopStep):
+    """Worker bootstep: register on start, beat every interval, go OFFLINE on a clean stop."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self, worker: Any) -> None:
+        settings: Settings = worker.app.aios_settings
+        self.worker, self.settings, self.name = worker, settings, worker.hostname
+        psutil.cpu_percent(interval=None)  # the first reading is meaningless; prime it
+        with session_scope(settings.database) as session:
+            agents.register(session, agents.AgentSpec(
+                name=self.name, capabilities=capabilities_of(settings), labels=settings.agents.labels,
+                weight=settings.agents.weight, max_concurrency=worker.concurrency,
+            ), max_agents=settings.orchestrator.max_agents, update_existing=True)
+        self.beat()
+        self.thread = threading.Thread(target=self._loop, name="aios-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stopping.wait(self.settings.agents.heartbeat_interval_s):
+            try:
+                self.beat()
+            except Exception:  # noqa: BLE001 - a database blip must not kill the heartbeat thread
+                logger.exception("heartbeat of %s failed", self.name)
+
+    def beat(self) -> None:
+        outcome = agents.record_heartbeat(
+            self.settings, self.name,
+            resources=resource_figures(self.settings.agents.work_dir),
+            active=len(worker_state.active_requests),
+            processed=sum(worker_state.total_count.values()),
+        )
+        if outcome.old is not None:
+            logger.info("agent %s is now %s (was %s)", self.name, outcome.new, outcome.old)
+            agents.forget_healthy_cache()
+        if outcome.new in ROUTABLE:
+            # Tasks that found no healthy agent wait PENDING; a routable agent picks them up at once.
+            waiting = agents.waiting_task_ids(self.settings, capabilities_of(self.settings))
+            if waiting:
+                logger.info("agent %s is routable: dispatching %d waiting task(s)", self.name, len(waiting))
+                agents.forget_healthy_cache()
+                dispatch(self.worker.app, self.settings, waiting, actor=f"worker:{self.name}")
+        agents.sweep_offline(self.settings, self.worker.app)
+
+    def stop(self, worker: Any) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+        try:
+            agents.mark_offline(self.settings, worker.app, self.name, "stopped cleanly")
+        except Exception:  # noqa: BLE001
+            logger.exception("could not mark %s offline", self.name)
+
+    def shutdown(self, worker: Any) -> None:
+        if not self.stopping.is_set():
+            self.stop(worker)
