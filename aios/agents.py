@@ -72,8 +72,9 @@ def register(session: Session, spec: AgentSpec, *, max_agents: int, update_exist
     if agent is not None:
         if not update_existing:
             raise Conflict(f"agent {spec.name!r} is already registered; change it with PATCH", field="name")
-        agent.capabilities, agent.max_concurrency, agent.updated_at = sorted(set(spec.capabilities)), \
-            spec.max_concurrency, now
+        agent.capabilities = sorted(set(spec.capabilities))
+        agent.max_concurrency = spec.max_concurrency
+        agent.updated_at = now
         if spec.labels:
             agent.labels = spec.labels
         return agent, False

@@ -6,9 +6,10 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from aios.db import session_scope
+from aios.errors import Conflict
 from aios.models import User
 from aios.security.passwords import hash_password
 from aios.security.roles import ADMIN, ROLES
@@ -89,5 +90,11 @@ def update(name: str) -> Any:
             user.password_hash = hash_password(body.password, cost=ctx().settings.security.bcrypt_cost)
         user.updated_at = utcnow()
         session.flush()
+        active_admins = session.scalar(
+            select(func.count()).select_from(User).where(User.role == ADMIN, User.disabled.is_(False))
+        )
+        if not active_admins:
+            raise Conflict("this would leave no active admin; promote or enable another admin first",
+                           field="role" if body.role is not None else "disabled")
         return jsonify(user_to_dict(user))
 

@@ -26,7 +26,7 @@ import jwt
 import pytest
 
 from aios.errors import ConfigError
-from tests.conftest import REPO_ROOT, TEST_JWT_SECRET, make_user
+from tests.conftest import REPO_ROOT, TEST_JWT_SECRET, authorize, make_user
 
 pytestmark = pytest.mark.integration
 
@@ -787,3 +787,31 @@ def test_a_too_many_requests_answer_carries_the_security_headers(stack, app_with
     assert response.status_code == 429
     for name, value in SECURITY_HEADERS.items():
         assert response.headers.get(name) == value, name
+
+
+def test_the_last_active_admin_cannot_be_demoted_or_disabled(stack, api_app, client):
+    # Given a user that is, for this check, the only active admin: every other admin is disabled
+    from sqlalchemy import select, update
+
+    from aios.db import session_scope
+    from aios.models import User
+
+    target = make_user(stack, "admin")
+    with session_scope(stack.settings.database) as session:
+        others = list(session.scalars(select(User.name).where(User.role == "admin", User.disabled.is_(False),
+                                                              User.name != target.user)))
+        session.execute(update(User).where(User.name.in_(others)).values(disabled=True))
+    try:
+        own = authorize(api_app.test_client(), target.key)
+        # When it demotes or disables itself
+        for body, field in (({"role": "operator"}, "role"), ({"disabled": True}, "disabled")):
+            response = own.patch(f"/api/v1/users/{target.user}", json=body)
+            # Then it is refused and nothing changed
+            assert response.status_code == 409, response.json
+            assert response.json["field"] == field
+        with session_scope(stack.settings.database) as session:
+            row = session.scalars(select(User).where(User.name == target.user)).one()
+            assert (row.role, row.disabled) == ("admin", False)
+    finally:
+        with session_scope(stack.settings.database) as session:
+            session.execute(update(User).where(User.name.in_(others)).values(disabled=False))
