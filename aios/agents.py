@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from aios.config import Settings
@@ -65,9 +65,25 @@ class AgentSpec:
     max_concurrency: int = 1
 
 
+#: PostgreSQL advisory lock that makes "count the agents, then insert one" a single step.
+REGISTRATION_LOCK = 0x41494F53  # "AIOS"
+
+
+def _serialize_registrations(session: Session) -> None:
+    """Concurrent registrations would each count the others' rows as absent and pass ``max_agents``
+    together; on PostgreSQL they take turns (held until commit). SQLite transactions begin IMMEDIATE,
+    so they take turns already."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REGISTRATION_LOCK})
+
+
 def register(session: Session, spec: AgentSpec, *, max_agents: int, update_existing: bool) -> tuple[Agent, bool]:
     """Create the agent row (409 past ``max_agents``); an existing row is updated or refused."""
     agent = session.get(Agent, spec.name)
+    if agent is None:
+        _serialize_registrations(session)
+        # Read again under the lock: the same name may have been registered meanwhile.
+        agent = session.get(Agent, spec.name)
     now = utcnow()
     if agent is not None:
         if not update_existing:
@@ -192,6 +208,9 @@ def reroute(settings: Settings, celery: Celery, name: str, *, include_running: b
     """Move an agent's QUEUED tasks to other agents (new dispatch ids); retry or fail its RUNNING ones."""
     from aios.dispatch import dispatch
 
+    # This process may have cached the healthy set while the agent was still in it (up to a second
+    # ago): routing from that copy would send its work straight back to its own queue.
+    forget_healthy_cache()
     actor = "router"
     with session_scope(settings.database) as session:
         queued = list(session.scalars(select(Task.id).where(Task.state == TaskState.QUEUED.value,

@@ -155,7 +155,7 @@ def delete(name: str) -> Any:
         agent = agent_ledger.get_agent(session, name)
         if agent.status != AgentStatus.OFFLINE.value:
             raise Conflict(f"agent {name!r} is {agent.status}; only an OFFLINE agent can be deleted",
-                           status=agent.status)
+                           agent_status=agent.status)
         session.delete(agent)
     agent_ledger.forget_healthy_cache()
     return jsonify({"deleted": name})
