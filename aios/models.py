@@ -9,7 +9,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -78,6 +90,10 @@ class Task(Base):
     on_agent_lost: Mapped[str] = mapped_column(String(8), default="retry")
     #: Why a PENDING task waits (e.g. "no_healthy_agent", "publish_failed").
     pending_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: A SCHEDULED task becomes PENDING (and is dispatched) at this time.
+    run_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    #: The periodic schedule that created it, if any.
+    schedule_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -94,6 +110,7 @@ class Task(Base):
         Index("ix_tasks_type_created", "type", "created_at", "id"),
         Index("ix_tasks_queue_state", "queue", "state"),
         Index("ix_tasks_agent_state", "agent", "state"),
+        Index("ix_tasks_state_run_at", "state", "run_at"),
     )
 
 
@@ -234,3 +251,67 @@ class RoutingState(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     state: Mapped[dict[str, Any]] = mapped_column(JsonValue)
+
+
+class SyncRun(Base):
+    """One run of the sync job: when, how long, what it found and changed, what went wrong."""
+
+    __tablename__ = "sync_runs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    duration_s: Mapped[float] = mapped_column(Float, default=0.0)
+    #: Which process ran it (beat leader, or an admin's "run now").
+    runner: Mapped[str] = mapped_column(String(255))
+    found: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)
+    changed: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)
+    errors: Mapped[list[str]] = mapped_column(JsonValue, default=list)
+
+    __table_args__ = (Index("ix_sync_runs_started", "started_at", "id"),)
+
+
+class Schedule(Base):
+    """A periodic task: every ``interval_s`` seconds or on a ``cron`` expression."""
+
+    __tablename__ = "schedules"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    cron: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    interval_s: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: The task each firing creates: {type, parameters, priority, ...} as for POST /tasks.
+    task: Mapped[dict[str, Any]] = mapped_column(JsonValue)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: The slot (scheduled time) of the last firing: a slot never fires twice, even across leaders.
+    last_slot_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    next_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_task_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Backup(Base):
+    """A database backup file (or a failed attempt at one)."""
+
+    __tablename__ = "backups"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    path: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: ok, failed, or deleted (retention removed the file)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Lease(Base):
+    """A named, expiring lock held by one process (the beat leader on the embedded default)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)

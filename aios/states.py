@@ -1,5 +1,6 @@
 """The task state machine: the only place that decides which state changes are legal.
 
+    SCHEDULED ──► PENDING   (its run_at came: held in the database, never in the broker, until then)
     PENDING ──► QUEUED ──► RUNNING ──► SUCCEEDED | FAILED | CANCELLED | TIMED_OUT
        ▲          │           │
        └──────────┘           └──► RETRYING ──► QUEUED  (retries left, after backoff)
@@ -30,6 +31,7 @@ from aios.timeutil import utcnow
 
 
 class TaskState(enum.StrEnum):
+    SCHEDULED = "SCHEDULED"
     PENDING = "PENDING"
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
@@ -47,6 +49,7 @@ TERMINAL: frozenset[TaskState] = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, 
 
 #: Which states each state may move to. Anything else raises IllegalTransition.
 ALLOWED: Mapping[TaskState, frozenset[TaskState]] = {
+    S.SCHEDULED: frozenset({S.PENDING, S.CANCELLED}),
     S.PENDING: frozenset({S.QUEUED, S.CANCELLED}),
     S.QUEUED: frozenset({S.RUNNING, S.PENDING, S.CANCELLED}),
     S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.TIMED_OUT, S.RETRYING, S.DEAD}),
@@ -55,7 +58,7 @@ ALLOWED: Mapping[TaskState, frozenset[TaskState]] = {
 }
 
 #: States a user may cancel from, and states a user may retry (by creating a new task).
-CANCELLABLE: frozenset[TaskState] = frozenset({S.PENDING, S.QUEUED, S.RETRYING, S.RUNNING})
+CANCELLABLE: frozenset[TaskState] = frozenset({S.SCHEDULED, S.PENDING, S.QUEUED, S.RETRYING, S.RUNNING})
 RETRYABLE: frozenset[TaskState] = frozenset({S.FAILED, S.DEAD, S.CANCELLED, S.TIMED_OUT})
 
 #: The timestamp column each state stamps when entered.

@@ -25,6 +25,8 @@ S = TaskState
 
 #: The state machine as specified (aios/states.py docstring), written out independently of ALLOWED.
 SPEC: set[tuple[TaskState, TaskState]] = {
+    (S.SCHEDULED, S.PENDING),  # its run_at came
+    (S.SCHEDULED, S.CANCELLED),
     (S.PENDING, S.QUEUED),
     (S.PENDING, S.CANCELLED),
     (S.QUEUED, S.RUNNING),
