@@ -29,8 +29,12 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit -q
 
+## bench: benchmarks (PostgreSQL and Redis on localhost); figures go to BENCHMARKS.md
+bench: $(STAMP)
+	$(BIN)/python bench/bench_sync.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check aios workers webapi tests
+	$(BIN)/ruff check aios workers webapi tests bench
 
 format: $(STAMP)
 	$(BIN)/ruff format aios workers webapi tests

@@ -35,10 +35,11 @@ logger = logging.getLogger(__name__)
 HEALTHY_CACHE_S = 1.0
 
 
-def thresholds(settings: Settings) -> Thresholds:
-    agents = settings.agents
-    return Thresholds(cpu_pct=agents.cpu_degraded_pct, memory_pct=agents.memory_degraded_pct,
-                      disk_pct=agents.disk_degraded_pct)
+def thresholds(settings: Settings, session: Session) -> Thresholds:
+    """The DEGRADED thresholds in force: config defaults, overlaid with /system/limits."""
+    from aios.limits import current
+
+    return current(session, settings).thresholds
 
 
 def _queue_safe(text: str) -> str:
@@ -131,7 +132,7 @@ def reevaluate(session: Session, settings: Settings, agent: Agent) -> AgentStatu
     verdict = decide(admin_status=agent.admin_status, last_heartbeat_at=as_utc(agent.last_heartbeat_at),
                      now=utcnow(), heartbeat_timeout_s=settings.agents.effective_heartbeat_timeout_s,
                      resources=agent.resources, active=agent.active, max_concurrency=agent.max_concurrency,
-                     thresholds=thresholds(settings))
+                     thresholds=thresholds(settings, session))
     return _set_status(session, agent, verdict.status, verdict.reason)
 
 
@@ -222,22 +223,33 @@ def reroute(settings: Settings, celery: Celery, name: str, *, include_running: b
             running = session.execute(select(Task.id, Task.on_agent_lost, Task.attempts, Task.max_retries)
                                       .where(Task.state == TaskState.RUNNING.value, Task.agent == name)).all()
             for row in running:
-                detail = {"reason": f"{reason}: its agent {name} was lost", "attempt": row.attempts}
-                if row.on_agent_lost == "fail":
-                    transition_many(session, [row.id], TaskState.RUNNING, TaskState.FAILED, actor=actor,
-                                    detail=detail, values={"error": f"agent {name} was lost while running it"})
-                elif row.attempts > row.max_retries:
-                    transition_many(session, [row.id], TaskState.RUNNING, TaskState.DEAD, actor=actor,
-                                    detail=detail, values={"error": f"agent {name} was lost; no retries left"})
-                else:
-                    retry_ids += transition_many(session, [row.id], TaskState.RUNNING, TaskState.RETRYING,
-                                                 actor=actor, detail=detail,
-                                                 values={"error": f"agent {name} was lost while running it"})
+                if settle_lost_run(session, row, agent=name, reason=reason, actor=actor) is TaskState.RETRYING:
+                    retry_ids.append(row.id)
     if moved:
         dispatch(celery, settings, moved, actor=actor)
     if retry_ids:
         dispatch(celery, settings, retry_ids, actor=actor, from_state=TaskState.RETRYING)
     return {"queued": len(moved), "retried": len(retry_ids)}
+
+
+def settle_lost_run(session: Session, row: Any, *, agent: str | None, reason: str, actor: str,
+                    fence: str | None = None) -> TaskState | None:
+    """The one rule for a RUNNING task whose agent is gone: FAILED if it asked ``on_agent_lost=fail``,
+    DEAD when no retries are left, else RETRYING (the caller dispatches it again).
+
+    ``row`` has ``id, on_agent_lost, attempts, max_retries``; ``fence`` (a dispatch id) makes the change
+    only if the run is still the one that was read. Returns the state moved to, or None if it moved on.
+    """
+    detail = {"reason": f"{reason}: its agent {agent} was lost", "attempt": row.attempts}
+    if row.on_agent_lost == "fail":
+        target, error = TaskState.FAILED, f"agent {agent} was lost while running it"
+    elif row.attempts > row.max_retries:
+        target, error = TaskState.DEAD, f"agent {agent} was lost; no retries left"
+    else:
+        target, error = TaskState.RETRYING, f"agent {agent} was lost while running it"
+    moved = transition_many(session, [row.id], TaskState.RUNNING, target, actor=actor, detail=detail, fence=fence,
+                            values={"error": error})
+    return target if moved else None
 
 
 # --------------------------------------------------------------------------- the healthy set

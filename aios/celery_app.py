@@ -13,6 +13,9 @@ Settings that matter for delivery, and why:
   to exceed the longest task timeout, or Redis would redeliver tasks that are still running.
 * Events on (``worker_send_task_events``, ``task_send_sent_event``): Flower and ``celery events``
   see AIOS agents as ordinary Celery workers.
+* ``worker_pool_restarts``: the ``pool_restart`` control command (Flower's and AIOS's
+  ``pool/restart``) is refused without it. AIOS sends it with no modules to reload, so it only asks
+  each pool process to exit after its current task and be replaced: nothing running is killed.
 * Publishing retries a bounded number of times; past that the caller keeps the task ``PENDING``.
 
 ``celery -A aios.celery_app inspect ping`` works: the module-level ``app`` is built lazily from the
@@ -62,8 +65,10 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
             queue_order_strategy="priority",
             priority_steps=PRIORITY_STEPS,
             sep=":",
-            # The sweep that returns unacked messages of dead workers to their queues.
+            # The sweep that returns unacked messages of dead workers to their queues. kombu >= 5.6 scans
+            # only on every ``unacked_restore_throttle``-th sweep (default 10): 1 makes the interval real.
             unacked_restore_interval=min(60, broker.visibility_timeout_s),
+            unacked_restore_throttle=1,
         )
         if broker.key_prefix:
             options["global_keyprefix"] = broker.key_prefix
@@ -118,6 +123,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_track_started": False,
+        "worker_pool_restarts": True,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "enable_utc": True,

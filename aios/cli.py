@@ -57,6 +57,17 @@ def _dispatch_pending(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if not outcome.pending else 1
 
 
+def _sync(args: argparse.Namespace, settings: Settings) -> int:
+    from aios.celery_app import create_celery_app
+    from aios.db import ensure_migrated
+    from aios.sync import run_sync
+
+    ensure_migrated(settings.database)
+    result = run_sync(create_celery_app(settings), settings, runner="cli")
+    print(json.dumps(result))
+    return 1 if result["errors"] else 0
+
+
 def _config_show(args: argparse.Namespace, settings: Settings) -> int:
     data = settings.model_dump(mode="json")
     data["database"]["url"] = redact_url(settings.database.url)
@@ -92,6 +103,44 @@ def _users(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _metrics(args: argparse.Namespace, settings: Settings) -> int:
+    from aios.cluster_metrics import serve
+
+    if args.port:
+        settings = settings.model_copy(update={"metrics": settings.metrics.model_copy(update={"port": args.port})})
+    serve(settings)
+    return 0
+
+
+def _beat(args: argparse.Namespace, settings: Settings) -> int:
+    from aios.beat import run_beat
+
+    run_beat(settings)
+    return 0
+
+
+def _backup(args: argparse.Namespace, settings: Settings) -> int:
+    """Backups (aios.backup); a failure raises an AiosError, which main() turns into exit 1 and one line."""
+    from aios import backup
+    from aios.db import ensure_migrated
+
+    if args.backup_action == "create":
+        ensure_migrated(settings.database)
+        print(json.dumps(backup.create_backup(settings)))
+    elif args.backup_action == "list":
+        ensure_migrated(settings.database)
+        for row in backup.list_backups(settings, limit=args.limit):
+            print(json.dumps(row))
+    elif args.backup_action == "verify":
+        checked = backup.verify_backup(args.file, settings)
+        print(f"ok {checked['path']} sha256 {checked['sha256']}")
+    else:
+        # No ensure_migrated: the target of a restore is usually an empty database.
+        restored = backup.restore_backup(args.file, settings, force=args.force)
+        print(f"restored {restored['path']} into {redact_url(settings.database.url)}")
+    return 0
+
+
 def _up(args: argparse.Namespace, settings: Settings) -> int:
     from aios.supervisor import run_all_in_one
 
@@ -116,6 +165,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     pending.add_argument("--limit", type=int, default=10_000)
     handlers["dispatch-pending"] = _dispatch_pending
 
+    sub.add_parser("sync", help="run the sync job once; print the run as JSON (exit 1 if a step failed)")
+    handlers["sync"] = _sync
+
     sub.add_parser("config", help="print the effective configuration (secrets hidden)")
     handlers["config"] = _config_show
 
@@ -125,6 +177,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     create.add_argument("name")
     create.add_argument("--role", required=True, choices=["admin", "operator", "viewer", "agent"])
     handlers["users"] = _users
+
+    metrics = sub.add_parser("metrics", help="serve the cluster's Prometheus metrics (default port 9090)")
+    metrics.add_argument("--port", type=int, help="overrides [metrics] port")
+    handlers["metrics"] = _metrics
+
+    sub.add_parser("beat", help="run Celery beat with AIOS's jobs (any number; one leads)")
+    handlers["beat"] = _beat
+
+    backups = sub.add_parser("backup", help="database backups: create, list, verify, restore")
+    backup_sub = backups.add_subparsers(dest="backup_action", required=True)
+    backup_sub.add_parser("create", help="back up the database now (prints the backups row as JSON)")
+    backup_list = backup_sub.add_parser("list", help="the newest backups rows, one JSON object a line")
+    backup_list.add_argument("--limit", type=int, default=100)
+    verify = backup_sub.add_parser("verify", help="check FILE against FILE.sha256 and that it is a readable dump")
+    verify.add_argument("file", metavar="FILE")
+    restore = backup_sub.add_parser("restore", help="restore FILE into the configured (empty) database")
+    restore.add_argument("file", metavar="FILE")
+    restore.add_argument("--force", action="store_true", help="replace a database that holds tasks or users")
+    handlers["backup"] = _backup
 
     up = sub.add_parser("up", help="run the API and one agent together (a laptop, a demo)")
     up.add_argument("--migrate", action="store_true", help="upgrade the database schema first")
@@ -137,12 +208,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     return parser, handlers
 
 
+#: Commands that run until stopped.
+SERVICES = frozenset({"api", "worker", "beat", "metrics", "up"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
-        configure_logging(settings.logging)
+        # Services log to stdout; a one-shot command's stdout is its answer, so its log goes to stderr.
+        configure_logging(settings.logging, stream=sys.stdout if args.command in SERVICES else sys.stderr)
         return handlers[args.command](args, settings) or 0
     except ConfigError as exc:
         print(f"aios: {exc.message}", file=sys.stderr)

@@ -43,6 +43,8 @@ class ApiSettings(_Section):
     batch_max_tasks: int = Field(1000, ge=1, le=10_000)
     #: Largest page a list endpoint returns.
     page_max: int = Field(500, ge=1, le=10_000)
+    #: How long worker inspection and control wait for the workers' replies (Celery broadcast timeout).
+    inspect_timeout_s: float = Field(1.0, gt=0, le=30)
 
 
 class DatabaseSettings(_Section):
@@ -94,6 +96,9 @@ class OrchestratorSettings(_Section):
     default_priority: int = Field(5, ge=0, le=9)
     max_retries: int = Field(3, ge=0, le=100)
     sync_interval_s: int = Field(60, ge=1)
+    #: The sync job re-dispatches a QUEUED task whose message is in no broker queue and held by no agent
+    #: for this long (a lost message), and a PENDING task nobody dispatched for this long.
+    lost_message_grace_s: int = Field(60, ge=1)
     #: Exponential backoff between retries: base * 2**(attempt-1), capped, with full jitter.
     retry_backoff_base_s: float = Field(1.0, ge=0)
     retry_backoff_max_s: float = Field(600.0, ge=0)
@@ -119,6 +124,9 @@ class AgentSettings(_Section):
     capabilities: list[str] = Field(default_factory=list)
     labels: dict[str, str] = Field(default_factory=dict)
     weight: int = Field(1, ge=1, le=1000)
+    #: Above 0, the pool autoscales between ``concurrency`` and this many processes (Celery ``--autoscale``);
+    #: pool grow/shrink are then refused by Celery, and /workers/{name}/pool/autoscale changes the range.
+    autoscale_max: int = Field(0, ge=0, le=256)
     #: Resource use above which an agent is DEGRADED (percent). CPU defaults to 100 (never): a busy
     #: agent running CPU-bound work is working, not sick; set it lower to steer work off hot hosts.
     cpu_degraded_pct: float = Field(100.0, gt=0, le=100)
@@ -128,11 +136,60 @@ class AgentSettings(_Section):
     work_dir: str = "."
     #: argv[0] values agents may run for the `command` task type; empty = none.
     command_allowlist: list[str] = Field(default_factory=list)
+    #: Default limits of a command (an admin changes them at run time through /system/limits; a
+    #: request may lower them): CPU seconds (RLIMIT_CPU), address space (RLIMIT_AS), wall time,
+    #: and captured output per stream.
+    command_cpu_s: int = Field(300, ge=1)
+    command_memory_mb: int = Field(2048, ge=16)
+    command_wall_s: int = Field(600, ge=1)
+    command_output_kb: int = Field(1024, ge=1)
 
 
     @property
     def effective_heartbeat_timeout_s(self) -> float:
         return self.heartbeat_timeout_s or 3 * self.heartbeat_interval_s
+
+
+class BeatSettings(_Section):
+    #: A standby beat takes over within this long after the leader dies.
+    lock_ttl_s: float = Field(15.0, ge=1, le=3600)
+    #: Period of the short job that starts scheduled tasks and fires periodic schedules.
+    tick_s: float = Field(1.0, gt=0, le=60)
+
+
+class BackupSettings(_Section):
+    #: Where backup files and their ``.sha256`` files are written (created if missing).
+    dir: str = "var/backups"
+    #: How many good backups in ``dir`` retention keeps; older files are deleted.
+    keep: int = Field(7, ge=1, le=10_000)
+    #: When beat takes a backup: a 5-field cron expression in UTC; empty = never (manual only).
+    schedule: str = "0 3 * * *"
+    #: pg_dump / pg_restore to run on PostgreSQL (a path, or a name looked up on PATH). Their major
+    #: version must be at least the server's: pg_dump refuses to dump a newer server.
+    pg_dump: str = "pg_dump"
+    pg_restore: str = "pg_restore"
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            from aios.errors import ValidationFailed
+            from aios.schedules import parse_cron  # imported here: aios.schedules imports this module
+
+            try:
+                parse_cron(value)
+            except ValidationFailed as exc:
+                raise ValueError(f"not a valid cron expression: {exc.message.removeprefix('cron: ')}") from exc
+        return value
+
+
+class MetricsSettings(_Section):
+    #: Where ``aios metrics`` serves the cluster metrics (no credentials: bind it to a private address).
+    host: str = "127.0.0.1"
+    port: int = Field(9090, ge=1, le=65535)
+    #: Folder for the per-process metric files of the API's gunicorn workers (emptied at each start).
+    multiproc_dir: str = "var/prometheus"
 
 
 class TaskSettings(_Section):
@@ -167,6 +224,11 @@ class SecuritySettings(_Section):
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
+    #: Folder of ``aios.log`` (everything) and ``aios.error.log`` (ERROR and worse); empty: no files.
+    dir: str = "logs"
+    #: Each file is rotated at this size, keeping ``backup_count`` old ones (safe with many processes).
+    max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    backup_count: int = Field(5, ge=0, le=1000)
 
     @field_validator("level", mode="before")
     @classmethod
@@ -182,6 +244,9 @@ class Settings(_Section):
     agents: AgentSettings = Field(default_factory=AgentSettings)
     tasks: TaskSettings = Field(default_factory=TaskSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
+    beat: BeatSettings = Field(default_factory=BeatSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    backup: BackupSettings = Field(default_factory=BackupSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")
@@ -198,6 +263,12 @@ class Settings(_Section):
                 f"broker.visibility_timeout_s ({self.broker.visibility_timeout_s}) must be larger than "
                 f"orchestrator.task_timeout_s + timeout_grace_s ({longest}), or Redis redelivers "
                 "long tasks while they still run"
+            )
+        if self.broker.is_redis and self.orchestrator.retry_backoff_max_s >= self.broker.visibility_timeout_s:
+            raise ValueError(
+                f"orchestrator.retry_backoff_max_s ({self.orchestrator.retry_backoff_max_s:g}) must be less than "
+                f"broker.visibility_timeout_s ({self.broker.visibility_timeout_s}): a retry waits in Redis as a "
+                "countdown message, which Redis redelivers once it outlives the visibility timeout (kombu#337)"
             )
         if self.orchestrator.retry_backoff_max_s < self.orchestrator.retry_backoff_base_s:
             raise ValueError(

@@ -15,6 +15,7 @@ import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from celery import Celery
@@ -29,9 +30,12 @@ from aios.errors import Conflict
 from aios.models import Task
 from aios.priority import to_transport
 from aios.states import TaskState, record_events, transition_many
-from aios.timeutil import utcnow
+from aios.timeutil import isoformat, utcnow
 
 logger = logging.getLogger(__name__)
+
+#: Message header with the publish time (ISO 8601, UTC); Celery's own headers carry none.
+PUBLISHED_AT_HEADER = "aios_published_at"
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,10 @@ class TaskSpec:
     routing: str | None = None
     pinned_agent: str | None = None
     on_agent_lost: str = "retry"
+    #: Hold the task in the database (state SCHEDULED) until this time (aios.scheduled) ...
+    run_at: datetime | None = None
+    #: ... or until this many seconds after it is stored. A time not in the future runs at once.
+    delay_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -78,8 +86,12 @@ def new_task_id() -> str:
 
 
 def create_tasks(session: Session, specs: Sequence[TaskSpec], *, actor: str) -> list[Task]:
-    """Insert ``PENDING`` rows and their first timeline event; the caller commits."""
+    """Insert ``PENDING`` rows (``SCHEDULED`` if their time is in the future) and their first timeline
+    event; the caller commits. Only PENDING ones are for :func:`dispatch`; beat starts the others."""
+    from aios.scheduled import hold_until
+
     now = utcnow()
+    held = [hold_until(spec.run_at, spec.delay_s, now=now) for spec in specs]
     tasks = [
         Task(
             id=new_task_id(),
@@ -87,7 +99,8 @@ def create_tasks(session: Session, specs: Sequence[TaskSpec], *, actor: str) -> 
             parameters=spec.parameters,
             priority=spec.priority,
             queue=spec.queue,
-            state=TaskState.PENDING.value,
+            state=(TaskState.PENDING if run_at is None else TaskState.SCHEDULED).value,
+            run_at=run_at,
             attempts=0,
             max_retries=spec.max_retries,
             timeout_s=spec.timeout_s,
@@ -100,7 +113,7 @@ def create_tasks(session: Session, specs: Sequence[TaskSpec], *, actor: str) -> 
             created_at=now,
             updated_at=now,
         )
-        for spec in specs
+        for spec, run_at in zip(specs, held, strict=True)
     ]
     session.add_all(tasks)
     session.flush()
@@ -108,7 +121,9 @@ def create_tasks(session: Session, specs: Sequence[TaskSpec], *, actor: str) -> 
         detail: dict[str, Any] = {"priority": spec.priority, "queue": spec.queue}
         if spec.retry_of:
             detail["retry_of"] = spec.retry_of
-        record_events(session, [task.id], actor=actor, from_state=None, to_state=TaskState.PENDING,
+        if task.run_at is not None:
+            detail["run_at"] = isoformat(task.run_at)
+        record_events(session, [task.id], actor=actor, from_state=None, to_state=TaskState(task.state),
                       detail=detail, now=now)
     return tasks
 
@@ -168,6 +183,8 @@ def publish(celery: Celery, settings: Settings, dispatches: Sequence[Dispatch]) 
                         soft_time_limit=item.timeout_s,
                         time_limit=item.timeout_s + grace,
                         countdown=item.countdown_s,
+                        # Lets GET /queues tell how long the oldest message has waited.
+                        headers={PUBLISHED_AT_HEADER: isoformat(utcnow())},
                         producer=producer,
                         retry=True,
                         retry_policy=celery.conf.task_publish_retry_policy,

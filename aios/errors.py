@@ -118,3 +118,42 @@ class TaskFailure(AiosError):
     """Raised by a task type to fail without retrying (bad input found only at run time)."""
 
     code = "task_failed"
+
+
+class BackupFailed(AiosError):
+    """A backup could not be taken or restored; the ``backups`` row and the log say why."""
+
+    code = "backup_failed"
+
+
+class BackupInvalid(AiosError):
+    """A backup file does not match its ``.sha256`` or is not a readable dump: never restore it."""
+
+    status = 422
+    code = "backup_invalid"
+
+
+class WorkerNotFound(NotFound):
+    """No live worker of that name answered within ``api.inspect_timeout_s``."""
+
+    code = "worker_not_found"
+
+
+class WorkerRefused(Conflict):
+    """The worker answered a control command with an error (e.g. autoscale on a fixed-size pool)."""
+
+    code = "worker_refused"
+
+
+class WorkerTimeout(AiosError):
+    """The worker answers pings but did not reply to the command in time."""
+
+    status = 504
+    code = "worker_timeout"
+
+
+class UnsupportedOnBroker(AiosError):
+    """The configured broker cannot do this (queue inspection and purge need Redis)."""
+
+    status = 501
+    code = "unsupported_on_broker"

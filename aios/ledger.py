@@ -107,7 +107,8 @@ def cancel_task(celery: Celery, settings: Settings, task_id: str, *, actor: str,
     """Cancel a task that has not finished.
 
     A queued task is marked CANCELLED, so whichever agent gets its message skips it at claim time,
-    even after a restart; a running one is also revoked with terminate.
+    even after a restart; a running one is also revoked with terminate. A SCHEDULED one is only in the
+    database: the state change is all it takes (beat moves only SCHEDULED rows, conditionally).
     """
     for _ in range(3):  # the state may move under us; re-read and try again
         with session_scope(settings.database) as session:
@@ -122,7 +123,8 @@ def cancel_task(celery: Celery, settings: Settings, task_id: str, *, actor: str,
             moved = transition(session, task_id, current, TaskState.CANCELLED, actor=actor,
                                detail={"reason": "cancel requested"})
         if moved:
-            revoke(celery, task_id, terminate=current is TaskState.RUNNING)
+            if current is not TaskState.SCHEDULED:  # a SCHEDULED task has no message anywhere to revoke
+                revoke(celery, task_id, terminate=current is TaskState.RUNNING)
             with session_scope(settings.database) as session:
                 return get_task(session, task_id)
     raise Conflict(f"task {task_id} kept changing state; try again")
@@ -173,6 +175,7 @@ def task_to_dict(task: Task, *, with_events: bool = False) -> dict[str, Any]:
         "queued_at": isoformat(task.queued_at),
         "started_at": isoformat(task.started_at),
         "finished_at": isoformat(task.finished_at),
+        "run_at": isoformat(task.run_at),
     }
     if with_events:
         data["events"] = [

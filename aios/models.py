@@ -315,3 +315,39 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(255))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class TaskStat(Base):
+    """Durable, cluster-wide task metrics, rolled up from ``task_events`` (see :mod:`aios.task_stats`).
+
+    One row per task type and series: ``finished:<STATE>`` (a count), ``run`` and ``wait`` (histograms
+    of run time and queue wait in seconds: ``count``, ``sum`` and cumulative ``buckets``).
+    """
+
+    __tablename__ = "task_stats"
+
+    type: Mapped[str] = mapped_column(String(128), primary_key=True)
+    series: Mapped[str] = mapped_column(String(32), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+    sum: Mapped[float] = mapped_column(Float, default=0.0)
+    buckets: Mapped[list[int]] = mapped_column(JsonValue, default=list)
+
+
+class StatCursor(Base):
+    """How far a rollup has read its source (the last ``task_events.id`` counted)."""
+
+    __tablename__ = "stat_cursors"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_id: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class SystemLimitsRow(Base):
+    """The limits an admin set through ``PUT /api/v1/system/limits`` (one row; config gives defaults)."""
+
+    __tablename__ = "system_limits"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    values: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(64), nullable=True)

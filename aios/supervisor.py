@@ -1,4 +1,4 @@
-"""``aios up``: the API and one agent as child processes of one foreground command.
+"""``aios up``: the API, one agent and beat as child processes of one foreground command.
 
 For a laptop or a demo. Ctrl-C or SIGTERM stops the children cleanly (SIGTERM, then SIGKILL after
 a grace period); each child also gets SIGTERM from the kernel if this process dies without
@@ -64,6 +64,7 @@ def run_all_in_one(settings: Settings, *, migrate_first: bool, agent_name: str) 
     children = [
         Child("api", _command("api")),
         Child("agent", _command("worker", "--name", agent_name)),
+        Child("beat", _command("beat")),
     ]
     stopping = False
 

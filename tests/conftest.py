@@ -151,6 +151,11 @@ def stack(pg_url: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFacto
             "AIOS_SECURITY__JWT_SECRET": TEST_JWT_SECRET,
             # Every started worker registers an agent; a whole session makes more than the default 10.
             "AIOS_ORCHESTRATOR__MAX_AGENTS": "0",
+            # Backups of the test schema go to this session's folder, and no beat takes one at 03:00.
+            "AIOS_BACKUP__DIR": str(tmp / "backups"),
+            "AIOS_BACKUP__SCHEDULE": "",
+            "AIOS_METRICS__MULTIPROC_DIR": str(tmp / "prometheus"),
+            "AIOS_LOGGING__DIR": str(tmp / "logs"),
             "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         }
     )
@@ -276,6 +281,55 @@ def start_worker(stack: Stack, celery_client: Any, tmp_path: Path) -> Iterator[C
     yield start
     for worker in started:
         worker.stop()
+
+
+@dataclass
+class BeatProcess:
+    """A real ``aios beat`` subprocess (its log tells whether it leads)."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def is_leader(self) -> bool:
+        return "is now the LEADER" in self.log()
+
+
+#: Beat settings for tests: a short lease (fast failover) and a half-second tick.
+#: Short lease and tick; no sync run during a beat test (it would act on other tests' leftover rows
+#: in the session's schema — the sync job has tests of its own, each on a schema of its own).
+BEAT_TEST_ENV = {"AIOS_BEAT__LOCK_TTL_S": "3.0", "AIOS_BEAT__TICK_S": "0.5",
+                 "AIOS_ORCHESTRATOR__SYNC_INTERVAL_S": "86400"}
+
+
+@pytest.fixture()
+def start_beat(stack: Stack, tmp_path: Path) -> Iterator[Callable[..., BeatProcess]]:
+    """Start real ``python -m aios.cli beat`` processes (settings of the session + ``BEAT_TEST_ENV`` +
+    ``env``); each is stopped (SIGTERM, then SIGKILL) at teardown."""
+    started: list[BeatProcess] = []
+
+    def start(*, env: dict[str, str] | None = None) -> BeatProcess:
+        log_path = tmp_path / f"beat-{len(started)}.log"
+        with log_path.open("wb") as handle:
+            process = subprocess.Popen([sys.executable, "-m", "aios.cli", "beat"],
+                                       env={**stack.env, **BEAT_TEST_ENV, **(env or {})}, cwd=str(REPO_ROOT),
+                                       stdout=handle, stderr=subprocess.STDOUT)
+        beat = BeatProcess(process, log_path)
+        started.append(beat)
+        return beat
+
+    yield start
+    for beat in started:
+        if beat.process.poll() is None:
+            beat.process.send_signal(signal.SIGTERM)
+            try:
+                beat.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                beat.process.kill()
+                beat.process.wait()
 
 
 # --------------------------------------------------------------------------- ledger helpers

@@ -12,9 +12,26 @@ from aios.config import Settings, load_settings
 from aios.db import ensure_migrated
 from aios.log import configure_logging
 from aios.tasktypes import load_task_types
-from webapi import agents, audit, auth, health, keys, tasks, users
+from webapi import (
+    agents,
+    audit,
+    auth,
+    backups,
+    health,
+    keys,
+    metrics,
+    queues,
+    schedules,
+    status,
+    sync,
+    system,
+    tasks,
+    users,
+    workers,
+)
 from webapi.context import ApiContext
 from webapi.errors import register_error_handlers
+from webapi.request_ids import init_request_ids
 from webapi.security import check_every_view_declares_access, init_security
 
 
@@ -35,8 +52,12 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None, *
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["aios"] = ApiContext(settings=settings, celery=celery or create_celery_app(settings))
     register_error_handlers(app)
+    init_request_ids(app)
+    metrics.init_metrics(app)
     init_security(app, settings)
-    for blueprint in (health.bp, auth.bp, tasks.bp, agents.bp, keys.bp, users.bp, audit.bp):
+    for blueprint in (health.bp, auth.bp, tasks.bp, agents.bp, keys.bp, users.bp, audit.bp, schedules.bp,
+                      status.bp, sync.bp, backups.bp, workers.bp, queues.bp, metrics.bp,
+                      system.bp):
         app.register_blueprint(blueprint)
     check_every_view_declares_access(app)
     return app

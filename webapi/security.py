@@ -221,6 +221,8 @@ def audit_response(response: Response) -> Response:
                 )
         except Exception:  # noqa: BLE001 - never turn a done action into an error; but say so loudly
             logger.exception("could not write the audit row for %s", action)
+        logger.info("%s by %s on %s: %d", action, principal.name if principal else "anonymous", target or "-",
+                    response.status_code)
     return response
 
 

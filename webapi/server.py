@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,32 @@ class RedactingGunicornLogger(GunicornLogger):  # type: ignore[misc]
                     handler.setFormatter(_Redacted(handler.formatter or logging.Formatter()))
 
 
+def prepare_multiprocess_metrics(settings: Settings) -> Path:
+    """Put prometheus_client in multiprocess mode before any gunicorn worker exists.
+
+    Each worker then writes its counters to files in this folder and a scrape of any worker adds all
+    of them up. The folder is emptied first: files of a previous run would be counted again.
+    """
+    from prometheus_client import values
+
+    directory = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or settings.metrics.multiproc_dir).resolve()
+    directory = directory / f"api-{settings.api.port}"
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    # prometheus_client picks its value class when first imported; pick again now the folder is set.
+    values.ValueClass = values.get_value_class()
+    return directory
+
+
+def _worker_exited(server: Any, worker: Any) -> None:
+    """gunicorn ``child_exit``: a dead worker's live gauges must not be reported any more."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
 class ApiServer(BaseApplication):  # type: ignore[misc]
     """gunicorn, configured from AIOS settings; each worker process builds its own app."""
 
@@ -54,11 +82,15 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
         self.cfg.set("timeout", 60)
         self.cfg.set("graceful_timeout", 20)
         self.cfg.set("accesslog", "-")
+        # gunicorn's default access line, plus the request id the app put in the response header.
+        self.cfg.set("access_log_format",
+                     '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" request=%({x-request-id}o)s')
         self.cfg.set("logger_class", RedactingGunicornLogger)
         self.cfg.set("loglevel", self.settings.logging.level.lower())
         # Request-line and header limits: part of bounding what one client can make us do.
         self.cfg.set("limit_request_line", 8190)
         self.cfg.set("limit_request_fields", 100)
+        self.cfg.set("child_exit", _worker_exited)
         if self.certfile:
             self.cfg.set("certfile", self.certfile)
             self.cfg.set("keyfile", self.keyfile)
@@ -86,6 +118,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         if not Path(path).is_file():
             raise ConfigError(f"TLS file {path} does not exist")
     ensure_migrated(settings.database)
+    prepare_multiprocess_metrics(settings)
     # Build one app up front so a bad setting (a weak JWT secret) stops the command with exit 2,
     # instead of every gunicorn worker failing to boot.
     from webapi.app import create_app

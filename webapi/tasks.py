@@ -13,6 +13,7 @@ from aios.db import session_scope
 from aios.dispatch import TaskSpec, create_tasks, dispatch, submit_idempotent
 from aios.errors import Conflict, ValidationFailed
 from aios.ledger import TaskFilter, cancel_task, get_task, list_tasks, retry_task, task_to_dict
+from aios.scheduled import MAX_AHEAD_S, requested_run_at
 from aios.security.roles import ADMIN, OPERATOR, VIEWER
 from aios.states import TaskState
 from aios.tasktypes import get_registry
@@ -44,6 +45,10 @@ class TaskRequest(BaseModel):
     agent: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
     #: A RUNNING task whose agent goes OFFLINE is retried (an attempt) or failed.
     on_agent_lost: Literal["retry", "fail"] | None = None
+    #: Start at this time (ISO 8601 with Z or an offset) or this many seconds after submission; the task
+    #: waits SCHEDULED in the database until then (aios.scheduled). A time not in the future runs at once.
+    run_at: str | None = None
+    delay_s: float | None = Field(None, ge=0, le=MAX_AHEAD_S, allow_inf_nan=False)
 
 
 class BatchRequest(BaseModel):
@@ -67,6 +72,7 @@ def to_spec(
     if len(chosen) > 1:
         raise ValidationFailed(f"{prefix}{chosen[1]}: give only one of queue, agent and routing",
                                field=f"{prefix}{chosen[1]}")
+    run_at = requested_run_at(body.run_at, body.delay_s, field_prefix=field_prefix)
     registry = get_registry()
     try:
         task_type = registry.get(body.type)
@@ -85,6 +91,8 @@ def to_spec(
         routing="queue" if body.queue else ("pinned" if body.agent else body.routing or orchestrator.routing_policy),
         pinned_agent=body.agent,
         on_agent_lost=body.on_agent_lost or "retry",
+        run_at=run_at,
+        delay_s=body.delay_s,
     )
 
 
@@ -136,6 +144,10 @@ def submit() -> Any:
     task, created = submit_idempotent(context.settings, spec, actor=_actor())
     set_audit(target=task.id, type=spec.type, replayed=not created)
     if created:
+        from webapi.metrics import count_submitted
+
+        count_submitted([spec.type])
+    if created and task.state == TaskState.PENDING:  # a SCHEDULED task is started by beat at its time
         dispatch(context.celery, context.settings, [task.id], actor=_actor())
     with session_scope(context.settings.database) as session:
         return _accepted(task_to_dict(get_task(session, task.id)), replayed=not created)
@@ -161,16 +173,34 @@ def submit_batch() -> Any:
     for index, spec in enumerate(specs):
         check_pinned(settings, spec, field=f"tasks.{index}.agent")
     with session_scope(settings.database) as session:
-        ids = [task.id for task in create_tasks(session, specs, actor=_actor())]
+        created = create_tasks(session, specs, actor=_actor())
+    ids = [task.id for task in created]
+    now_ids = [task.id for task in created if task.state == TaskState.PENDING]
     set_audit(count=len(ids))
-    outcome = dispatch(context.celery, settings, ids, actor=_actor())
+    from webapi.metrics import count_submitted
+
+    count_submitted([spec.type for spec in specs])
+    outcome = dispatch(context.celery, settings, now_ids, actor=_actor())
     pending = set(outcome.pending)
     return jsonify({
         "ids": ids,
         "count": len(ids),
-        "queued": len(ids) - len(pending),
+        "queued": len(now_ids) - len(pending),
         "pending": len(pending),
+        "scheduled": len(ids) - len(now_ids),
     }), 202
+
+
+@bp.get("/types")
+@policy(VIEWER, OPERATOR)
+def types() -> Any:
+    """The task types this API accepts, with their description and parameter JSON schema."""
+    registry = get_registry()
+    return jsonify({"types": [
+        {"name": name, "description": registry.get(name).description,
+         "parameters": registry.get(name).parameters.model_json_schema()}
+        for name in registry.names()
+    ]})
 
 
 @bp.get("/<task_id>")

@@ -57,16 +57,20 @@ def run_agent(settings: Settings, options: AgentOptions) -> None:
     # any named queues (tasks submitted with an explicit queue).
     queues = [agent_queue(hostname), *(capability_queue(c) for c in capabilities_of(settings)),
               *(options.queues or settings.agents.queues)]
+    concurrency = options.concurrency or settings.agents.concurrency
     argv = [
         "worker",
         "--hostname", hostname,
         "--queues", ",".join(queue_name(settings, q) for q in queues),
-        "--concurrency", str(options.concurrency or settings.agents.concurrency),
+        "--concurrency", str(concurrency),
         "--pool", "prefork",
         "--loglevel", options.loglevel or settings.logging.level,
         "--task-events",
         "--without-mingle",
         "--without-gossip",
     ]
+    if settings.agents.autoscale_max:
+        # The pool starts at `concurrency` processes and grows under load up to autoscale_max.
+        argv += ["--autoscale", f"{max(settings.agents.autoscale_max, concurrency)},{concurrency}"]
     logger.info("starting agent %s on queues %s", hostname, queues)
     app.worker_main(argv)

@@ -11,11 +11,9 @@ Celery's own heartbeats and events stay on: Flower and ``celery inspect`` keep s
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Any
 
-import psutil
 from celery import bootsteps
 from celery.worker import state as worker_state
 
@@ -24,32 +22,11 @@ from aios.config import Settings
 from aios.db import session_scope
 from aios.dispatch import dispatch
 from aios.health import ROUTABLE
+from aios.resources import prime as prime_cpu_reading
+from aios.resources import resource_figures
 from aios.tasktypes import get_registry
 
 logger = logging.getLogger(__name__)
-
-
-def resource_figures(work_dir: str) -> dict[str, Any]:
-    """What one heartbeat reports about the host and this agent's processes."""
-    me = psutil.Process()
-    rss = me.memory_info().rss
-    for child in me.children(recursive=True):
-        try:
-            rss += child.memory_info().rss
-        except psutil.Error:
-            continue
-    try:
-        disk_pct = psutil.disk_usage(work_dir).percent
-    except OSError:
-        disk_pct = None
-    return {
-        "cpu_pct": psutil.cpu_percent(interval=None),
-        "memory_pct": psutil.virtual_memory().percent,
-        "load_avg": list(os.getloadavg()),
-        "disk_pct": disk_pct,
-        "rss_bytes": rss,
-        "cpu_count": psutil.cpu_count(),
-    }
 
 
 def capabilities_of(settings: Settings) -> list[str]:
@@ -69,7 +46,7 @@ class Heartbeat(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         settings: Settings = worker.app.aios_settings
         self.worker, self.settings, self.name = worker, settings, worker.hostname
-        psutil.cpu_percent(interval=None)  # the first reading is meaningless; prime it
+        prime_cpu_reading()
         with session_scope(settings.database) as session:
             agents.register(session, agents.AgentSpec(
                 name=self.name, capabilities=capabilities_of(settings), labels=settings.agents.labels,

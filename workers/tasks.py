@@ -15,6 +15,7 @@ from celery.worker.request import Request
 
 from aios.celery_app import RUN_TASK_NAME
 from aios.config import Settings
+from aios.log import task_id_var
 from aios.states import TaskState
 from workers.runner import execute, record_lost_run
 
@@ -57,6 +58,10 @@ def register_tasks(app: Celery, settings: Settings) -> Any:
         if not dispatch_id:
             logger.warning("message for task %s carries no dispatch_id; dropped", self.request.id)
             return
-        execute(self.app, settings, self.request.id, dispatch_id, self.request.hostname)
+        token = task_id_var.set(self.request.id)  # every log line of this run carries the task id
+        try:
+            execute(self.app, settings, self.request.id, dispatch_id, self.request.hostname)
+        finally:
+            task_id_var.reset(token)
 
     return run

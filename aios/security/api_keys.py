@@ -23,6 +23,9 @@ from aios.timeutil import as_utc, utcnow
 KEY_PREFIX = "aios"
 PREFIX_CHARS = 10
 ACTIVE, REVOKED = "ACTIVE", "REVOKED"
+#: Set by the sync job on an ACTIVE key past ``expires_at`` (a rotated key past its grace period, too).
+#: Authentication never needed it (``expires_at`` is checked on every request); it makes lists honest.
+EXPIRED = "EXPIRED"
 #: last_used_at is written at most this often per key, so authentication is not a write per request.
 LAST_USED_RESOLUTION_S = 30
 
@@ -79,3 +82,21 @@ def authenticate(session: Session, presented: str, *, source_ip: str | None) -> 
     if last is None or now - last > timedelta(seconds=LAST_USED_RESOLUTION_S) or row.last_used_ip != source_ip:
         session.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now, last_used_ip=source_ip))
     return row
+
+
+def expire_due(session: Session, now: datetime, *, limit: int) -> list[ApiKey]:
+    """Mark ACTIVE keys whose ``expires_at`` passed EXPIRED (at most ``limit``); returns the rows changed.
+
+    One conditional UPDATE per key, so a key revoked meanwhile stays REVOKED. The caller commits
+    (and audits).
+    """
+    due = list(session.scalars(select(ApiKey).where(ApiKey.state == ACTIVE, ApiKey.expires_at.is_not(None),
+                                                    ApiKey.expires_at <= now)
+                               .order_by(ApiKey.expires_at).limit(limit)))
+    changed = []
+    for row in due:
+        won = session.execute(update(ApiKey).where(ApiKey.id == row.id, ApiKey.state == ACTIVE)
+                              .values(state=EXPIRED).returning(ApiKey.id)).first()
+        if won is not None:
+            changed.append(row)
+    return changed

@@ -8,8 +8,6 @@ are all pointed at the private Redis; the database is the session's PostgreSQL s
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO_ROOT, Stack, authorize, wait_for
+from tests.support.private_redis import PrivateRedis, running_private_redis
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,70 +28,11 @@ SUBMIT_BUDGET_S = 5.0
 RECOVERY_TIMEOUT_S = 60.0
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class PrivateRedis:
-    """A throwaway ``redis-server`` (no persistence) that a test may stop and start at will."""
-
-    def __init__(self, port: int, log_path: Path) -> None:
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 15.0) -> None:
-        import redis
-
-        assert self.process is None or self.process.poll() is not None, "already running"
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--daemonize", "no"],
-                stdout=log, stderr=subprocess.STDOUT,
-            )
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
-
-        def answers() -> bool:
-            if self.process is not None and self.process.poll() is not None:
-                raise AssertionError(f"redis-server exited with {self.process.returncode}:\n"
-                                     f"{self.log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                return bool(client.ping())
-            except redis.RedisError:
-                return False
-
-        try:
-            wait_for(answers, timeout=timeout, interval=0.05, what=f"redis-server on port {self.port}")
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 @pytest.fixture()
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     """A running private Redis, always killed at teardown (after the test's workers stopped)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = PrivateRedis(free_port(), tmp_path / "redis-server.log")
-    server.start()
-    try:
+    with running_private_redis(tmp_path / "redis-server.log") as server:
         yield server
-    finally:
-        if server.process is not None and server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
 
 
 @pytest.fixture()

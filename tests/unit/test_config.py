@@ -218,8 +218,21 @@ def test_the_visibility_timeout_check_follows_a_lowered_task_timeout(empty_toml)
         "AIOS_BROKER__URL": "redis://127.0.0.1:6379/0",
         "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "120",
         "AIOS_ORCHESTRATOR__TASK_TIMEOUT_S": "60",
+        "AIOS_ORCHESTRATOR__RETRY_BACKOFF_MAX_S": "60",
     })
     assert settings.broker.visibility_timeout_s == 120
+
+
+def test_a_retry_backoff_that_outlives_the_visibility_timeout_is_refused(empty_toml):
+    # Given a retry delay longer than Redis keeps a countdown message invisible (kombu#337)
+    # When loaded / Then the error names both keys
+    with pytest.raises(ConfigError, match="retry_backoff_max_s .* broker.visibility_timeout_s"):
+        load_settings(environ={
+            "AIOS_CONFIG": str(empty_toml),
+            "AIOS_BROKER__URL": "redis://127.0.0.1:6379/0",
+            "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "120",
+            "AIOS_ORCHESTRATOR__TASK_TIMEOUT_S": "60",
+        })
 
 
 def test_a_missing_explicit_config_file_is_an_error(tmp_path):

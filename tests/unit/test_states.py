@@ -6,16 +6,13 @@ The transition tests run on a real (temporary) SQLite database built by the real
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from aios import migrate
 from aios.config import DatabaseSettings
-from aios.db import get_engine, session_scope
+from aios.db import session_scope
 from aios.dispatch import TaskSpec, create_tasks
 from aios.errors import IllegalTransition
 from aios.models import Task, TaskEvent
@@ -107,15 +104,6 @@ def test_states_given_as_plain_strings_are_checked_the_same_way():
 
 
 # --------------------------------------------------------------------------- transition (real SQLite)
-
-
-@pytest.fixture()
-def db(tmp_path: Path) -> Iterator[DatabaseSettings]:
-    """A fresh SQLite file migrated to head."""
-    settings = DatabaseSettings(url=f"sqlite:///{tmp_path}/t.db")
-    migrate.upgrade(settings)
-    yield settings
-    get_engine(settings).dispose()
 
 
 def new_task(db: DatabaseSettings) -> str:

@@ -1,0 +1,127 @@
+"""Periodic tasks: schedules stored in the database, fired by the beat leader.
+
+A schedule fires every ``interval_s`` seconds or on a 5-field ``cron`` expression (UTC). Each firing
+creates an ordinary task linked to its schedule. Firing a slot is one conditional UPDATE of the
+schedule's ``last_slot_at`` in the same transaction as the task's INSERT, so a slot never fires
+twice — not with two beats, not across a change of leader. Slots missed while no beat ran are not
+replayed one by one: the latest missed slot fires once, then the schedule carries on.
+
+Edits through the API change ``next_run_at`` at once; the leader reads the table every tick, so a
+change takes effect within one tick, without restarting beat.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import Celery
+from celery.schedules import crontab
+from sqlalchemy import or_, select, update
+
+from aios.config import Settings
+from aios.db import session_scope
+from aios.dispatch import TaskSpec, create_tasks, dispatch
+from aios.errors import ValidationFailed
+from aios.models import Schedule
+from aios.timeutil import as_utc, utcnow
+
+logger = logging.getLogger(__name__)
+
+#: Most schedules fired per tick (bounded work).
+FIRE_LIMIT = 200
+
+
+def parse_cron(expression: str) -> crontab:
+    """A 5-field cron expression (minute hour day-of-month month day-of-week), via Celery's parser."""
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValidationFailed("cron: needs 5 fields: minute hour day-of-month month day-of-week", field="cron")
+    minute, hour, day_of_month, month, day_of_week = fields
+    try:
+        return crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month,
+                       day_of_week=day_of_week)
+    except Exception as exc:  # noqa: BLE001 - celery raises ValueError or its own ParseException
+        raise ValidationFailed(f"cron: {exc}", field="cron") from exc
+
+
+def next_cron_time(expression: str, after: datetime) -> datetime:
+    """The first minute strictly after ``after`` that matches ``expression`` (UTC).
+
+    As in cron, when both day fields are restricted a day matches if either does.
+    """
+    spec = parse_cron(expression)
+    fields = expression.split()
+    dom_any, dow_any = fields[2] == "*", fields[4] == "*"
+    moment = as_utc(after).replace(second=0, microsecond=0) + timedelta(minutes=1)  # type: ignore[union-attr]
+    for _ in range(366 * 5):
+        cron_dow = (moment.weekday() + 1) % 7
+        dom_ok, dow_ok = moment.day in spec.day_of_month, cron_dow in spec.day_of_week
+        day_ok = (dom_ok and dow_ok) if (dom_any or dow_any) else (dom_ok or dow_ok)
+        if moment.month in spec.month_of_year and day_ok:
+            for hour in sorted(h for h in spec.hour if h >= moment.hour):
+                minutes = sorted(m for m in spec.minute if hour > moment.hour or m >= moment.minute)
+                if minutes:
+                    return moment.replace(hour=hour, minute=minutes[0])
+        moment = (moment + timedelta(days=1)).replace(hour=0, minute=0)
+    raise ValidationFailed(f"cron: {expression!r} never fires", field="cron")
+
+
+def next_run(schedule: Schedule, after: datetime) -> datetime:
+    if schedule.interval_s:
+        return after + timedelta(seconds=schedule.interval_s)
+    return next_cron_time(schedule.cron or "", after)
+
+
+def first_run(interval_s: int | None, cron: str | None, now: datetime) -> datetime:
+    if interval_s:
+        return now + timedelta(seconds=interval_s)
+    return next_cron_time(cron or "", now)
+
+
+def fire_due(celery: Celery, settings: Settings, spec_for: Any, *, now: datetime | None = None) -> list[str]:
+    """Fire every enabled schedule whose ``next_run_at`` has come; returns the created task ids.
+
+    ``spec_for(schedule) -> TaskSpec`` turns the stored task body into a validated spec (the API's
+    own validation, so a schedule's task is checked like any submitted task).
+    """
+    now = now or utcnow()
+    with session_scope(settings.database) as session:
+        due = list(session.scalars(
+            select(Schedule).where(Schedule.enabled.is_(True), Schedule.next_run_at <= now)
+            .order_by(Schedule.next_run_at).limit(FIRE_LIMIT)
+        ))
+    created: list[str] = []
+    for schedule in due:
+        slot = as_utc(schedule.next_run_at)
+        following = next_run(schedule, slot)  # type: ignore[arg-type]
+        while following <= now:  # beat was away: skip to the latest missed slot, fire it once
+            slot, following = following, next_run(schedule, following)
+        try:
+            spec: TaskSpec = spec_for(schedule)
+        except Exception as exc:  # noqa: BLE001 - a broken schedule must not stop the others
+            logger.error("schedule %s (%s) has an invalid task: %s", schedule.name, schedule.id, exc)
+            continue
+        with session_scope(settings.database) as session:
+            won = session.execute(
+                update(Schedule)
+                .where(Schedule.id == schedule.id, Schedule.enabled.is_(True),
+                       or_(Schedule.last_slot_at.is_(None), Schedule.last_slot_at < slot))
+                .values(last_slot_at=slot, next_run_at=following, updated_at=now)
+                .returning(Schedule.id)
+            ).first()
+            if won is None:
+                continue  # another beat fired this slot, or it was edited meanwhile
+            (task,) = create_tasks(session, [spec], actor=f"schedule:{schedule.name}")
+            task.schedule_id = schedule.id
+            session.execute(update(Schedule).where(Schedule.id == schedule.id).values(last_task_id=task.id))
+            created.append(task.id)
+    if created:
+        dispatch(celery, settings, created, actor="beat")
+    return created
+
+
+def new_schedule_id() -> str:
+    return str(uuid.uuid4())
