@@ -4,7 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Parallel test processes (pytest-xdist); each gets its own PostgreSQL schema and Redis prefix.
-TEST_WORKERS ?= 2
+# 4 on 2 cores: most integration tests wait on real worker/API/beat subprocesses, not on the CPU.
+TEST_WORKERS ?= 4
 
 .PHONY: install run test test-unit test-integration lint format bench clean
 

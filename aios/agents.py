@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from aios.config import Settings
 from aios.db import session_scope
-from aios.errors import Conflict, NotFound
+from aios.errors import Conflict, NotFound, ValidationFailed
 from aios.health import ROUTABLE, AgentStatus, Thresholds, decide
 from aios.models import Agent, AgentEvent, Task
 from aios.routing import Candidate
@@ -203,6 +203,30 @@ def sweep_offline(settings: Settings, celery: Celery) -> list[str]:
     if lost:
         forget_healthy_cache()
     return lost
+
+
+#: What an operator may set an agent to (PATCH /agents/{name} and the dashboard): ONLINE undoes the other two.
+ADMIN_STATUSES = ("ONLINE", "DRAINING", "DISABLED")
+
+
+def set_admin_status(settings: Settings, celery: Celery, name: str, status: str) -> str:
+    """Drain, disable or re-enable an agent; returns its health status after the change.
+
+    A drained or disabled agent takes no new work: what waits in its own queue is re-routed to other
+    agents (stale copies are fenced off); what it runs now finishes.
+    """
+    if status not in ADMIN_STATUSES:
+        raise ValidationFailed(f"status: must be one of {', '.join(ADMIN_STATUSES)}", field="status")
+    with session_scope(settings.database) as session:
+        agent = get_agent(session, name)
+        agent.admin_status = "ACTIVE" if status == "ONLINE" else status
+        agent.updated_at = utcnow()
+        reevaluate(session, settings, agent)
+        health = agent.status
+    forget_healthy_cache()
+    if status != "ONLINE":
+        reroute(settings, celery, name, include_running=False, reason=f"agent {status.lower()}")
+    return health
 
 
 def reroute(settings: Settings, celery: Celery, name: str, *, include_running: bool, reason: str) -> dict[str, int]:

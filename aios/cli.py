@@ -148,7 +148,10 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
-    parser = argparse.ArgumentParser(prog="aios", description="AIOS: an orchestrator for AI and batch workloads.")
+    parser = argparse.ArgumentParser(
+        prog="aios", description="AIOS: an orchestrator for AI and batch workloads.",
+        epilog="Commands that use a running API (see `aios COMMAND --help`): " + ", ".join(sorted(CLIENT_COMMANDS))
+        + ". They take --url/AIOS_URL and --api-key/AIOS_API_KEY, or the token of `aios login`.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers: dict[str, Handler] = {}
 
@@ -212,13 +215,42 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
 SERVICES = frozenset({"api", "worker", "beat", "metrics", "up"})
 
 
+#: Commands of :mod:`aios.cli_client` (click + rich): they talk to a running API instead of running AIOS.
+CLIENT_COMMANDS = frozenset({"login", "logout", "submit", "tasks", "agents", "queues", "keys", "schedules", "status"})
+
+
+#: Options of the client commands' group that take a value (``aios --url U submit …``).
+_CLIENT_VALUE_OPTIONS = frozenset({"--url", "--api-key", "--timeout"})
+
+
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The first word that is neither an option nor a client group option's value."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in _CLIENT_VALUE_OPTIONS:
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _command_word(argv) in CLIENT_COMMANDS:
+        from aios import cli_client
+
+        return cli_client.main(argv)
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
         # Services log to stdout; a one-shot command's stdout is its answer, so its log goes to stderr.
         configure_logging(settings.logging, stream=sys.stdout if args.command in SERVICES else sys.stderr)
+        from aios.security.file_modes import warn_loose_secret_files
+
+        warn_loose_secret_files(settings, extra_key_files=[("--keyfile", getattr(args, "keyfile", None))])
         return handlers[args.command](args, settings) or 0
     except ConfigError as exc:
         print(f"aios: {exc.message}", file=sys.stderr)

@@ -45,6 +45,12 @@ class ApiSettings(_Section):
     page_max: int = Field(500, ge=1, le=10_000)
     #: How long worker inspection and control wait for the workers' replies (Celery broadcast timeout).
     inspect_timeout_s: float = Field(1.0, gt=0, le=30)
+    #: Longest life of one Server-Sent Events stream (/api/v1/tasks/<id>/events, /api/v1/events); the
+    #: client then reconnects with Last-Event-ID and misses nothing (docs/events.md).
+    sse_max_s: float = Field(3600.0, gt=0, le=86_400)
+    #: Most event streams one API process serves at once (503 beyond). Each stream holds one of the
+    #: process's ``threads``, and streams never take the last one: the real cap is min(this, threads - 1).
+    sse_max_streams: int = Field(64, ge=0, le=10_000)
 
 
 class DatabaseSettings(_Section):
@@ -195,6 +201,10 @@ class MetricsSettings(_Section):
 class TaskSettings(_Section):
     #: Extra modules imported at start that register task types (besides entry points).
     modules: list[str] = Field(default_factory=list)
+    #: A running task writes its progress at most this often; a report in between is held, and the latest
+    #: held one is written by the next report after the interval or when the run ends. 100 % is always
+    #: written at once. Protects the database from a handler that reports in a tight loop.
+    progress_interval_s: float = Field(0.2, ge=0, le=60)
 
 
 class SecuritySettings(_Section):

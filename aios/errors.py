@@ -115,9 +115,24 @@ class ServiceUnavailable(AiosError):
 
 
 class TaskFailure(AiosError):
-    """Raised by a task type to fail without retrying (bad input found only at run time)."""
+    """Raised by a task type to fail without retrying (bad input found only at run time).
+
+    The task's ``error`` is the message itself (start it with a reason code, e.g. ``not_allowed: ...``);
+    ``result``, if given, is stored on the FAILED task too (a command's exit code and output).
+    """
 
     code = "task_failed"
+
+    def __init__(self, message: str, *, result: Any = None, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.result = result
+
+
+class TaskTimedOut(TaskFailure):
+    """Raised by a task type that enforces its own time limit (a command's wall time): the task ends
+    TIMED_OUT, not FAILED, with ``result`` (what it produced until then) stored."""
+
+    code = "task_timed_out"
 
 
 class BackupFailed(AiosError):

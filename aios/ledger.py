@@ -1,28 +1,24 @@
-"""Reading and steering tasks in the ledger: find, list, cancel, retry.
+"""Reading and steering tasks in the ledger: find, cancel, retry (listing and search: aios.task_search).
 
 Plain functions over a Settings object and a Celery app, shared by the API and the CLI.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from aios.config import Settings
 from aios.db import session_scope
 from aios.dispatch import TaskSpec, create_tasks, dispatch
-from aios.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from aios.errors import Conflict, Forbidden, NotFound
 from aios.models import Task
 from aios.states import CANCELLABLE, RETRYABLE, TERMINAL, TaskState, transition
-from aios.timeutil import isoformat, parse_iso
+from aios.timeutil import isoformat
 
 logger = logging.getLogger(__name__)
 
@@ -37,55 +33,6 @@ def get_task(session: Session, task_id: str, *, with_events: bool = False) -> Ta
     if task is None:
         raise NotFound(f"no task with id {task_id!r}", field="id")
     return task
-
-
-@dataclass(frozen=True)
-class TaskFilter:
-    states: tuple[str, ...] = ()
-    type: str | None = None
-    priority: int | None = None
-    created_after: datetime | None = None
-    created_before: datetime | None = None
-
-
-def encode_cursor(task: Task) -> str:
-    raw = json.dumps([isoformat(task.created_at), task.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, task_id = json.loads(raw)
-        if not isinstance(task_id, str) or "\x00" in task_id:
-            raise ValueError("the task id of a cursor is a string without NUL characters")
-        return parse_iso(created_at), task_id
-    except (ValueError, TypeError) as exc:
-        raise ValidationFailed("cursor is not one this API returned", field="cursor") from exc
-
-
-def list_tasks(session: Session, where: TaskFilter, *, limit: int, cursor: str | None) -> tuple[list[Task], str | None]:
-    """Newest first, keyset-paginated on (created_at, id): each page costs one index range scan."""
-    statement = select(Task)
-    if where.states:
-        statement = statement.where(Task.state.in_(where.states))
-    if where.type:
-        statement = statement.where(Task.type == where.type)
-    if where.priority is not None:
-        statement = statement.where(Task.priority == where.priority)
-    if where.created_after:
-        statement = statement.where(Task.created_at > where.created_after)
-    if where.created_before:
-        statement = statement.where(Task.created_at < where.created_before)
-    if cursor:
-        created_at, task_id = decode_cursor(cursor)
-        statement = statement.where(
-            or_(Task.created_at < created_at, and_(Task.created_at == created_at, Task.id < task_id))
-        )
-    statement = statement.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1)
-    tasks = list(session.scalars(statement))
-    next_cursor = encode_cursor(tasks[limit - 1]) if len(tasks) > limit else None
-    return tasks[:limit], next_cursor
 
 
 def revoke(celery: Celery, task_id: str, *, terminate: bool) -> None:
@@ -170,6 +117,9 @@ def task_to_dict(task: Task, *, with_events: bool = False) -> dict[str, Any]:
         "pinned_agent": task.pinned_agent,
         "on_agent_lost": task.on_agent_lost,
         "pending_reason": task.pending_reason,
+        #: The latest progress the current run reported (0-100) and its message; null before any report.
+        "progress": task.progress,
+        "progress_message": task.progress_message,
         "created_at": isoformat(task.created_at),
         "updated_at": isoformat(task.updated_at),
         "queued_at": isoformat(task.queued_at),
@@ -180,6 +130,7 @@ def task_to_dict(task: Task, *, with_events: bool = False) -> dict[str, Any]:
     if with_events:
         data["events"] = [
             {
+                "id": event.id,
                 "at": isoformat(event.at),
                 "actor": event.actor,
                 "from_state": event.from_state,

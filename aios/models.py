@@ -94,6 +94,9 @@ class Task(Base):
     run_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     #: The periodic schedule that created it, if any.
     schedule_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    #: Percent done (0-100) the current run last reported (aios.progress); cleared when a run starts.
+    progress: Mapped[float | None] = mapped_column(Float, nullable=True)
+    progress_message: Mapped[str | None] = mapped_column(String(500), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -24,7 +24,7 @@ from sqlalchemy import or_, select, update
 from aios.config import Settings
 from aios.db import session_scope
 from aios.dispatch import TaskSpec, create_tasks, dispatch
-from aios.errors import ValidationFailed
+from aios.errors import Forbidden, NotFound, ValidationFailed
 from aios.models import Schedule
 from aios.timeutil import as_utc, utcnow
 
@@ -125,3 +125,23 @@ def fire_due(celery: Celery, settings: Settings, spec_for: Any, *, now: datetime
 
 def new_schedule_id() -> str:
     return str(uuid.uuid4())
+
+
+def set_enabled(settings: Settings, schedule_id: str, enabled: bool, *, only_owner: str | None = None) -> Schedule:
+    """Pause or resume a schedule; a resumed one counts its next run from now (no burst of missed slots).
+
+    With ``only_owner`` set the schedule must be theirs (operators change only their own).
+    """
+    with session_scope(settings.database) as session:
+        row = session.get(Schedule, schedule_id)
+        if row is None:
+            raise NotFound(f"no schedule with id {schedule_id!r}", field="id")
+        if only_owner is not None and row.owner != only_owner:
+            raise Forbidden(f"schedule {schedule_id} belongs to another user; only its owner or an admin may change it")
+        now = utcnow()
+        if enabled and not row.enabled:
+            row.next_run_at = first_run(row.interval_s, row.cron, now)
+        row.enabled, row.updated_at = enabled, now
+        session.flush()
+        session.expunge(row)
+        return row

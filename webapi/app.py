@@ -17,6 +17,8 @@ from webapi import (
     audit,
     auth,
     backups,
+    commands,
+    events,
     health,
     keys,
     metrics,
@@ -26,6 +28,7 @@ from webapi import (
     sync,
     system,
     tasks,
+    ui,
     users,
     workers,
 )
@@ -57,7 +60,7 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None, *
     init_security(app, settings)
     for blueprint in (health.bp, auth.bp, tasks.bp, agents.bp, keys.bp, users.bp, audit.bp, schedules.bp,
                       status.bp, sync.bp, backups.bp, workers.bp, queues.bp, metrics.bp,
-                      system.bp):
+                      system.bp, commands.bp, events.bp, ui.bp):
         app.register_blueprint(blueprint)
     check_every_view_declares_access(app)
     return app

@@ -47,17 +47,21 @@ def _tokens(user: TokenUser) -> dict[str, Any]:
             "expires_in": ctx().settings.security.access_token_ttl_s}
 
 
-@bp.post("/token")
-@public(audit_action="auth.login")
-def token() -> Any:
-    """Exchange a username and password (JSON or form) for an access and a refresh token."""
+def count_login_attempt() -> None:
+    """Count a login attempt from the client's address; 429 past rate_limit_login_per_minute."""
+    count, retry_after = security_store().hit(f"login-ip:{client_ip()}", 60)
+    if count > ctx().settings.security.rate_limit_login_per_minute:
+        raise TooManyRequests("too many login attempts from this address", retry_after_s=retry_after)
+
+
+def verify_login(username: str, password: str) -> TokenUser:
+    """The user these credentials name, or Unauthorized; a locked username is a 429.
+
+    Shared by the token endpoint and the dashboard's sign-in form, so both count failures and lock
+    a username the same way (``login_max_failures`` within ``login_lockout_s``).
+    """
     security = ctx().settings.security
     store = security_store()
-    count, retry_after = store.hit(f"login-ip:{client_ip()}", 60)
-    if count > security.rate_limit_login_per_minute:
-        raise TooManyRequests("too many login attempts from this address", retry_after_s=retry_after)
-    username, password = _credentials()
-    set_audit(target=username, principal=username)
     locked, locked_for = store.peek(f"login-lock:{username}")
     if locked:
         raise TooManyRequests(f"user {username!r} is locked after {security.login_max_failures} failed logins",
@@ -74,7 +78,17 @@ def token() -> Any:
             store.clear(f"login-fail:{username}")
         raise Unauthorized("wrong username or password")
     store.clear(f"login-fail:{username}")
-    return jsonify(_tokens(found))
+    return found
+
+
+@bp.post("/token")
+@public(audit_action="auth.login")
+def token() -> Any:
+    """Exchange a username and password (JSON or form) for an access and a refresh token."""
+    count_login_attempt()
+    username, password = _credentials()
+    set_audit(target=username, principal=username)
+    return jsonify(_tokens(verify_login(username, password)))
 
 
 @bp.post("/refresh")

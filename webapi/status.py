@@ -6,11 +6,13 @@ from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from celery import Celery
 from flask import Blueprint, jsonify
 from sqlalchemy import func, select
 
 from aios import lease
 from aios.beat import LEASE_NAME
+from aios.config import Settings
 from aios.db import session_scope
 from aios.errors import AiosError
 from aios.models import Agent, Backup, SyncRun, Task
@@ -32,7 +34,11 @@ def _version() -> str:
 @bp.get("")
 @policy(VIEWER, OPERATOR)
 def status() -> Any:
-    settings = ctx().settings
+    return jsonify(cluster_status(ctx().settings, ctx().celery))
+
+
+def cluster_status(settings: Settings, celery: Celery) -> dict[str, Any]:
+    """The figures of GET /api/v1/status, also shown (and refreshed) by the dashboard's overview."""
     since = utcnow() - timedelta(hours=1)
     with session_scope(settings.database) as session:
         agents = dict(session.execute(select(Agent.status, func.count()).group_by(Agent.status)).all())
@@ -49,13 +55,13 @@ def status() -> Any:
         queues = {info.name: {"depth": sum(level.depth for level in info.levels),
                               "by_priority": {str(level.priority): level.depth for level in info.levels
                                               if level.depth}}
-                  for info in describe_queues(ctx().celery, settings)}
+                  for info in describe_queues(celery, settings)}
     except AiosError as exc:  # the embedded broker has no lists to count; a broker outage is not a 500 here
         queues = None
         queues_error = exc.message
     else:
         queues_error = None
-    return jsonify({
+    return {
         "version": _version(),
         "beat_leader": {"holder": leader.holder, "expires_at": isoformat(leader.expires_at)}
         if leader and leader.live else None,
@@ -68,4 +74,4 @@ def status() -> Any:
                           "duration_s": last_sync.duration_s, "errors": last_sync.errors} if last_sync else None,
         "last_backup": {"id": last_backup.id, "created_at": isoformat(last_backup.created_at),
                         "status": last_backup.status, "path": last_backup.path} if last_backup else None,
-    })
+    }

@@ -1,4 +1,4 @@
-"""/api/v1/tasks: submit, batch submit, read, list, cancel, retry."""
+"""/api/v1/tasks: submit, batch submit, read, list and search, cancel, retry, bulk cancel and retry."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ from typing import Annotated, Any, Literal
 from flask import Blueprint, Response, jsonify, request, url_for
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from aios.bulk import BULK_DEFAULT_LIMIT, BULK_MAX, run_bulk
 from aios.config import Settings
 from aios.db import session_scope
 from aios.dispatch import TaskSpec, create_tasks, dispatch, submit_idempotent
 from aios.errors import Conflict, ValidationFailed
-from aios.ledger import TaskFilter, cancel_task, get_task, list_tasks, retry_task, task_to_dict
+from aios.ledger import cancel_task, get_task, retry_task, task_to_dict
 from aios.scheduled import MAX_AHEAD_S, requested_run_at
 from aios.security.roles import ADMIN, OPERATOR, VIEWER
 from aios.states import TaskState
+from aios.task_search import DEFAULT_SORT, SORTS, TaskFilter, check_q, list_tasks
 from aios.tasktypes import get_registry
 from aios.timeutil import parse_iso
 from webapi.context import ctx
@@ -136,10 +138,24 @@ def submit() -> Any:
     """Accept one task. 202 means it is durably stored; it runs at least once."""
     context = ctx()
     body = validate(TaskRequest, json_body())
+    spec = replace(to_spec(context.settings, body, idempotency_key=idempotency_key()), owner=current_principal().name)
+    task_dict, created = accept(spec)
+    return _accepted(task_dict, replayed=not created)
+
+
+def idempotency_key() -> str | None:
+    """The request's Idempotency-Key header, if any (422 unless 1-255 characters)."""
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
         raise ValidationFailed(f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} characters", field="Idempotency-Key")
-    spec = replace(to_spec(context.settings, body, idempotency_key=key), owner=current_principal().name)
+    return key
+
+
+def accept(spec: TaskSpec) -> tuple[dict[str, Any], bool]:
+    """Store one task (or find the one an earlier request with its Idempotency-Key made), audit and
+    count it, and dispatch it unless it waits SCHEDULED; returns the task as the API shows it and
+    whether it was created. POST /tasks and POST /commands share it."""
+    context = ctx()
     check_pinned(context.settings, spec)
     task, created = submit_idempotent(context.settings, spec, actor=_actor())
     set_audit(target=task.id, type=spec.type, replayed=not created)
@@ -150,7 +166,7 @@ def submit() -> Any:
     if created and task.state == TaskState.PENDING:  # a SCHEDULED task is started by beat at its time
         dispatch(context.celery, context.settings, [task.id], actor=_actor())
     with session_scope(context.settings.database) as session:
-        return _accepted(task_to_dict(get_task(session, task.id)), replayed=not created)
+        return task_to_dict(get_task(session, task.id)), created
 
 
 @bp.post("/batch")
@@ -210,6 +226,10 @@ def read(task_id: str) -> Any:
         return jsonify(task_to_dict(get_task(session, task_id, with_events=True), with_events=True))
 
 
+Name = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+Sort = Literal[SORTS]  # type: ignore[valid-type]
+
+
 class ListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -218,6 +238,13 @@ class ListQuery(BaseModel):
     priority: int | None = Field(None, ge=0, le=9)
     created_after: str | None = None
     created_before: str | None = None
+    #: Case-insensitive substring of the type, parameters, result or error (aios.task_search).
+    q: str | None = None
+    agent: Name | None = None
+    schedule: Name | None = None
+    owner: Name | None = None
+    queue: Name | None = None
+    sort: Sort = DEFAULT_SORT
     limit: int = Field(50, ge=1)
     cursor: str | None = None
 
@@ -225,7 +252,8 @@ class ListQuery(BaseModel):
 @bp.get("")
 @policy(VIEWER, OPERATOR)
 def index() -> Any:
-    """Newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+    """Newest first unless ``sort`` says otherwise; pass ``next_cursor`` back as ``cursor`` (with the
+    same filter and sort) for the next page."""
     settings = ctx().settings
     repeated = [key for key in request.args if len(request.args.getlist(key)) > 1]
     if repeated:
@@ -236,24 +264,31 @@ def index() -> Any:
     query = validate(ListQuery, raw, prefix="")
     if query.limit > settings.api.page_max:
         raise ValidationFailed(f"limit: at most {settings.api.page_max}", field="limit")
-    states: tuple[str, ...] = ()
-    if query.state:
-        states = tuple(s.strip().upper() for s in query.state.split(",") if s.strip())
-        unknown = [s for s in states if s not in TaskState.__members__]
-        if unknown:
-            raise ValidationFailed(
-                f"state: unknown state(s) {', '.join(unknown)}; use {', '.join(TaskState.__members__)}", field="state"
-            )
     where = TaskFilter(
-        states=states,
+        states=_states(query.state.split(",") if query.state else [], "state"),
         type=query.type,
         priority=query.priority,
         created_after=_time(query.created_after, "created_after"),
         created_before=_time(query.created_before, "created_before"),
+        q=None if query.q is None else check_q(query.q),
+        agent=query.agent,
+        schedule=query.schedule,
+        owner=query.owner,
+        queue=query.queue,
     )
     with session_scope(settings.database) as session:
-        tasks, next_cursor = list_tasks(session, where, limit=query.limit, cursor=query.cursor)
+        tasks, next_cursor = list_tasks(session, where, limit=query.limit, cursor=query.cursor, sort=query.sort)
         return jsonify({"tasks": [task_to_dict(t) for t in tasks], "next_cursor": next_cursor})
+
+
+def _states(values: list[str], field: str) -> tuple[str, ...]:
+    states = tuple(s.strip().upper() for s in values if s.strip())
+    unknown = [s for s in states if s not in TaskState.__members__]
+    if unknown:
+        raise ValidationFailed(
+            f"{field}: unknown state(s) {', '.join(unknown)}; use {', '.join(TaskState.__members__)}", field=field
+        )
+    return states
 
 
 def _time(value: str | None, field: str) -> Any:
@@ -282,3 +317,64 @@ def retry(task_id: str) -> Any:
                       owner=current_principal().name)
     set_audit(new_task=task.id)
     return _accepted(task_to_dict(task))
+
+
+class BulkFilter(BaseModel):
+    """Which tasks a bulk action considers (all conditions AND); at least one must be given."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    state: list[Annotated[str, StringConstraints(min_length=1, max_length=16)]] | None = Field(None, max_length=16)
+    type: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    priority: int | None = Field(None, ge=0, le=9)
+    q: str | None = None
+    agent: Name | None = None
+    schedule: Name | None = None
+    owner: Name | None = None
+    queue: Name | None = None
+    created_after: str | None = None
+    created_before: str | None = None
+    ids: list[Annotated[str, StringConstraints(min_length=1, max_length=36)]] | None = Field(
+        None, min_length=1, max_length=BULK_MAX)
+
+
+class BulkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    action: Literal["cancel", "retry"]
+    filter: BulkFilter
+    #: Count and sample what would be done, and change nothing.
+    dry_run: bool = False
+    #: Refuse (409, nothing done) if the filter selects more tasks than this.
+    limit: int = Field(BULK_DEFAULT_LIMIT, ge=1, le=BULK_MAX)
+
+
+@bp.post("/bulk")
+@policy(OPERATOR, audit_action="task.bulk")
+def bulk() -> Any:
+    """Cancel or retry every task a filter selects (operators: only their own). See aios.bulk."""
+    context = ctx()
+    body = validate(BulkRequest, json_body())
+    given = body.filter
+    where = TaskFilter(
+        states=_states(given.state or [], "filter.state"),
+        type=given.type,
+        priority=given.priority,
+        created_after=_time(given.created_after, "filter.created_after"),
+        created_before=_time(given.created_before, "filter.created_before"),
+        q=None if given.q is None else check_q(given.q, field="filter.q"),
+        agent=given.agent,
+        schedule=given.schedule,
+        owner=given.owner,
+        queue=given.queue,
+        ids=tuple(dict.fromkeys(given.ids or ())),
+    )
+    audit_filter = {key: value for key, value in given.model_dump(exclude_none=True).items() if key != "ids"}
+    if given.ids:
+        audit_filter["ids"] = len(where.ids)
+    set_audit(operation=body.action, dry_run=body.dry_run, filter=audit_filter, limit=body.limit)
+    outcome = run_bulk(context.celery, context.settings, where, body.action, actor=_actor(),
+                       only_owner=_only_owner(), new_owner=current_principal().name, dry_run=body.dry_run,
+                       limit=body.limit)
+    set_audit(matched=outcome.matched, count=outcome.done, skipped=outcome.skipped)
+    return jsonify(outcome.to_dict())

@@ -18,6 +18,7 @@ from celery import bootsteps
 from celery.worker import state as worker_state
 
 from aios import agents
+from aios.commands import COMMAND_TYPE
 from aios.config import Settings
 from aios.db import session_scope
 from aios.dispatch import dispatch
@@ -30,7 +31,12 @@ logger = logging.getLogger(__name__)
 
 
 def capabilities_of(settings: Settings) -> list[str]:
-    return sorted(set(get_registry().names()) | set(settings.agents.capabilities))
+    """The registered task types and the configured capabilities; ``command`` only with a non-empty
+    ``command_allowlist``, so routing never sends a command to an agent that would refuse every one."""
+    names = set(get_registry().names()) | set(settings.agents.capabilities)
+    if not settings.agents.command_allowlist:
+        names.discard(COMMAND_TYPE)
+    return sorted(names)
 
 
 class Heartbeat(bootsteps.StartStopStep):
@@ -42,6 +48,10 @@ class Heartbeat(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
+        #: Set by each heartbeat: time for the housekeeping thread to look for work to move.
+        self.housekeeping_due = threading.Event()
+        self.housekeeper: threading.Thread | None = None
+        self.routable = False
 
     def start(self, worker: Any) -> None:
         settings: Settings = worker.app.aios_settings
@@ -55,6 +65,8 @@ class Heartbeat(bootsteps.StartStopStep):
         self.beat()
         self.thread = threading.Thread(target=self._loop, name="aios-heartbeat", daemon=True)
         self.thread.start()
+        self.housekeeper = threading.Thread(target=self._housekeeping_loop, name="aios-housekeeping", daemon=True)
+        self.housekeeper.start()
 
     def _loop(self) -> None:
         while not self.stopping.wait(self.settings.agents.heartbeat_interval_s):
@@ -62,6 +74,20 @@ class Heartbeat(bootsteps.StartStopStep):
                 self.beat()
             except Exception:  # noqa: BLE001 - a database blip must not kill the heartbeat thread
                 logger.exception("heartbeat of %s failed", self.name)
+
+    def _housekeeping_loop(self) -> None:
+        """Moving work (publishing to the broker) runs apart from the heartbeat: with the broker down a
+        publish waits out its retries, and a heartbeat held up behind it would make this healthy agent
+        look dead to its peers."""
+        interval = self.settings.agents.heartbeat_interval_s
+        while not self.stopping.is_set():
+            if not self.housekeeping_due.wait(interval) or self.stopping.is_set():
+                continue
+            self.housekeeping_due.clear()
+            try:
+                self.housekeep()
+            except Exception:  # noqa: BLE001 - the broker or the database may be away; try next beat
+                logger.exception("housekeeping of %s failed", self.name)
 
     def beat(self) -> None:
         outcome = agents.record_heartbeat(
@@ -73,7 +99,12 @@ class Heartbeat(bootsteps.StartStopStep):
         if outcome.old is not None:
             logger.info("agent %s is now %s (was %s)", self.name, outcome.new, outcome.old)
             agents.forget_healthy_cache()
-        if outcome.new in ROUTABLE:
+        self.routable = outcome.new in ROUTABLE
+        self.housekeeping_due.set()
+
+    def housekeep(self) -> None:
+        """Dispatch tasks waiting for a healthy agent (if this one is routable); sweep silent agents."""
+        if self.routable:
             # Tasks that found no healthy agent wait PENDING; a routable agent picks them up at once.
             waiting = agents.waiting_task_ids(self.settings, capabilities_of(self.settings))
             if waiting:
@@ -84,8 +115,10 @@ class Heartbeat(bootsteps.StartStopStep):
 
     def stop(self, worker: Any) -> None:
         self.stopping.set()
-        if self.thread is not None:
-            self.thread.join(timeout=10)
+        self.housekeeping_due.set()
+        for thread in (self.thread, self.housekeeper):
+            if thread is not None:
+                thread.join(timeout=10)
         try:
             agents.mark_offline(self.settings, worker.app, self.name, "stopped cleanly")
         except Exception:  # noqa: BLE001

@@ -24,7 +24,7 @@ from sqlalchemy import select
 from aios.config import Settings
 from aios.db import session_scope
 from aios.dispatch import backoff_s, dispatch
-from aios.errors import TaskFailure, ValidationFailed
+from aios.errors import TaskFailure, TaskTimedOut, ValidationFailed
 from aios.models import Task
 from aios.states import TaskState, record_events, transition
 from aios.tasktypes import TaskContext, get_registry
@@ -56,7 +56,8 @@ def claim(settings: Settings, task_id: str, dispatch_id: str, agent: str) -> Cla
     with session_scope(settings.database) as session:
         claimed = transition(
             session, task_id, TaskState.QUEUED, TaskState.RUNNING, actor=actor, fence=dispatch_id,
-            values={"agent": agent, "attempts": Task.attempts + 1, "finished_at": None},
+            values={"agent": agent, "attempts": Task.attempts + 1, "finished_at": None,
+                    "progress": None, "progress_message": None},  # progress describes the current run
             detail={"dispatch_id": dispatch_id},
         )
         row = session.execute(
@@ -112,22 +113,45 @@ def execute(celery: Celery, settings: Settings, task_id: str, dispatch_id: str, 
     work = claim(settings, task_id, dispatch_id, agent)
     if work is None:
         return None
+    ctx = TaskContext(task_id=task_id, attempt=work.attempt, agent=agent, settings=settings,
+                      dispatch_id=dispatch_id)
     try:
         task_type = get_registry().get(work.type)
         params = task_type.validate(work.parameters)
-        result = task_type.run(params, TaskContext(task_id=task_id, attempt=work.attempt, agent=agent))
+        result = task_type.run(params, ctx)
         result = json.loads(json.dumps(result))  # must be JSON; fail here, not in the database driver
     except SoftTimeLimitExceeded:
+        _flush_progress(ctx)
         finish(settings, work, TaskState.TIMED_OUT, error="timed out: the task ran past its timeout_s")
         return TaskState.TIMED_OUT
-    except (TaskFailure, ValidationFailed) as exc:
+    except TaskTimedOut as exc:  # the task type enforced its own time limit (a command's wall time)
+        _flush_progress(ctx)
+        finish(settings, work, TaskState.TIMED_OUT, error=str(exc)[:MAX_ERROR_CHARS], result=exc.result)
+        return TaskState.TIMED_OUT
+    except TaskFailure as exc:  # its message starts with a reason code; a result (an exit code) is kept
+        _flush_progress(ctx)
+        finish(settings, work, TaskState.FAILED, error=str(exc)[:MAX_ERROR_CHARS], result=exc.result)
+        return TaskState.FAILED
+    except ValidationFailed as exc:
+        _flush_progress(ctx)
         finish(settings, work, TaskState.FAILED, error=f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS])
         return TaskState.FAILED
     except Exception as exc:  # noqa: BLE001 - any other error is a failed attempt
         logger.exception("task %s (%s) failed on attempt %d", task_id, work.type, work.attempt)
+        _flush_progress(ctx)
         return fail_or_retry(celery, settings, work, f"{type(exc).__name__}: {exc}")
+    _flush_progress(ctx)
     finish(settings, work, TaskState.SUCCEEDED, result=result, error=None)
     return TaskState.SUCCEEDED
+
+
+def _flush_progress(ctx: TaskContext) -> None:
+    """Write a progress report the rate limit held back, before the final state: the timeline then
+    reads in the order things happened. A failure here never changes the run's outcome."""
+    try:
+        ctx.flush_progress()
+    except Exception:  # noqa: BLE001
+        logger.warning("could not write the last progress of task %s", ctx.task_id, exc_info=True)
 
 
 def record_lost_run(celery: Celery, settings: Settings, task_id: str, dispatch_id: str, agent: str,

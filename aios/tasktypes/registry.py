@@ -6,13 +6,17 @@ import importlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from aios.errors import UnknownTaskType, ValidationFailed
+
+if TYPE_CHECKING:
+    from aios.config import Settings
+    from aios.progress import ProgressReporter
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +37,43 @@ class AnyParameters(BaseModel):
 
 @dataclass(frozen=True)
 class TaskContext:
-    """What a running task may know about itself."""
+    """What a running task may know about itself, and its way to report progress.
+
+    The runner gives ``settings`` and ``dispatch_id`` (the run's fence); a context built without them
+    (a unit test calling a handler directly) keeps reports in :attr:`last_progress` and writes nothing.
+    """
 
     task_id: str
     attempt: int
     agent: str
+    settings: Settings | None = field(default=None, repr=False, compare=False)
+    dispatch_id: str | None = None
+    _reporter: ProgressReporter | None = field(default=None, init=False, repr=False, compare=False)
+    #: The last report given to :meth:`progress` (percent, message), written or not.
+    last_progress: tuple[float, str | None] | None = field(default=None, init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.settings is not None and self.dispatch_id is not None:
+            from aios.progress import ProgressReporter
+
+            reporter = ProgressReporter(self.settings, self.task_id, self.dispatch_id, actor=f"worker:{self.agent}")
+            object.__setattr__(self, "_reporter", reporter)
+
+    def progress(self, percent: float, message: str | None = None) -> bool:
+        """Report how far the run is (0-100) and what it is doing; see :mod:`aios.progress`.
+
+        Returns False once this run no longer holds the task (cancelled, timed out, re-routed): the
+        report was ignored and the handler may stop. Raises ValidationFailed for a percent outside 0..100.
+        """
+        from aios.progress import check_progress
+
+        value, text = check_progress(percent, message)
+        object.__setattr__(self, "last_progress", (value, text))
+        return self._reporter.report(value, text) if self._reporter is not None else True
+
+    def flush_progress(self) -> bool:
+        """Write a report the rate limit held back (the runner calls this when the handler ends)."""
+        return self._reporter.flush() if self._reporter is not None else True
 
 
 @dataclass(frozen=True)
@@ -113,6 +149,7 @@ _loaded: set[str] = set()
 def load_task_types(modules: Iterable[str] = ()) -> Registry:
     """Import the built-ins, every ``aios.task_types`` entry point, and ``modules``; idempotent."""
     importlib.import_module("aios.tasktypes.builtin")
+    importlib.import_module("aios.tasktypes.command")
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         if entry.value in _loaded:
             continue

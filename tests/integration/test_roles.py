@@ -121,6 +121,8 @@ class Route:
     #: What an allowed role gets, when not a 2xx: worker control on a worker that does not exist is a
     #: 404 — it passed the role check, which is what this table tests (test_inspect.py runs them live).
     allowed_status: frozenset[int] | None = field(default=None, compare=False)
+    #: An endless event stream: an allowed call is checked by its status, and closed unread.
+    endless: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         return f"{self.method} {self.rule}"
@@ -306,13 +308,31 @@ def _sync_now(w: World, p: Person) -> Call:
     return Call("/api/v1/sync/run", unchanged=count_runs)
 
 
+def _bulk(w: World, p: Person) -> Call:
+    task_id = make_task(w.stack, owner=p.name, queue=w.queue, state="QUEUED")
+    return Call("/api/v1/tasks/bulk", json={"action": "cancel", "filter": {"ids": [task_id]}},
+                unchanged=lambda: task_snapshot(w.stack, task_id))
+
+
+def _task_events(w: World, p: Person) -> Call:
+    """The stream of a finished task: it replays the timeline and ends."""
+    task_id = make_task(w.stack, owner=p.name, queue=w.queue, state="SUCCEEDED")
+    return Call(f"/api/v1/tasks/{task_id}/events")
+
+
 #: Every API route and the roles allowed to call it (admin may call everything).
 TABLE: tuple[Route, ...] = (
     Route("POST", "/api/v1/auth/logout", ALL, _logout),
     Route("POST", "/api/v1/tasks", frozenset({ADMIN, OPERATOR}), _submit),
     Route("POST", "/api/v1/tasks/batch", frozenset({ADMIN, OPERATOR}), _batch),
+    Route("POST", "/api/v1/tasks/bulk", frozenset({ADMIN, OPERATOR}), _bulk),
+    Route("POST", "/api/v1/commands", frozenset({ADMIN, OPERATOR}),
+          lambda w, p: Call("/api/v1/commands", json={"argv": ["echo", "roles"]},
+                            unchanged=lambda: count_tasks(w.stack, p.name))),
     Route("GET", "/api/v1/tasks", frozenset({ADMIN, OPERATOR, VIEWER}), _get("/api/v1/tasks?limit=1")),
     Route("GET", "/api/v1/tasks/<task_id>", frozenset({ADMIN, OPERATOR, VIEWER}), _read_task),
+    Route("GET", "/api/v1/tasks/<task_id>/events", frozenset({ADMIN, OPERATOR, VIEWER}), _task_events),
+    Route("GET", "/api/v1/events", frozenset({ADMIN, OPERATOR, VIEWER}), _get("/api/v1/events"), endless=True),
     Route("DELETE", "/api/v1/tasks/<task_id>", frozenset({ADMIN, OPERATOR}), _cancel),
     Route("POST", "/api/v1/tasks/<task_id>/retry", frozenset({ADMIN, OPERATOR}), _retry),
     Route("POST", "/api/v1/keys", frozenset({ADMIN, OPERATOR, VIEWER}), _create_key),
@@ -430,7 +450,12 @@ def test_each_role_gets_2xx_on_the_routes_it_may_call_and_403_on_the_others(worl
     # When they call the route
     client = world.client(caller if call.with_key else None)
     try:
-        answer = client.open(call.path, method=route.method, json=call.json, headers=call.headers)
+        answer = client.open(call.path, method=route.method, json=call.json, headers=call.headers,
+                             buffered=False)
+        if route.endless and answer.status_code == 200:
+            answer.close()
+            assert role in route.roles
+            return
         after = call.unchanged() if call.unchanged else None
     finally:
         if call.cleanup:

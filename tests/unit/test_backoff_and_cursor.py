@@ -11,8 +11,8 @@ import pytest
 from aios.config import Settings
 from aios.dispatch import backoff_s
 from aios.errors import ValidationFailed
-from aios.ledger import decode_cursor, encode_cursor
 from aios.models import Task
+from aios.task_search import decode_cursor, encode_cursor
 
 
 class TopOfRange(random.Random):

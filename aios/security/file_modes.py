@@ -1,0 +1,132 @@
+"""Warn at start about secret files that other users can read.
+
+The deployment docs ask for key files readable by their owner only (600) and the configuration file
+for its owner and the service group (640 root:aios). A mode that is wider leaks a key to every local
+account, silently: nothing fails. So every ``aios`` command checks the files it was pointed at and logs
+one warning per file, naming the file, its mode and the ``chmod`` that fixes it. A warning, not an
+error: a process that refused to start over a mode would turn a tidy-up into an outage (the JWT key
+file is the exception, which :func:`aios.security.secrets.resolve_jwt_secret` refuses outright).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from aios.config import DEFAULT_CONFIG_PATH, Settings
+
+logger = logging.getLogger("aios.security")
+
+#: Key files: nobody but the owner may have any access.
+KEY_FILE_FORBIDDEN = stat.S_IRWXG | stat.S_IRWXO
+#: The configuration file: the service group may read it (640), others may not.
+CONFIG_FILE_FORBIDDEN = stat.S_IRWXO
+
+
+@dataclass(frozen=True)
+class LooseFile:
+    """A secret file whose mode lets more people in than it should."""
+
+    what: str
+    path: Path
+    mode: int
+    #: Who should not be let in ("group or others", "others"), and the mode that fixes it.
+    audience: str
+    fix: str
+
+    @property
+    def message(self) -> str:
+        return (
+            f"{self.what} {self.path} is open to {self.audience} (mode {self.mode:04o}); "
+            f"run: chmod {self.fix} {self.path}"
+        )
+
+
+def key_file_settings(settings: Settings) -> list[tuple[str, str]]:
+    """Every ``*_file`` setting that is set, as (``section.key``, path): each names a file with a secret."""
+    found = []
+    for section_name in type(settings).model_fields:
+        section = getattr(settings, section_name)
+        for key in type(section).model_fields:
+            value = getattr(section, key)
+            if key.endswith("_file") and isinstance(value, str) and value:
+                found.append((f"{section_name}.{key}", value))
+    return found
+
+
+def _mode(path: Path) -> int | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None  # missing or unreadable: whoever reads it reports that, with its own message
+    return stat.S_IMODE(status.st_mode) if stat.S_ISREG(status.st_mode) else None
+
+
+def _holds_secret(path: Path) -> bool:
+    """Whether a TOML config file itself carries a secret: a JWT key or a URL with a password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    if (data.get("security") or {}).get("jwt_secret"):
+        return True
+    for section in ("database", "broker"):
+        url = (data.get(section) or {}).get("url")
+        if isinstance(url, str) and "@" in url:
+            try:
+                if make_url(url).password:
+                    return True
+            except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: judge by its userinfo part
+                if ":" in url.split("@", 1)[0].split("//", 1)[-1]:
+                    return True
+    return False
+
+
+def loose_secret_files(
+    settings: Settings,
+    environ: Mapping[str, str] | None = None,
+    extra_key_files: Iterable[tuple[str, str | None]] = (),
+) -> list[LooseFile]:
+    """The secret files whose mode is wider than the docs ask, in a stable order.
+
+    Checked: every ``*_file`` setting and ``extra_key_files`` (say, the API's TLS key), which must
+    be 600 or narrower; and the configuration file (``AIOS_CONFIG``), which must not be open to
+    others. The repository's own ``config/aios.toml`` is exempt while it holds no secret: a checkout
+    is world-readable, and that is fine for a file without one.
+    """
+    environ = os.environ if environ is None else environ
+    loose: list[LooseFile] = []
+    for what, raw in [*key_file_settings(settings), *extra_key_files]:
+        if not raw:
+            continue
+        path = Path(raw)
+        mode = _mode(path)
+        if mode is not None and mode & KEY_FILE_FORBIDDEN:
+            loose.append(LooseFile(what, path, mode, "group or others", "600"))
+    explicit = environ.get("AIOS_CONFIG")
+    config = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
+    mode = _mode(config)
+    repository_default = config.resolve() == DEFAULT_CONFIG_PATH.resolve()
+    if mode is not None and mode & CONFIG_FILE_FORBIDDEN and (not repository_default or _holds_secret(config)):
+        loose.append(LooseFile("configuration file", config, mode, "others", "640"))
+    return loose
+
+
+def warn_loose_secret_files(
+    settings: Settings,
+    environ: Mapping[str, str] | None = None,
+    extra_key_files: Iterable[tuple[str, str | None]] = (),
+) -> list[LooseFile]:
+    """Log one warning per loose secret file (see :func:`loose_secret_files`); return them."""
+    loose = loose_secret_files(settings, environ, extra_key_files)
+    for item in loose:
+        logger.warning("%s", item.message)
+    return loose
