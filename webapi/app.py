@@ -22,6 +22,7 @@ from webapi import (
     health,
     keys,
     metrics,
+    openapi,
     queues,
     schedules,
     status,
@@ -60,7 +61,7 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None, *
     init_security(app, settings)
     for blueprint in (health.bp, auth.bp, tasks.bp, agents.bp, keys.bp, users.bp, audit.bp, schedules.bp,
                       status.bp, sync.bp, backups.bp, workers.bp, queues.bp, metrics.bp,
-                      system.bp, commands.bp, events.bp, ui.bp):
+                      system.bp, commands.bp, events.bp, openapi.bp, ui.bp):
         app.register_blueprint(blueprint)
     check_every_view_declares_access(app)
     return app

@@ -35,8 +35,8 @@ TOKEN = "/api/v1/auth/token"
 REFRESH = "/api/v1/auth/refresh"
 LOGOUT = "/api/v1/auth/logout"
 USERS = "/api/v1/users"
-#: The only routes under /api/v1 that answer without credentials.
-PUBLIC_API_ROUTES = {TOKEN, REFRESH}
+#: The only routes under /api/v1 that answer without credentials (the OpenAPI document holds no data).
+PUBLIC_API_ROUTES = {TOKEN, REFRESH, "/api/v1/openapi.json"}
 
 _ip_counter = itertools.count(1)
 
@@ -196,14 +196,14 @@ def test_every_api_route_answers_401_without_credentials(api_app, anonymous):
     assert not failures, "\n".join(failures)
 
 
-def test_only_login_and_refresh_are_public_under_api_v1(api_app):
+def test_only_login_refresh_and_the_openapi_document_are_public_under_api_v1(api_app):
     # Given the views of the real app
     # When the ones under /api/v1 that need no credentials are listed
     public = {
         rule.rule for rule in api_app.url_map.iter_rules()
         if rule.rule.startswith("/api/") and getattr(api_app.view_functions[rule.endpoint], "aios_public", False)
     }
-    # Then they are exactly login and refresh (anything else public must be a deliberate change here)
+    # Then they are exactly login, refresh and the document (anything else public must be a deliberate change)
     assert public == PUBLIC_API_ROUTES
 
 

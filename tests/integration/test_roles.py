@@ -41,7 +41,7 @@ pytestmark = pytest.mark.integration
 
 ALL = frozenset(ROLES)
 #: The only routes under /api/v1 that answer without credentials (they are how credentials are got).
-PUBLIC_ROUTES = frozenset({"/api/v1/auth/token", "/api/v1/auth/refresh"})
+PUBLIC_ROUTES = frozenset({"/api/v1/auth/token", "/api/v1/auth/refresh", "/api/v1/openapi.json"})
 
 
 @dataclass(frozen=True)
