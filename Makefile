@@ -30,9 +30,10 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit -q
 
-## bench: benchmarks (PostgreSQL and Redis on localhost); figures go to BENCHMARKS.md
+## bench: AIOS against Celery, Flower and a bare Flask ceiling (PostgreSQL and Redis on localhost);
+##        rewrites BENCHMARKS.md (about 15 minutes on 2 cores)
 bench: $(STAMP)
-	$(BIN)/python bench/bench_sync.py
+	$(BIN)/python bench/run_all.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check aios workers webapi tests bench

@@ -229,6 +229,7 @@ def main() -> int:
             if seq:
                 failures.append(f"sequential scan of tasks in: {text[:160]}")
         wall, sql = statistics.median(walls), statistics.median(sqls)
+        print("wall runs ms: " + " ".join(f"{w * 1000:.1f}" for w in walls))
         print(f"\nsync run on {args.tasks} tasks: wall {wall * 1000:.1f} ms (median of {args.runs}), "
               f"SQL {sql * 1000:.1f} ms in {counts[-1]} statements; inspect wait up to "
               f"{sync.INSPECT_TIMEOUT_S:g}s of the wall time")

@@ -1,7 +1,9 @@
 """One JSON error shape for every failure: ``{"error": code, "message": text, ...}``.
 
 Werkzeug's HTML error pages never reach a client: every HTTPException (404, 405, 413, ...) and
-every AiosError is rendered here; anything else is a 500 with no internals in the body.
+every AiosError is rendered here; the database being unreachable (PostgreSQL restarting, a failover)
+is a 503 ``database_unavailable`` with ``Retry-After``, since a client should simply try again;
+anything else is a 500 with no internals in the body.
 """
 
 from __future__ import annotations
@@ -9,11 +11,15 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify
+from sqlalchemy.exc import InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from aios.errors import AiosError
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a client is told to wait when the database is unreachable.
+DATABASE_RETRY_AFTER_S = 5
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -52,6 +58,15 @@ def register_error_handlers(app: Flask) -> None:
         response, status = error_response(status, _HTTP_CODES.get(status, "http_error"), message)
         if status == 405 and exc.valid_methods:  # type: ignore[attr-defined]
             response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+        return response, status
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(InterfaceError)
+    def _database_unavailable(exc: Exception) -> tuple[Response, int]:
+        logger.error("database unavailable: %s", str(exc).splitlines()[0][:300])
+        response, status = error_response(503, "database_unavailable",
+                                          "the database is unreachable; try again shortly")
+        response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_S)
         return response, status
 
     @app.errorhandler(Exception)

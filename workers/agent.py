@@ -14,6 +14,7 @@ from aios.celery_app import create_celery_app, queue_name
 from aios.config import Settings
 from aios.db import dispose_engines, ensure_migrated
 from aios.tasktypes import load_task_types
+from workers import consumer
 from workers.heartbeat import Heartbeat, capabilities_of
 from workers.tasks import register_tasks
 
@@ -44,6 +45,7 @@ def build_worker_app(settings: Settings) -> Celery:
     load_task_types(settings.tasks.modules)
     app = create_celery_app(settings)
     register_tasks(app, settings)
+    consumer.install(app)
     app.steps["worker"].add(Heartbeat)
     return app
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from aios.config import Settings
 from aios.db import session_scope
@@ -33,6 +36,31 @@ logger = logging.getLogger(__name__)
 
 #: Longest error text kept on a task row.
 MAX_ERROR_CHARS = 4000
+#: How long a run keeps retrying a claim or an outcome the database could not take (PostgreSQL
+#: restarting, a failover): past it the error propagates and the sync job repairs the row later.
+DB_RETRY_WINDOW_S = 120.0
+
+_T = TypeVar("_T")
+
+
+def with_db_retry(write: Callable[[], _T], what: str) -> _T:
+    """Run ``write`` (one whole transaction), again with backoff while the database is unreachable.
+
+    Why: a task whose work is done but whose SUCCEEDED could not be written would sit RUNNING until
+    the sync job times it out — its effect recorded, its outcome lost. Every write here is a fenced
+    conditional UPDATE, so running one again after a failed attempt is harmless."""
+    deadline = time.monotonic() + DB_RETRY_WINDOW_S
+    delay = 0.5
+    while True:
+        try:
+            return write()
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("database unavailable while %s (%s); retrying in %.1fs",
+                           what, str(exc).splitlines()[0][:200], delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 @dataclass(frozen=True)
@@ -52,6 +80,10 @@ class Claim:
 
 def claim(settings: Settings, task_id: str, dispatch_id: str, agent: str) -> Claim | None:
     """Move the task to RUNNING for this dispatch, or return None (and note why) if it is not ours."""
+    return with_db_retry(lambda: _claim(settings, task_id, dispatch_id, agent), f"claiming task {task_id}")
+
+
+def _claim(settings: Settings, task_id: str, dispatch_id: str, agent: str) -> Claim | None:
     actor = f"worker:{agent}"
     with session_scope(settings.database) as session:
         claimed = transition(
@@ -81,6 +113,11 @@ def claim(settings: Settings, task_id: str, dispatch_id: str, agent: str) -> Cla
 
 def finish(settings: Settings, work: Claim, target: TaskState, **values: Any) -> bool:
     """Record the end of a run, fenced on its dispatch; a fenced-off report becomes a note."""
+    return with_db_retry(lambda: _finish(settings, work, target, **values),
+                         f"recording task {work.task_id} {target.value}")
+
+
+def _finish(settings: Settings, work: Claim, target: TaskState, **values: Any) -> bool:
     with session_scope(settings.database) as session:
         detail: dict[str, Any] = {"attempt": work.attempt}
         if values.get("error"):
@@ -88,6 +125,9 @@ def finish(settings: Settings, work: Claim, target: TaskState, **values: Any) ->
         done = transition(session, work.task_id, TaskState.RUNNING, target, actor=work.actor,
                           fence=work.dispatch_id, values=values, detail=detail)
         if not done:
+            row = session.execute(select(Task.state, Task.dispatch_id).where(Task.id == work.task_id)).first()
+            if row is not None and row.state == target and row.dispatch_id == work.dispatch_id:
+                return True  # our own earlier attempt committed, but its confirmation was lost (a retry)
             record_events(session, [work.task_id], actor=work.actor, from_state=None, to_state=None,
                           detail={"note": f"late report ignored: run ended {target} after the task moved on",
                                   "dispatch_id": work.dispatch_id})

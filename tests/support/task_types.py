@@ -75,3 +75,45 @@ def refuse(params: Parameters, ctx: TaskContext) -> None:
     from aios.errors import TaskFailure
 
     raise TaskFailure("refused: this task type always refuses")
+
+
+class EffectParameters(Parameters):
+    path: str
+    sleep_s: float = Field(0, ge=0, le=120)
+    #: How long attempts after the first sleep (default: ``sleep_s``).
+    retry_sleep_s: float | None = Field(None, ge=0, le=120)
+    #: Check the run still holds the task before writing the effect (an idempotent task's guard).
+    check_fence: bool = False
+
+
+@task_type("test.effect", parameters=EffectParameters)
+def effect(params: EffectParameters, ctx: TaskContext) -> dict[str, Any]:
+    """The fault suite's effects ledger: notes ``<task id> <attempt> <pid>`` in ``path.started`` when a
+    run starts (so a test knows which process to kill), sleeps ``sleep_s``, then appends
+    ``<task id> <attempt>`` to ``path`` as its one effect, only at the very end of a run. With
+    ``check_fence``, a run that was fenced off meanwhile (re-routed, retried elsewhere) writes nothing."""
+    with open(f"{params.path}.started", "a", encoding="utf-8") as handle:
+        handle.write(f"{ctx.task_id} {ctx.attempt} {os.getpid()}\n")
+    later = params.retry_sleep_s if params.retry_sleep_s is not None else params.sleep_s
+    time.sleep(params.sleep_s if ctx.attempt == 1 else later)
+    if params.check_fence:
+        ctx.progress(100, "effect next")
+        if not ctx.flush_progress():
+            return {"attempt": ctx.attempt, "fenced_off": True}
+    with open(params.path, "a", encoding="utf-8") as handle:
+        handle.write(f"{ctx.task_id} {ctx.attempt}\n")
+    return {"attempt": ctx.attempt}
+
+
+class PoisonParameters(Parameters):
+    path: str
+
+
+@task_type("test.poison", parameters=PoisonParameters)
+def poison(params: PoisonParameters, ctx: TaskContext) -> None:
+    """Notes its start in ``path.started``, then SIGKILLs its own process: every run dies the same way."""
+    import signal
+
+    with open(f"{params.path}.started", "a", encoding="utf-8") as handle:
+        handle.write(f"{ctx.task_id} {ctx.attempt} {os.getpid()}\n")
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,150 @@
+"""Submit throughput: ``POST /api/v1/tasks`` at concurrency 8 against Flower's ``POST /api/task/async-apply``
+on the same Celery/Redis, and against a bare Flask endpoint doing one INSERT + ``apply_async`` (the
+ceiling); then ``POST /api/v1/tasks/batch`` of 1,000 tasks.
+
+The three servers run side by side for the whole figure and are measured in turn within each
+repetition, so every ratio compares figures of the same run. The AIOS tasks are routed to an agent
+row with a live heartbeat but no process (:class:`bench.harness.FakeAgent`), Flower's and the
+ceiling's to a queue no worker consumes: all three store/publish and nothing runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from bench.harness import (
+    BIN,
+    Client,
+    FakeAgent,
+    Figure,
+    Run,
+    free_port,
+    load,
+    repeat,
+    wait_http,
+)
+
+BODY = {"type": "echo", "parameters": {"n": 1}}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--submit-seconds", type=float, default=5.0, help="load duration of one repetition")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--batches-per-rep", type=int, default=2)
+
+
+def start_flower(run: Run, queue: str) -> Any:
+    port = free_port()
+    proc = run.spawn("flower", [str(BIN / "celery"), "-A", "bench.rawapp", "flower", f"--port={port}",
+                                "--address=127.0.0.1"],
+                     {**run.raw_env(queue), "FLOWER_UNAUTHENTICATED_API": "true"}, url=f"http://127.0.0.1:{port}")
+    wait_http(proc, "/healthcheck")
+    return proc
+
+
+def start_ceiling(run: Run, queue: str) -> Any:
+    run.execute("CREATE TABLE IF NOT EXISTS bench_ceiling (id uuid PRIMARY KEY, type text NOT NULL, "
+                "parameters jsonb NOT NULL, created_at timestamptz NOT NULL DEFAULT now())")
+    url = run.engine().url
+    dsn = (f"host={url.host} port={url.port or 5432} dbname={url.database} user={url.username} "
+           f"{'password=' + url.password + ' ' if url.password else ''}options='-csearch_path={run.schema}'")
+    port = free_port()
+    api = run.settings.api
+    proc = run.spawn("ceiling", [str(BIN / "gunicorn"), "-k", "gthread", "-w", str(api.workers), "--threads",
+                                 str(api.threads), "-b", f"127.0.0.1:{port}", "bench.ceiling:app"],
+                     {**run.raw_env(queue), "BENCH_DSN": dsn}, url=f"http://127.0.0.1:{port}")
+    wait_http(proc, "/")
+    return proc
+
+
+def measure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]:
+    queue = f"{run.namespace}-flower"
+    flower = start_flower(run, queue)
+    ceiling = start_ceiling(run, queue)
+    headers = run.headers()
+    c = args.concurrency
+    figures: dict[str, list[float]] = {"aios": [], "flower": [], "ceiling": []}
+    with FakeAgent(run):
+        # Warm-up: first requests import lazily and fill pools.
+        for _ in range(20):
+            Client(api.url, headers).json("POST", "/api/v1/tasks", BODY)
+
+        def one(n: int) -> float:
+            aios = load(api.url, headers, "POST", "/api/v1/tasks", BODY, concurrency=c, duration_s=args.submit_seconds)
+            flow = load(flower.url, {}, "POST", "/api/task/async-apply/bench.noop", {"args": [1]}, concurrency=c,
+                        duration_s=args.submit_seconds)
+            ceil = load(ceiling.url, {}, "POST", "/submit", BODY, concurrency=c, duration_s=args.submit_seconds)
+            figures["aios"].append(aios)
+            figures["flower"].append(flow)
+            figures["ceiling"].append(ceil)
+            print(f"    aios {aios:.0f}/s flower {flow:.0f}/s ceiling {ceil:.0f}/s", flush=True)
+            return aios
+
+        repeat(one, args.reps, "req/s", "submit")
+        states = run.scalar("SELECT string_agg(state || '=' || n, ', ') FROM "
+                            "(SELECT state, count(*) n FROM tasks GROUP BY state) s")
+
+        batch = {"tasks": [{"type": "echo", "parameters": {"n": n}} for n in range(args.batch_size)]}
+        client = Client(api.url, headers)
+        client.json("POST", "/api/v1/tasks/batch", batch)
+
+        def batches(n: int) -> float:
+            began = time.perf_counter()
+            for _ in range(args.batches_per_rep):
+                answer = client.json("POST", "/api/v1/tasks/batch", batch)
+                assert answer["count"] == args.batch_size and answer["queued"] == args.batch_size, answer
+            return args.batch_size * args.batches_per_rep / (time.perf_counter() - began)
+
+        batch_stat = repeat(batches, args.reps, "tasks/s", "batch")
+    flower.stop()
+    ceiling.stop()
+
+    from bench.harness import Stat
+
+    a, f, ce = (Stat(figures[k], "req/s") for k in ("aios", "flower", "ceiling"))
+    per_rep_f = [x / y for x, y in zip(a.values, f.values, strict=True)]
+    per_rep_c = [x / y for x, y in zip(a.values, ce.values, strict=True)]
+    ratio_f, ratio_c = a.median / f.median, a.median / ce.median
+    cmd = "`.venv/bin/python bench/run_all.py --only submit`"
+    setup = (f"{c} client threads, each on one keep-alive HTTP/1.1 connection, {args.submit_seconds:g} s per "
+             f"measurement after 0.5 s of warm-up; AIOS `aios api` as shipped (gunicorn gthread, "
+             f"{run.settings.api.workers} workers × {run.settings.api.threads} threads, API key in `X-API-Key`, "
+             f"audit on); Flower {flower_version()} `celery flower` on the same Celery app and Redis "
+             f"(`FLOWER_UNAUTHENTICATED_API=true`, no auth); ceiling: bench/ceiling.py under gunicorn with the same "
+             f"worker class, processes and threads. Body `{BODY}`. The write rate limit is raised for the run "
+             f"(`AIOS_SECURITY__RATE_LIMIT_WRITE_PER_MINUTE`), otherwise the figure would be the limiter's. "
+             f"Ledger after the figure: {states}.")
+    rows = "\n".join(f"| {n + 1} | {x:,.0f} | {y:,.0f} | {z:,.0f} | {p:.2f} | {q:.2f} |"
+                     for n, (x, y, z, p, q) in enumerate(zip(a.values, f.values, ce.values, per_rep_f, per_rep_c,
+                                                               strict=True)))
+    table = ("| rep | AIOS req/s | Flower req/s | ceiling req/s | AIOS/Flower | AIOS/ceiling |\n"
+             "|---|---|---|---|---|---|\n" + rows)
+    why = ("\n\nWhy AIOS is below its targets here: a submit is not one INSERT and one publish. The section "
+           "\"Why submit is slower than the ceiling (profile)\" below counts, per request, the SQL statements, "
+           "transactions and publishes it makes (validation, routing over the healthy agents, the ledger row and "
+           "its event, the state move to QUEUED, the audit row). Flower stores nothing: its figure is one "
+           "`apply_async` behind Tornado.") if ratio_f < 1.2 or ratio_c < 0.6 else ""
+    submit_details = f"{setup}\n\n{table}{why}"
+    return [
+        Figure("Submit vs Flower (req/s, c=8)", a.fmt(0), "Flower " + f.fmt(0), f"{ratio_f:.2f}×", "≥ 1.2×",
+               ratio_f >= 1.2, cmd, submit_details),
+        Figure("Submit vs bare Flask ceiling (req/s, c=8)", a.short(0), "ceiling " + ce.fmt(0), f"{ratio_c:.2f}×",
+               "≥ 0.6×", ratio_c >= 0.6, cmd, "Same run and table as the figure above."),
+        Figure(f"Batch submit ({args.batch_size:,} per request)", batch_stat.fmt(0), "-", "-", "≥ 5,000 tasks/s",
+               batch_stat.median >= 5000, cmd,
+               f"One client, {args.batches_per_rep} sequential `POST /api/v1/tasks/batch` of {args.batch_size:,} "
+               f"`echo` tasks per repetition (each answered 202 with every task QUEUED: stored in one transaction "
+               f"and published to the live agent's queue); tasks/s = tasks / wall time."),
+    ]
+
+
+def flower_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("flower")
+    except Exception:  # noqa: BLE001
+        return "?"

@@ -1,0 +1,116 @@
+"""``Fault.STOP_REDIS``: the broker goes away for 20 s while tasks are being submitted and run.
+
+Everything runs on a private ``redis-server`` without persistence (the harsh case: its queues are gone
+when it returns). The API keeps accepting (tasks wait PENDING), the workers reconnect by themselves, and
+the sync job (``aios sync``, as the beat would run it) re-publishes what the outage lost.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.conftest import REPO_ROOT, authorize, wait_for
+from tests.faults.conftest import assert_nothing_lost, settle, wait_terminal
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+OUTAGE_S = 20.0
+#: A QUEUED task whose message is in no queue and no agent's hands is re-published after this.
+LOST_MESSAGE_GRACE_S = 2
+
+
+class Submitter(threading.Thread):
+    """Submits one ``test.effect`` task every ``interval_s`` until stopped; keeps the ids of those
+    answered 202 (accepted) and counts any other answer."""
+
+    def __init__(self, client, effects, queue: str, interval_s: float = 0.4) -> None:
+        super().__init__(daemon=True)
+        self.client, self.effects, self.queue, self.interval_s = client, effects, queue, interval_s
+        self.accepted: list[str] = []
+        self.states: list[str] = []
+        self.refused: list[int] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            response = self.client.post("/api/v1/tasks", json=self.effects.task(self.queue, sleep_s=0.3))
+            if response.status_code == 202:
+                self.accepted.append(response.json["id"])
+                self.states.append(response.json["state"])
+            else:
+                self.refused.append(response.status_code)
+            self.done.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=60)
+
+
+def test_every_task_accepted_around_a_20s_redis_outage_finishes_once_and_workers_resume_without_a_restart(
+    private_redis, stack, admin, start_worker, effects, queue
+):
+    from aios.celery_app import create_celery_app
+    from webapi.app import create_app
+
+    # Given an API and two workers whose broker is a private Redis
+    private = stack.override(broker={"url": private_redis.url},
+                             orchestrator={"lost_message_grace_s": LOST_MESSAGE_GRACE_S})
+    celery = create_celery_app(private.settings)
+    client = authorize(create_app(private.settings, celery).test_client(), admin.key)
+    workers = [start_worker([queue], concurrency=2, env={"AIOS_BROKER__URL": private_redis.url})
+               for _ in range(2)]
+    pids = [w.process.pid for w in workers]
+
+    # And a stream of submissions, about two and a half a second, running as they come
+    submitter = Submitter(client, effects, queue)
+    submitter.start()
+    try:
+        wait_for(lambda: len(effects.counts()) >= 3, timeout=60, what="the first tasks to run")
+
+        # When Redis stops for 20 s while the stream goes on
+        private_redis.stop()
+        settle(OUTAGE_S)
+        private_redis.start()
+        # And the stream goes on for a few more seconds after it is back
+        settle(3)
+    finally:
+        submitter.stop()
+
+    # Then every submission was accepted (202), some of them PENDING during the outage
+    assert submitter.refused == [], submitter.refused
+    assert "PENDING" in submitter.states, "no submission met the outage"
+    accepted = submitter.accepted
+
+    # And the sync job, run as the beat would, gets every accepted task to finish after Redis returned
+    def synced_and_finished() -> bool:
+        result = subprocess.run([sys.executable, "-m", "aios.cli", "sync"], env=private.env, cwd=str(REPO_ROOT),
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode in (0, 1), result.stdout + result.stderr
+        try:
+            wait_terminal(private.settings.database, accepted, timeout=5)
+            return True
+        except AssertionError:
+            return False
+
+    wait_for(synced_and_finished, timeout=120, interval=LOST_MESSAGE_GRACE_S,
+             what="every accepted task to finish after sync runs")
+    tasks = assert_nothing_lost(private.settings.database, effects, accepted, timeout=10)
+    assert {t["state"] for t in tasks.values()} == {"SUCCEEDED"}, {k: v for k, v in tasks.items()
+                                                                   if v["state"] != "SUCCEEDED"}
+
+    # And the workers resumed by themselves: the same processes, reconnected to the restarted Redis
+    for worker, pid in zip(workers, pids, strict=True):
+        assert worker.process.poll() is None and worker.process.pid == pid
+        assert worker.log().count("Connected to redis://") >= 2, worker.log()[-3000:]
+    began = time.monotonic()
+    last = client.post("/api/v1/tasks", json=effects.task(queue))
+    assert last.status_code == 202 and last.json["state"] == "QUEUED", last.json
+    wait_terminal(private.settings.database, [last.json["id"]], timeout=60)
+    assert time.monotonic() - began < 60
+    assert not any("Unrecoverable error" in w.log() for w in workers)
+    celery.pool.force_close_all()
