@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
 import sys
@@ -35,23 +34,13 @@ sys.path.insert(0, str(REPO_ROOT))
 import sqlalchemy as sa  # noqa: E402
 from sqlalchemy import event, insert  # noqa: E402
 
+from bench.harness import machine  # noqa: E402
+
 DEFAULT_DB = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 #: Share of each state in the generated ledger (the rest of the rows are SUCCEEDED).
 MIX = {"FAILED": 0.05, "CANCELLED": 0.03, "DEAD": 0.02, "TIMED_OUT": 0.01, "QUEUED": 0.05, "RUNNING": 0.01,
        "SCHEDULED": 0.03}
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.release()}, {os.cpu_count()} CPU ({cpu}), Python {platform.python_version()}"
 
 
 def fill(engine: sa.Engine, count: int, agent: str) -> dict[str, int]:

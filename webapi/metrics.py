@@ -25,7 +25,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from aios.cluster_metrics import ClusterCollector
 from aios.security.roles import OPERATOR, VIEWER
-from webapi.context import ctx
 from webapi.security import policy
 
 bp = Blueprint("metrics", __name__)
@@ -84,6 +83,5 @@ def process_registry() -> Any:
 @bp.get("/metrics")
 @policy(VIEWER, OPERATOR)
 def metrics() -> Any:
-    ctx()  # the app context is AIOS's
     body = generate_latest(process_registry()) + generate_latest(current_app.extensions["aios_cluster_registry"])
     return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store"})

@@ -160,17 +160,19 @@ def pool_restart(name: str) -> Any:
 @policy(OPERATOR, audit_action="worker.add_consumer")
 def add_consumer(name: str) -> Any:
     """Make the worker consume an AIOS queue too (until it restarts: its start options win then)."""
-    body = _body(Consumer)
-    broker_queue = queue_name(ctx().settings, body.queue)
-    return _control(name, "add_consumer", {"queue": broker_queue}, queue=body.queue)
+    return _consumer_control(name, "add_consumer")
 
 
 @bp.post("/<name>/queues/cancel-consumer")
 @policy(OPERATOR, audit_action="worker.cancel_consumer")
 def cancel_consumer(name: str) -> Any:
+    return _consumer_control(name, "cancel_consumer")
+
+
+def _consumer_control(name: str, command: str) -> Any:
+    """add_consumer / cancel_consumer take the AIOS queue name; Celery wants the broker's."""
     body = _body(Consumer)
-    broker_queue = queue_name(ctx().settings, body.queue)
-    return _control(name, "cancel_consumer", {"queue": broker_queue}, queue=body.queue)
+    return _control(name, command, {"queue": queue_name(ctx().settings, body.queue)}, queue=body.queue)
 
 
 @bp.post("/<name>/rate-limit")
