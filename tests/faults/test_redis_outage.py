@@ -87,18 +87,27 @@ def test_every_task_accepted_around_a_20s_redis_outage_finishes_once_and_workers
     accepted = submitter.accepted
 
     # And the sync job, run as the beat would, gets every accepted task to finish after Redis returned
+    last: dict[str, str] = {}
+
     def synced_and_finished() -> bool:
         result = subprocess.run([sys.executable, "-m", "aios.cli", "sync"], env=private.env, cwd=str(REPO_ROOT),
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode in (0, 1), result.stdout + result.stderr
+        last["sync"] = result.stdout[-2000:]
         try:
             wait_terminal(private.settings.database, accepted, timeout=5)
             return True
-        except AssertionError:
+        except AssertionError as exc:
+            last["stuck"] = str(exc)[-3000:]
             return False
 
-    wait_for(synced_and_finished, timeout=120, interval=LOST_MESSAGE_GRACE_S,
-             what="every accepted task to finish after sync runs")
+    try:
+        wait_for(synced_and_finished, timeout=120, interval=LOST_MESSAGE_GRACE_S,
+                 what="every accepted task to finish after sync runs")
+    except AssertionError as exc:
+        # What a flaky run needs to be understood: the stuck tasks, the last sync run, the workers' logs.
+        logs = "\n".join(f"--- worker {w.hostname} (exit {w.process.poll()}):\n{w.log()[-3000:]}" for w in workers)
+        raise AssertionError(f"{exc}\n{last.get('stuck', '')}\nlast sync: {last.get('sync', '')}\n{logs}") from None
     tasks = assert_nothing_lost(private.settings.database, effects, accepted, timeout=10)
     assert {t["state"] for t in tasks.values()} == {"SUCCEEDED"}, {k: v for k, v in tasks.items()
                                                                    if v["state"] != "SUCCEEDED"}
