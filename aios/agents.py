@@ -257,20 +257,23 @@ def reroute(settings: Settings, celery: Celery, name: str, *, include_running: b
 
 
 def settle_lost_run(session: Session, row: Any, *, agent: str | None, reason: str, actor: str,
-                    fence: str | None = None) -> TaskState | None:
-    """The one rule for a RUNNING task whose agent is gone: FAILED if it asked ``on_agent_lost=fail``,
-    DEAD when no retries are left, else RETRYING (the caller dispatches it again).
+                    fence: str | None = None, what: str | None = None) -> TaskState | None:
+    """The one rule for a RUNNING task whose run is gone (its agent died, or the agent no longer holds
+    it): FAILED if it asked ``on_agent_lost=fail``, DEAD when no retries are left, else RETRYING (the
+    caller dispatches it again).
 
     ``row`` has ``id, on_agent_lost, attempts, max_retries``; ``fence`` (a dispatch id) makes the change
-    only if the run is still the one that was read. Returns the state moved to, or None if it moved on.
+    only if the run is still the one that was read; ``what`` says what happened to the run (default:
+    its agent was lost). Returns the state moved to, or None if it moved on.
     """
-    detail = {"reason": f"{reason}: its agent {agent} was lost", "attempt": row.attempts}
+    detail = {"reason": f"{reason}: {what or f'its agent {agent} was lost'}", "attempt": row.attempts}
+    what = what or f"agent {agent} was lost"
     if row.on_agent_lost == "fail":
-        target, error = TaskState.FAILED, f"agent {agent} was lost while running it"
+        target, error = TaskState.FAILED, f"{what} while running it"
     elif row.attempts > row.max_retries:
-        target, error = TaskState.DEAD, f"agent {agent} was lost; no retries left"
+        target, error = TaskState.DEAD, f"{what}; no retries left"
     else:
-        target, error = TaskState.RETRYING, f"agent {agent} was lost while running it"
+        target, error = TaskState.RETRYING, f"{what} while running it"
     moved = transition_many(session, [row.id], TaskState.RUNNING, target, actor=actor, detail=detail, fence=fence,
                             values={"error": error})
     return target if moved else None

@@ -19,8 +19,13 @@ Steps, in order:
 4. ``lost_runs``: RUNNING tasks whose agent is OFFLINE, deleted or unknown: failed, DEAD or retried by
    the same rule as a re-route (:func:`aios.agents.settle_lost_run`). An agent that still answers
    ``inspect active`` with the task is alive (a warm shutdown finishing its work) and is left alone.
+   ``orphaned_runs``: RUNNING tasks, started more than ``lost_message_grace_s`` ago, of a live agent that
+   answers ``inspect active`` without them (the run ended and nobody recorded how, e.g. Celery cancelled
+   it on a broker connection loss and the agent could not write it down) are settled by the same rule.
+   An agent that does not answer is left to the heartbeat timeout.
 5. ``pending``: PENDING tasks the API could not publish, that waited for a healthy agent, or that
-   nobody dispatched for ``lost_message_grace_s`` (a process died after its commit) are dispatched.
+   nobody dispatched for ``lost_message_grace_s`` (a process died after its commit) are dispatched;
+   so are RETRYING tasks left that long (a process died between deciding a retry and publishing it).
 6. ``lost_messages``: QUEUED tasks older than ``lost_message_grace_s`` whose message is in no broker
    queue and in no agent's hands, and QUEUED tasks stranded in the queue of an OFFLINE or unknown
    agent, go back to PENDING and are dispatched again under a new dispatch id.
@@ -84,8 +89,8 @@ DUPLICATE_NOTE = "running on two agents"
 #: Agents OFFLINE in the ledger but heard from this recently are still asked what they run.
 DUPLICATE_LOOKBACK_S = 600
 
-FOUND_KEYS = ("keys_expired", "agents_stale", "overdue", "lost_runs", "pending", "lost_messages", "stranded",
-              "duplicates")
+FOUND_KEYS = ("keys_expired", "agents_stale", "overdue", "lost_runs", "orphaned_runs", "pending", "lost_messages",
+              "stranded", "duplicates")
 CHANGED_KEYS = ("keys_expired", "agents_offline", "timed_out", "retried", "failed", "dead", "dispatched",
                 "redispatched", "duplicates_recorded")
 
@@ -101,11 +106,40 @@ class _Run:
     #: Why the broker cannot be used this run (None when it answered).
     broker_down: str | None = None
 
+    #: The live agents' ``inspect active`` replies, asked at most once per run (see :meth:`active_replies`).
+    _active: dict[str, list[dict[str, Any]]] | None = None
+    _active_error: str | None = None
+
     def need_broker(self, step: str) -> bool:
         if self.broker_down is None:
             return True
         self.notes.append(f"{step}: skipped, the broker is unreachable")
         return False
+
+    def active_replies(self, step: str) -> dict[str, list[dict[str, Any]]] | None:
+        """What every agent that may answer is running, by agent name (one ``inspect active`` broadcast
+        per run, shared by the steps that need it); None, with a note, when it could not be asked.
+
+        Agents OFFLINE in the ledger but heard from in the last ``DUPLICATE_LOOKBACK_S`` are asked too:
+        a partitioned agent may still run work, and that is exactly when a task runs twice.
+        """
+        if self._active is None and self._active_error is None:
+            recent = utcnow() - timedelta(seconds=DUPLICATE_LOOKBACK_S)
+            with session_scope(self.settings.database) as session:
+                live = list(session.scalars(select(Agent.name).where(
+                    or_(Agent.status != AgentStatus.OFFLINE.value, Agent.last_heartbeat_at >= recent))))
+            if not live:
+                self._active = {}
+            else:
+                try:
+                    replies = self.celery.control.inspect(timeout=INSPECT_TIMEOUT_S, limit=len(live)).active()
+                    self._active = {agent: list(requests or []) for agent, requests in (replies or {}).items()}
+                except Exception as exc:  # noqa: BLE001 - without an answer the ledger decides
+                    self._active_error = f"{type(exc).__name__}: {exc}"
+        if self._active_error is not None:
+            self.notes.append(f"{step}: inspect failed ({self._active_error})")
+            return None
+        return self._active
 
 
 # --------------------------------------------------------------------------- the run
@@ -238,12 +272,18 @@ def _lost_runs(run: _Run) -> None:
     alive = _still_running(run, rows)
     lost = [row for row in rows if row.id not in alive]
     run.found["lost_runs"] = len(lost)
+    _settle_lost(run, lost, lambda row: ("sync: agent offline" if row.status else "sync: agent unknown", None))
+
+
+def _settle_lost(run: _Run, rows: list[Any], why: Callable[[Any], tuple[str, str | None]]) -> None:
+    """Settle each RUNNING row by the re-route rule (fenced on the dispatch id read), count the outcomes,
+    and dispatch again those left to retry. ``why(row)`` gives the event reason and what happened."""
     retry: list[str] = []
     with session_scope(run.settings.database) as session:
-        for row in lost:
-            why = "sync: agent offline" if row.status else "sync: agent unknown"
-            outcome = agent_ledger.settle_lost_run(session, row, agent=row.agent, reason=why, actor=ACTOR,
-                                                   fence=row.dispatch_id)
+        for row in rows:
+            reason, what = why(row)
+            outcome = agent_ledger.settle_lost_run(session, row, agent=row.agent, reason=reason, actor=ACTOR,
+                                                   fence=row.dispatch_id, what=what)
             if outcome is TaskState.RETRYING:
                 retry.append(row.id)
             elif outcome is TaskState.FAILED:
@@ -274,6 +314,30 @@ def _still_running(run: _Run, rows: Iterable[Any]) -> set[str]:
     return alive
 
 
+def _orphaned_runs(run: _Run) -> None:
+    cutoff = utcnow() - timedelta(seconds=run.settings.orchestrator.lost_message_grace_s)
+    with session_scope(run.settings.database) as session:
+        rows = session.execute(
+            select(Task.id, Task.dispatch_id, Task.agent, Task.on_agent_lost, Task.attempts, Task.max_retries)
+            .join(Agent, Agent.name == Task.agent)
+            .where(Task.state == TaskState.RUNNING.value, Task.started_at < cutoff,
+                   Agent.status != AgentStatus.OFFLINE.value)
+            .order_by(Task.started_at).limit(MAX_ROWS_PER_STEP)
+        ).all()
+    if not rows or not run.need_broker("orphaned_runs"):
+        return
+    replies = run.active_replies("orphaned_runs")
+    if replies is None:
+        return
+    # Only an agent that answered can say it does not run a task; the fence (the dispatch id read above,
+    # and the RUNNING state) leaves alone a run that finished or moved on since it was read.
+    held = {(agent, request.get("id")) for agent, requests in replies.items() for request in requests}
+    orphans = [row for row in rows if row.agent in replies and (row.agent, row.id) not in held]
+    run.found["orphaned_runs"] = len(orphans)
+    _settle_lost(run, orphans, lambda row: (
+        "sync: orphaned run", f"agent {row.agent} no longer runs it (not in its inspect active reply)"))
+
+
 def _pending(run: _Run) -> None:
     cutoff = utcnow() - timedelta(seconds=run.settings.orchestrator.lost_message_grace_s)
     with session_scope(run.settings.database) as session:
@@ -283,10 +347,16 @@ def _pending(run: _Run) -> None:
                    or_(Task.pending_reason.is_not(None), Task.updated_at < cutoff))
             .order_by(Task.created_at, Task.id).limit(MAX_ROWS_PER_STEP)
         ))
-    run.found["pending"] = len(task_ids)
-    if task_ids and run.need_broker("pending"):
+        # A retry decided but never published (its process died in between) waits RETRYING forever.
+        stuck_retries = list(session.scalars(
+            select(Task.id).where(Task.state == TaskState.RETRYING.value, Task.updated_at < cutoff)
+            .order_by(Task.updated_at, Task.id).limit(MAX_ROWS_PER_STEP)
+        ))
+    run.found["pending"] = len(task_ids) + len(stuck_retries)
+    if (task_ids or stuck_retries) and run.need_broker("pending"):
         outcome = dispatch(run.celery, run.settings, task_ids, actor=ACTOR)
-        run.changed["dispatched"] = len(outcome.queued)
+        retried = dispatch(run.celery, run.settings, stuck_retries, actor=ACTOR, from_state=TaskState.RETRYING)
+        run.changed["dispatched"] = len(outcome.queued) + len(retried.queued)
 
 
 def _lost_messages(run: _Run) -> None:
@@ -336,18 +406,10 @@ def _lost_messages(run: _Run) -> None:
 
 
 def _duplicates(run: _Run) -> None:
-    # Agents that may answer: an agent the ledger calls OFFLINE may still be running work (a partition),
-    # and that is exactly when a task runs twice; one silent for long is not waited for.
-    recent = utcnow() - timedelta(seconds=DUPLICATE_LOOKBACK_S)
-    with session_scope(run.settings.database) as session:
-        live = list(session.scalars(select(Agent.name).where(
-            or_(Agent.status != AgentStatus.OFFLINE.value, Agent.last_heartbeat_at >= recent))))
-    if not live or not run.need_broker("duplicates"):
+    if not run.need_broker("duplicates"):
         return
-    try:
-        replies = run.celery.control.inspect(timeout=INSPECT_TIMEOUT_S, limit=len(live)).active() or {}
-    except Exception as exc:  # noqa: BLE001
-        run.notes.append(f"duplicates: inspect failed ({type(exc).__name__}: {exc})")
+    replies = run.active_replies("duplicates")
+    if not replies:
         return
     duplicates = find_duplicates(replies)
     run.found["duplicates"] = len(duplicates)
@@ -390,6 +452,7 @@ STEPS: tuple[tuple[str, Callable[[_Run], None]], ...] = (
     ("agents", _agents),
     ("timeouts", _timeouts),
     ("lost_runs", _lost_runs),
+    ("orphaned_runs", _orphaned_runs),
     ("pending", _pending),
     ("lost_messages", _lost_messages),
     ("duplicates", _duplicates),

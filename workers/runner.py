@@ -194,6 +194,15 @@ def _flush_progress(ctx: TaskContext) -> None:
         logger.warning("could not write the last progress of task %s", ctx.task_id, exc_info=True)
 
 
+def _running_run(session: Any, task_id: str, dispatch_id: str) -> Any:
+    """The task's row if it is still RUNNING under ``dispatch_id`` (else None: it moved on)."""
+    row = session.execute(
+        select(Task.id, Task.state, Task.dispatch_id, Task.type, Task.parameters, Task.on_agent_lost, Task.attempts,
+               Task.max_retries).where(Task.id == task_id)
+    ).first()
+    return row if row is not None and row.state == TaskState.RUNNING and row.dispatch_id == dispatch_id else None
+
+
 def record_lost_run(celery: Celery, settings: Settings, task_id: str, dispatch_id: str, agent: str,
                     reason: str, target: TaskState | None = None) -> None:
     """The pool process running a task died or was killed (hard time limit, OOM, SIGKILL).
@@ -203,11 +212,8 @@ def record_lost_run(celery: Celery, settings: Settings, task_id: str, dispatch_i
     process is bounded by max_retries instead of looping forever).
     """
     with session_scope(settings.database) as session:
-        row = session.execute(
-            select(Task.state, Task.dispatch_id, Task.type, Task.parameters, Task.attempts, Task.max_retries)
-            .where(Task.id == task_id)
-        ).first()
-    if row is None or row.state != TaskState.RUNNING or row.dispatch_id != dispatch_id:
+        row = _running_run(session, task_id, dispatch_id)
+    if row is None:
         return
     work = Claim(task_id=task_id, dispatch_id=dispatch_id, agent=agent, type=row.type,
                  parameters=row.parameters, attempt=row.attempts, max_retries=row.max_retries)
@@ -215,3 +221,37 @@ def record_lost_run(celery: Celery, settings: Settings, task_id: str, dispatch_i
         finish(settings, work, TaskState.TIMED_OUT, error=reason)
     else:
         fail_or_retry(celery, settings, work, reason)
+
+
+#: ``pending_reason`` of a run Celery cancelled when the agent lost its broker connection.
+CANCELLED_ON_CONNECTION_LOSS = "connection_lost"
+
+
+def record_cancelled_run(settings: Settings, task_id: str, dispatch_id: str, agent: str) -> TaskState | None:
+    """Celery stopped this run because the agent lost its broker connection
+    (``worker_cancel_long_running_tasks_on_connection_loss``) and left its message unacked.
+
+    Celery counts on the broker to deliver that message again, but a Redis without persistence lost it,
+    and a Redis with persistence holds it back for the whole visibility timeout. So the ledger settles
+    the run now, by the rule of a lost agent (:func:`aios.agents.settle_lost_run`): a task left to retry
+    waits PENDING (``pending_reason`` ``connection_lost``) for the sync job to dispatch it under a new
+    dispatch id once the broker answers, and a late delivery of the old message is fenced off. Runs in
+    the worker's main process, which must not block on a broker that is down: nothing is published here.
+    """
+    from aios.agents import settle_lost_run
+
+    with session_scope(settings.database) as session:
+        row = _running_run(session, task_id, dispatch_id)
+        if row is None:
+            return None
+        actor = f"worker:{agent}"
+        outcome = settle_lost_run(session, row, agent=agent, reason="cancelled by Celery", actor=actor,
+                                  fence=dispatch_id, what=f"agent {agent} lost its broker connection")
+        if outcome is TaskState.RETRYING:
+            transition(session, task_id, TaskState.RETRYING, TaskState.PENDING, actor=actor,
+                       detail={"reason": "waits for the sync job to dispatch it again"},
+                       values={"pending_reason": CANCELLED_ON_CONNECTION_LOSS})
+            outcome = TaskState.PENDING
+    logger.warning("run %s of task %s was cancelled on broker connection loss: now %s",
+                   dispatch_id, task_id, outcome)
+    return outcome

@@ -17,7 +17,7 @@ from aios.celery_app import RUN_TASK_NAME
 from aios.config import Settings
 from aios.log import task_id_var
 from aios.states import TaskState
-from workers.runner import execute, record_lost_run
+from workers.runner import execute, record_cancelled_run, record_lost_run
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,26 @@ class AiosRequest(Request):
     def on_failure(self, exc_info: ExceptionInfo, send_failed_event: bool = True, return_ok: bool = False) -> None:
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         exc = getattr(exc_info.exception, "exc", exc_info.exception)
-        if isinstance(exc, WorkerLostError):
+        if isinstance(exc, WorkerLostError) and not self._already_cancelled:
             self._record_lost(f"worker lost: {exc}", None)
+
+    def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
+        """Celery cancels the runs in hand when the broker connection is lost: it terminates the pool
+        process and leaves the message for the broker to deliver again, which a Redis without
+        persistence cannot do. The ledger settles the run here and now: the pool's failure callback
+        would come only after the consumer reconnected, and the consumer may retry for minutes."""
+        super().cancel(pool, signal=signal, emit_retry=emit_retry)
+        if self._already_cancelled and not self._already_revoked:
+            self._record_cancelled()
+
+    def _record_cancelled(self) -> None:
+        dispatch_id = (self.kwargs or {}).get("dispatch_id")
+        if not dispatch_id:
+            return
+        try:
+            record_cancelled_run(self._aios_settings(), self.id, dispatch_id, self.hostname)
+        except Exception:  # noqa: BLE001 - the main process must survive; the sync job repairs it later
+            logger.exception("could not record the cancelled run of task %s", self.id)
 
     def _record_lost(self, reason: str, target: TaskState | None) -> None:
         dispatch_id = (self.kwargs or {}).get("dispatch_id")

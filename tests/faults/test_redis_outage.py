@@ -11,11 +11,12 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 
 from tests.conftest import REPO_ROOT, authorize, wait_for
-from tests.faults.conftest import assert_nothing_lost, settle, wait_terminal
+from tests.faults.conftest import assert_nothing_lost, read_tasks, settle, wait_terminal
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -123,3 +124,51 @@ def test_every_task_accepted_around_a_20s_redis_outage_finishes_once_and_workers
     assert time.monotonic() - began < 60
     assert not any("Unrecoverable error" in w.log() for w in workers)
     celery.pool.force_close_all()
+
+
+def test_a_run_celery_cancels_when_redis_goes_away_is_settled_at_once_and_runs_again_once_it_returns(
+    private_redis, stack, admin, start_worker, effects, queue
+):
+    from aios.db import session_scope
+    from aios.models import Task
+    from webapi.app import create_app
+
+    # Given an agent on a private Redis (no persistence) running a long task
+    private = stack.override(broker={"url": private_redis.url},
+                             orchestrator={"lost_message_grace_s": LOST_MESSAGE_GRACE_S})
+    client = authorize(create_app(private.settings).test_client(), admin.key)
+    worker = start_worker([queue], concurrency=1, env={"AIOS_BROKER__URL": private_redis.url})
+    accepted = client.post("/api/v1/tasks", json=effects.task(queue, sleep_s=60, params={"retry_sleep_s": 0}))
+    assert accepted.status_code == 202, accepted.json
+    task_id = accepted.json["id"]
+    effects.wait_started(task_id)
+
+    # When Redis goes away (its queues with it): Celery cancels the run and leaves its message unacked
+    private_redis.stop()
+
+    # Then the agent settles the run in the ledger at once, instead of leaving it RUNNING for an hour
+    def parked() -> Any:
+        with session_scope(private.settings.database) as session:
+            row = session.get(Task, task_id)
+            return row.state == "PENDING" and row.pending_reason == "connection_lost" and row
+    try:
+        wait_for(parked, timeout=30, what="the cancelled run to be put back PENDING (connection_lost)")
+    except AssertionError as exc:
+        transitions = read_tasks(private.settings.database, [task_id])[task_id]["transitions"]
+        raise AssertionError(f"{exc}: {transitions}\n{worker.log()[-5000:]}") from None
+
+    # And once Redis is back, the next sync run dispatches it and it runs to the end, its effect once
+    private_redis.start()
+
+    def synced() -> bool:
+        result = subprocess.run([sys.executable, "-m", "aios.cli", "sync"], env=private.env, cwd=str(REPO_ROOT),
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode in (0, 1), result.stdout + result.stderr
+        return read_tasks(private.settings.database, [task_id])[task_id]["state"] in ("QUEUED", "RUNNING",
+                                                                                      "SUCCEEDED")
+    wait_for(synced, timeout=60, interval=1, what="a sync run to dispatch the task again")
+    tasks = assert_nothing_lost(private.settings.database, effects, [task_id], timeout=60)
+    assert tasks[task_id]["state"] == "SUCCEEDED" and tasks[task_id]["attempts"] == 2, tasks
+    assert tasks[task_id]["transitions"] == ["PENDING", "QUEUED", "RUNNING", "RETRYING", "PENDING", "QUEUED",
+                                             "RUNNING", "SUCCEEDED"], tasks
+    assert worker.process.poll() is None

@@ -444,6 +444,62 @@ def test_running_tasks_whose_agent_is_offline_or_unknown_are_retried_failed_or_d
     assert synced.wait_state(retry, "SUCCEEDED", timeout=30).attempts == 2
 
 
+def test_a_running_task_its_live_agent_no_longer_holds_is_retried_and_one_it_still_runs_is_left_alone(
+    synced, start_worker, queue
+):
+    from aios.db import session_scope
+    from aios.models import Task
+    from aios.timeutil import utcnow
+
+    # Given a live agent really running one long task
+    worker = start_worker([queue], concurrency=2, env=synced.env)
+    held = synced.submit({"type": "sleep", "parameters": {"seconds": 20}, "queue": queue})
+    assert synced.wait_state(held["id"], "RUNNING", timeout=30).agent == worker.hostname
+    # and a task the ledger says it runs, whose run ended without a word (an orphan), out of retries or not
+    orphan = craft_running(synced, agent=worker.hostname, queue=queue, max_retries=1, on_agent_lost="retry")
+    last_try = craft_running(synced, agent=worker.hostname, queue=queue, max_retries=0, on_agent_lost="retry")
+    # all of them started longer ago than the grace period
+    long_ago = utcnow() - timedelta(seconds=synced.settings.orchestrator.lost_message_grace_s + 60)
+    with session_scope(synced.settings.database) as session:
+        session.execute(update(Task).where(Task.id.in_([held["id"], orphan, last_try])).values(started_at=long_ago))
+
+    # When sync runs
+    run = synced.sync()
+
+    # Then the agent's inspect reply decides: the orphans follow the re-route rule, the held run goes on
+    assert run["errors"] == [], run["errors"]
+    assert run["found"]["orphaned_runs"] == 2 and run["found"]["lost_runs"] == 0, run["found"]
+    assert only_nonzero(run["changed"]) == {"retried": 1, "dead": 1}
+    assert synced.states([held["id"], last_try]) == {held["id"]: "RUNNING", last_try: "DEAD"}
+    reasons = [e.detail["reason"] for e in synced.events(orphan) if e.to_state == "RETRYING"]
+    assert reasons and "no longer runs it" in reasons[0], reasons
+    # And the agent runs the orphan again under a new dispatch
+    assert synced.wait_state(orphan, "SUCCEEDED", timeout=30).attempts == 2
+    assert synced.states([held["id"]]) == {held["id"]: "RUNNING"}
+
+
+def test_a_retry_decided_but_never_published_is_dispatched_by_the_next_run(synced, start_worker, queue):
+    from aios.db import session_scope
+    from aios.models import Task
+    from aios.states import TaskState, transition
+    from aios.timeutil import utcnow
+
+    # Given a task a process moved to RETRYING and then died before publishing it
+    task_id = craft_running(synced, agent="gone@nowhere", queue=queue, max_retries=2, on_agent_lost="retry")
+    with session_scope(synced.settings.database) as session:
+        assert transition(session, task_id, TaskState.RUNNING, TaskState.RETRYING, actor="test")
+    stale = utcnow() - timedelta(seconds=synced.settings.orchestrator.lost_message_grace_s + 1)
+    with session_scope(synced.settings.database) as session:
+        session.execute(update(Task).where(Task.id == task_id).values(updated_at=stale))
+
+    # When sync runs, Then it is queued again, and an agent runs it
+    run = synced.sync()
+    assert run["errors"] == [] and run["changed"]["dispatched"] == 1, run
+    assert synced.states([task_id]) == {task_id: "QUEUED"}
+    start_worker([queue], concurrency=1, env=synced.env)
+    assert synced.wait_state(task_id, "SUCCEEDED", timeout=30).attempts == 2
+
+
 # --------------------------------------------------------------------------- duplicates and late reports
 
 
