@@ -431,11 +431,30 @@ def dump_schemas(file: Path, settings: Settings) -> set[str]:
     return schemas
 
 
+#: Extensions an archive's index needs that a one-schema dump leaves out (pg_dump --schema dumps no
+#: extension): the task search index of migration 0007 uses pg_trgm's operator class, in schema public.
+_INDEX_EXTENSIONS = {"ix_tasks_search_trgm": "pg_trgm"}
+
+
+def _create_extensions(file: Path, settings: Settings) -> None:
+    """Create in the target, as migration 0007 does, the extensions the archive's indexes need; where this
+    role may not, pg_restore then fails naming the missing operator class (docs/backup.md)."""
+    listing = _pg_restore_list(file, settings)
+    for index, extension in _INDEX_EXTENSIONS.items():
+        if re.search(rf"^\d+; \d+ \d+ INDEX \S+ {re.escape(index)} ", listing, re.MULTILINE):
+            try:
+                with _scratch_connection(settings) as connection:
+                    connection.execute(text(f"CREATE EXTENSION IF NOT EXISTS {extension} SCHEMA public"))
+            except Exception as exc:  # noqa: BLE001 - pg_restore reports what is missing
+                logger.warning("restore: %s could not be created in the target (%s)", extension, _describe(exc))
+
+
 def _pg_restore(file: Path, settings: Settings) -> None:
     """pg_restore in one transaction, into the target URL's schema (renaming the dump's if they differ)."""
     target = PgTarget.from_url(settings.database.url)
     wanted = target.schema or "public"
     schemas = dump_schemas(file, settings)
+    _create_extensions(file, settings)
     base = [settings.backup.pg_restore, "--single-transaction", "--exit-on-error", "--no-owner", "--no-privileges",
             *target.args()]
     if schemas <= {wanted}:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, Text, and_, cast, func, or_, select
+from sqlalchemy import ColumnElement, Select, Text, and_, cast, func, literal_column, or_, select, text
 from sqlalchemy.orm import Session
 
 from aios.errors import ValidationFailed
@@ -64,8 +66,111 @@ def _like(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-def apply_filter(statement: Select[Any], where: TaskFilter, *, dialect: str) -> Select[Any]:
-    """Add ``where``'s conditions to a SELECT over tasks."""
+#: The pg_trgm GIN index over :func:`_search_text` (migration 0007).
+SEARCH_INDEX = "ix_tasks_search_trgm"
+_SEPARATOR = "\x1f"
+#: A word of the search text found in more than this share of the rows ANALYZE sampled is "common":
+#: leaving it out of the index lookup at most about doubles the rows checked, and saves reading a
+#: posting list about as long as the table.
+COMMON_WORD_SHARE = 0.5
+#: What pg_trgm indexes: runs of letters and digits; a run under 3 characters makes no trigram alone.
+_WORD = re.compile(r"[^\W_]{3,}")
+#: How long a process reuses the sample of search texts it read from pg_stats (ANALYZE renews it when
+#: about a tenth of the table has changed, so minutes are fresh enough).
+SAMPLE_MAX_AGE_S = 300.0
+#: The planner's sample of the search text: the histogram ANALYZE keeps for the index expression.
+_SAMPLE_SQL = text("""
+    SELECT s.histogram_bounds::text::text[]
+    FROM pg_class c
+    JOIN pg_namespace ns ON ns.oid = c.relnamespace
+    JOIN pg_stats s ON s.schemaname = ns.nspname AND s.tablename = c.relname AND s.attname = 'expr'
+    WHERE c.oid = to_regclass(:index)
+""")
+_samples: dict[str, tuple[float, tuple[str, ...]]] = {}
+
+
+def _search_text() -> ColumnElement[str]:
+    """On PostgreSQL, the searched fields as one text: the expression migration 0007 indexes with pg_trgm.
+
+    Spelled exactly as there (``SEARCH_TEXT_SQL``), constants inline (a bound '' would not match): the
+    planner uses an expression index only for the same expression. The fields are joined by the ASCII
+    unit separator, so a match spans two fields only if the search text holds that character.
+    """
+    separator = literal_column("E'\\x1f'", Text)
+    empty = literal_column("''", Text)
+    return (Task.type + separator + func.coalesce(Task.error, empty, type_=Text) + separator
+            + cast(Task.parameters, Text) + separator + func.coalesce(cast(Task.result, Text), empty, type_=Text))
+
+
+def search_sample(session: Session) -> tuple[str, ...]:
+    """Up to ~100 search texts ANALYZE sampled (lower case), read at most every SAMPLE_MAX_AGE_S per database.
+
+    Empty without statistics: never analysed, no index (pg_trgm missing), or not readable by this role.
+    """
+    key = str(session.get_bind().url)
+    now = time.monotonic()
+    cached = _samples.get(key)
+    if cached is None or now - cached[0] > SAMPLE_MAX_AGE_S:
+        values = session.scalar(_SAMPLE_SQL, {"index": SEARCH_INDEX}) or []
+        cached = _samples[key] = (now, tuple(value.lower() for value in values))
+    return cached[1]
+
+
+def index_words(q: str, sample: Sequence[str]) -> tuple[str, ...]:
+    """The words of ``q`` to look up in the search index instead of the whole text; () for the whole text.
+
+    A trigram GIN lookup costs about (candidate rows) x (trigrams of the pattern), and a trigram of a
+    word found in most rows has a posting list about as long as the table: ``customer-4242`` among a
+    million ``customer-N`` rows spends ~70 ms in the index on the trigrams of ``customer`` and under
+    1 ms on those of ``4242``. So when the whole text is in none of the sampled search texts (rare: the
+    newest-first walk would not find it soon either) but some of its words are in most of them, only
+    the other words are looked up; the rows found are then checked against the whole text, field by
+    field. ``sample``: :func:`search_sample`, lower case.
+    """
+    words = list(dict.fromkeys(word.lower() for word in _WORD.findall(q)))
+    if len(words) < 2 or not sample:
+        return ()
+
+    def share(part: str) -> float:
+        return sum(part in sampled for sampled in sample) / len(sample)
+
+    if share(q.lower()) > 0:
+        return ()
+    rare = tuple(word for word in words if share(word) <= COMMON_WORD_SHARE)
+    return rare if 0 < len(rare) < len(words) else ()
+
+
+def _matches(q: str, *, dialect: str, index_words: Sequence[str] = ()) -> ColumnElement[bool]:
+    """Tasks whose type, error, parameters or result (as JSON text) hold ``q``, in any case.
+
+    The JSON columns are matched as their stored text, where a string's " and \\ are escaped (and, on
+    SQLite, non-ASCII letters are \\u escapes): there the text is looked for as JSON would spell it.
+    """
+    plain = _like(q)
+    as_json = _like(json.dumps(q, ensure_ascii=dialect == "sqlite")[1:-1])
+    per_field = or_(
+        Task.type.ilike(plain, escape="\\"),
+        func.coalesce(Task.error, "").ilike(plain, escape="\\"),
+        cast(Task.parameters, Text).ilike(as_json, escape="\\"),
+        func.coalesce(cast(Task.result, Text), "").ilike(as_json, escape="\\"),
+    )
+    if dialect != "postgresql":
+        return per_field
+    search_text = _search_text()
+    if index_words:
+        # The index finds the rows holding these words; per_field (which no index serves) decides.
+        return and_(*(search_text.ilike(f"%{word}%") for word in index_words), per_field)
+    # One ILIKE over the indexed expression. It is exact when the text reads the same in every field
+    # and cannot span two; otherwise (a " or \ or control character, which JSON escapes) it only
+    # narrows the rows through the index, and per_field decides.
+    if plain == as_json and _SEPARATOR not in q:
+        return search_text.ilike(plain, escape="\\")
+    return and_(or_(search_text.ilike(plain, escape="\\"), search_text.ilike(as_json, escape="\\")), per_field)
+
+
+def apply_filter(statement: Select[Any], where: TaskFilter, *, dialect: str,
+                 index_words: Sequence[str] = ()) -> Select[Any]:
+    """Add ``where``'s conditions to a SELECT over tasks (``index_words``: see :func:`index_words`)."""
     if where.states:
         statement = statement.where(Task.state.in_(where.states))
     if where.type:
@@ -87,25 +192,18 @@ def apply_filter(statement: Select[Any], where: TaskFilter, *, dialect: str) -> 
     if where.ids:
         statement = statement.where(Task.id.in_(where.ids))
     if where.q:
-        plain = _like(where.q)
-        # The JSON columns are matched as their stored text, where a string's " and \ are escaped (and,
-        # on SQLite, non-ASCII letters are \u escapes): look for the text as JSON would spell it.
-        as_json = _like(json.dumps(where.q, ensure_ascii=dialect == "sqlite")[1:-1])
-        statement = statement.where(or_(
-            Task.type.ilike(plain, escape="\\"),
-            func.coalesce(Task.error, "").ilike(plain, escape="\\"),
-            cast(Task.parameters, Text).ilike(as_json, escape="\\"),
-            func.coalesce(cast(Task.result, Text), "").ilike(as_json, escape="\\"),
-        ))
+        statement = statement.where(_matches(where.q, dialect=dialect, index_words=index_words))
     return statement
 
 
-def _dialect(session: Session) -> str:
-    return session.get_bind().dialect.name
+def _filtered(session: Session, statement: Select[Any], where: TaskFilter) -> Select[Any]:
+    dialect = session.get_bind().dialect.name
+    words = index_words(where.q, search_sample(session)) if where.q and dialect == "postgresql" else ()
+    return apply_filter(statement, where, dialect=dialect, index_words=words)
 
 
 def count_tasks(session: Session, where: TaskFilter) -> int:
-    statement = apply_filter(select(func.count()).select_from(Task), where, dialect=_dialect(session))
+    statement = _filtered(session, select(func.count()).select_from(Task), where)
     return int(session.scalar(statement) or 0)
 
 
@@ -183,7 +281,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 def _after(sort: str, values: Sequence[Any]) -> Any:
     """Rows strictly after ``values`` in ``sort`` order: (a, b, c) > (x, y, z), spelled out so every
-    database (and its index on the leading column) takes it."""
+    database takes it, plus the redundant a >= x that lets an index on the leading column start the
+    scan at the cursor (PostgreSQL does not take an OR as an index range: a deep page would otherwise
+    walk every newer row again)."""
     descending = sort.startswith("-")
     columns = _key_columns(sort)
     alternatives = []
@@ -191,7 +291,8 @@ def _after(sort: str, values: Sequence[Any]) -> Any:
         equal = [columns[i] == values[i] for i in range(index)]
         beyond = column < values[index] if descending else column > values[index]
         alternatives.append(and_(*equal, beyond))
-    return or_(*alternatives)
+    start = columns[0] <= values[0] if descending else columns[0] >= values[0]
+    return and_(start, or_(*alternatives))
 
 
 def list_tasks(session: Session, where: TaskFilter, *, limit: int, cursor: str | None,
@@ -199,7 +300,7 @@ def list_tasks(session: Session, where: TaskFilter, *, limit: int, cursor: str |
     """One page in ``sort`` order (newest first by default) and the cursor of the next page, if any."""
     if sort not in SORTS:
         raise ValidationFailed(f"sort: must be one of {', '.join(SORTS)} (got {sort!r})", field="sort")
-    statement = apply_filter(select(Task), where, dialect=_dialect(session))
+    statement = _filtered(session, select(Task), where)
     if cursor:
         statement = statement.where(_after(sort, decode_sorted_cursor(cursor, sort)))
     columns = _key_columns(sort)
