@@ -109,8 +109,10 @@ def register(session: Session, spec: AgentSpec, *, max_agents: int, update_exist
     return agent, True
 
 
-def get_agent(session: Session, name: str) -> Agent:
-    agent = session.get(Agent, name)
+def get_agent(session: Session, name: str, *, for_update: bool = False) -> Agent:
+    """The agent's row; ``for_update`` locks it until the transaction ends, for a read-decide-write of
+    its status (a heartbeat and an operator's PATCH must not each overwrite what the other decided)."""
+    agent = session.get(Agent, name, with_for_update=for_update or None)
     if agent is None:
         raise NotFound(f"no agent named {name!r}", field="name")
     return agent
@@ -149,7 +151,7 @@ class HeartbeatOutcome:
 def record_heartbeat(settings: Settings, name: str, *, resources: dict[str, Any], active: int,
                      processed: int) -> HeartbeatOutcome:
     with session_scope(settings.database) as session:
-        agent = get_agent(session, name)
+        agent = get_agent(session, name, for_update=True)
         agent.last_heartbeat_at, agent.resources = utcnow(), resources
         agent.active, agent.processed, agent.updated_at = active, processed, utcnow()
         old = reevaluate(session, settings, agent)
@@ -218,7 +220,7 @@ def set_admin_status(settings: Settings, celery: Celery, name: str, status: str)
     if status not in ADMIN_STATUSES:
         raise ValidationFailed(f"status: must be one of {', '.join(ADMIN_STATUSES)}", field="status")
     with session_scope(settings.database) as session:
-        agent = get_agent(session, name)
+        agent = get_agent(session, name, for_update=True)
         agent.admin_status = "ACTIVE" if status == "ONLINE" else status
         agent.updated_at = utcnow()
         reevaluate(session, settings, agent)
