@@ -11,8 +11,9 @@ Settings that matter for delivery, and why:
   really are ten (the default folds them into four lists).
 * ``visibility_timeout`` is set everywhere Celery reads it and is checked (in the config loader)
   to exceed the longest task timeout, or Redis would redeliver tasks that are still running.
-* Events on (``worker_send_task_events``, ``task_send_sent_event``): Flower and ``celery events``
-  see AIOS agents as ordinary Celery workers.
+* Worker events on (``worker_send_task_events``): Flower and ``celery events`` see AIOS agents as
+  ordinary Celery workers. The publisher's ``task-sent`` event is off unless
+  ``broker.send_task_sent_events`` (a second publish per task; the ledger records the moment anyway).
 * ``worker_pool_restarts``: the ``pool_restart`` control command (Flower's and AIOS's
   ``pool/restart``) is refused without it. AIOS sends it with no modules to reload, so it only asks
   each pool process to exit after its current task and be replaced: nothing running is killed.
@@ -121,7 +122,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_publish_retry_policy": publish_retry_policy,
         # --- monitoring: Flower and `celery events` see AIOS agents ---
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        "task_send_sent_event": broker.send_task_sent_events,
         "task_track_started": False,
         "worker_pool_restarts": True,
         "worker_hijack_root_logger": False,

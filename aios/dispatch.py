@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: Message header with the publish time (ISO 8601, UTC); Celery's own headers carry none.
 PUBLISHED_AT_HEADER = "aios_published_at"
+#: Messages per Redis pipeline round trip when several are published at once.
+PUBLISH_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -128,16 +130,16 @@ def create_tasks(session: Session, specs: Sequence[TaskSpec], *, actor: str) -> 
     return tasks
 
 
-def submit_idempotent(settings: Settings, spec: TaskSpec, *, actor: str) -> tuple[Task, bool]:
-    """Create one task, or return the task an earlier request with the same Idempotency-Key made.
+def accept_idempotent(celery: Celery, settings: Settings, spec: TaskSpec, *, actor: str) -> tuple[Task, bool]:
+    """Store and dispatch one task (:func:`accept_tasks`), or return the task an earlier request with
+    the same Idempotency-Key made.
 
     The unique index on ``idempotency_key`` decides races between concurrent requests. Returns
     ``(task, created)``. A key reused with a different request is a 409.
     """
     try:
-        with session_scope(settings.database) as session:
-            (task,) = create_tasks(session, [spec], actor=actor)
-        return task, True
+        (row,) = accept_tasks(celery, settings, [spec], actor=actor).rows
+        return Task(**row), True  # transient: what was written, without reading it back
     except IntegrityError:
         if spec.idempotency_key is None:
             raise
@@ -152,6 +154,101 @@ def submit_idempotent(settings: Settings, spec: TaskSpec, *, actor: str) -> tupl
         return existing, False
 
 
+@dataclass
+class Accepted:
+    """What :func:`accept_tasks` stored and published."""
+
+    #: The stored rows (the columns written, as dicts), in the order of the specs.
+    rows: list[dict[str, Any]]
+    outcome: DispatchOutcome
+
+    @property
+    def ids(self) -> list[str]:
+        return [row["id"] for row in self.rows]
+
+
+def accept_tasks(celery: Celery, settings: Settings, specs: Sequence[TaskSpec], *, actor: str) -> Accepted:
+    """Store and dispatch new tasks in one transaction, then publish: the API's submit path.
+
+    The same outbox as :func:`create_tasks` followed by :func:`dispatch`, in one commit instead of
+    three: placement is decided first (it reads the healthy agents, never the new rows), then every
+    task that can go now is inserted already ``QUEUED`` with its dispatch id, and its timeline gets
+    both events (created ``PENDING``, then ``QUEUED``) in the same commit. Publishing comes after the
+    commit, exactly as in :func:`dispatch`, and a failed publish moves the task back to ``PENDING``
+    (fenced); a process that dies in between leaves a ``QUEUED`` row without a message, which the sync
+    job's lost-message step re-dispatches. Rows are written with set-based INSERTs (no per-row ORM
+    flush). Raises IntegrityError on a duplicate ``idempotency_key`` (nothing is stored then).
+    """
+    from aios.placement import Placeable, place
+    from aios.scheduled import hold_until
+
+    now = utcnow()
+    ids = [new_task_id() for _ in specs]
+    held = [hold_until(spec.run_at, spec.delay_s, now=now) for spec in specs]
+    placed = place(settings, [
+        Placeable(id=task_id, type=spec.type, routing=spec.routing, pinned_agent=spec.pinned_agent, queue=spec.queue)
+        for task_id, spec, run_at in zip(ids, specs, held, strict=True) if run_at is None
+    ])
+    rows: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    dispatches: list[Dispatch] = []
+    actor = actor[:128]
+    for task_id, spec, run_at in zip(ids, specs, held, strict=True):
+        queue = placed.get(task_id)
+        row = {
+            "id": task_id, "type": spec.type, "parameters": spec.parameters, "priority": spec.priority,
+            "queue": queue or spec.queue, "state": TaskState.PENDING.value, "run_at": run_at, "attempts": 0,
+            "max_retries": spec.max_retries, "timeout_s": spec.timeout_s, "idempotency_key": spec.idempotency_key,
+            "retry_of": spec.retry_of, "owner": spec.owner, "routing": spec.routing,
+            "pinned_agent": spec.pinned_agent, "on_agent_lost": spec.on_agent_lost, "dispatch_id": None,
+            "pending_reason": None, "queued_at": None, "created_at": now, "updated_at": now,
+        }
+        created: dict[str, Any] = {"priority": spec.priority, "queue": spec.queue}
+        if spec.retry_of:
+            created["retry_of"] = spec.retry_of
+        if run_at is not None:
+            row["state"] = TaskState.SCHEDULED.value
+            created["run_at"] = isoformat(run_at)
+        elif queue is None:
+            row["pending_reason"] = "no_healthy_agent"
+        events.append({"task_id": task_id, "at": now, "actor": actor, "from_state": None,
+                       "to_state": row["state"], "detail": created})
+        if run_at is None and queue is not None:
+            row.update(state=TaskState.QUEUED.value, dispatch_id=str(uuid.uuid4()), queued_at=now)
+            events.append({"task_id": task_id, "at": now, "actor": actor, "from_state": TaskState.PENDING.value,
+                           "to_state": TaskState.QUEUED.value, "detail": {"queue": queue}})
+            dispatches.append(Dispatch(task_id=task_id, dispatch_id=row["dispatch_id"], queue=queue,
+                                       priority=spec.priority, timeout_s=spec.timeout_s))
+        rows.append(row)
+    from sqlalchemy import insert
+
+    from aios.models import TaskEvent
+
+    with session_scope(settings.database) as session:
+        # Core INSERTs on the tables: one multi-row statement each (the ORM's bulk INSERT would split
+        # the rows by their pattern of None values).
+        session.execute(insert(Task.__table__), rows)
+        session.execute(insert(TaskEvent.__table__), events)
+    outcome = DispatchOutcome(pending=[row["id"] for row in rows if row["state"] == TaskState.PENDING.value])
+    failures = publish(celery, settings, dispatches)
+    outcome.queued = [d.task_id for d in dispatches if d.task_id not in failures]
+    if failures:
+        by_id = {d.task_id: d for d in dispatches}
+        row_of = {row["id"]: row for row in rows}
+        with session_scope(settings.database) as session:
+            for task_id, error in failures.items():
+                # Fenced: only our own dispatch goes back to PENDING.
+                if transition_many(session, [task_id], TaskState.QUEUED, TaskState.PENDING, actor=actor,
+                                   fence=by_id[task_id].dispatch_id,
+                                   detail={"reason": "publish failed", "error": error[:500]},
+                                   values={"pending_reason": "publish_failed"}):
+                    row_of[task_id].update(state=TaskState.PENDING.value, pending_reason="publish_failed",
+                                           updated_at=utcnow())
+        outcome.errors = failures
+        outcome.pending += list(failures)
+    return Accepted(rows=rows, outcome=outcome)
+
+
 def backoff_s(settings: Settings, attempt: int, *, rng: random.Random | None = None) -> float:
     """Delay before retry number ``attempt`` (1-based): exponential, capped, full jitter."""
     orchestrator = settings.orchestrator
@@ -162,38 +259,34 @@ def backoff_s(settings: Settings, attempt: int, *, rng: random.Random | None = N
 def publish(celery: Celery, settings: Settings, dispatches: Sequence[Dispatch]) -> dict[str, str]:
     """Publish one message per dispatch over one producer connection; returns failures (id → error).
 
-    Each publish retries a bounded number of times (``broker.publish_max_retries`` within
-    ``publish_timeout_s``); once the broker has failed, the rest are not even tried, so a batch
-    against a dead broker costs one timeout, not one per task.
+    Several messages go in chunks of :data:`PUBLISH_CHUNK` through kombu's publish batch (one Redis
+    pipeline round trip per chunk instead of one per message; transports without batches publish each
+    at once). A chunk whose flush fails counts as failed whole, even if Redis took part of it: those
+    tasks go back to PENDING and are dispatched again under a new dispatch id, so a message that did
+    land is fenced off when it arrives (:mod:`workers.runner`). A single message retries a bounded number
+    of times (``broker.publish_max_retries`` within ``publish_timeout_s``); once the broker has failed,
+    the rest are not even tried, so a batch against a dead broker costs one timeout, not one per task.
     """
     failures: dict[str, str] = {}
     if not dispatches:
         return failures
-    grace = settings.orchestrator.timeout_grace_s
+    chunks = [dispatches[start:start + PUBLISH_CHUNK] for start in range(0, len(dispatches), PUBLISH_CHUNK)]
     try:
         with celery.producer_or_acquire() as producer:
-            for index, item in enumerate(dispatches):
+            for index, chunk in enumerate(chunks):
                 try:
-                    celery.send_task(
-                        RUN_TASK_NAME,
-                        kwargs={"dispatch_id": item.dispatch_id},
-                        task_id=item.task_id,
-                        queue=queue_name(settings, item.queue),
-                        priority=to_transport(item.priority),
-                        soft_time_limit=item.timeout_s,
-                        time_limit=item.timeout_s + grace,
-                        countdown=item.countdown_s,
-                        # Lets GET /queues tell how long the oldest message has waited.
-                        headers={PUBLISHED_AT_HEADER: isoformat(utcnow())},
-                        producer=producer,
-                        retry=True,
-                        retry_policy=celery.conf.task_publish_retry_policy,
-                    )
+                    if len(chunk) == 1:
+                        _send(celery, settings, producer, chunk[0])
+                    else:
+                        with producer.batch(max_size=len(chunk) * 2):
+                            for item in chunk:
+                                _send(celery, settings, producer, item)
                 except Exception as exc:  # noqa: BLE001 - any broker error leaves the rest PENDING
                     message = f"{type(exc).__name__}: {exc}"
-                    logger.warning("publish failed, %d task(s) stay PENDING: %s", len(dispatches) - index, message)
-                    for rest in dispatches[index:]:
-                        failures[rest.task_id] = message
+                    rest = [item for later in chunks[index:] for item in later]
+                    logger.warning("publish failed, %d task(s) stay PENDING: %s", len(rest), message)
+                    for item in rest:
+                        failures[item.task_id] = message
                     break
     except Exception as exc:  # noqa: BLE001 - could not even get a connection
         message = f"{type(exc).__name__}: {exc}"
@@ -201,6 +294,28 @@ def publish(celery: Celery, settings: Settings, dispatches: Sequence[Dispatch]) 
         for item in dispatches:
             failures.setdefault(item.task_id, message)
     return failures
+
+
+def _send(celery: Celery, settings: Settings, producer: Any, item: Dispatch) -> None:
+    grace = settings.orchestrator.timeout_grace_s
+    celery.send_task(
+        RUN_TASK_NAME,
+        kwargs={"dispatch_id": item.dispatch_id},
+        # Given, so Celery need not saferepr() them for every message (a tenth of a publish's time).
+        argsrepr="()",
+        kwargsrepr=f"{{'dispatch_id': '{item.dispatch_id}'}}",
+        task_id=item.task_id,
+        queue=queue_name(settings, item.queue),
+        priority=to_transport(item.priority),
+        soft_time_limit=item.timeout_s,
+        time_limit=item.timeout_s + grace,
+        countdown=item.countdown_s,
+        # Lets GET /queues tell how long the oldest message has waited.
+        headers={PUBLISHED_AT_HEADER: isoformat(utcnow())},
+        producer=producer,
+        retry=True,
+        retry_policy=celery.conf.task_publish_retry_policy,
+    )
 
 
 def dispatch(

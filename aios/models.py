@@ -30,6 +30,9 @@ from aios.timeutil import as_utc, utcnow
 
 #: JSON on SQLite, JSONB on PostgreSQL (indexable, compact).
 JsonValue = JSON().with_variant(JSONB(), "postgresql")
+#: Like JsonValue, but Python None is SQL NULL whichever way the row is written (the ORM leaves a None
+#: out, a Core multi-row INSERT binds it): timeline details are written both ways.
+JsonOrNull = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 #: BIGINT identity on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -129,7 +132,7 @@ class TaskEvent(Base):
     actor: Mapped[str] = mapped_column(String(128))
     from_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     to_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    detail: Mapped[dict[str, Any] | None] = mapped_column(JsonValue, nullable=True)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JsonOrNull, nullable=True)
 
     task: Mapped[Task] = relationship(back_populates="events")
 

@@ -1,8 +1,8 @@
 """Routing state shared by every API process: the round-robin cursor and weighted credits.
 
-Held in Redis under a short lock when the broker is Redis, else in the ``routing_state`` table under a
-row lock. Reading, computing (with the pure functions of :mod:`aios.routing`) and writing happen under
-that one lock, so two API processes never hand out the same turn.
+Held in Redis (an optimistic WATCH/MULTI transaction) when the broker is Redis, else in the
+``routing_state`` table under a row lock. Reading, computing (with the pure functions of
+:mod:`aios.routing`) and writing are one atomic step, so two API processes never hand out the same turn.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ Result = TypeVar("Result")
 Update = Callable[[dict[str, Any]], tuple[Result, dict[str, Any]]]
 
 _redis_clients: dict[str, Any] = {}
+#: Tries of the optimistic WATCH/MULTI update before giving up (each lost try means another writer won).
+REDIS_STATE_ATTEMPTS = 50
 
 
 def _redis(settings: Settings) -> Any:
@@ -49,13 +51,26 @@ def with_state(settings: Settings, key: str, update: Update[Result]) -> Result:
 
 
 def _with_redis_state(settings: Settings, key: str, update: Update[Result]) -> Result:
+    """Optimistic: WATCH the key, compute, write in MULTI; a concurrent writer makes EXEC fail and the
+    turn is computed again from what it wrote. No lock to wait for: redis-py's lock polls every 100 ms,
+    which under eight concurrent submits was most of a submit's time (BENCHMARKS.md)."""
+    import redis
+
     client = _redis(settings)
     name = f"{settings.broker.key_prefix}aios:routing:{key}"
-    with client.lock(f"{name}:lock", timeout=5, blocking_timeout=3):
-        raw = client.get(name)
-        result, state = update(json.loads(raw) if raw else {})
-        client.set(name, json.dumps(state))
-    return result
+    for _ in range(REDIS_STATE_ATTEMPTS):
+        with client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(name)
+                raw = pipe.get(name)
+                result, state = update(json.loads(raw) if raw else {})
+                pipe.multi()
+                pipe.set(name, json.dumps(state))
+                pipe.execute()
+                return result
+            except redis.WatchError:
+                continue
+    raise RuntimeError(f"routing state {key}: {REDIS_STATE_ATTEMPTS} concurrent writers in a row won the race")
 
 
 def _with_database_state(settings: Settings, key: str, update: Update[Result]) -> Result:

@@ -182,4 +182,7 @@ def record_events(
         for task_id in task_ids
     ]
     if rows:
-        session.execute(insert(TaskEvent), rows)
+        # The table, not the ORM entity: an ORM bulk INSERT splits the rows into one statement per
+        # pattern of None values (a per-task detail makes that one statement per row); Core sends
+        # them as one multi-row INSERT.
+        session.execute(insert(TaskEvent.__table__), rows)

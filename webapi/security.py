@@ -138,7 +138,7 @@ def _authenticate_key(presented: str) -> Principal:
         row = api_keys.authenticate(session, presented, source_ip=client_ip())
         if row is None:
             raise Unauthorized("invalid, revoked or expired API key")
-        owner = session.get(User, row.owner_id)
+        owner = row.owner  # loaded with the key (api_keys.authenticate)
         if owner is None or owner.disabled:
             raise Unauthorized("the owner of this API key is disabled")
         # The owner's role is read on every request too: a demotion holds at once for their keys.

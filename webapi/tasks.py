@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from aios.bulk import BULK_DEFAULT_LIMIT, BULK_MAX, run_bulk
 from aios.config import Settings
 from aios.db import session_scope
-from aios.dispatch import TaskSpec, create_tasks, dispatch, submit_idempotent
+from aios.dispatch import TaskSpec, accept_idempotent, accept_tasks
 from aios.errors import Conflict, ValidationFailed
 from aios.ledger import cancel_task, get_task, retry_task, task_to_dict
 from aios.scheduled import MAX_AHEAD_S, requested_run_at
@@ -157,16 +157,14 @@ def accept(spec: TaskSpec) -> tuple[dict[str, Any], bool]:
     whether it was created. POST /tasks and POST /commands share it."""
     context = ctx()
     check_pinned(context.settings, spec)
-    task, created = submit_idempotent(context.settings, spec, actor=_actor())
+    # Stored and dispatched in one commit; a SCHEDULED task is started by beat at its time.
+    task, created = accept_idempotent(context.celery, context.settings, spec, actor=_actor())
     set_audit(target=task.id, type=spec.type, replayed=not created)
     if created:
         from webapi.metrics import count_submitted
 
         count_submitted([spec.type])
-    if created and task.state == TaskState.PENDING:  # a SCHEDULED task is started by beat at its time
-        dispatch(context.celery, context.settings, [task.id], actor=_actor())
-    with session_scope(context.settings.database) as session:
-        return task_to_dict(get_task(session, task.id)), created
+    return task_to_dict(task), created
 
 
 @bp.post("/batch")
@@ -188,22 +186,19 @@ def submit_batch() -> Any:
     ]
     for index, spec in enumerate(specs):
         check_pinned(settings, spec, field=f"tasks.{index}.agent")
-    with session_scope(settings.database) as session:
-        created = create_tasks(session, specs, actor=_actor())
-    ids = [task.id for task in created]
-    now_ids = [task.id for task in created if task.state == TaskState.PENDING]
+    accepted = accept_tasks(context.celery, settings, specs, actor=_actor())
+    ids = accepted.ids
     set_audit(count=len(ids))
     from webapi.metrics import count_submitted
 
     count_submitted([spec.type for spec in specs])
-    outcome = dispatch(context.celery, settings, now_ids, actor=_actor())
-    pending = set(outcome.pending)
+    queued, pending = len(accepted.outcome.queued), len(accepted.outcome.pending)
     return jsonify({
         "ids": ids,
         "count": len(ids),
-        "queued": len(now_ids) - len(pending),
-        "pending": len(pending),
-        "scheduled": len(ids) - len(now_ids),
+        "queued": queued,
+        "pending": pending,
+        "scheduled": len(ids) - queued - pending,
     }), 202
 
 

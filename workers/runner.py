@@ -31,6 +31,8 @@ from aios.errors import TaskFailure, TaskTimedOut, ValidationFailed
 from aios.models import Task
 from aios.states import TaskState, record_events, transition
 from aios.tasktypes import TaskContext, get_registry
+from aios.timeutil import utcnow
+from workers import fenced_writes
 
 logger = logging.getLogger(__name__)
 
@@ -85,30 +87,42 @@ def claim(settings: Settings, task_id: str, dispatch_id: str, agent: str) -> Cla
 
 def _claim(settings: Settings, task_id: str, dispatch_id: str, agent: str) -> Claim | None:
     actor = f"worker:{agent}"
+    detail = {"dispatch_id": dispatch_id}
+    if fenced_writes.supported(settings):  # one statement: the move, its event, the run's columns
+        row = fenced_writes.claim(settings, task_id, dispatch_id, agent, actor=actor, detail=detail, now=utcnow())
+        if row is not None:
+            return Claim(task_id=task_id, dispatch_id=dispatch_id, agent=agent, type=row.type,
+                         parameters=row.parameters, attempt=row.attempts, max_retries=row.max_retries)
+        with session_scope(settings.database) as session:
+            return _not_claimed(session, task_id, dispatch_id, actor)
     with session_scope(settings.database) as session:
         claimed = transition(
             session, task_id, TaskState.QUEUED, TaskState.RUNNING, actor=actor, fence=dispatch_id,
             values={"agent": agent, "attempts": Task.attempts + 1, "finished_at": None,
                     "progress": None, "progress_message": None},  # progress describes the current run
-            detail={"dispatch_id": dispatch_id},
+            detail=detail,
         )
-        row = session.execute(
-            select(Task.state, Task.dispatch_id, Task.type, Task.parameters, Task.attempts, Task.max_retries)
-            .where(Task.id == task_id)
-        ).first()
-        if row is None:
-            logger.warning("delivery for unknown task %s dropped", task_id)
-            return None
         if not claimed:
-            reason = "cancelled" if row.state == TaskState.CANCELLED else (
-                "duplicate delivery" if row.dispatch_id == dispatch_id else "stale dispatch")
-            logger.info("skipping task %s: %s (state %s)", task_id, reason, row.state)
-            record_events(session, [task_id], actor=actor, from_state=None, to_state=None,
-                          detail={"note": f"delivery skipped: {reason}", "dispatch_id": dispatch_id,
-                                  "state": row.state})
-            return None
+            return _not_claimed(session, task_id, dispatch_id, actor)
+        row = session.execute(
+            select(Task.type, Task.parameters, Task.attempts, Task.max_retries).where(Task.id == task_id)
+        ).one()
         return Claim(task_id=task_id, dispatch_id=dispatch_id, agent=agent, type=row.type,
                      parameters=row.parameters, attempt=row.attempts, max_retries=row.max_retries)
+
+
+def _not_claimed(session: Any, task_id: str, dispatch_id: str, actor: str) -> None:
+    """The claim moved nothing: say why (a note on the timeline), or drop a delivery for an unknown task."""
+    row = session.execute(select(Task.state, Task.dispatch_id).where(Task.id == task_id)).first()
+    if row is None:
+        logger.warning("delivery for unknown task %s dropped", task_id)
+        return None
+    reason = "cancelled" if row.state == TaskState.CANCELLED else (
+        "duplicate delivery" if row.dispatch_id == dispatch_id else "stale dispatch")
+    logger.info("skipping task %s: %s (state %s)", task_id, reason, row.state)
+    record_events(session, [task_id], actor=actor, from_state=None, to_state=None,
+                  detail={"note": f"delivery skipped: {reason}", "dispatch_id": dispatch_id, "state": row.state})
+    return None
 
 
 def finish(settings: Settings, work: Claim, target: TaskState, **values: Any) -> bool:
@@ -118,20 +132,30 @@ def finish(settings: Settings, work: Claim, target: TaskState, **values: Any) ->
 
 
 def _finish(settings: Settings, work: Claim, target: TaskState, **values: Any) -> bool:
+    detail: dict[str, Any] = {"attempt": work.attempt}
+    if values.get("error"):
+        detail["error"] = values["error"][:500]
+    if fenced_writes.supported(settings):  # one statement: the fenced move and its event
+        if fenced_writes.outcome(settings, work.task_id, work.dispatch_id, target, values, actor=work.actor,
+                                 detail=detail, now=utcnow()):
+            return True
+        with session_scope(settings.database) as session:
+            return _not_finished(session, work, target)
     with session_scope(settings.database) as session:
-        detail: dict[str, Any] = {"attempt": work.attempt}
-        if values.get("error"):
-            detail["error"] = values["error"][:500]
         done = transition(session, work.task_id, TaskState.RUNNING, target, actor=work.actor,
                           fence=work.dispatch_id, values=values, detail=detail)
-        if not done:
-            row = session.execute(select(Task.state, Task.dispatch_id).where(Task.id == work.task_id)).first()
-            if row is not None and row.state == target and row.dispatch_id == work.dispatch_id:
-                return True  # our own earlier attempt committed, but its confirmation was lost (a retry)
-            record_events(session, [work.task_id], actor=work.actor, from_state=None, to_state=None,
-                          detail={"note": f"late report ignored: run ended {target} after the task moved on",
-                                  "dispatch_id": work.dispatch_id})
-    return done
+        return done or _not_finished(session, work, target)
+
+
+def _not_finished(session: Any, work: Claim, target: TaskState) -> bool:
+    """The outcome moved nothing: True if our own earlier attempt had recorded it, else a note and False."""
+    row = session.execute(select(Task.state, Task.dispatch_id).where(Task.id == work.task_id)).first()
+    if row is not None and row.state == target and row.dispatch_id == work.dispatch_id:
+        return True  # our own earlier attempt committed, but its confirmation was lost (a retry)
+    record_events(session, [work.task_id], actor=work.actor, from_state=None, to_state=None,
+                  detail={"note": f"late report ignored: run ended {target} after the task moved on",
+                          "dispatch_id": work.dispatch_id})
+    return False
 
 
 def fail_or_retry(celery: Celery, settings: Settings, work: Claim, error: str) -> TaskState:

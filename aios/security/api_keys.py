@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from aios.models import ApiKey
 from aios.timeutil import as_utc, utcnow
@@ -72,7 +72,9 @@ def authenticate(session: Session, presented: str, *, source_ip: str | None) -> 
     if parts is None:
         return None
     prefix, secret = parts
-    row = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
+    # The owner comes in the same query: the caller checks them on every request (disabled, role).
+    row = session.scalars(select(ApiKey).options(joinedload(ApiKey.owner))
+                          .where(ApiKey.prefix == prefix)).one_or_none()
     if row is None or not hmac.compare_digest(row.secret_hash, hash_secret(secret)):
         return None
     now = utcnow()

@@ -1,0 +1,137 @@
+"""A run's two ledger writes, the claim and the outcome, each as one statement on PostgreSQL.
+
+Why: with no-op tasks an agent's throughput is bounded by its round trips to the database, not by
+work. Through :func:`aios.states.transition` and a pooled session a claim took six round trips (pool
+ping, BEGIN, UPDATE, INSERT of the event, SELECT of the task's type and parameters, COMMIT) and an
+outcome five. Here each is one:
+
+* the same fenced conditional UPDATE ``transition`` issues (``WHERE id = :id AND state = :from AND
+  dispatch_id = :fence``, stamping ``updated_at`` and the state's timestamp), ``RETURNING`` what the run
+  needs instead of a second SELECT;
+* its ``task_events`` row inserted by the same statement (a data-modifying CTE that selects from the
+  UPDATE's output), so a row that did not move gets no event, exactly as with ``transition``;
+* run in autocommit mode: a single statement is its own transaction, so the move and its event
+  commit together or not at all, with one commit and no BEGIN round trip;
+* on a connection the pool process keeps between runs, so no pool checkout and pre-ping per write.
+  A connection error drops it; :func:`workers.runner.with_db_retry` then tries again on a new one.
+
+The legality of each move is still decided by :func:`aios.states.check_transition`. SQLite has no
+data-modifying CTEs: :func:`supported` is False there and the runner keeps to ``transition``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import Connection, Select, bindparam, insert, literal, select, update
+from sqlalchemy.engine import make_url
+
+from aios.config import Settings
+from aios.db import get_engine
+from aios.models import Task, TaskEvent
+from aios.states import TERMINAL, TaskState, check_transition
+
+#: The columns a claim hands to the run (what a SELECT after the UPDATE used to read).
+CLAIM_COLUMNS = ("type", "parameters", "attempts", "max_retries")
+
+_tasks = Task.__table__
+_events = TaskEvent.__table__
+
+#: The timestamp each target state stamps (as :func:`aios.states.transition` does).
+_STAMPS: Mapping[TaskState, str] = {TaskState.RUNNING: "started_at", **{state: "finished_at" for state in TERMINAL}}
+
+_lock = threading.Lock()
+_held: dict[tuple[int, str], Connection] = {}
+
+
+def supported(settings: Settings) -> bool:
+    """True where one statement can both move the row and record its event (PostgreSQL)."""
+    return make_url(settings.database.url).get_backend_name() == "postgresql"
+
+
+@contextmanager
+def _connection(settings: Settings) -> Iterator[Connection]:
+    """This process's autocommit connection (made on first use, again after a fork or an error)."""
+    key = (os.getpid(), settings.database.url)
+    with _lock:
+        connection = _held.pop(key, None)
+    if connection is None or connection.closed or connection.invalidated:
+        connection = get_engine(settings.database).connect().execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        yield connection
+        connection.commit()  # ends SQLAlchemy's autobegun block; the database already committed
+    except BaseException:
+        connection.invalidate()  # its state is unknown (a dropped socket, an interrupted statement)
+        connection.close()
+        raise
+    with _lock:
+        _held.setdefault(key, connection)  # a concurrent run's own connection may be back first
+        if _held[key] is not connection:
+            connection.close()
+
+
+def _moved_and_noted(current: TaskState, target: TaskState, fixed: Mapping[str, Any],
+                     value_names: tuple[str, ...], returning: tuple[str, ...]) -> Select[Any]:
+    """``WITH moved AS (UPDATE ... RETURNING ...), noted AS (INSERT INTO task_events SELECT ... FROM moved)
+    SELECT ... FROM moved``; every value is a bind parameter, so the statement is built once and cached.
+
+    ``fixed``: column expressions set on every such move; ``value_names``: columns bound per call."""
+    check_transition(current, target)
+    values: dict[str, Any] = {"state": target.value, "updated_at": bindparam("now"), **fixed,
+                              **{name: bindparam(f"v_{name}") for name in value_names}}
+    if stamp := _STAMPS.get(target):
+        values[stamp] = bindparam("now")
+    moved = (
+        update(_tasks)
+        .where(_tasks.c.id == bindparam("task_id"), _tasks.c.state == current.value,
+               _tasks.c.dispatch_id == bindparam("fence"))
+        .values(**values)
+        .returning(_tasks.c.id, *(_tasks.c[name] for name in returning))
+        .cte("moved")
+    )
+    noted = insert(_events).from_select(
+        ["task_id", "at", "actor", "from_state", "to_state", "detail"],
+        select(moved.c.id, bindparam("now", type_=_events.c.at.type), bindparam("actor", type_=_events.c.actor.type),
+               literal(current.value, _events.c.from_state.type), literal(target.value, _events.c.to_state.type),
+               bindparam("detail", type_=_events.c.detail.type)),
+    ).cte("noted")
+    return select(*moved.c).add_cte(noted)
+
+
+@lru_cache(maxsize=1)
+def _claim_statement() -> Select[Any]:
+    # Progress describes the current run: cleared with the claim, as before.
+    fixed = {"attempts": _tasks.c.attempts + 1, "finished_at": None, "progress": None, "progress_message": None}
+    return _moved_and_noted(TaskState.QUEUED, TaskState.RUNNING, fixed, ("agent",), CLAIM_COLUMNS)
+
+
+@lru_cache(maxsize=64)
+def _outcome_statement(target: TaskState, value_names: tuple[str, ...], null_names: tuple[str, ...]) -> Select[Any]:
+    # A None is SQL NULL, as with transition() (a bound None would become JSON 'null' in a JSON column).
+    return _moved_and_noted(TaskState.RUNNING, target, dict.fromkeys(null_names), value_names, ())
+
+
+def claim(settings: Settings, task_id: str, dispatch_id: str, agent: str, *, actor: str,
+          detail: Mapping[str, Any], now: datetime) -> Any:
+    """QUEUED → RUNNING for this dispatch, with its event; the row's CLAIM_COLUMNS, or None if it did not move."""
+    with _connection(settings) as connection:
+        return connection.execute(_claim_statement(), {
+            "task_id": task_id, "fence": dispatch_id, "now": now, "actor": actor[:128], "detail": dict(detail),
+            "v_agent": agent}).first()
+
+
+def outcome(settings: Settings, task_id: str, dispatch_id: str, target: TaskState, values: Mapping[str, Any], *,
+            actor: str, detail: Mapping[str, Any], now: datetime) -> bool:
+    """RUNNING → ``target`` for this dispatch, setting ``values``, with its event; False if it did not move."""
+    names = tuple(sorted(name for name, value in values.items() if value is not None))
+    nulls = tuple(sorted(name for name, value in values.items() if value is None))
+    params = {"task_id": task_id, "fence": dispatch_id, "now": now, "actor": actor[:128], "detail": dict(detail),
+              **{f"v_{name}": values[name] for name in names}}
+    with _connection(settings) as connection:
+        return connection.execute(_outcome_statement(target, names, nulls), params).first() is not None
