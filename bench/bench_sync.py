@@ -11,17 +11,18 @@ under ``EXPLAIN ANALYZE``; a sequential scan of ``tasks`` is reported as a failu
 at the end. A section with the figures replaces its earlier one in ``BENCHMARKS.md`` (``--no-write`` to skip).
 
 The broker is ``AIOS_BROKER__URL`` (default the local Redis, under a key prefix of its own). The live
-agent row has no process behind it, so each run also waits ``aios.sync.INSPECT_TIMEOUT_S`` for its
-``inspect`` reply: that is broker time, not database time, and is reported apart.
+agent is a real ``aios worker`` process (started before the rows are loaded, so it registers itself the
+way every agent does), which answers the run's ``inspect active`` as a live agent would: a run waits for
+its reply, not for the inspect timeout.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from datetime import timedelta
@@ -36,16 +37,15 @@ from sqlalchemy import event, insert  # noqa: E402
 
 from bench.harness import machine  # noqa: E402
 
-DEFAULT_DB = "postgresql://postgres@127.0.0.1:5432/test"
-DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 #: Share of each state in the generated ledger (the rest of the rows are SUCCEEDED).
 MIX = {"FAILED": 0.05, "CANCELLED": 0.03, "DEAD": 0.02, "TIMED_OUT": 0.01, "QUEUED": 0.05, "RUNNING": 0.01,
        "SCHEDULED": 0.03}
 
 
 def fill(engine: sa.Engine, count: int, agent: str) -> dict[str, int]:
-    """Bulk-insert ``count`` tasks in a realistic mix of states; returns the count per state."""
-    from aios.models import Agent, Task
+    """Bulk-insert ``count`` tasks in a realistic mix of states (those RUNNING on ``agent``, a live agent
+    already registered); returns the count per state."""
+    from aios.models import Task
     from aios.timeutil import utcnow
 
     rng = random.Random(7)
@@ -54,10 +54,6 @@ def fill(engine: sa.Engine, count: int, agent: str) -> dict[str, int]:
     states += ["SUCCEEDED"] * (count - len(states))
     rng.shuffle(states)
     with engine.begin() as connection:
-        connection.execute(insert(Agent), [{
-            "name": agent, "capabilities": ["echo", "sleep"], "labels": {}, "weight": 1, "max_concurrency": 2000,
-            "admin_status": "ACTIVE", "status": "ONLINE", "status_reason": None, "last_heartbeat_at": now,
-            "resources": None, "active": 0, "processed": 0, "registered_at": now, "updated_at": now}])
         batch: list[dict[str, Any]] = []
         for n, state in enumerate(states):
             created = now - timedelta(seconds=rng.uniform(0, 30 * 86_400)) if state not in ("QUEUED", "RUNNING") \
@@ -86,16 +82,6 @@ def fill(engine: sa.Engine, count: int, agent: str) -> dict[str, int]:
             connection.execute(insert(Task), batch)
         connection.exec_driver_sql("ANALYZE")
     return {state: states.count(state) for state in sorted(set(states))}
-
-
-def driver_url(url: str) -> str:
-    """``postgresql://`` means psycopg (3) to SQLAlchemy 2.1; AIOS installs psycopg2."""
-    if url.startswith("postgresql://"):
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
-            return "postgresql+psycopg2://" + url[len("postgresql://"):]
-    return url
 
 
 class SqlTimer:
@@ -152,52 +138,29 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     args = parser.parse_args()
 
-    from aios import migrate
     from aios.celery_app import create_celery_app
-    from aios.config import load_settings
-    from aios.db import dispose_engines, get_engine
+    from aios.db import get_engine
+    from bench.harness import create_run, destroy_run
 
-    base_url = driver_url(os.environ.get("AIOS_DATABASE__URL", DEFAULT_DB))
-    schema = f"aios_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-        pg_version = connection.execute(sa.text("SHOW server_version")).scalar()
-    separator = "&" if "?" in base_url else "?"
-    url = f"{base_url}{separator}options=-csearch_path%3D{schema}"
-    prefix = f"aios-bench-{uuid.uuid4().hex[:8]}:"
-    settings = load_settings(overrides={
-        "database": {"url": url},
-        "broker": {"url": os.environ.get("AIOS_BROKER__URL", DEFAULT_BROKER), "key_prefix": prefix,
-                   "namespace": "bench"},
-    })
+    run = create_run(Path(tempfile.mkdtemp(prefix="aios-bench-sync-")))
+    settings, pg_version = run.settings, run.pg_version
+    celery = create_celery_app(settings)
     failures: list[str] = []
     try:
-        migrate.upgrade(settings.database)
         engine = get_engine(settings.database)
-        agent = "bench-agent@bench"
+        # The live agent: a real worker, registered and beating before the rows arrive.
+        agent = run.start_worker("bench-agent", concurrency=1).url
         began = time.perf_counter()
         mix = fill(engine, args.tasks, agent)
         print(f"inserted {args.tasks} tasks in {time.perf_counter() - began:.1f}s: {mix}")
 
         from aios import sync
-        from aios.models import Agent
-        from aios.timeutil import utcnow
 
-        celery = create_celery_app(settings)
         timer = SqlTimer(engine)
-
-        def heartbeat() -> None:
-            # The live agent stays live: filling the table takes longer than a heartbeat timeout.
-            with engine.begin() as connection:
-                connection.execute(sa.update(Agent).where(Agent.name == agent).values(last_heartbeat_at=utcnow()))
-
-        heartbeat()
         warmup = sync.run_sync(celery, settings, runner="bench-warmup")
         walls, sqls, counts = [], [], []
         last: dict[str, Any] = {}
         for _ in range(args.runs):
-            heartbeat()
             timer.reset()
             timer.enabled = True
             began = time.perf_counter()
@@ -220,24 +183,12 @@ def main() -> int:
         wall, sql = statistics.median(walls), statistics.median(sqls)
         print("wall runs ms: " + " ".join(f"{w * 1000:.1f}" for w in walls))
         print(f"\nsync run on {args.tasks} tasks: wall {wall * 1000:.1f} ms (median of {args.runs}), "
-              f"SQL {sql * 1000:.1f} ms in {counts[-1]} statements; inspect wait up to "
-              f"{sync.INSPECT_TIMEOUT_S:g}s of the wall time")
+              f"SQL {sql * 1000:.1f} ms in {counts[-1]} statements")
         if not args.no_write:
             write_section(args.tasks, mix, wall, sql, counts[-1], walls, sqls, plans, pg_version, failures)
     finally:
-        dispose_engines()
-        with admin.connect() as connection:
-            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-        try:
-            import redis
-
-            client = redis.Redis.from_url(settings.broker.url, socket_connect_timeout=1)
-            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-            if keys:
-                client.delete(*keys)
-        except Exception:  # noqa: BLE001 - no Redis: nothing was written there
-            pass
+        celery.pool.force_close_all()
+        destroy_run(run)
     for failure in failures:
         print(f"FAIL: {failure}", file=sys.stderr)
     return 1 if failures else 0
@@ -261,7 +212,7 @@ def write_section(count: int, mix: dict[str, int], wall: float, sql: float, stat
 
 {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}, PostgreSQL {pg_version} (same host, over TCP).
 
-{count:,} task rows ({', '.join(f'{n:,} {s}' for s, n in mix.items())}), one live agent row, nothing to fix.
+{count:,} task rows ({', '.join(f'{n:,} {s}' for s, n in mix.items())}), one live agent (a real worker), nothing to fix.
 Median of {len(walls)} runs after a warm-up run:
 
 | measure | value |
@@ -270,8 +221,8 @@ Median of {len(walls)} runs after a warm-up run:
 | time in SQL (cursor events) | {sql * 1000:.1f} ms (runs: {', '.join(f'{s * 1000:.1f}' for s in sqls)} ms) |
 | SQL statements per run | {statements} |
 
-The rest of the wall time is the broker: a connection check and one `inspect active` that waits up to
-1 s for the (process-less) live agent's reply. Every SELECT on `tasks` a run made, under `EXPLAIN ANALYZE`:
+The rest of the wall time is the broker: a connection check and one `inspect active` answered by the
+live agent (a real `aios worker`). Every SELECT on `tasks` a run made, under `EXPLAIN ANALYZE`:
 
 | query (WHERE …) | scans |
 |---|---|

@@ -73,11 +73,10 @@ def sync_figure(args: argparse.Namespace) -> list[Figure]:
                    f"`.venv/bin/python bench/bench_sync.py --no-write --tasks {args.sync_tasks} --runs {args.reps}`",
                    f"{summary}. Every SELECT it issued was run again under EXPLAIN ANALYZE: "
                    f"{'no sequential scan of tasks' if 'FAIL' not in done.stderr else done.stderr.strip()}. "
-                   f"The wall time includes up to 1 s of broker wait for `inspect active` replies "
-                   f"(bench_sync.py's docstring)."
-                   + ("" if stat.median <= 1.0 else " Missed: the database part is small (the SQL time above); "
-                      "the rest is the broker round trip and the wait of up to `aios.sync.INSPECT_TIMEOUT_S` (1 s) "
-                      "for the reply of the live agent row, which has no process behind it to answer."))]
+                   f"The live agent is a real `aios worker`: the wall time includes the broker check and its "
+                   f"`inspect active` reply (bench_sync.py's docstring)."
+                   + ("" if stat.median <= 1.0 else " Missed: the SQL time above is the database's share; the rest "
+                      "is the broker (the connection check and the live agent's `inspect active` reply)."))]
 
 
 def main() -> int:
