@@ -94,6 +94,7 @@ def main() -> int:
     began = time.monotonic()
     load_start = os.getloadavg()
     figures: list[Figure] = []
+    timings: dict[str, float] = {}
     tmp = Path(tempfile.mkdtemp(prefix="aios-bench-"))
     run = create_run(tmp)
     header_versions = versions(run.pg_version)
@@ -111,12 +112,13 @@ def main() -> int:
                 traceback.print_exc()
                 figures.append(Figure(name, "not measured", "-", "-", "-", None, "-",
                                       f"Not measured: the figure failed with `{type(exc).__name__}: {exc}`"[:1500]))
-            print(f"== {name} took {time.monotonic() - started:.0f}s", flush=True)
+            timings[name] = time.monotonic() - started
+            print(f"== {name} took {timings[name]:.0f}s", flush=True)
     finally:
         destroy_run(run)
     total = time.monotonic() - began
     load = f"load average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
-    write(Path(args.output), figures, header_versions, total, args, load)
+    write(Path(args.output), figures, header_versions, total, args, load, timings)
     if not args.only or "submit" in args.only.split(","):
         try:  # where a submit's time goes: explains the submit figures (bench/profile_submit.py)
             from bench import profile_submit
@@ -134,14 +136,15 @@ def main() -> int:
 
 
 def write(path: Path, figures: list[Figure], header_versions: str, total: float, args: argparse.Namespace,
-          load: str) -> None:
+          load: str, timings: dict[str, float]) -> None:
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Benchmarks",
         "",
         "Written whole by `make bench` (`.venv/bin/python bench/run_all.py`); do not edit by hand.",
         "",
-        f"- Date: {date}; whole run {total / 60:.1f} min",
+        f"- Date: {date}; whole run {total / 60:.1f} min ("
+        + ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in timings.items()) + " min)",
         f"- Commit: {commit()}",
         f"- Machine: {machine()}; {load} (the two cores are shared with whatever else runs: other "
         "processes on the machine inflate every figure, AIOS's and the comparisons' alike)",
