@@ -154,9 +154,12 @@ def inspect_figure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]
     if worst > 50:
         details_why = (" Missed: see the p95 column for which query. `q=` uses the trigram index of migration 0007 "
                        "(aios/task_search.py, docs/api.md): a rare term is looked up in the index, a common one walks "
-                       "the newest-first index until 50 matches; terms in between (roughly 0.1-3 % of the rows, "
-                       "matching mostly older rows) are the slow case the index cannot tell apart, and a loaded "
-                       "machine adds to every figure (compare the state+type and by-id rows of the same run).")
+                       "the newest-first index until 50 matches. That walk is slow when the term is common overall "
+                       "but absent from the newest rows: here the newest rows are the ones earlier figures left "
+                       "(none of them says `upstream`), so `q=upstream` reads all of them before its first match. "
+                       "Terms in between (roughly 0.1-3 % of the rows) are the other slow case. Closing it needs "
+                       "the planner to know where matches lie (e.g. the index lookup plus a top-N sort once the walk "
+                       "has read more than a few thousand rows).")
     else:
         details_why = ""
     summary = " / ".join(f"{percentile(samples[n], 95):.0f}" for n in queries)

@@ -47,8 +47,9 @@ def commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True,
-                               text=True).stdout.strip()
+        # BENCHMARKS.md itself (written by an earlier run) does not make the code "uncommitted".
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!BENCHMARKS.md"], cwd=REPO_ROOT,
+                               capture_output=True, text=True).stdout.strip()
         return head + (" (with uncommitted changes)" if dirty else "")
     except Exception:  # noqa: BLE001
         return "?"
