@@ -23,6 +23,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 OUTAGE_S = 20.0
 #: A QUEUED task whose message is in no queue and no agent's hands is re-published after this.
 LOST_MESSAGE_GRACE_S = 2
+#: Longest a worker may take to reconnect once Redis is back: Celery's reconnect backoff grows by 2 s a
+#: try, so after a 20 s outage the next try can be 12 s away; a generous bound on a loaded machine.
+RECONNECT_WAIT_S = 60
 
 
 class Submitter(threading.Thread):
@@ -114,9 +117,15 @@ def test_every_task_accepted_around_a_20s_redis_outage_finishes_once_and_workers
                                                                    if v["state"] != "SUCCEEDED"}
 
     # And the workers resumed by themselves: the same processes, reconnected to the restarted Redis
+    # (a worker that had nothing to do may still be in Celery's reconnect backoff, 2 s more per try, when
+    # the other one has run every task: give it the longest step of that backoff)
     for worker, pid in zip(workers, pids, strict=True):
         assert worker.process.poll() is None and worker.process.pid == pid
-        assert worker.log().count("Connected to redis://") >= 2, worker.log()[-3000:]
+        try:
+            wait_for(lambda w=worker: w.log().count("Connected to redis://") >= 2, timeout=RECONNECT_WAIT_S,
+                     interval=0.5, what=f"worker {worker.hostname} to reconnect")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{worker.log()[-3000:]}") from None
     began = time.monotonic()
     last = client.post("/api/v1/tasks", json=effects.task(queue))
     assert last.status_code == 202 and last.json["state"] == "QUEUED", last.json
