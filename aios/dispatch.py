@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -27,7 +27,7 @@ from aios.celery_app import RUN_TASK_NAME, queue_name
 from aios.config import Settings
 from aios.db import session_scope
 from aios.errors import Conflict
-from aios.models import Task
+from aios.models import Task, TaskEvent
 from aios.priority import to_transport
 from aios.states import TaskState, record_events, transition_many
 from aios.timeutil import isoformat, utcnow
@@ -220,10 +220,6 @@ def accept_tasks(celery: Celery, settings: Settings, specs: Sequence[TaskSpec], 
             dispatches.append(Dispatch(task_id=task_id, dispatch_id=row["dispatch_id"], queue=queue,
                                        priority=spec.priority, timeout_s=spec.timeout_s))
         rows.append(row)
-    from sqlalchemy import insert
-
-    from aios.models import TaskEvent
-
     with session_scope(settings.database) as session:
         # Core INSERTs on the tables: one multi-row statement each (the ORM's bulk INSERT would split
         # the rows by their pattern of None values).

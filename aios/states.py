@@ -62,7 +62,7 @@ CANCELLABLE: frozenset[TaskState] = frozenset({S.SCHEDULED, S.PENDING, S.QUEUED,
 RETRYABLE: frozenset[TaskState] = frozenset({S.FAILED, S.DEAD, S.CANCELLED, S.TIMED_OUT})
 
 #: The timestamp column each state stamps when entered.
-_STAMPS: Mapping[TaskState, str] = {
+STAMPS: Mapping[TaskState, str] = {
     S.QUEUED: "queued_at",
     S.RUNNING: "started_at",
     **{state: "finished_at" for state in TERMINAL},
@@ -128,7 +128,7 @@ def transition_many(
         return []
     now = now or utcnow()
     common: dict[str, Any] = {"state": target.value, "updated_at": now, **(values or {})}
-    if stamp := _STAMPS.get(target):
+    if stamp := STAMPS.get(target):
         common.setdefault(stamp, now)
 
     moved: list[str] = []

@@ -35,7 +35,7 @@ from sqlalchemy.engine import make_url
 from aios.config import Settings
 from aios.db import get_engine
 from aios.models import Task, TaskEvent
-from aios.states import TERMINAL, TaskState, check_transition
+from aios.states import STAMPS, TaskState, check_transition
 
 #: The columns a claim hands to the run (what a SELECT after the UPDATE used to read).
 CLAIM_COLUMNS = ("type", "parameters", "attempts", "max_retries")
@@ -43,8 +43,6 @@ CLAIM_COLUMNS = ("type", "parameters", "attempts", "max_retries")
 _tasks = Task.__table__
 _events = TaskEvent.__table__
 
-#: The timestamp each target state stamps (as :func:`aios.states.transition` does).
-_STAMPS: Mapping[TaskState, str] = {TaskState.RUNNING: "started_at", **{state: "finished_at" for state in TERMINAL}}
 
 _lock = threading.Lock()
 _held: dict[tuple[int, str], Connection] = {}
@@ -85,7 +83,7 @@ def _moved_and_noted(current: TaskState, target: TaskState, fixed: Mapping[str, 
     check_transition(current, target)
     values: dict[str, Any] = {"state": target.value, "updated_at": bindparam("now"), **fixed,
                               **{name: bindparam(f"v_{name}") for name in value_names}}
-    if stamp := _STAMPS.get(target):
+    if stamp := STAMPS.get(target):  # the timestamps transition() stamps
         values[stamp] = bindparam("now")
     moved = (
         update(_tasks)
