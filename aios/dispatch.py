@@ -229,17 +229,10 @@ def accept_tasks(celery: Celery, settings: Settings, specs: Sequence[TaskSpec], 
     failures = publish(celery, settings, dispatches)
     outcome.queued = [d.task_id for d in dispatches if d.task_id not in failures]
     if failures:
-        by_id = {d.task_id: d for d in dispatches}
         row_of = {row["id"]: row for row in rows}
-        with session_scope(settings.database) as session:
-            for task_id, error in failures.items():
-                # Fenced: only our own dispatch goes back to PENDING.
-                if transition_many(session, [task_id], TaskState.QUEUED, TaskState.PENDING, actor=actor,
-                                   fence=by_id[task_id].dispatch_id,
-                                   detail={"reason": "publish failed", "error": error[:500]},
-                                   values={"pending_reason": "publish_failed"}):
-                    row_of[task_id].update(state=TaskState.PENDING.value, pending_reason="publish_failed",
-                                           updated_at=utcnow())
+        moved = _back_to_pending(settings, failures, {d.task_id: d.dispatch_id for d in dispatches}, actor)
+        for task_id in moved:
+            row_of[task_id].update(state=TaskState.PENDING.value, pending_reason="publish_failed", updated_at=utcnow())
         outcome.errors = failures
         outcome.pending += list(failures)
     return Accepted(rows=rows, outcome=outcome)
@@ -377,17 +370,25 @@ def dispatch(
     failures = publish(celery, settings, dispatches)
     outcome.queued = [d.task_id for d in dispatches if d.task_id not in failures]
     if failures:
-        with session_scope(settings.database) as session:
-            for task_id, error in failures.items():
-                # Fenced: only our own dispatch goes back to PENDING.
-                transition_many(
-                    session, [task_id], TaskState.QUEUED, TaskState.PENDING, actor=actor,
-                    fence=dispatch_ids[task_id], detail={"reason": "publish failed", "error": error[:500]},
-                    values={"pending_reason": "publish_failed"},
-                )
+        _back_to_pending(settings, failures, dispatch_ids, actor)
         outcome.errors = failures
     outcome.pending = list(failures) + waiting
     return outcome
+
+
+def _back_to_pending(settings: Settings, failures: dict[str, str], dispatch_ids: dict[str, str],
+                     actor: str) -> list[str]:
+    """Tasks whose publish failed go back QUEUED → PENDING (``publish_failed``); returns those moved.
+
+    Fenced on the dispatch id each was queued with: only our own dispatch goes back."""
+    moved: list[str] = []
+    with session_scope(settings.database) as session:
+        for task_id, error in failures.items():
+            moved += transition_many(
+                session, [task_id], TaskState.QUEUED, TaskState.PENDING, actor=actor, fence=dispatch_ids[task_id],
+                detail={"reason": "publish failed", "error": error[:500]}, values={"pending_reason": "publish_failed"},
+            )
+    return moved
 
 
 def _wait_for_agent(session: Session, task_ids: list[str], from_state: TaskState, actor: str) -> None:
