@@ -81,6 +81,20 @@ def timed_post(client: Any, url: str, body: dict[str, Any]) -> tuple[Any, float]
     return response, time.monotonic() - began
 
 
+def assert_published(result: subprocess.CompletedProcess[str], ledger: Any, ours: list[str]) -> dict[str, Any]:
+    """``aios dispatch-pending`` published every task of ``ours``; returns its summary.
+
+    It dispatches every PENDING task of the session's shared ledger, where another test file running
+    beside this one may have a task waiting for an agent it stopped (exit 1, ``still_pending``): that
+    is theirs to wait for, not a failure here. None of ours may be left PENDING."""
+    assert result.returncode in (0, 1), result.stdout + result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "PENDING" not in set(ledger.states(ours).values()), (summary, ledger.states(ours))
+    if result.returncode == 1:
+        assert summary["still_pending"] > 0, summary
+    return dict(summary)
+
+
 def last_event(ledger: Any, task_id: str) -> Any:
     return ledger.events(task_id)[-1]
 
@@ -125,10 +139,8 @@ def test_while_redis_is_down_a_submit_answers_202_pending_fast_and_dispatch_pend
     outage.redis.start()
     result = outage.dispatch_pending()
 
-    # Then it exits 0 having published every pending task
-    assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["still_pending"] == 0
+    # Then it published every task accepted during the outage
+    summary = assert_published(result, ledger, accepted)
     assert summary["queued"] >= len(accepted)
 
     # And the worker, reconnected by itself, runs every accepted task exactly once
@@ -172,7 +184,7 @@ def test_while_redis_is_down_a_batch_is_accepted_all_pending_and_runs_after_disp
     # When Redis is back and `aios dispatch-pending` runs
     outage.redis.start()
     result = outage.dispatch_pending()
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_published(result, ledger, ids)
 
     # Then every task of the batch runs to SUCCEEDED, each exactly once
     outage.wait_all_succeeded(ids, what="the batch accepted during the outage")
