@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -130,15 +130,17 @@ def create_tasks(session: Session, specs: Sequence[TaskSpec], *, actor: str) -> 
     return tasks
 
 
-def accept_idempotent(celery: Celery, settings: Settings, spec: TaskSpec, *, actor: str) -> tuple[Task, bool]:
+def accept_idempotent(celery: Celery, settings: Settings, spec: TaskSpec, *, actor: str,
+                      before_commit: BeforeCommit | None = None) -> tuple[Task, bool]:
     """Store and dispatch one task (:func:`accept_tasks`), or return the task an earlier request with
     the same Idempotency-Key made.
 
     The unique index on ``idempotency_key`` decides races between concurrent requests. Returns
-    ``(task, created)``. A key reused with a different request is a 409.
+    ``(task, created)``. A key reused with a different request is a 409. ``before_commit`` runs only
+    when the task is created (:func:`accept_tasks`).
     """
     try:
-        (row,) = accept_tasks(celery, settings, [spec], actor=actor).rows
+        (row,) = accept_tasks(celery, settings, [spec], actor=actor, before_commit=before_commit).rows
         return Task(**row), True  # transient: what was written, without reading it back
     except IntegrityError:
         if spec.idempotency_key is None:
@@ -167,7 +169,13 @@ class Accepted:
         return [row["id"] for row in self.rows]
 
 
-def accept_tasks(celery: Celery, settings: Settings, specs: Sequence[TaskSpec], *, actor: str) -> Accepted:
+#: Called with the session and the rows just inserted, inside :func:`accept_tasks`'s transaction: the
+#: API writes its audit row there, so the tasks and their audit row commit together.
+BeforeCommit = Callable[[Session, list[dict[str, Any]]], None]
+
+
+def accept_tasks(celery: Celery, settings: Settings, specs: Sequence[TaskSpec], *, actor: str,
+                 before_commit: BeforeCommit | None = None) -> Accepted:
     """Store and dispatch new tasks in one transaction, then publish: the API's submit path.
 
     The same outbox as :func:`create_tasks` followed by :func:`dispatch`, in one commit instead of
@@ -225,6 +233,8 @@ def accept_tasks(celery: Celery, settings: Settings, specs: Sequence[TaskSpec], 
         # the rows by their pattern of None values).
         session.execute(insert(Task.__table__), rows)
         session.execute(insert(TaskEvent.__table__), events)
+        if before_commit is not None:
+            before_commit(session, rows)
     outcome = DispatchOutcome(pending=[row["id"] for row in rows if row["state"] == TaskState.PENDING.value])
     failures = publish(celery, settings, dispatches)
     outcome.queued = [d.task_id for d in dispatches if d.task_id not in failures]

@@ -26,9 +26,10 @@ from flask import Flask, Response, current_app, g, request
 from flask_jwt_extended import JWTManager, get_current_user, get_jwt, verify_jwt_in_request
 from flask_jwt_extended.exceptions import JWTExtendedException
 from jwt.exceptions import PyJWTError
+from sqlalchemy.orm import Session
 
 from aios.config import Settings
-from aios.db import session_scope
+from aios.db import get_engine, session_scope
 from aios.errors import Forbidden, TooManyRequests, Unauthorized
 from aios.models import User
 from aios.security import api_keys, audit
@@ -134,18 +135,18 @@ def client_ip() -> str | None:
 
 
 def _authenticate_key(presented: str) -> Principal:
-    with session_scope(_settings().database) as session:
-        row = api_keys.authenticate(session, presented, source_ip=client_ip())
-        if row is None:
-            raise Unauthorized("invalid, revoked or expired API key")
-        owner = row.owner  # loaded with the key (api_keys.authenticate)
-        if owner is None or owner.disabled:
-            raise Unauthorized("the owner of this API key is disabled")
-        # The owner's role is read on every request too: a demotion holds at once for their keys.
-        role = effective_key_role(row.role, owner.role)
-        if role is None:
-            raise Unauthorized("the owner of this API key no longer holds a role it can act with")
-        return Principal(name=owner.name, role=role, user_id=owner.id, key_id=row.id, key_prefix=row.prefix)
+    with get_engine(_settings().database).connect() as connection:
+        match = api_keys.authenticate(connection, presented, source_ip=client_ip())
+    if match is None:
+        raise Unauthorized("invalid, revoked or expired API key")
+    if match.owner_disabled:
+        raise Unauthorized("the owner of this API key is disabled")
+    # The owner's role is read on every request too: a demotion holds at once for their keys.
+    role = effective_key_role(match.key_role, match.owner_role)
+    if role is None:
+        raise Unauthorized("the owner of this API key no longer holds a role it can act with")
+    return Principal(name=match.owner_name, role=role, user_id=match.owner_id, key_id=match.key_id,
+                     key_prefix=match.prefix)
 
 
 def _authenticate_jwt() -> Principal:
@@ -197,32 +198,60 @@ def authenticate_request() -> Response | None:
     return None
 
 
-def audit_response(response: Response) -> Response:
+def _audit_action() -> str | None:
     view = _view()
-    action = g.get("audit_action") or (getattr(view, "aios_audit", None) if view else None)
+    return g.get("audit_action") or (getattr(view, "aios_audit", None) if view else None)  # type: ignore[no-any-return]
+
+
+def _audit_target() -> str | None:
+    target = g.get("audit_target")
+    if target is None and request.view_args:
+        target = ",".join(str(value) for value in request.view_args.values())
+    return target  # type: ignore[no-any-return]
+
+
+def _write_audit(session: Session, action: str, status: int) -> None:
+    principal: Principal | None = g.get("principal")
+    audit.record(
+        session,
+        principal=g.get("audit_principal") or (principal.name if principal else "anonymous"),
+        role=principal.role if principal else None,
+        source_ip=client_ip(),
+        action=action,
+        target=_audit_target(),
+        outcome=audit.outcome_for_status(status),
+        detail={**(g.get("audit_detail") or {}),
+                **({"key": principal.key_prefix} if principal and principal.key_prefix else {}),
+                "status": status},
+    )
+
+
+def audit_within(session: Session, status: int) -> None:
+    """Write this request's audit row in the view's own transaction, as answered with ``status``.
+
+    The action and its audit row then commit together (never one without the other), and the
+    request spends one transaction instead of two: the submit path uses it. Call it after the last
+    :func:`set_audit` of the request; :func:`audit_response` then writes no second row.
+    """
+    action = _audit_action()
     if action:
-        principal: Principal | None = g.get("principal")
-        target = g.get("audit_target")
-        if target is None and request.view_args:
-            target = ",".join(str(value) for value in request.view_args.values())
+        _write_audit(session, action, status)
+        g.audit_written = True
+
+
+def audit_response(response: Response) -> Response:
+    action = _audit_action()
+    if not action:
+        return response
+    if not g.get("audit_written"):
         try:
             with session_scope(_settings().database) as session:
-                audit.record(
-                    session,
-                    principal=g.get("audit_principal") or (principal.name if principal else "anonymous"),
-                    role=principal.role if principal else None,
-                    source_ip=client_ip(),
-                    action=action,
-                    target=target,
-                    outcome=audit.outcome_for_status(response.status_code),
-                    detail={**(g.get("audit_detail") or {}),
-                            **({"key": principal.key_prefix} if principal and principal.key_prefix else {}),
-                            "status": response.status_code},
-                )
+                _write_audit(session, action, response.status_code)
         except Exception:  # noqa: BLE001 - never turn a done action into an error; but say so loudly
             logger.exception("could not write the audit row for %s", action)
-        logger.info("%s by %s on %s: %d", action, principal.name if principal else "anonymous", target or "-",
-                    response.status_code)
+    principal: Principal | None = g.get("principal")
+    logger.info("%s by %s on %s: %d", action, principal.name if principal else "anonymous", _audit_target() or "-",
+                response.status_code)
     return response
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from flask import Blueprint, Response, jsonify, request, url_for
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from sqlalchemy.orm import Session
 
 from aios.bulk import BULK_DEFAULT_LIMIT, BULK_MAX, run_bulk
 from aios.config import Settings
@@ -22,7 +23,7 @@ from aios.tasktypes import get_registry
 from aios.timeutil import parse_iso
 from webapi.context import ctx
 from webapi.requests import check_storable, json_body, validate
-from webapi.security import current_principal, policy, set_audit
+from webapi.security import audit_within, current_principal, policy, set_audit
 
 bp = Blueprint("tasks", __name__, url_prefix="/api/v1/tasks")
 
@@ -139,7 +140,7 @@ def submit() -> Any:
     context = ctx()
     body = validate(TaskRequest, json_body())
     spec = replace(to_spec(context.settings, body, idempotency_key=idempotency_key()), owner=current_principal().name)
-    task_dict, created = accept(spec)
+    task_dict, created = accept(spec, audit_status=202)
     return _accepted(task_dict, replayed=not created)
 
 
@@ -151,14 +152,23 @@ def idempotency_key() -> str | None:
     return key
 
 
-def accept(spec: TaskSpec) -> tuple[dict[str, Any], bool]:
+def accept(spec: TaskSpec, *, audit_status: int | None = None) -> tuple[dict[str, Any], bool]:
     """Store one task (or find the one an earlier request with its Idempotency-Key made), audit and
     count it, and dispatch it unless it waits SCHEDULED; returns the task as the API shows it and
-    whether it was created. POST /tasks and POST /commands share it."""
+    whether it was created. POST /tasks and POST /commands share it.
+
+    With ``audit_status`` (the status the view will answer a new task with), the audit row is written
+    in the task's own transaction (:func:`webapi.security.audit_within`)."""
     context = ctx()
     check_pinned(context.settings, spec)
+
+    def audit_new(session: Session, rows: list[dict[str, Any]]) -> None:
+        set_audit(target=rows[0]["id"], type=spec.type, replayed=False)
+        audit_within(session, audit_status)  # type: ignore[arg-type]
+
     # Stored and dispatched in one commit; a SCHEDULED task is started by beat at its time.
-    task, created = accept_idempotent(context.celery, context.settings, spec, actor=_actor())
+    task, created = accept_idempotent(context.celery, context.settings, spec, actor=_actor(),
+                                      before_commit=audit_new if audit_status is not None else None)
     set_audit(target=task.id, type=spec.type, replayed=not created)
     if created:
         from webapi.metrics import count_submitted
@@ -186,9 +196,13 @@ def submit_batch() -> Any:
     ]
     for index, spec in enumerate(specs):
         check_pinned(settings, spec, field=f"tasks.{index}.agent")
-    accepted = accept_tasks(context.celery, settings, specs, actor=_actor())
+
+    def audit_batch(session: Session, rows: list[dict[str, Any]]) -> None:
+        set_audit(count=len(rows))
+        audit_within(session, 202)
+
+    accepted = accept_tasks(context.celery, settings, specs, actor=_actor(), before_commit=audit_batch)
     ids = accepted.ids
-    set_audit(count=len(ids))
     from webapi.metrics import count_submitted
 
     count_submitted([spec.type for spec in specs])

@@ -13,11 +13,12 @@ import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy.orm import Session
 
-from aios.models import ApiKey
+from aios.models import ApiKey, User
 from aios.timeutil import as_utc, utcnow
 
 KEY_PREFIX = "aios"
@@ -61,20 +62,47 @@ def generate(session: Session, *, name: str, role: str, owner_id: int, expires_a
     return NewKey(row=row, plaintext=f"{KEY_PREFIX}_{prefix}_{secret}")
 
 
-def is_usable(row: ApiKey, now: datetime) -> bool:
+def is_usable(row: Any, now: datetime) -> bool:
+    """``row``: an ApiKey, or any row with its ``state`` and ``expires_at``."""
     expires_at = as_utc(row.expires_at)
     return row.state == ACTIVE and (expires_at is None or expires_at > now)
 
 
-def authenticate(session: Session, presented: str, *, source_ip: str | None) -> ApiKey | None:
-    """The key row if ``presented`` is a usable key, else None. Records last use (coarsely)."""
+@dataclass(frozen=True)
+class KeyMatch:
+    """What authentication needs of a usable key and its owner, read in one statement."""
+
+    key_id: str
+    prefix: str
+    key_role: str
+    owner_id: int
+    owner_name: str
+    owner_role: str
+    owner_disabled: bool
+
+
+_KEY_AND_OWNER = (
+    select(ApiKey.id, ApiKey.prefix, ApiKey.secret_hash, ApiKey.role, ApiKey.state, ApiKey.expires_at,
+           ApiKey.last_used_at, ApiKey.last_used_ip, User.id.label("owner_id"), User.name.label("owner_name"),
+           User.role.label("owner_role"), User.disabled.label("owner_disabled"))
+    .join(User, User.id == ApiKey.owner_id)
+    .where(ApiKey.prefix == bindparam("prefix"))
+)
+
+
+def authenticate(connection: Connection, presented: str, *, source_ip: str | None) -> KeyMatch | None:
+    """The key and its owner if ``presented`` is a usable key, else None. Records last use (coarsely).
+
+    Core, not the ORM: this runs on every API-key request, and one SELECT of plain columns costs a
+    fraction of loading two mapped objects. Nothing is cached, so a revoke, a disabled owner or a
+    demotion holds at once on every API process. A write happens only when ``last_used_at`` is older
+    than :data:`LAST_USED_RESOLUTION_S` (or the address changed); it is committed here.
+    """
     parts = split_key(presented)
     if parts is None:
         return None
     prefix, secret = parts
-    # The owner comes in the same query: the caller checks them on every request (disabled, role).
-    row = session.scalars(select(ApiKey).options(joinedload(ApiKey.owner))
-                          .where(ApiKey.prefix == prefix)).one_or_none()
+    row = connection.execute(_KEY_AND_OWNER, {"prefix": prefix}).one_or_none()
     if row is None or not hmac.compare_digest(row.secret_hash, hash_secret(secret)):
         return None
     now = utcnow()
@@ -82,8 +110,10 @@ def authenticate(session: Session, presented: str, *, source_ip: str | None) -> 
         return None
     last = as_utc(row.last_used_at)
     if last is None or now - last > timedelta(seconds=LAST_USED_RESOLUTION_S) or row.last_used_ip != source_ip:
-        session.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now, last_used_ip=source_ip))
-    return row
+        connection.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now, last_used_ip=source_ip))
+        connection.commit()
+    return KeyMatch(key_id=row.id, prefix=row.prefix, key_role=row.role, owner_id=row.owner_id,
+                    owner_name=row.owner_name, owner_role=row.owner_role, owner_disabled=bool(row.owner_disabled))
 
 
 def expire_due(session: Session, now: datetime, *, limit: int) -> list[ApiKey]:

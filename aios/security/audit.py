@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from aios.models import AuditEntry
@@ -32,6 +33,7 @@ def record(
     outcome: str,
     detail: Mapping[str, Any] | None = None,
 ) -> None:
-    session.add(AuditEntry(at=utcnow(), principal=principal[:128], role=role, source_ip=source_ip, action=action,
-                           target=(target or None) and target[:255], outcome=outcome,
-                           detail=dict(detail) if detail else None))
+    """Append one audit row in the caller's transaction (a Core INSERT: no ORM object to flush)."""
+    session.execute(insert(AuditEntry.__table__).values(
+        at=utcnow(), principal=principal[:128], role=role, source_ip=source_ip, action=action,
+        target=(target or None) and target[:255], outcome=outcome, detail=dict(detail) if detail else None))
