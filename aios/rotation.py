@@ -1,6 +1,6 @@
 """Routing state shared by every API process: the round-robin cursor and weighted credits.
 
-Held in Redis (an optimistic WATCH/MULTI transaction) when the broker is Redis, else in the
+Held in Redis (an optimistic compare-and-set script) when the broker is Redis, else in the
 ``routing_state`` table under a row lock. Reading, computing (with the pure functions of
 :mod:`aios.routing`) and writing are one atomic step, so two API processes never hand out the same turn.
 """
@@ -50,26 +50,42 @@ def with_state(settings: Settings, key: str, update: Update[Result]) -> Result:
     return _with_database_state(settings, key, update)
 
 
-def _with_redis_state(settings: Settings, key: str, update: Update[Result]) -> Result:
-    """Optimistic: WATCH the key, compute, write in MULTI; a concurrent writer makes EXEC fail and the
-    turn is computed again from what it wrote. No lock to wait for: redis-py's lock polls every 100 ms,
-    which under eight concurrent submits was most of a submit's time (BENCHMARKS.md)."""
-    import redis
+#: Compare-and-set in one round trip: write ARGV[2] if the key still holds ARGV[1] ("" = absent);
+#: otherwise return what it holds, for the caller to compute again from.
+_COMPARE_AND_SET = """
+local current = redis.call('GET', KEYS[1])
+if (current or '') == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return {1}
+end
+return {0, current}
+"""
+#: Per Redis client: its registered script, and the last value this process saw under each key.
+_cas_scripts: dict[int, Any] = {}
+_last_seen: dict[str, bytes] = {}
 
+
+def _with_redis_state(settings: Settings, key: str, update: Update[Result]) -> Result:
+    """Optimistic compare-and-set: compute from the value this process last saw and write it only if
+    nobody wrote since (a Lua script, atomic in Redis); if somebody did, the script returns what they
+    wrote and the turn is computed again from that. One round trip while this process has the
+    latest value, two when another wrote in between: the WATCH/GET/MULTI this replaces always took
+    three. No lock to wait for: redis-py's lock polls every 100 ms (BENCHMARKS.md)."""
     client = _redis(settings)
+    script = _cas_scripts.get(id(client))
+    if script is None:
+        script = _cas_scripts.setdefault(id(client), client.register_script(_COMPARE_AND_SET))
     name = f"{settings.broker.key_prefix}aios:routing:{key}"
+    seen = _last_seen.get(name, b"")
     for _ in range(REDIS_STATE_ATTEMPTS):
-        with client.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(name)
-                raw = pipe.get(name)
-                result, state = update(json.loads(raw) if raw else {})
-                pipe.multi()
-                pipe.set(name, json.dumps(state))
-                pipe.execute()
-                return result
-            except redis.WatchError:
-                continue
+        result, state = update(json.loads(seen) if seen else {})
+        written = json.dumps(state).encode()
+        answer = script(keys=[name], args=[seen, written])
+        if answer[0] == 1:
+            _last_seen[name] = written
+            return result
+        seen = answer[1] or b""
+        _last_seen[name] = seen
     raise RuntimeError(f"routing state {key}: {REDIS_STATE_ATTEMPTS} concurrent writers in a row won the race")
 
 

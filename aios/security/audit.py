@@ -14,6 +14,10 @@ from aios.timeutil import utcnow
 SUCCESS, DENIED, FAILURE = "success", "denied", "failure"
 
 
+#: Built once: the parameters vary, the statement does not (so SQLAlchemy's compiled cache is hit cheaply).
+_INSERT = insert(AuditEntry.__table__)
+
+
 def outcome_for_status(status: int) -> str:
     if status < 400:
         return SUCCESS
@@ -34,6 +38,6 @@ def record(
     detail: Mapping[str, Any] | None = None,
 ) -> None:
     """Append one audit row in the caller's transaction (a Core INSERT: no ORM object to flush)."""
-    session.execute(insert(AuditEntry.__table__).values(
-        at=utcnow(), principal=principal[:128], role=role, source_ip=source_ip, action=action,
-        target=(target or None) and target[:255], outcome=outcome, detail=dict(detail) if detail else None))
+    session.execute(_INSERT, {
+        "at": utcnow(), "principal": principal[:128], "role": role, "source_ip": source_ip, "action": action,
+        "target": (target or None) and target[:255], "outcome": outcome, "detail": dict(detail) if detail else None})
