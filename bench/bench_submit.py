@@ -141,16 +141,17 @@ def measure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]:
                                                                strict=True)))
     table = ("| rep | AIOS req/s | Flower req/s | ceiling req/s | AIOS/Flower | AIOS/ceiling |\n"
              "|---|---|---|---|---|---|\n" + rows)
-    why = ("\n\nWhy AIOS is below its targets here: a submit is one commit (the row already QUEUED and its two "
-           "timeline events), one publish, the API-key lookup and the audit row (the profile section below counts "
-           "them); in-process a submit spends most of its time in Python (Flask, validation, authentication, "
-           "the rate limiter, routing, Celery's message building), not in SQL, and the API's two gunicorn "
-           "processes share the two cores with PostgreSQL, Redis and the load generator. Flower stores nothing "
-           "and authenticates nothing: its figure is one `apply_async` behind Tornado, faster than the bare "
-           "ceiling (one INSERT + one `apply_async` under the same gunicorn as AIOS) in this run, so 1.2x "
-           "Flower would need AIOS to beat that ceiling by more than half, by construction out of reach here. "
-           "What would close the ceiling ratio: fewer Python layers per request (a leaner validation and auth "
-           "path) or more API processes on a machine with more cores.") if ratio_f < 1.2 or ratio_c < 0.6 else ""
+    why = ("\n\nWhy AIOS is below its targets here: a submit is the API-key check (one SELECT), the rate-limit "
+           "counter and the routing turn (one Redis round trip each), one commit (the row already QUEUED, its two "
+           "timeline events and the audit row) and one publish; the profile section below counts them. In-process "
+           "most of its time is Python (Flask, validation, SQLAlchemy, kombu's message building), and the API's "
+           "two gunicorn processes share the two cores with PostgreSQL, Redis and the load generator. Flower "
+           "stores nothing and authenticates nothing: its figure is one `apply_async` behind Tornado, faster than "
+           "the bare ceiling (one INSERT + one `apply_async` under the same gunicorn as AIOS) in this run, so "
+           "1.2× Flower would need AIOS to beat that ceiling by more than half: out of reach by construction on "
+           "this stack. What would close more of the ceiling ratio: one database connection per request instead "
+           "of two pool checkouts (each with its pre-ping), and the message built without Celery's per-call "
+           "path.") if ratio_f < 1.2 or ratio_c < 0.6 else ""
     submit_details = f"{setup}\n\n{table}{why}"
     return [
         Figure("Submit vs Flower (req/s, c=8)", a.fmt(0), "Flower " + f.fmt(0), f"{ratio_f:.2f}×", "≥ 1.2×",
