@@ -1,7 +1,8 @@
 """Inspection at scale: ``GET /api/v1/tasks`` with a state + type filter and with ``q=`` search, and
 ``GET /api/v1/tasks/{id}``, on a ledger of 1,000,000 task rows (bulk-loaded with PostgreSQL ``COPY``
 into the run's private schema); p50/p95 latency and the API processes' RSS. Beside it, Flower's RSS
-holding tasks it learnt from Celery events (raw Celery, ``-E``, Flower ``--max_tasks`` raised to hold them).
+holding tasks it learnt from worker events (Flower ``--max_tasks`` raised to hold them; the events are
+replayed in a worker's exact format, see ``flower_figure``).
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ from bench.harness import (
     free_port,
     percentile,
     raw_app,
-    start_raw_worker,
+    wait_for,
     wait_http,
-    wait_results,
 )
 
 TYPES = ["echo", "sleep", "etl.load", "report.build", "mail.send", "image.resize", "index.rebuild", "backup.copy"]
@@ -41,7 +41,8 @@ COLUMNS = ["id", "type", "parameters", "priority", "queue", "state", "result", "
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inspect-rows", type=int, default=1_000_000)
     parser.add_argument("--inspect-requests", type=int, default=20, help="requests per query per repetition")
-    parser.add_argument("--flower-tasks", type=int, default=100_000, help="tasks run through Celery for Flower")
+    parser.add_argument("--flower-tasks", type=int, default=100_000,
+                        help="tasks whose worker events are replayed to Flower")
 
 
 def fill(run: Run, rows: int) -> float:
@@ -185,7 +186,98 @@ def inspect_figure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]
     ]
 
 
+FLOWER_WORKERS = ("raw-flower-1@bench", "raw-flower-2@bench")
+EVENTS_PER_TASK = 3  # task-received, task-started, task-succeeded
+REPLAY_CHUNK_TASKS = 500
+HEARTBEAT_INTERVAL_S = 2.0  # a worker's default (celery/worker/heartbeat.py)
+
+
+class FlowerProgress:
+    """How many task events Flower has applied to its state, read from its own ``/metrics``
+    (``flower_events_total`` is counted in the same IOLoop callback that updates the task list)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def task_events(self) -> int:
+        status, payload = self.client.request("GET", "/metrics")
+        if status != 200:
+            return 0
+        total = 0.0
+        for line in payload.decode().splitlines():
+            if line.startswith("flower_events_total{") and 'type="task-' in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return int(total)
+
+    def worker_online(self, hostname: str) -> bool:
+        status, payload = self.client.request("GET", "/metrics")
+        return status == 200 and f'flower_worker_online{{worker="{hostname}"}} 1.0' in payload.decode()
+
+
+class ReplayedWorkers:
+    """The event stream two ``celery worker -E`` (prefork, so with the event loop) would send Flower
+    for ``noop`` tasks, published with Celery's own event dispatcher.
+
+    Same fields and same wire format as the worker: ``task-received`` (celery/worker/strategy.py:
+    uuid, name, args/kwargs as their reprs, root_id, parent_id, retries, eta, expires), ``task-started``
+    (celery/worker/request.py ``on_accepted``: uuid), ``task-succeeded`` (``on_success``: uuid, the
+    result's repr, runtime); the dispatcher adds hostname, utcoffset, pid, clock and timestamp, and,
+    as the worker's does (celery/worker/consumer/events.py), buffers task events and publishes them in
+    lists of up to 24 (routing key ``task.multi``). ``worker-online`` and a ``worker-heartbeat`` every
+    2 s carry the fields of celery/worker/heartbeat.py."""
+
+    def __init__(self, app: Any, hostnames: tuple[str, ...], events_per_message: int = 24) -> None:
+        self.connection = app.connection_for_write()
+        self.dispatchers = [app.events.Dispatcher(self.connection, hostname=h, buffer_group=["task"],
+                                                  buffer_limit=events_per_message) for h in hostnames]
+        self.processed = [0] * len(hostnames)
+        self.last_beat = 0.0
+        self.rng = random.Random(7)
+
+    def beat(self, kind: str = "worker-heartbeat") -> None:
+        from celery.utils.sysinfo import load_average
+        from celery.worker.state import SOFTWARE_INFO
+
+        for dispatcher, processed in zip(self.dispatchers, self.processed, strict=True):
+            dispatcher.send(kind, freq=HEARTBEAT_INTERVAL_S, active=0, processed=processed,
+                            loadavg=load_average(), **SOFTWARE_INFO)
+        self.last_beat = time.monotonic()
+
+    def beat_if_due(self) -> None:
+        if time.monotonic() - self.last_beat >= HEARTBEAT_INTERVAL_S:
+            self.beat()
+
+    def run_tasks(self, count: int, first: int) -> None:
+        """``count`` tasks, alternating between the workers as two consumers of one queue would."""
+        for n in range(first, first + count):
+            slot = n % len(self.dispatchers)
+            dispatcher = self.dispatchers[slot]
+            task_id = str(uuid.uuid4())
+            dispatcher.send("task-received", uuid=task_id, name="bench.noop", args="()", kwargs="{}",
+                            root_id=task_id, parent_id=None, retries=0, eta=None, expires=None)
+            dispatcher.send("task-started", uuid=task_id)
+            dispatcher.send("task-succeeded", uuid=task_id, result="None",
+                            runtime=self.rng.uniform(0.0003, 0.002))
+            self.processed[slot] += 1
+        for dispatcher in self.dispatchers:
+            dispatcher.flush()
+        self.beat_if_due()
+
+    def close(self) -> None:
+        self.beat("worker-offline")
+        for dispatcher in self.dispatchers:
+            dispatcher.close()
+        self.connection.release()
+
+
 def flower_figure(run: Run, args: argparse.Namespace, api_rss: Figure) -> Figure:
+    """Flower's RSS once it holds ``--flower-tasks`` tasks learnt from worker events.
+
+    What Flower holds depends only on the events it receives, so the harness replays the stream two
+    workers would send (ReplayedWorkers) instead of running the tasks: a real run of 100,000 tasks costs
+    about 8 minutes of the 20-minute budget and changes nothing in Flower's memory. The replay is paced
+    so that at most about one chunk of events waits in Flower unapplied, as in a real run where events
+    trickle in at the workers' rate; otherwise a queue of pending events could inflate the RSS read."""
     import psutil
 
     n = args.flower_tasks
@@ -196,14 +288,27 @@ def flower_figure(run: Run, args: argparse.Namespace, api_rss: Figure) -> Figure
                                       "--address=127.0.0.1", f"--max_tasks={max(n, 100_000)}"],
                        {**run.raw_env(queue), "FLOWER_UNAUTHENTICATED_API": "true"}, url=f"http://127.0.0.1:{port}")
     wait_http(flower, "/healthcheck")
-    # Two worker processes: Flower's memory depends on how many tasks it holds, not on how fast they ran.
-    workers = [start_raw_worker(run, f"raw-flower-{k}", queue, events=True) for k in (1, 2)]
-    time.sleep(2)
+    client = Client(flower.url)
+    progress = FlowerProgress(client)
+    workers = ReplayedWorkers(app.app, FLOWER_WORKERS)
+
+    def subscribed() -> bool:  # events published before Flower subscribes are lost (Redis pub/sub)
+        workers.beat("worker-online")
+        return all(progress.worker_online(h) for h in FLOWER_WORKERS)
+
+    wait_for(subscribed, 60, 0.5, "Flower to see the replayed workers")
     base = psutil.Process(flower.process.pid).memory_info().rss / 2**20
     began = time.perf_counter()
-    ids = [app.noop.apply_async().id for _ in range(n)]
-    wait_results(run, ids, app.PREFIX, max(900, n / 20))
-    client = Client(flower.url)
+    for first in range(0, n, REPLAY_CHUNK_TASKS):
+        workers.run_tasks(min(REPLAY_CHUNK_TASKS, n - first), first)
+        # At most one chunk in flight: Flower applies the previous one while this one is published.
+        behind = first * EVENTS_PER_TASK
+        deadline = time.monotonic() + 120
+        while progress.task_events() < behind:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Flower applied {progress.task_events():,} of {behind:,} task events in 120 s")
+            workers.beat_if_due()
+            time.sleep(0.01)
 
     def known() -> int:
         status, payload = client.request("GET", f"/api/tasks?limit=1&offset={n - 1}")
@@ -211,13 +316,16 @@ def flower_figure(run: Run, args: argparse.Namespace, api_rss: Figure) -> Figure
 
     deadline = time.monotonic() + 60
     while not known() and time.monotonic() < deadline:
+        workers.beat_if_due()
         time.sleep(0.5)
     held = known()
+    applied = progress.task_events()
     rss = psutil.Process(flower.process.pid).memory_info().rss / 2**20
     took = time.perf_counter() - began
-    for worker in workers:
-        worker.stop()
+    workers.close()
     flower.stop()
+    print(f"  flower: {rss:.0f} MB holding {n:,} tasks ({applied:,} task events applied) after {took:.0f}s "
+          f"(idle {base:.0f} MB)", flush=True)
     label = f"{rss:.0f} MB holding {n:,} tasks" if held else f"{rss:.0f} MB (it had not caught up with all {n:,})"
     extrapolated = ""
     if n < 100_000:
@@ -227,10 +335,15 @@ def flower_figure(run: Run, args: argparse.Namespace, api_rss: Figure) -> Figure
     return Figure("Flower memory holding tasks (vs AIOS API RSS above)", api_rss.aios,
                   f"Flower {label} (idle: {base:.0f} MB)", "-", "AIOS flat, ≤ 150 MB", api_rss.met,
                   f"`.venv/bin/python bench/run_all.py --only inspect --flower-tasks {n}`",
-                  f"`celery flower --max_tasks={max(n, 100_000)}` on the raw Celery app, two `-E` prefork `-c 2` "
-                  f"workers, "
-                  f"{n:,} `noop` tasks (run in {took:.0f} s); RSS of the Flower process by psutil after its task list "
-                  f"reached {n:,} entries. Flower keeps every task it learns from events in memory, so its RSS grows "
-                  f"with the task count; AIOS keeps tasks in PostgreSQL.{extrapolated}")
-
-
+                  f"`celery flower --max_tasks={max(n, 100_000)}` on the raw Celery app; RSS of the Flower process "
+                  f"by psutil after its task list reached {n:,} entries. Flower keeps every task it learns from "
+                  f"events in memory, so its RSS grows with the task count; AIOS keeps tasks in PostgreSQL. "
+                  f"**The events were replayed by the harness, not produced by running tasks**: for {n:,} `noop` "
+                  f"tasks on two worker hostnames, the `task-received`, `task-started` and `task-succeeded` events "
+                  f"(plus `worker-online` and a `worker-heartbeat` every 2 s) in the exact format a `celery worker "
+                  f"-E` emits (same fields, published with Celery's own event dispatcher, buffered into "
+                  f"`task.multi` lists of up to 24 as the worker does), paced so Flower never had more than "
+                  f"{REPLAY_CHUNK_TASKS * EVENTS_PER_TASK:,} events waiting ({took:.0f} s; {applied:,} task events "
+                  f"applied). Why: what Flower holds depends only on the events it receives, and running "
+                  f"100,000 real tasks through two workers took about 8 minutes (471 s in the run of 2026-11-25, "
+                  f"which read 633 MB) of the 20-minute budget without changing that.{extrapolated}")
