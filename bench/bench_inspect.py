@@ -67,9 +67,12 @@ def fill(run: Run, rows: int) -> float:
     created_at, id)`` came out 45 % smaller than a ledger that grew row by row has them, which would
     flatter the queries, for only a few seconds saved."""
     with run.engine().connect() as connection:
-        rebuilt = [tuple(row) for row in connection.execute(sa.text(
-            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema() "
-            "AND tablename = 'tasks' AND indexdef ILIKE '%gin_trgm_ops%'"))]
+        # pg_get_indexdef only on this table's indexes: filtering pg_indexes by its text made PostgreSQL call it
+        # for every index of the database and wait on the locks of any schema another session was dropping.
+        definitions = connection.execute(sa.text(
+            "SELECT c.relname, pg_get_indexdef(c.oid) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE i.indrelid = 'tasks'::regclass")).all()
+    rebuilt = [(name, definition) for name, definition in definitions if "gin_trgm_ops" in definition]
     types = ", ".join(f"'{t}'" for t in TYPES)
     failed = "('FAILED', 'DEAD', 'TIMED_OUT')"
     unfinished = "('QUEUED', 'SCHEDULED')"
