@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def measure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]:
     n = args.fairness_tasks
-    workers = [run.start_worker(f"fair{i}", concurrency=1) for i in range(3)]
+    workers = run.start_workers([f"fair{i}" for i in range(3)], concurrency=1)
     client = Client(api.url, run.headers())
     shares: list[dict[str, int]] = []
 

@@ -300,21 +300,30 @@ class Run:
 
     def start_worker(self, name: str, *, concurrency: int = 2, env: dict[str, str] | None = None,
                      queues: str = "") -> Proc:
-        hostname = f"{name}@bench"
-        argv = [PYTHON, "-m", "aios.cli", "worker", "--name", hostname, "--concurrency", str(concurrency)]
-        if queues:
-            argv += ["--queues", queues]
-        proc = self.spawn(name, argv, env)
-        proc.url = hostname
+        return self.start_workers([name], concurrency=concurrency, env=env, queues=queues)[0]
 
-        def ready() -> bool:
-            if not proc.alive():
-                raise RuntimeError(f"worker {name} exited:\n{proc.log()[-3000:]}")
-            return self.agent_status(hostname) == "ONLINE"
+    def start_workers(self, names: list[str], *, concurrency: int = 2, env: dict[str, str] | None = None,
+                      queues: str = "") -> list[Proc]:
+        """``python -m aios.cli worker`` per name, all spawned before any is waited for: their start-ups
+        (imports, broker connection, first heartbeat) overlap instead of adding up."""
+        procs = []
+        for name in names:
+            hostname = f"{name}@bench"
+            argv = [PYTHON, "-m", "aios.cli", "worker", "--name", hostname, "--concurrency", str(concurrency)]
+            if queues:
+                argv += ["--queues", queues]
+            proc = self.spawn(name, argv, env)
+            proc.url = hostname
+            procs.append(proc)
+        for proc in procs:
+            def ready(proc: Proc = proc) -> bool:
+                if not proc.alive():
+                    raise RuntimeError(f"worker {proc.name} exited:\n{proc.log()[-3000:]}")
+                return self.agent_status(proc.url) == "ONLINE"
 
-        # The agent row turns ONLINE at its first heartbeat, once the worker consumes (logging is WARNING).
-        wait_for(ready, 90, 0.1, f"agent {hostname} ONLINE")
-        return proc
+            # The agent row turns ONLINE at its first heartbeat, once the worker consumes (logging is WARNING).
+            wait_for(ready, 90, 0.1, f"agent {proc.url} ONLINE")
+        return procs
 
     def agent_status(self, hostname: str) -> str | None:
         with self.engine().connect() as connection:
