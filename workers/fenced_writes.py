@@ -12,8 +12,21 @@ outcome five. Here each is one:
   UPDATE's output), so a row that did not move gets no event, exactly as with ``transition``;
 * run in autocommit mode: a single statement is its own transaction, so the move and its event
   commit together or not at all, with one commit and no BEGIN round trip;
+* compiled once, then run on the driver's cursor: SQLAlchemy's per-execution work (execution context,
+  parameter processing, result wrapping) cost about a third of a pool process's Python time per task.
+  The bind processors SQLAlchemy would apply (JSON encoding) are applied here; a driver error is raised
+  as SQLAlchemy's own exception, so :func:`workers.runner.with_db_retry` sees what it always saw;
 * on a connection the pool process keeps between runs, so no pool checkout and pre-ping per write.
-  A connection error drops it; :func:`workers.runner.with_db_retry` then tries again on a new one.
+  A connection error drops it; :func:`workers.runner.with_db_retry` then tries again on a new one;
+* the claim commits without waiting for its WAL flush (``synchronous_commit = off`` on the claim's own
+  connection), the outcome waits as before. Why it is safe: PostgreSQL flushes the WAL in order, so the
+  outcome's durable commit makes the claim before it durable too, and the message is acked only after
+  the outcome. The claim is visible to every other session at once (only its durability is deferred,
+  by at most three ``wal_writer_delay``); what a database *crash* in that window can lose is a claim of
+  a run that has not recorded its outcome yet. The row is then QUEUED under the same dispatch again,
+  the run's outcome finds it not RUNNING and is noted as a late report, and the sync job's
+  lost-message check dispatches the task again: the at-least-once rule, as for a lost message. A
+  SUCCEEDED (or any outcome) is never written this way: a lost outcome would lose a result.
 
 The legality of each move is still decided by :func:`aios.states.check_transition`. SQLite has no
 data-modifying CTEs: :func:`supported` is False there and the runner keeps to ``transition``.
@@ -23,14 +36,16 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Select, bindparam, insert, literal, select, update
+from sqlalchemy import Connection, Dialect, Select, bindparam, insert, literal, select, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from aios.config import Settings
 from aios.db import get_engine
@@ -45,33 +60,56 @@ _events = TaskEvent.__table__
 
 
 _lock = threading.Lock()
-_held: dict[tuple[int, str], Connection] = {}
+_held: dict[tuple[int, str, bool], Connection] = {}
 
 
 def supported(settings: Settings) -> bool:
     """True where one statement can both move the row and record its event (PostgreSQL)."""
-    return make_url(settings.database.url).get_backend_name() == "postgresql"
+    return _is_postgresql(settings.database.url)
+
+
+@lru_cache(maxsize=8)
+def _is_postgresql(url: str) -> bool:  # parsing the URL cost more than a tenth of a run's Python time
+    return make_url(url).get_backend_name() == "postgresql"
 
 
 @contextmanager
-def _connection(settings: Settings) -> Iterator[Connection]:
-    """This process's autocommit connection (made on first use, again after a fork or an error)."""
-    key = (os.getpid(), settings.database.url)
+def _connection(settings: Settings, *, durable: bool) -> Iterator[Connection]:
+    """This process's autocommit connection (made on first use, again after a fork or an error).
+
+    ``durable`` False: a connection of its own whose commits do not wait for the WAL flush (the claim,
+    see the module docstring). That setting lives on the session, so such a connection is never given
+    back to the engine's pool, where a durable write could pick it up: it is discarded instead."""
+    key = (os.getpid(), settings.database.url, durable)
     with _lock:
         connection = _held.pop(key, None)
     if connection is None or connection.closed or connection.invalidated:
         connection = get_engine(settings.database).connect().execution_options(isolation_level="AUTOCOMMIT")
+        if not durable:
+            try:
+                connection.exec_driver_sql("SET synchronous_commit TO off")
+            except BaseException:
+                _discard(connection)
+                raise
     try:
         yield connection
         connection.commit()  # ends SQLAlchemy's autobegun block; the database already committed
     except BaseException:
-        connection.invalidate()  # its state is unknown (a dropped socket, an interrupted statement)
-        connection.close()
+        _discard(connection)  # its state is unknown (a dropped socket, an interrupted statement)
         raise
     with _lock:
         _held.setdefault(key, connection)  # a concurrent run's own connection may be back first
         if _held[key] is not connection:
-            connection.close()
+            if durable:
+                connection.close()
+            else:
+                _discard(connection)
+
+
+def _discard(connection: Connection) -> None:
+    """Close ``connection`` for good (its DBAPI connection is not returned to the pool)."""
+    connection.invalidate()
+    connection.close()
 
 
 def _moved_and_noted(current: TaskState, target: TaskState, fixed: Mapping[str, Any],
@@ -102,6 +140,57 @@ def _moved_and_noted(current: TaskState, target: TaskState, fixed: Mapping[str, 
     return select(*moved.c).add_cte(noted)
 
 
+class ClaimRow(NamedTuple):
+    """What a claim hands to the run (the row's CLAIM_COLUMNS, after its id)."""
+
+    id: str
+    type: str
+    parameters: Any
+    attempts: int
+    max_retries: int
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A statement compiled once for the driver: its SQL, its fixed parameters, the bind processors."""
+
+    sql: str
+    fixed: dict[str, Any]
+    processors: dict[str, Callable[[Any], Any]]
+
+    def parameters(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        params = {**self.fixed, **given}
+        for name, process in self.processors.items():  # as SQLAlchemy does: every value, None too
+            params[name] = process(params[name])
+        return params
+
+
+@lru_cache(maxsize=128)
+def _compiled(statement: Select[Any], dialect: Dialect) -> _Compiled:
+    compiled = statement.compile(dialect=dialect)
+    fixed = {name: bind.effective_value for bind, name in compiled.bind_names.items() if not bind.required}
+    processors = {}
+    for bind, name in compiled.bind_names.items():
+        process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if process is not None:
+            processors[name] = process
+    return _Compiled(sql=compiled.string, fixed=fixed, processors=processors)
+
+
+def _fetch_one(connection: Connection, statement: Select[Any], given: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """Run ``statement`` on the driver's cursor of ``connection`` (in autocommit): its first row, or None."""
+    compiled = _compiled(statement, connection.dialect)
+    params = compiled.parameters(given)
+    dbapi_connection = connection.connection.dbapi_connection
+    try:
+        with dbapi_connection.cursor() as cursor:  # type: ignore[union-attr]
+            cursor.execute(compiled.sql, params)
+            return cursor.fetchone()  # type: ignore[no-any-return]
+    except connection.dialect.loaded_dbapi.Error as error:
+        raise DBAPIError.instance(compiled.sql, params, error, connection.dialect.loaded_dbapi.Error,
+                                  hide_parameters=True, dialect=connection.dialect) from error
+
+
 @lru_cache(maxsize=1)
 def _claim_statement() -> Select[Any]:
     # Progress describes the current run: cleared with the claim, as before.
@@ -116,12 +205,15 @@ def _outcome_statement(target: TaskState, value_names: tuple[str, ...], null_nam
 
 
 def claim(settings: Settings, task_id: str, dispatch_id: str, agent: str, *, actor: str,
-          detail: Mapping[str, Any], now: datetime) -> Any:
-    """QUEUED → RUNNING for this dispatch, with its event; the row's CLAIM_COLUMNS, or None if it did not move."""
-    with _connection(settings) as connection:
-        return connection.execute(_claim_statement(), {
+          detail: Mapping[str, Any], now: datetime) -> ClaimRow | None:
+    """QUEUED → RUNNING for this dispatch, with its event; the row's CLAIM_COLUMNS, or None if it did not move.
+
+    Committed without waiting for the WAL flush: the run's outcome makes it durable (module docstring)."""
+    with _connection(settings, durable=False) as connection:
+        row = _fetch_one(connection, _claim_statement(), {
             "task_id": task_id, "fence": dispatch_id, "now": now, "actor": actor[:128], "detail": dict(detail),
-            "v_agent": agent}).first()
+            "v_agent": agent})
+    return None if row is None else ClaimRow(*row)
 
 
 def outcome(settings: Settings, task_id: str, dispatch_id: str, target: TaskState, values: Mapping[str, Any], *,
@@ -131,5 +223,5 @@ def outcome(settings: Settings, task_id: str, dispatch_id: str, target: TaskStat
     nulls = tuple(sorted(name for name, value in values.items() if value is None))
     params = {"task_id": task_id, "fence": dispatch_id, "now": now, "actor": actor[:128], "detail": dict(detail),
               **{f"v_{name}": values[name] for name in names}}
-    with _connection(settings) as connection:
-        return connection.execute(_outcome_statement(target, names, nulls), params).first() is not None
+    with _connection(settings, durable=True) as connection:
+        return _fetch_one(connection, _outcome_statement(target, names, nulls), params) is not None
