@@ -20,7 +20,7 @@ from aios import migrate
 from aios.config import DatabaseSettings
 from aios.db import get_engine, session_scope
 from aios.models import Task
-from aios.task_search import SEARCH_INDEX, TaskFilter, index_words, list_tasks, search_sample
+from aios.task_search import SEARCH_INDEX, TaskFilter, _window_words, index_words, list_tasks, search_sample
 from tests.support.schemas import private_schema
 
 pytestmark = pytest.mark.integration
@@ -280,3 +280,12 @@ def test_a_search_with_a_state_filter_across_the_gap_lists_what_the_per_field_se
     assert listed_ids(gapped, "upstream", 50, ("FAILED",)) == reference_ids(gapped, "upstream", ("FAILED",))
     assert listed_ids(gapped, "customer-42", 20, ("SUCCEEDED", "FAILED")) == reference_ids(
         gapped, "customer-42", ("SUCCEEDED", "FAILED"))
+
+
+def test_a_window_looks_up_a_short_piece_of_the_text_only_if_the_sample_holds_it_hardly_more_often():
+    # Given a sample where "upstream" is in one text in ten, "ups" also in "groups", and "eam" only in "upstream"
+    sample = ["timeout talking to upstream host-1"] * 10 + ["groups of three"] * 10 + ["customer-7"] * 80
+    # Then the piece is one of "upstream" as selective as the whole text; none for a text no piece matches
+    assert _window_words("upstream", sample) in {("pst",), ("str",), ("tre",), ("rea",), ("eam",)}
+    assert _window_words("talking groups", sample) == ()  # in no text: every piece is far more common
+    assert _window_words("anything", []) == ()
