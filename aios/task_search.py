@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, Text, and_, cast, func, literal_column, or_, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, DateTime, Select, Text, and_, cast, func, literal_column, or_, select, text
+from sqlalchemy.dialects.postgresql import array
+from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.util import ClauseAdapter
 
 from aios.errors import ValidationFailed
 from aios.models import Task
@@ -87,6 +90,16 @@ _SAMPLE_SQL = text("""
     WHERE c.oid = to_regclass(:index)
 """)
 _samples: dict[str, tuple[float, tuple[str, ...]]] = {}
+#: The planner's quantiles of tasks.created_at (ANALYZE's equi-depth histogram, oldest first): each
+#: bucket between two neighbours holds about the same number of rows.
+_BOUNDS_SQL = text("""
+    SELECT s.histogram_bounds::text::timestamptz[]
+    FROM pg_class c
+    JOIN pg_namespace ns ON ns.oid = c.relnamespace
+    JOIN pg_stats s ON s.schemaname = ns.nspname AND s.tablename = c.relname AND s.attname = 'created_at'
+    WHERE c.oid = to_regclass('tasks')
+""")
+_bounds: dict[str, tuple[float, tuple[datetime, ...]]] = {}
 
 
 def _search_text() -> ColumnElement[str]:
@@ -116,7 +129,19 @@ def search_sample(session: Session) -> tuple[str, ...]:
     return cached[1]
 
 
-def index_words(q: str, sample: Sequence[str]) -> tuple[str, ...]:
+def created_bounds(session: Session) -> tuple[datetime, ...]:
+    """The created_at histogram ANALYZE keeps (about 100 quantiles, oldest first), read at most every
+    SAMPLE_MAX_AGE_S per database; empty without statistics."""
+    key = str(session.get_bind().url)
+    now = time.monotonic()
+    cached = _bounds.get(key)
+    if cached is None or now - cached[0] > SAMPLE_MAX_AGE_S:
+        values = session.scalar(_BOUNDS_SQL) or []
+        cached = _bounds[key] = (now, tuple(values))
+    return cached[1]
+
+
+def index_words(q: str, sample: Sequence[str], *, whole_text_common: bool = False) -> tuple[str, ...]:
     """The words of ``q`` to look up in the search index instead of the whole text; () for the whole text.
 
     A trigram GIN lookup costs about (candidate rows) x (trigrams of the pattern), and a trigram of a
@@ -125,7 +150,9 @@ def index_words(q: str, sample: Sequence[str]) -> tuple[str, ...]:
     1 ms on those of ``4242``. So when the whole text is in none of the sampled search texts (rare: the
     newest-first walk would not find it soon either) but some of its words are in most of them, only
     the other words are looked up; the rows found are then checked against the whole text, field by
-    field. ``sample``: :func:`search_sample`, lower case.
+    field. ``sample``: :func:`search_sample`, lower case. ``whole_text_common``: leave the common
+    words out even when the whole text is in the sample (a search window, whose rows a created_at
+    range narrows down: there the lookup of a word in most rows would be the whole cost).
     """
     words = list(dict.fromkeys(word.lower() for word in _WORD.findall(q)))
     if len(words) < 2 or not sample:
@@ -134,7 +161,7 @@ def index_words(q: str, sample: Sequence[str]) -> tuple[str, ...]:
     def share(part: str) -> float:
         return sum(part in sampled for sampled in sample) / len(sample)
 
-    if share(q.lower()) > 0:
+    if share(q.lower()) > 0 and not whole_text_common:
         return ()
     rare = tuple(word for word in words if share(word) <= COMMON_WORD_SHARE)
     return rare if 0 < len(rare) < len(words) else ()
@@ -300,11 +327,219 @@ def list_tasks(session: Session, where: TaskFilter, *, limit: int, cursor: str |
     """One page in ``sort`` order (newest first by default) and the cursor of the next page, if any."""
     if sort not in SORTS:
         raise ValidationFailed(f"sort: must be one of {', '.join(SORTS)} (got {sort!r})", field="sort")
+    after = decode_sorted_cursor(cursor, sort) if cursor else None
+    if sort == DEFAULT_SORT and _windowed(session, where) and 0 < _sample_share(session, where.q or "") <= WALK_SHARE:
+        tasks = _search_newest(session, where, limit + 1, after)
+        next_cursor = encode_cursor(tasks[limit - 1], sort) if len(tasks) > limit else None
+        return tasks[:limit], next_cursor
     statement = _filtered(session, select(Task), where)
-    if cursor:
-        statement = statement.where(_after(sort, decode_sorted_cursor(cursor, sort)))
+    if after:
+        statement = statement.where(_after(sort, after))
     columns = _key_columns(sort)
     order = [c.desc() for c in columns] if sort.startswith("-") else [c.asc() for c in columns]
     tasks = list(session.scalars(statement.order_by(*order).limit(limit + 1)))
     next_cursor = encode_cursor(tasks[limit - 1], sort) if len(tasks) > limit else None
     return tasks[:limit], next_cursor
+
+
+# --------------------------------------------------------------------------- q= newest first, by windows
+
+#: The newest rows (past the cursor) a search page reads one by one before it turns to the index.
+#: Reading a row and checking its search text costs ~2-3 us: 1,000 rows hold a page of any text in
+#: 5 % or more of them, and cost a few ms when they hold none.
+WALK_ROWS = 1000
+#: A window's index lookup may use a 3-5 character piece of ``q`` the sample holds at most this many
+#: times as often as ``q`` itself (see :func:`_window_words`).
+WINDOW_PIECE_SLACK = 1.5
+#: When those rows hold the text but not a page of it, up to this many more are read one by one if
+#: their share promises the page there (cheaper than an index lookup for a text in ~1 % of the rows).
+WALK_MORE_ROWS = 8000
+#: At most this many rows of a created_at bucket are read to see whether the bucket holds the text.
+PROBE_ROWS_MAX = 200
+#: A text in more than this share of the sampled search texts is found by the one query (the planner
+#: walks created_at newest first): its posting lists are most of the table, and reading rows finds a
+#: page sooner than looking it up.
+WALK_SHARE = 0.25
+#: Buckets probed per page before the rest is looked up in the index whole (the text is rare there).
+PROBES_MAX = 40
+#: A window reaches back as many buckets as should hold this many pages, at the share a probe saw.
+PROBE_MARGIN = 4
+
+
+def _windowed(session: Session, where: TaskFilter) -> bool:
+    """Whether a ``q=`` page is found window by window (:func:`_search_newest`), on PostgreSQL: the
+    other conditions must be ones an index ordered by created_at serves (or none), or each probe
+    would read far more rows than it looks at."""
+    if not where.q or session.get_bind().dialect.name != "postgresql":
+        return False
+    return not (where.priority is not None or where.agent or where.schedule or where.owner or where.queue
+                or where.ids)
+
+
+def _search_newest(session: Session, where: TaskFilter, need: int, after: Sequence[Any] | None) -> list[Task]:
+    """Up to ``need`` tasks matching ``where`` (with a ``q``), newest first, after the cursor key ``after``.
+
+    The same rows, in the same order, as one ``ORDER BY created_at DESC, id DESC LIMIT need`` query; but
+    that query leaves the planner two plans, each slow for some texts: walking created_at newest first
+    until the page is full (slow when the newest rows hold none: it reads them all), or the trigram
+    index lookup plus a sort (slow for a text in more than ~0.1 % of the rows: it reads every one of
+    them). So the page is found in created_at windows, newest first, each window a query of its own:
+
+    1. The newest WALK_ROWS rows, read one by one: enough for a text in about 5 % or more of them.
+    2. Then, going back through the created_at buckets of ANALYZE's histogram (each ~1 % of the rows),
+       a few rows of each bucket are read until one holds the text; the window from there back over as
+       many buckets as should hold PROBE_MARGIN pages is searched through the trigram index AND'ed
+       with the created_at range (a BitmapAnd), which costs the index lookup and the matching rows of
+       the window, never the rows in between that hold nothing. Repeated from that window's oldest
+       edge until the page is full; once PROBES_MAX buckets were probed, or none below holds the text,
+       the rest is looked up in the index whole (the text is rare there).
+
+    :func:`list_tasks` sends a text the sample of search texts (migration 0008) does not hold (rare: the
+    index lookup is cheap) or holds in most entries (the walk finds it soon) the one query instead.
+    """
+    words = index_words(where.q or "", search_sample(session))
+    unsearched = replace(where, q=None)
+    order = (Task.created_at.desc(), Task.id.desc())
+
+    def filtered(statement: Select[Any]) -> Select[Any]:
+        statement = apply_filter(statement, where, dialect="postgresql", index_words=words)
+        return statement.where(_after(DEFAULT_SORT, after)) if after else statement
+
+    def newest(statement: Select[Any], older_than: datetime | None) -> Select[Any]:
+        statement = apply_filter(statement, unsearched, dialect="postgresql")
+        if older_than is not None:
+            statement = statement.where(Task.created_at < older_than)
+        elif after:
+            statement = statement.where(_after(DEFAULT_SORT, after))
+        return statement.order_by(*order)
+
+    match = _matches(where.q or "", dialect="postgresql", index_words=words)
+
+    def matching(rows: Any) -> Any:
+        """``match`` over the columns of ``rows``, a subquery of tasks."""
+        return ClauseAdapter(rows).traverse(match)
+
+    def walk(rows: int, older_than: datetime | None) -> tuple[list[Task], datetime | None]:
+        """The matches among the next ``rows`` rows, read one by one (a subquery with its own LIMIT: the
+        planner may not look them up in the trigram index instead), and the oldest created_at read
+        (None: no row is left past them)."""
+        recent = newest(select(Task), older_than).limit(rows).subquery()
+        walked = aliased(Task, recent)
+        matches = list(session.scalars(select(walked).where(matching(recent))
+                                       .order_by(walked.created_at.desc(), walked.id.desc()).limit(need)))
+        if len(matches) >= need:
+            return matches, None
+        return matches, session.scalar(newest(select(Task.created_at), older_than).offset(rows - 1).limit(1))
+
+    def up_to(edge: datetime) -> list[Task]:
+        """The matches at ``edge`` itself: a walk that stopped there may have left some of the rows of
+        that created_at unread (lower ids); what follows reads only older rows."""
+        return list(session.scalars(filtered(select(Task)).where(Task.created_at == edge).order_by(*order)))
+
+    # 1. The newest rows, one by one; more of them while the share they hold promises a page soon.
+    found, edge = walk(WALK_ROWS, None)
+    if edge is not None:
+        found = [task for task in found if task.created_at > edge] + up_to(edge)
+    if found and edge is not None and len(found) < need:
+        more = math.ceil(2 * (need - len(found)) * WALK_ROWS / len(found))
+        if more <= WALK_MORE_ROWS:
+            later, edge = walk(more, edge)
+            found += [task for task in later if edge is None or task.created_at > edge]
+            if edge is not None:
+                found += up_to(edge)
+    if len(found) >= need or edge is None:
+        return found[:need]
+    bounds = [b for b in reversed(created_bounds(session)) if b < edge]
+    sample = search_sample(session)
+    share = _sample_share(session, where.q or "")
+    if not bounds:  # never analysed: one query, as before windows
+        rest = filtered(select(Task)).where(Task.created_at < edge).order_by(*order).limit(need - len(found))
+        return found + list(session.scalars(rest))
+    window_words = _window_words(where.q or "", sample) or index_words(
+        where.q or "", sample, whole_text_common=True) or words
+    probe_rows = min(PROBE_ROWS_MAX, max(50, math.ceil(3 / share)))
+    probes = 0
+
+    def window_edge(hi: datetime) -> datetime | None:
+        """The oldest created_at of the next window below ``hi``; None: everything below ``hi``."""
+        nonlocal probes
+        older = [b for b in bounds if b < hi]
+        uppers = [hi, *older][:PROBES_MAX - probes]
+        if not older or not uppers:
+            return None
+        # One statement probes the buckets newest first and stops at the first holding the text.
+        buckets = func.unnest(array(uppers, type_=DateTime(timezone=True))).table_valued(
+            "upper", with_ordinality="k").render_derived()
+        rows = newest(select(Task), buckets.c.upper).limit(probe_rows).correlate(buckets).subquery()
+        hits = select(func.count()).select_from(rows).where(matching(rows)).scalar_subquery()
+        # OFFSET 0 keeps the subquery whole: flattened, the probe would run again for the WHERE.
+        probed = select(buckets.c.k, hits.label("hits")).offset(0).subquery()
+        first = session.execute(select(probed.c.k, probed.c.hits).where(probed.c.hits > 0).limit(1)).first()
+        if first is None:
+            probes += len(uppers)
+            return None
+        k, hit_rows = int(first.k) - 1, int(first.hits)
+        probes += k + 1
+        # Enough buckets, from the first that holds the text, for PROBE_MARGIN pages at the share the
+        # probe saw (a window of too few costs another index lookup; too many, rows read for nothing).
+        per_bucket = hit_rows / probe_rows * _reltuples(session) / max(1, len(created_bounds(session)) - 1)
+        last = k + max(1, math.ceil(PROBE_MARGIN * need / max(per_bucket, 1.0))) - 1
+        return older[last] if last < len(older) else None
+
+    hi = edge
+    while len(found) < need:
+        lo = window_edge(hi)
+        window = apply_filter(select(Task.id, Task.created_at), where, dialect="postgresql",
+                              index_words=window_words).where(Task.created_at < hi)
+        if after:
+            window = window.where(_after(DEFAULT_SORT, after))
+        if lo is not None:
+            window = window.where(Task.created_at >= lo)
+        # MATERIALIZED, without a LIMIT inside: the planner may not walk created_at across the window
+        # (the plan this function avoids); it picks the index lookup AND'ed with the range.
+        matched = window.cte("matched").prefix_with("MATERIALIZED")
+        ids = list(session.scalars(select(matched.c.id).order_by(matched.c.created_at.desc(), matched.c.id.desc())
+                                   .limit(need - len(found))))
+        if ids:
+            rows = {task.id: task for task in session.scalars(select(Task).where(Task.id.in_(ids)))}
+            found += [rows[task_id] for task_id in ids]
+        if lo is None:
+            break
+        hi = lo
+    return found
+
+
+def _window_words(q: str, sample: Sequence[str]) -> tuple[str, ...]:
+    """A short piece of a word of ``q`` for a window's index lookup, if the sample holds it hardly more
+    often than ``q``; () if none is.
+
+    A trigram GIN lookup decodes the posting list of every trigram of the pattern, each at least as
+    long as the text's rows: ``upstream`` (6 trigrams) in 100,000 rows costs about three times
+    ``upst`` (2). The window's BitmapAnd keeps only its range of the rows found, and the whole text is
+    checked on those, so a piece as selective as the whole text gives the same rows for less.
+    """
+    if not sample:
+        return ()
+    lowered = q.lower()
+
+    def share(part: str) -> float:
+        return sum(part in sampled for sampled in sample) / len(sample)
+
+    ceiling = WINDOW_PIECE_SLACK * share(lowered) + 1 / len(sample)
+    for size in (3, 4, 5):
+        pieces = {word[i:i + size] for word in _WORD.findall(lowered) for i in range(len(word) - size + 1)}
+        fitting = sorted((share(piece), piece) for piece in pieces if share(piece) <= ceiling)
+        if fitting:
+            return (fitting[0][1],)
+    return ()
+
+
+def _sample_share(session: Session, q: str) -> float:
+    """The share of the sampled search texts holding ``q``; 0.01 without a sample (never analysed)."""
+    sample = search_sample(session)
+    return sum(q.lower() in value for value in sample) / len(sample) if sample else 0.01
+
+
+def _reltuples(session: Session) -> float:
+    return float(session.scalar(text("SELECT greatest(reltuples, 0) FROM pg_class WHERE oid = to_regclass('tasks')"))
+                 or 0.0)

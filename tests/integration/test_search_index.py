@@ -20,7 +20,7 @@ from aios import migrate
 from aios.config import DatabaseSettings
 from aios.db import get_engine, session_scope
 from aios.models import Task
-from aios.task_search import SEARCH_INDEX, TaskFilter, index_words, list_tasks, search_sample
+from aios.task_search import SEARCH_INDEX, TaskFilter, _window_words, index_words, list_tasks, search_sample
 from tests.support.schemas import private_schema
 
 pytestmark = pytest.mark.integration
@@ -80,6 +80,38 @@ def own_schema(filled: bool) -> Iterator[DatabaseSettings]:
         yield settings
 
 
+#: Newer rows than FILL's, none holding its texts: the newest rows a search for "upstream" meets first.
+#: Seven at a time share a created_at, so the edge of a walk of the newest rows falls among equals.
+GAP = 5000
+FILL_GAP = f"""
+INSERT INTO tasks (id, type, parameters, priority, queue, state, result, attempts, max_retries, timeout_s,
+                   on_agent_lost, created_at, updated_at)
+SELECT format('00000000-0000-4000-a000-%s', lpad(k::text, 12, '0')), 'noop', jsonb_build_object('i', k), 5,
+       'default', 'SUCCEEDED', jsonb_build_object('ok', true), 1, 3, 3600, 'retry',
+       now() + (k / 7) * interval '1 millisecond', now() + (k / 7) * interval '1 millisecond'
+FROM generate_series(1, {GAP}) AS k
+"""
+
+
+@pytest.fixture(scope="module")
+def gapped() -> Iterator[DatabaseSettings]:
+    """ROWS + SPECIAL tasks, then GAP newer ones holding none of their texts, analysed; read only."""
+    with own_schema(filled=True) as settings:
+        with get_engine(settings).begin() as connection:
+            connection.execute(sa.text(FILL_GAP))
+            connection.execute(sa.text("ANALYZE tasks"))
+        yield settings
+
+
+def reference_ids(settings: DatabaseSettings, q: str, states: tuple[str, ...] = ()) -> list[str]:
+    """The ids the search must list, newest first: the per-field search, in one query, no index."""
+    with session_scope(settings) as session:
+        statement = select(Task.id).where(per_field(q))
+        if states:
+            statement = statement.where(Task.state.in_(states))
+        return list(session.scalars(statement.order_by(Task.created_at.desc(), Task.id.desc())))
+
+
 @pytest.fixture(scope="module")
 def ledger() -> Iterator[DatabaseSettings]:
     """ROWS + SPECIAL tasks, analysed; read only (a test that changes the schema makes its own)."""
@@ -99,45 +131,57 @@ def per_field(q: str) -> Any:
                func.coalesce(cast(Task.result, Text), "").ilike(as_json, escape="\\"))
 
 
-def listed_ids(settings: DatabaseSettings, q: str, limit: int = 50) -> list[str]:
+def listed_ids(settings: DatabaseSettings, q: str, limit: int = 50, states: tuple[str, ...] = ()) -> list[str]:
     """Every id the list returns for ``q``, newest first, following the cursor to the end."""
     seen: list[str] = []
     cursor = None
     with session_scope(settings) as session:
         while True:
-            page, cursor = list_tasks(session, TaskFilter(q=q), limit=limit, cursor=cursor)
+            page, cursor = list_tasks(session, TaskFilter(q=q, states=states), limit=limit, cursor=cursor)
             seen += [task.id for task in page]
             if cursor is None:
                 return seen
 
 
-def plans(settings: DatabaseSettings, q: str, pages: int = 1, limit: int = 4) -> list[str]:
-    """The EXPLAIN of each page query list_tasks sends for ``q`` (the SQL and parameters it really sent)."""
+def sent_statements(settings: DatabaseSettings, q: str, pages: int, limit: int) -> list[list[tuple[str, Any]]]:
+    """The statements over tasks list_tasks sends for each page of ``q`` (the SQL and parameters it really
+    sent; not its reads of the planner's statistics)."""
     engine = get_engine(settings)
-    sent: list[tuple[str, Any]] = []
+    sent: list[list[tuple[str, Any]]] = []
 
     def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
-        if statement.lstrip().upper().startswith("SELECT TASKS."):
-            sent.append((statement, parameters))
+        if "tasks" in statement and "pg_class" not in statement:
+            sent[-1].append((statement, parameters))
 
     event.listen(engine, "before_cursor_execute", capture)
     try:
         with session_scope(settings) as session:
             cursor = None
             for _ in range(pages):
+                sent.append([])
                 _, cursor = list_tasks(session, TaskFilter(q=q), limit=limit, cursor=cursor)
     finally:
         event.remove(engine, "before_cursor_execute", capture)
-    raw = engine.raw_connection()
+    return sent
+
+
+def explain(settings: DatabaseSettings, statements: list[tuple[str, Any]], options: str = "") -> list[Any]:
+    raw = get_engine(settings).raw_connection()
     try:
         explained = []
-        for statement, parameters in sent:
+        for statement, parameters in statements:
             db_cursor = raw.cursor()
-            db_cursor.execute("EXPLAIN " + statement, parameters)
-            explained.append("\n".join(row[0] for row in db_cursor.fetchall()))
+            db_cursor.execute(f"EXPLAIN {options} " + statement, parameters)
+            rows = db_cursor.fetchall()
+            explained.append(rows[0][0] if "JSON" in options else "\n".join(row[0] for row in rows))
         return explained
     finally:
         raw.close()
+
+
+def plans(settings: DatabaseSettings, q: str, pages: int = 1, limit: int = 4) -> list[str]:
+    """The EXPLAIN of each page list_tasks reads for ``q``: the plans of all its statements, one text."""
+    return ["\n".join(explain(settings, page)) for page in sent_statements(settings, q, pages, limit)]
 
 
 def test_the_migration_builds_a_trigram_index_over_the_searched_text_and_downgrade_drops_it():
@@ -209,3 +253,39 @@ def test_the_special_rows_are_found_by_their_own_text(ledger):
     assert found["tab\there"] == [special + "000000000008"]
     assert found["echo\x1fboom"] == []  # the type and the error are separate texts
     assert found["customer-2424"][0] == special + "000000000009"
+
+
+def test_the_search_statistics_keep_a_sample_of_a_thousand_search_texts(ledger):
+    # Given a ledger migrated to head (migration 0008) and analysed
+    with session_scope(ledger) as session:
+        sample = search_sample(session)
+    # Then ANALYZE kept ~1000 search texts: a text in 1 % of the rows is in about ten of them
+    assert len(sample) > 500
+    share = sum("upstream host-4" in value for value in sample) / len(sample)
+    assert 0.003 < share < 0.03
+
+
+@pytest.mark.parametrize(("q", "limit"), [
+    ("upstream", 50), ("upstream", 7), ("upstream host-4", 7), ("customer-42", 50), ("customer-2424", 3),
+    ("needle", 50), ("noop", 50), ("true", 50), ("it's", 50), ("no-such-text", 50), ("ZÜRICH", 2),
+])
+def test_a_search_across_the_gap_lists_the_rows_and_order_of_the_per_field_search(gapped, q, limit):
+    # Given matches only in the rows older than a gap of GAP newest rows (or only in the gap)
+    # When every page is listed (windows, probes and index lookups, cursors across their edges)
+    # Then the same rows in the same order as the one-query per-field search
+    assert listed_ids(gapped, q, limit=limit) == reference_ids(gapped, q)
+
+
+def test_a_search_with_a_state_filter_across_the_gap_lists_what_the_per_field_search_does(gapped):
+    assert listed_ids(gapped, "upstream", 50, ("FAILED",)) == reference_ids(gapped, "upstream", ("FAILED",))
+    assert listed_ids(gapped, "customer-42", 20, ("SUCCEEDED", "FAILED")) == reference_ids(
+        gapped, "customer-42", ("SUCCEEDED", "FAILED"))
+
+
+def test_a_window_looks_up_a_short_piece_of_the_text_only_if_the_sample_holds_it_hardly_more_often():
+    # Given a sample where "upstream" is in one text in ten, "ups" also in "groups", and "eam" only in "upstream"
+    sample = ["timeout talking to upstream host-1"] * 10 + ["groups of three"] * 10 + ["customer-7"] * 80
+    # Then the piece is one of "upstream" as selective as the whole text; none for a text no piece matches
+    assert _window_words("upstream", sample) in {("pst",), ("str",), ("tre",), ("rea",), ("eam",)}
+    assert _window_words("talking groups", sample) == ()  # in no text: every piece is far more common
+    assert _window_words("anything", []) == ()
