@@ -89,6 +89,56 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[index]
 
 
+class CpuMeter:
+    """CPU seconds spent by named groups of processes between :meth:`start` and :meth:`stop`.
+
+    Groups are given as callables returning their processes at that moment (a Proc's tree, or every
+    PostgreSQL/Redis server process): a process that appears in between (a new database backend)
+    counts from zero, one that exits in between is not counted. Where a figure is CPU-bound on the two
+    shared cores, this says which process the time went to.
+    """
+
+    def __init__(self, groups: dict[str, Callable[[], list[Any]]]) -> None:
+        self.groups = groups
+        self.before: dict[str, dict[int, float]] = {}
+        self.spent: dict[str, float] = {name: 0.0 for name in groups}
+
+    @staticmethod
+    def _times(processes: list[Any]) -> dict[int, float]:
+        times = {}
+        for process in processes:
+            try:
+                cpu = process.cpu_times()
+                times[process.pid] = cpu.user + cpu.system
+            except Exception:  # noqa: BLE001 - gone meanwhile
+                continue
+        return times
+
+    def start(self) -> None:
+        self.before = {name: self._times(group()) for name, group in self.groups.items()}
+
+    def stop(self) -> None:
+        for name, group in self.groups.items():
+            now, before = self._times(group()), self.before.get(name, {})
+            self.spent[name] += sum(cpu - before.get(pid, 0.0) for pid, cpu in now.items())
+
+
+def server_processes(command: str) -> Callable[[], list[Any]]:
+    """Every process whose name is ``command`` (``postgres``, ``redis-server``): the services' side."""
+    import psutil
+
+    def find() -> list[Any]:
+        return [p for p in psutil.process_iter(["name"]) if p.info["name"] == command]
+
+    return find
+
+
+def this_process() -> list[Any]:
+    import psutil
+
+    return [psutil.Process()]
+
+
 def repeat(measure: Callable[[int], float], times: int, unit: str, label: str = "") -> Stat:
     values = []
     for n in range(times):
