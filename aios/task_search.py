@@ -328,7 +328,7 @@ def list_tasks(session: Session, where: TaskFilter, *, limit: int, cursor: str |
     if sort not in SORTS:
         raise ValidationFailed(f"sort: must be one of {', '.join(SORTS)} (got {sort!r})", field="sort")
     after = decode_sorted_cursor(cursor, sort) if cursor else None
-    if sort == DEFAULT_SORT and _windowed(session, where) and 0 < _sample_share(session, where.q or "") <= WALK_SHARE:
+    if sort == DEFAULT_SORT and _windowed(session, where) and _windows_fit(session, where.q or ""):
         tasks = _search_newest(session, where, limit + 1, after)
         next_cursor = encode_cursor(tasks[limit - 1], sort) if len(tasks) > limit else None
         return tasks[:limit], next_cursor
@@ -360,6 +360,11 @@ PROBE_ROWS_MAX = 200
 #: walks created_at newest first): its posting lists are most of the table, and reading rows finds a
 #: page sooner than looking it up.
 WALK_SHARE = 0.25
+#: Fewest sampled search texts holding ``q`` for it to be searched by windows. One or two are what chance
+#: gives a rare text (with 1,000 texts sampled, one in 0.02 % of the rows is in one about a fifth of the
+#: time), and for a rare text the index lookup alone is the fast plan: windows cost it ~80 ms instead of
+#: ~10 (BENCHMARKS.md, `q=customer-4242` after earlier figures).
+WINDOW_MIN_SAMPLE_HITS = 3
 #: Buckets probed per page before the rest is looked up in the index whole (the text is rare there).
 PROBES_MAX = 40
 #: A window reaches back as many buckets as should hold this many pages, at the share a probe saw.
@@ -532,6 +537,14 @@ def _window_words(q: str, sample: Sequence[str]) -> tuple[str, ...]:
         if fitting:
             return (fitting[0][1],)
     return ()
+
+
+def _windows_fit(session: Session, q: str) -> bool:
+    """Whether ``q`` is common enough for windows and not so common that the one query walks to it soon:
+    in at least WINDOW_MIN_SAMPLE_HITS of the sampled search texts, and at most WALK_SHARE of them."""
+    sample = search_sample(session)
+    share = _sample_share(session, q)
+    return (not sample or share * len(sample) >= WINDOW_MIN_SAMPLE_HITS) and 0 < share <= WALK_SHARE
 
 
 def _sample_share(session: Session, q: str) -> float:

@@ -172,14 +172,17 @@ def inspect_figure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]
         worst = max(worst, p95)
         rows.append(f"| {name} | {p50:.1f} | {p95:.1f} | {min(p95s[name]):.1f}–{max(p95s[name]):.1f} |")
     if worst > 50:
-        details_why = (" Missed: see the p95 column for which query. `q=` uses the trigram index of migration 0007 "
-                       "(aios/task_search.py, docs/api.md): a rare term is looked up in the index, a common one walks "
-                       "the newest-first index until 50 matches. That walk is slow when the term is common overall "
-                       "but absent from the newest rows: here the newest rows are the ones earlier figures left "
-                       "(none of them says `upstream`), so `q=upstream` reads all of them before its first match. "
-                       "Terms in between (roughly 0.1-3 % of the rows) are the other slow case. Closing it needs "
-                       "the planner to know where matches lie (e.g. the index lookup plus a top-N sort once the walk "
-                       "has read more than a few thousand rows).")
+        details_why = (" Missed: see the p95 column for which query. `q=` (aios/task_search.py, docs/api.md) looks a "
+                       "rare text up in the trigram index of migration 0007; a text in more than a quarter of "
+                       "ANALYZE's sampled search texts walks the newest rows; one in between is found in created_at "
+                       "windows: the newest 1,000 rows one by one, then a probe of a few rows per created_at bucket, "
+                       "then the window that holds the text looked up in the trigram index AND'ed with its time "
+                       "range. Here the newest rows are the ones earlier figures left (none of them says "
+                       "`upstream`), so `q=upstream` takes the window path, and its floor is the index lookup: a GIN "
+                       "index decodes the whole posting list of each trigram it is asked for (about 100,000 entries "
+                       "for `upstream`'s rarest piece, ~35 ms) whatever the time range. Closing it needs an index "
+                       "ordered by time as well as by text (e.g. a trigram index per time partition of the ledger, "
+                       "so a window's lookup reads only its partition's posting lists).")
     else:
         details_why = ""
     summary = " / ".join(f"{percentile(samples[n], 95):.0f}" for n in queries)
