@@ -231,19 +231,20 @@ def audit_within(session: Session, status: int) -> None:
 
     The action and its audit row then commit together (never one without the other), and the
     request spends one transaction instead of two: the submit path uses it. Call it after the last
-    :func:`set_audit` of the request; :func:`audit_response` then writes no second row.
+    :func:`set_audit` of the request; :func:`audit_response` then writes no second row, unless the
+    response's status is not ``status`` (the transaction failed after this, and its row with it).
     """
     action = _audit_action()
     if action:
         _write_audit(session, action, status)
-        g.audit_written = True
+        g.audit_written_status = status
 
 
 def audit_response(response: Response) -> Response:
     action = _audit_action()
     if not action:
         return response
-    if not g.get("audit_written"):
+    if g.get("audit_written_status") != response.status_code:
         try:
             with session_scope(_settings().database) as session:
                 _write_audit(session, action, response.status_code)
