@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -25,8 +27,13 @@ Result = TypeVar("Result")
 Update = Callable[[dict[str, Any]], tuple[Result, dict[str, Any]]]
 
 _redis_clients: dict[str, Any] = {}
-#: Tries of the optimistic WATCH/MULTI update before giving up (each lost try means another writer won).
-REDIS_STATE_ATTEMPTS = 50
+#: Tries of the optimistic compare-and-set before giving up (each lost try means another writer won).
+REDIS_STATE_ATTEMPTS = 200
+#: After this many lost tries in a row a writer waits a random moment (up to a few ms, growing) before
+#: the next: under many concurrent writers (16 threads in tests/integration/test_rotation.py) one
+#: that always retried at once could lose every race to the others.
+REDIS_STATE_BACKOFF_AFTER = 3
+REDIS_STATE_BACKOFF_S = 0.0005
 
 
 def _redis(settings: Settings) -> Any:
@@ -77,16 +84,32 @@ def _with_redis_state(settings: Settings, key: str, update: Update[Result]) -> R
         script = _cas_scripts.setdefault(id(client), client.register_script(_COMPARE_AND_SET))
     name = f"{settings.broker.key_prefix}aios:routing:{key}"
     seen = _last_seen.get(name, b"")
-    for _ in range(REDIS_STATE_ATTEMPTS):
-        result, state = update(json.loads(seen) if seen else {})
-        written = json.dumps(state).encode()
+    for attempt in range(REDIS_STATE_ATTEMPTS):
+        version, state = _versioned(seen)
+        result, state = update(state)
+        # The version makes every write differ from every earlier one: the state alone repeats (a
+        # round robin over three agents comes back to the same cursor every three turns), and a
+        # compare-and-set against a stale copy that happens to match again would hand out a turn twice.
+        written = json.dumps({"version": version + 1, "state": state}).encode()
         answer = script(keys=[name], args=[seen, written])
         if answer[0] == 1:
             _last_seen[name] = written
             return result
         seen = answer[1] or b""
         _last_seen[name] = seen
+        if attempt >= REDIS_STATE_BACKOFF_AFTER:
+            time.sleep(random.uniform(0, REDIS_STATE_BACKOFF_S * (attempt - REDIS_STATE_BACKOFF_AFTER + 1)))
     raise RuntimeError(f"routing state {key}: {REDIS_STATE_ATTEMPTS} concurrent writers in a row won the race")
+
+
+def _versioned(raw: bytes) -> tuple[int, dict[str, Any]]:
+    """(version, state) of a stored value; a value written before versions (the bare state) is version 0."""
+    if not raw:
+        return 0, {}
+    stored = json.loads(raw)
+    if isinstance(stored, dict) and set(stored) == {"version", "state"}:
+        return int(stored["version"]), dict(stored["state"])
+    return 0, stored
 
 
 def _with_database_state(settings: Settings, key: str, update: Update[Result]) -> Result:
