@@ -98,13 +98,14 @@ def measure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]:
                       "ledger writes (submit: one multi-row INSERT of rows and timeline events per batch; run: the "
                       "claim and the outcome, one fenced statement each with its event, workers/fenced_writes.py) "
                       "cost PostgreSQL the time in its row, every one of them maintaining the tasks table's nine "
-                      "indexes (the search index too, once the result is written); the agent's main process spends "
-                      "most of its share in kombu's Redis ack emulation (a MULTI/EXEC per delivery and per ack, "
-                      "py-spy), plus the task events Flower reads. Taking the ack writes off the event loop (a "
-                      "background thread) was tried and measured no faster in an interleaved A/B: the time is CPU, "
-                      "not waiting. What would close it: fewer index writes per task (one timeline event per move, "
-                      "a search index that skips rows until they end), and the ack emulation in one Redis command "
-                      "(a script) instead of a transaction.") + "\n\n"
+                      "indexes (the search index too, once the result is written); the agent's main process (one "
+                      "event loop fetching, handing out and acking every message) spends most of its share on Redis "
+                      "round trips (py-spy), and each pool process waits about half its time for that loop to hand "
+                      "it the next message (prefetch 1, so priorities hold). The agent already writes each ack with "
+                      "the next delivery (one MULTI/EXEC per message instead of two, workers/redis_transport.py) "
+                      "and publishes task events in batches. What would close more: fewer index writes per task "
+                      "(one timeline event per move, a search index that skips rows until they end) and fewer "
+                      "round trips on the agent's loop per message.") + "\n\n"
                    "| rep | AIOS tasks/s | Celery tasks/s | ratio |\n|---|---|---|---|\n" + rows + cpu)]
 
 

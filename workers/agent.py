@@ -14,7 +14,7 @@ from aios.celery_app import create_celery_app, queue_name
 from aios.config import Settings
 from aios.db import dispose_engines, ensure_migrated
 from aios.tasktypes import load_task_types
-from workers import consumer
+from workers import consumer, redis_transport
 from workers.heartbeat import Heartbeat, capabilities_of
 from workers.tasks import register_tasks
 
@@ -53,6 +53,9 @@ def build_worker_app(settings: Settings) -> Celery:
 def run_agent(settings: Settings, options: AgentOptions) -> None:
     """Run a Celery worker in the foreground until it is told to stop."""
     ensure_migrated(settings.database)
+    # This process's redis:// and rediss:// brokers use kombu's Redis transport with each ack written
+    # along with the next delivery (one round trip per message instead of two on the event loop).
+    redis_transport.install()
     app = build_worker_app(settings)
     hostname = hostname_for(options.name)
     # Its own queue (round robin, least loaded, pinned), its capabilities' queues (shared), and

@@ -1,0 +1,135 @@
+"""kombu's Redis transport for agents, with each ack written together with the next delivery.
+
+kombu emulates acks on Redis: every delivered message is copied to the ``unacked`` hash and index (one
+MULTI/EXEC round trip) and removed from them when acked (another). Both run on the worker's single event
+loop, which also fetches each message and hands it to a pool process; at an agent's pace they are most
+of that loop's time (py-spy, BENCHMARKS.md "End to end"), and while the loop waits on Redis a pool
+process that has finished waits for its next task.
+
+Here an ack frees the prefetch slot at once, as before, but its removal from the hash and index is kept
+until the next write this channel makes anyway: the next delivery's own MULTI/EXEC carries it, so a busy
+agent pays one round trip per message instead of two. An idle agent writes what is left at most
+:data:`ACK_FLUSH_S` later (a timer on the event loop), and everything is written before the channel
+gives its unacked messages back (shutdown, connection loss).
+
+What a kept ack risks: a worker killed in that interval leaves the acked message in the hash, and the
+visibility-timeout sweep later delivers it again. AIOS already expects redelivery (acks are late, so a
+crash during a task redelivers it too): the task row is finished and its dispatch fence no longer
+matches, so the runner drops the copy without running it (:mod:`workers.runner`). Nothing is lost:
+a message is only ever removed *later* than kombu would remove it, never earlier.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
+
+logger = logging.getLogger(__name__)
+
+#: The URL schemes that mean this transport in an agent's process (sentinel and socket URLs keep kombu's).
+SCHEMES = ("redis", "rediss")
+
+#: Longest an ack waits for a delivery to travel with (seconds), when the agent is idle.
+ACK_FLUSH_S = 0.05
+
+
+class DeferredAckQoS(kombu_redis.QoS):
+    """kombu's Redis ack emulation, with acks written in the same transaction as the next delivery."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Delivery tags acked but still in the unacked hash and index.
+        self.acked: list[str] = []
+
+    def _queue_removals(self, pipe: Any) -> list[str]:
+        tags = list(self.acked)
+        if tags:
+            pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags)
+        return tags
+
+    def _written(self, tags: list[str]) -> None:
+        # Only what this write carried: an ack added meanwhile stays for the next one.
+        del self.acked[:len(tags)]
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        delivery = message.delivery_info
+        exchange, routing_key = delivery["exchange"], delivery["routing_key"]
+        with self.pipe_or_acquire() as pipe:
+            tags = self._queue_removals(pipe)
+            pipe.zadd(self.unacked_index_key, {delivery_tag: kombu_redis.time()}) \
+                .hset(self.unacked_key, delivery_tag, dumps([message._raw, exchange, routing_key])) \
+                .execute()
+            self._written(tags)
+            virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        self.acked.append(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def flush_acks(self) -> None:
+        """Write every kept ack now (the idle timer, and before unacked messages are given back)."""
+        if not self.acked:
+            return
+        with self.pipe_or_acquire() as pipe:
+            tags = self._queue_removals(pipe)
+            pipe.execute()
+            self._written(tags)
+
+    def _flush_before_restore(self) -> None:
+        try:
+            self.flush_acks()
+        except Exception as exc:  # noqa: BLE001 - the broker is likely gone; the sweep redelivers (fenced)
+            logger.warning("could not write %d kept acks before restoring unacked messages: %s",
+                           len(self.acked), exc)
+
+    def restore_unacked_once(self, stderr: Any = None) -> Any:
+        # The channel's close: kombu skips the restore when nothing is unacked, so flush here too.
+        self._flush_before_restore()
+        return super().restore_unacked_once(stderr)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        self._flush_before_restore()
+        super().restore_unacked(client)
+
+
+class Channel(kombu_redis.Channel):
+    QoS = DeferredAckQoS
+
+
+class Transport(kombu_redis.Transport):
+    """The agent's Redis transport (``broker_transport`` of the worker app for ``redis://`` brokers)."""
+
+    Channel = Channel
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)
+        # One timer, whatever the number of reconnects (each registers the transport again).
+        previous = getattr(self, "_ack_flush_tref", None)
+        if previous is not None:
+            previous.cancel()
+        self._ack_flush_tref = loop.call_repeatedly(ACK_FLUSH_S, self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        for channel in list(self.channels):
+            qos = channel._qos  # never create a QoS just to flush it
+            if isinstance(qos, DeferredAckQoS) and qos.acked:
+                try:
+                    qos.flush_acks()
+                except Exception as exc:  # noqa: BLE001 - retried on the next tick or delivery
+                    logger.warning("could not write %d kept acks: %s", len(qos.acked), exc)
+
+
+def install() -> None:
+    """Make ``redis://`` and ``rediss://`` mean this transport in this process (an agent's).
+
+    Through kombu's alias table rather than Celery's ``broker_transport``, so the worker still logs
+    and reports its broker as ``redis://host:port/db``."""
+    from kombu import transport
+
+    for scheme in SCHEMES:
+        transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+        getattr(transport, "_transport_cache", {}).pop(scheme, None)
