@@ -101,7 +101,7 @@ class Channel(kombu_redis.Channel):
 
 
 class Transport(kombu_redis.Transport):
-    """The agent's Redis transport (``broker_transport`` of the worker app for ``redis://`` brokers)."""
+    """The agent's Redis transport (what ``redis://`` and ``rediss://`` mean once :func:`install` ran)."""
 
     Channel = Channel
 
@@ -113,6 +113,9 @@ class Transport(kombu_redis.Transport):
             previous.cancel()
         self._ack_flush_tref = loop.call_repeatedly(ACK_FLUSH_S, self._flush_acks)
 
+    #: Set while the idle flush fails (a broker outage): it retries every tick but warns only once.
+    _ack_flush_failing = False
+
     def _flush_acks(self) -> None:
         for channel in list(self.channels):
             qos = channel._qos  # never create a QoS just to flush it
@@ -120,7 +123,12 @@ class Transport(kombu_redis.Transport):
                 try:
                     qos.flush_acks()
                 except Exception as exc:  # noqa: BLE001 - retried on the next tick or delivery
-                    logger.warning("could not write %d kept acks: %s", len(qos.acked), exc)
+                    if not self._ack_flush_failing:
+                        logger.warning("could not write %d kept acks (retrying every %g s): %s",
+                                       len(qos.acked), ACK_FLUSH_S, exc)
+                    self._ack_flush_failing = True
+                else:
+                    self._ack_flush_failing = False
 
 
 def install() -> None:
