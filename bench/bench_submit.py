@@ -169,12 +169,13 @@ def measure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]:
                f"works and the database waits on it."
                + ("" if batch_stat.median >= 5000 else
                   " Missed: the profile section below shows where a batch's time goes: PostgreSQL writing 1,000 "
-                  "rows and 2,000 timeline events with their indexes (the search index included), then kombu "
-                  "serialising and pushing 1,000 messages one by one (each JSON-encoded twice, the body base64'd "
-                  "into the Redis envelope), all in Python on the two cores that also run PostgreSQL, Redis and "
-                  "the load generator. Closing it needs the messages built without kombu's per-message path "
-                  "(one Redis pipeline of ready-made envelopes) and a cheaper ledger write (one timeline event "
-                  "per task instead of two, COPY instead of INSERT).")),
+                  "rows and 2,000 timeline events with their indexes (the search index included), then 1,000 "
+                  "messages built by Celery and serialised by kombu one by one (each JSON-encoded twice, the body "
+                  "base64'd into the Redis envelope; Celery's per-call send_task work is already skipped after the "
+                  "first, aios/dispatch.py `_send_in_batch`), all in Python on the two cores that also run "
+                  "PostgreSQL, Redis and the load generator. Closing it needs the messages built without kombu's "
+                  "per-message path (one Redis pipeline of ready-made envelopes) and a cheaper ledger write (one "
+                  "timeline event per task instead of two, COPY instead of INSERT).")),
     ]
 
 

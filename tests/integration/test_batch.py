@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from aios.celery_app import queue_name
 from aios.db import session_scope
 from aios.models import Task, TaskEvent
 from tests.conftest import authorize, wait_for
@@ -128,3 +129,46 @@ def test_a_batch_over_the_size_limit_is_refused_and_nothing_is_stored(stack, cel
     assert response.status_code == 202, response.json
     assert response.json["count"] == 5
     assert count_tasks(stack) == before + 5
+
+
+def test_messages_published_within_a_batch_equal_what_send_task_publishes(stack, celery_client, queue, monkeypatch):
+    """aios.dispatch publishes the first message of a batch through ``send_task`` and the rest through
+    ``_send_in_batch``; what reaches kombu's ``Producer.publish`` must be the same message apart from
+    the task's own ids and time (and the retry wrapper, which a batch's buffered publish has no use for)."""
+    import uuid
+
+    from kombu import Producer
+
+    from aios.dispatch import PUBLISHED_AT_HEADER, Dispatch, publish
+
+    published: list[tuple[Any, dict[str, Any]]] = []
+    original = Producer.publish
+
+    def recording(self: Any, body: Any, **kwargs: Any) -> Any:
+        published.append((body, kwargs))
+        return original(self, body, **kwargs)
+
+    monkeypatch.setattr(Producer, "publish", recording)
+    dispatches = [Dispatch(task_id=str(uuid.uuid4()), dispatch_id=str(uuid.uuid4()), queue=queue, priority=7,
+                           timeout_s=120) for _ in range(3)]
+    assert publish(celery_client, stack.settings, dispatches) == {}
+    assert len(published) == 3
+
+    def normalized(index: int) -> tuple[Any, dict[str, Any]]:
+        body, kwargs = published[index]
+        item = dispatches[index]
+        args, task_kwargs, embed = body
+        assert task_kwargs == {"dispatch_id": item.dispatch_id}
+        headers = dict(kwargs["headers"])
+        assert headers.pop("id") == headers.pop("root_id") == kwargs["correlation_id"] == item.task_id
+        assert headers.pop("kwargsrepr") == kwargs["kwargsrepr"] == f"{{'dispatch_id': '{item.dispatch_id}'}}"
+        headers.pop(PUBLISHED_AT_HEADER)
+        rest = {key: value for key, value in kwargs.items()
+                if key not in {"headers", "correlation_id", "kwargsrepr", "retry", "declare"}}
+        assert [q.name for q in kwargs["declare"]] == [queue_name(stack.settings, queue)]
+        return (args, embed), {**rest, "headers": headers}
+
+    by_send_task = normalized(0)
+    for index in (1, 2):
+        assert normalized(index) == by_send_task
+    assert published[1][1]["retry"] is False
