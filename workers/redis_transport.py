@@ -80,11 +80,16 @@ class DeferredAckQoS(kombu_redis.QoS):
             self._written(tags)
 
     def _flush_before_restore(self) -> None:
+        """Write the kept acks before unacked messages are given back. If the broker cannot take them
+        now, they are dropped, not retried: the channel is closing (or recovering), and the visibility
+        sweep redelivers those messages, which the dispatch fence skips. Dropping them also keeps the
+        close from trying the dead broker twice (``restore_unacked_once`` calls ``restore_unacked``)."""
         try:
             self.flush_acks()
-        except Exception as exc:  # noqa: BLE001 - the broker is likely gone; the sweep redelivers (fenced)
-            logger.warning("could not write %d kept acks before restoring unacked messages: %s",
-                           len(self.acked), exc)
+        except Exception as exc:  # noqa: BLE001 - the broker is likely gone
+            logger.warning("could not write %d kept acks before restoring unacked messages (the visibility "
+                           "sweep redelivers them; the dispatch fence skips them): %s", len(self.acked), exc)
+            self.acked.clear()
 
     def restore_unacked_once(self, stderr: Any = None) -> Any:
         # The channel's close: kombu skips the restore when nothing is unacked, so flush here too.
