@@ -432,16 +432,20 @@ def dump_schemas(file: Path, settings: Settings) -> set[str]:
 
 
 #: Extensions an archive's index needs that a one-schema dump leaves out (pg_dump --schema dumps no
-#: extension): the task search index of migration 0007 uses pg_trgm's operator class, in schema public.
-_INDEX_EXTENSIONS = {"ix_tasks_search_trgm": "pg_trgm"}
+#: extension): the task search index uses pg_trgm's operator class (migration 0007), in schema public,
+#: and, keyed by creation hour (migration 0009), btree_gin's default one for timestamptz. Creating
+#: btree_gin where the dump's index does not use it costs nothing.
+_INDEX_EXTENSIONS = {"ix_tasks_search_trgm": ("pg_trgm", "btree_gin")}
 
 
 def _create_extensions(file: Path, settings: Settings) -> None:
     """Create in the target, as migration 0007 does, the extensions the archive's indexes need; where this
     role may not, pg_restore then fails naming the missing operator class (docs/backup.md)."""
     listing = _pg_restore_list(file, settings)
-    for index, extension in _INDEX_EXTENSIONS.items():
-        if re.search(rf"^\d+; \d+ \d+ INDEX \S+ {re.escape(index)} ", listing, re.MULTILINE):
+    for index, extensions in _INDEX_EXTENSIONS.items():
+        if not re.search(rf"^\d+; \d+ \d+ INDEX \S+ {re.escape(index)} ", listing, re.MULTILINE):
+            continue
+        for extension in extensions:
             try:
                 with _scratch_connection(settings) as connection:
                     connection.execute(text(f"CREATE EXTENSION IF NOT EXISTS {extension} SCHEMA public"))

@@ -7,18 +7,19 @@ means the same thing to both. Every page costs one ordered index scan plus the f
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, DateTime, Select, Text, and_, cast, func, literal_column, or_, select, text
 from sqlalchemy.dialects.postgresql import array
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.util import ClauseAdapter
 
 from aios.errors import ValidationFailed
@@ -100,9 +101,17 @@ _BOUNDS_SQL = text("""
     WHERE c.oid = to_regclass('tasks')
 """)
 _bounds: dict[str, tuple[float, tuple[datetime, ...]]] = {}
+#: The creation hour, the search index's second key where migration 0009 could add it (:func:`_hour`).
+_HOUR_STRIDE = literal_column("'1 hour'::interval")
+_HOUR_ORIGIN = literal_column("'2000-01-01 00:00:00+00'::timestamptz")
+#: A window covering more hours than this is looked up with its created_at range instead: each hour is
+#: one more index scan (~0.1-0.3 ms), and a window that long holds about as many matches either way.
+HOUR_KEYS_MAX = 48
+_hour_keyed: dict[str, tuple[float, bool]] = {}
+_row_counts: dict[str, tuple[float, float]] = {}
 
 
-def _search_text() -> ColumnElement[str]:
+def _search_text(tasks: Any = Task) -> ColumnElement[str]:
     """On PostgreSQL, the searched fields as one text: the expression migration 0007 indexes with pg_trgm.
 
     Spelled exactly as there (``SEARCH_TEXT_SQL``), constants inline (a bound '' would not match): the
@@ -111,8 +120,8 @@ def _search_text() -> ColumnElement[str]:
     """
     separator = literal_column("E'\\x1f'", Text)
     empty = literal_column("''", Text)
-    return (Task.type + separator + func.coalesce(Task.error, empty, type_=Text) + separator
-            + cast(Task.parameters, Text) + separator + func.coalesce(cast(Task.result, Text), empty, type_=Text))
+    return (tasks.type + separator + func.coalesce(tasks.error, empty, type_=Text) + separator
+            + cast(tasks.parameters, Text) + separator + func.coalesce(cast(tasks.result, Text), empty, type_=Text))
 
 
 def search_sample(session: Session) -> tuple[str, ...]:
@@ -141,6 +150,35 @@ def created_bounds(session: Session) -> tuple[datetime, ...]:
     return cached[1]
 
 
+def _hour() -> ColumnElement[datetime]:
+    """A task's creation hour (UTC): spelled exactly as migration 0009's ``HOUR_SQL``, constants inline,
+    or the planner would not match it to the index."""
+    return func.date_bin(_HOUR_STRIDE, Task.created_at, _HOUR_ORIGIN, type_=DateTime(timezone=True))
+
+
+def search_keyed_by_hour(session: Session) -> bool:
+    """Whether the search index also holds each task's creation hour (migration 0009), read at most every
+    SAMPLE_MAX_AGE_S per database."""
+    key = str(session.get_bind().url)
+    now = time.monotonic()
+    cached = _hour_keyed.get(key)
+    if cached is None or now - cached[0] > SAMPLE_MAX_AGE_S:
+        columns = session.scalar(text("SELECT indnkeyatts FROM pg_index WHERE indexrelid = to_regclass(:index)"),
+                                 {"index": SEARCH_INDEX})
+        cached = _hour_keyed[key] = (now, columns == 2)
+    return cached[1]
+
+
+def hour_keys(lo: datetime, hi: datetime) -> list[datetime] | None:
+    """The UTC hours (as :func:`_hour` computes them) that ``lo <= created_at < hi`` touches; None if more
+    than HOUR_KEYS_MAX."""
+    first = lo.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    count = math.floor((hi.astimezone(UTC) - first) / timedelta(hours=1)) + 1
+    if count > HOUR_KEYS_MAX:
+        return None
+    return [first + timedelta(hours=n) for n in range(count)]
+
+
 def index_words(q: str, sample: Sequence[str], *, whole_text_common: bool = False) -> tuple[str, ...]:
     """The words of ``q`` to look up in the search index instead of the whole text; () for the whole text.
 
@@ -167,8 +205,12 @@ def index_words(q: str, sample: Sequence[str], *, whole_text_common: bool = Fals
     return rare if 0 < len(rare) < len(words) else ()
 
 
-def _matches(q: str, *, dialect: str, index_words: Sequence[str] = ()) -> ColumnElement[bool]:
+def _matches(q: str, *, dialect: str, index_words: Sequence[str] = (), tasks: Any = Task,
+             indexed: bool = True) -> ColumnElement[bool]:
     """Tasks whose type, error, parameters or result (as JSON text) hold ``q``, in any case.
+
+    ``indexed=False``: field by field only, a condition the search index cannot serve, for a query that
+    must read rows in created_at order (the planner might otherwise look the text up in the index).
 
     The JSON columns are matched as their stored text, where a string's " and \\ are escaped (and, on
     SQLite, non-ASCII letters are \\u escapes): there the text is looked for as JSON would spell it.
@@ -176,14 +218,14 @@ def _matches(q: str, *, dialect: str, index_words: Sequence[str] = ()) -> Column
     plain = _like(q)
     as_json = _like(json.dumps(q, ensure_ascii=dialect == "sqlite")[1:-1])
     per_field = or_(
-        Task.type.ilike(plain, escape="\\"),
-        func.coalesce(Task.error, "").ilike(plain, escape="\\"),
-        cast(Task.parameters, Text).ilike(as_json, escape="\\"),
-        func.coalesce(cast(Task.result, Text), "").ilike(as_json, escape="\\"),
+        tasks.type.ilike(plain, escape="\\"),
+        func.coalesce(tasks.error, "").ilike(plain, escape="\\"),
+        cast(tasks.parameters, Text).ilike(as_json, escape="\\"),
+        func.coalesce(cast(tasks.result, Text), "").ilike(as_json, escape="\\"),
     )
-    if dialect != "postgresql":
+    if dialect != "postgresql" or not indexed:
         return per_field
-    search_text = _search_text()
+    search_text = _search_text(tasks)
     if index_words:
         # The index finds the rows holding these words; per_field (which no index serves) decides.
         return and_(*(search_text.ilike(f"%{word}%") for word in index_words), per_field)
@@ -390,12 +432,15 @@ def _search_newest(session: Session, where: TaskFilter, need: int, after: Sequen
     index lookup plus a sort (slow for a text in more than ~0.1 % of the rows: it reads every one of
     them). So the page is found in created_at windows, newest first, each window a query of its own:
 
-    1. The newest WALK_ROWS rows, read one by one: enough for a text in about 5 % or more of them.
+    1. The newest WALK_ROWS rows (and the rest of the last one's created_at), read one by one: enough
+       for a text in about 5 % or more of them.
     2. Then, going back through the created_at buckets of ANALYZE's histogram (each ~1 % of the rows),
        a few rows of each bucket are read until one holds the text; the window from there back over as
-       many buckets as should hold PROBE_MARGIN pages is searched through the trigram index AND'ed
-       with the created_at range (a BitmapAnd), which costs the index lookup and the matching rows of
-       the window, never the rows in between that hold nothing. Repeated from that window's oldest
+       many buckets as should hold PROBE_MARGIN pages is searched through the search index by the
+       hours it covers (migration 0009; GIN skips the parts of the text's posting lists outside them)
+       and kept to the window's range; without hour keys, the trigram index AND'ed with the created_at
+       range (a BitmapAnd), which costs the text's whole posting lists. Either costs the matching rows
+       of the window, never the rows in between that hold nothing. Repeated from that window's oldest
        edge until the page is full; once PROBES_MAX buckets were probed, or none below holds the text,
        the rest is looked up in the index whole (the text is rare there).
 
@@ -418,40 +463,32 @@ def _search_newest(session: Session, where: TaskFilter, need: int, after: Sequen
             statement = statement.where(_after(DEFAULT_SORT, after))
         return statement.order_by(*order)
 
-    match = _matches(where.q or "", dialect="postgresql", index_words=words)
-
     def matching(rows: Any) -> Any:
-        """``match`` over the columns of ``rows``, a subquery of tasks."""
-        return ClauseAdapter(rows).traverse(match)
+        """The search over the columns of ``rows``, a subquery of tasks read row by row (no index: the
+        whole text in one ILIKE where that is exact)."""
+        return _matches(where.q or "", dialect="postgresql", tasks=rows.c)
 
-    def walk(rows: int, older_than: datetime | None) -> tuple[list[Task], datetime | None]:
-        """The matches among the next ``rows`` rows, read one by one (a subquery with its own LIMIT: the
-        planner may not look them up in the trigram index instead), and the oldest created_at read
-        (None: no row is left past them)."""
-        recent = newest(select(Task), older_than).limit(rows).subquery()
-        walked = aliased(Task, recent)
-        matches = list(session.scalars(select(walked).where(matching(recent))
-                                       .order_by(walked.created_at.desc(), walked.id.desc()).limit(need)))
-        if len(matches) >= need:
-            return matches, None
-        return matches, session.scalar(newest(select(Task.created_at), older_than).offset(rows - 1).limit(1))
+    walked = _matches(where.q or "", dialect="postgresql", indexed=False)
 
-    def up_to(edge: datetime) -> list[Task]:
-        """The matches at ``edge`` itself: a walk that stopped there may have left some of the rows of
-        that created_at unread (lower ids); what follows reads only older rows."""
-        return list(session.scalars(filtered(select(Task)).where(Task.created_at == edge).order_by(*order)))
+    def walk(rows: int, older_than: datetime | None, wanted: int = need) -> tuple[list[Task], datetime | None]:
+        """Up to ``wanted`` matches among the next ``rows`` rows and any more of the same created_at as the
+        last of them (its edge: the rows older than it are what remains), read one by one newest first
+        (the search condition field by field, which no index serves, so the planner walks created_at);
+        and that edge, None if ``wanted`` were found or no row is left past them."""
+        edge = session.scalar(newest(select(Task.created_at), older_than).offset(rows - 1).limit(1))
+        statement = newest(select(Task), older_than).where(walked)
+        if edge is not None:
+            statement = statement.where(Task.created_at >= edge)
+        matches = list(session.scalars(statement.limit(wanted)))
+        return matches, None if len(matches) >= wanted else edge
 
     # 1. The newest rows, one by one; more of them while the share they hold promises a page soon.
     found, edge = walk(WALK_ROWS, None)
-    if edge is not None:
-        found = [task for task in found if task.created_at > edge] + up_to(edge)
     if found and edge is not None and len(found) < need:
         more = math.ceil(2 * (need - len(found)) * WALK_ROWS / len(found))
         if more <= WALK_MORE_ROWS:
             later, edge = walk(more, edge)
-            found += [task for task in later if edge is None or task.created_at > edge]
-            if edge is not None:
-                found += up_to(edge)
+            found += later
     if len(found) >= need or edge is None:
         return found[:need]
     bounds = [b for b in reversed(created_bounds(session)) if b < edge]
@@ -460,54 +497,94 @@ def _search_newest(session: Session, where: TaskFilter, need: int, after: Sequen
     if not bounds:  # never analysed: one query, as before windows
         rest = filtered(select(Task)).where(Task.created_at < edge).order_by(*order).limit(need - len(found))
         return found + list(session.scalars(rest))
-    window_words = _window_words(where.q or "", sample) or index_words(
-        where.q or "", sample, whole_text_common=True) or words
+    by_hour = search_keyed_by_hour(session)
+
+    @functools.cache
+    def range_words() -> tuple[str, ...]:
+        """What a window without hour keys looks up in the index (an hour-keyed one: the whole text, whose
+        long posting lists GIN skips through outside the window's hours)."""
+        return _window_words(where.q or "", sample) or index_words(
+            where.q or "", sample, whole_text_common=True) or words
     probe_rows = min(PROBE_ROWS_MAX, max(50, math.ceil(3 / share)))
     probes = 0
 
-    def window_edge(hi: datetime) -> datetime | None:
-        """The oldest created_at of the next window below ``hi``; None: everything below ``hi``."""
+    def window_edge(hi: datetime) -> tuple[datetime | None, datetime | None, float]:
+        """The oldest created_at of the next window below ``hi`` (None: everything below ``hi``); the
+        upper edge of the first bucket whose newest rows hold the text (None: none does) and the share
+        of them that do."""
         nonlocal probes
         older = [b for b in bounds if b < hi]
         uppers = [hi, *older][:PROBES_MAX - probes]
         if not older or not uppers:
-            return None
+            return None, None, 0.0
         # One statement probes the buckets newest first and stops at the first holding the text.
         buckets = func.unnest(array(uppers, type_=DateTime(timezone=True))).table_valued(
             "upper", with_ordinality="k").render_derived()
-        rows = newest(select(Task), buckets.c.upper).limit(probe_rows).correlate(buckets).subquery()
+        rows = newest(select(Task.type, Task.error, Task.parameters, Task.result), buckets.c.upper).limit(
+            probe_rows).correlate(buckets).subquery()
         hits = select(func.count()).select_from(rows).where(matching(rows)).scalar_subquery()
         # OFFSET 0 keeps the subquery whole: flattened, the probe would run again for the WHERE.
         probed = select(buckets.c.k, hits.label("hits")).offset(0).subquery()
         first = session.execute(select(probed.c.k, probed.c.hits).where(probed.c.hits > 0).limit(1)).first()
         if first is None:
             probes += len(uppers)
-            return None
+            return None, None, 0.0
         k, hit_rows = int(first.k) - 1, int(first.hits)
         probes += k + 1
         # Enough buckets, from the first that holds the text, for PROBE_MARGIN pages at the share the
         # probe saw (a window of too few costs another index lookup; too many, rows read for nothing).
         per_bucket = hit_rows / probe_rows * _reltuples(session) / max(1, len(created_bounds(session)) - 1)
         last = k + max(1, math.ceil(PROBE_MARGIN * need / max(per_bucket, 1.0))) - 1
-        return older[last] if last < len(older) else None
+        return (older[last] if last < len(older) else None), uppers[k], hit_rows / probe_rows
+
+    def look_up(lo: datetime | None, hi: datetime) -> list[Task]:
+        """The matches in ``lo <= created_at < hi`` (no lower bound: None), newest first, as many as the
+        page still needs, found through the search index."""
+        in_window = [Task.created_at < hi, *([_after(DEFAULT_SORT, after)] if after else []),
+                     *([Task.created_at >= lo] if lo is not None else [])]
+        keys = hour_keys(lo, hi) if by_hour and lo is not None else None
+        window = apply_filter(select(Task.id, Task.created_at), where, dialect="postgresql",
+                              index_words=() if keys else range_words())
+        # MATERIALIZED, without a LIMIT inside: the planner may not walk created_at across the window
+        # (the plan this function avoids).
+        if keys:
+            # The index finds the matches of the window's hours (its second key, migration 0009); the range
+            # is applied to those outside the CTE, so the planner cannot AND the lookup with a scan of
+            # ix_tasks_created as long as the window, which would cost more than the lookup itself.
+            matched = window.where(_hour().in_(keys)).cte("matched").prefix_with("MATERIALIZED")
+            chosen = select(matched.c.id).where(*(ClauseAdapter(matched).traverse(c) for c in in_window))
+        else:
+            # It picks the index lookup AND'ed with the range.
+            matched = window.where(*in_window).cte("matched").prefix_with("MATERIALIZED")
+            chosen = select(matched.c.id)
+        ids = list(session.scalars(chosen.order_by(matched.c.created_at.desc(), matched.c.id.desc())
+                                   .limit(need - len(found))))
+        if not ids:
+            return []
+        rows = {task.id: task for task in session.scalars(select(Task).where(Task.id.in_(ids)))}
+        return [rows[task_id] for task_id in ids]
 
     hi = edge
     while len(found) < need:
-        lo = window_edge(hi)
-        window = apply_filter(select(Task.id, Task.created_at), where, dialect="postgresql",
-                              index_words=window_words).where(Task.created_at < hi)
-        if after:
-            window = window.where(_after(DEFAULT_SORT, after))
-        if lo is not None:
-            window = window.where(Task.created_at >= lo)
-        # MATERIALIZED, without a LIMIT inside: the planner may not walk created_at across the window
-        # (the plan this function avoids); it picks the index lookup AND'ed with the range.
-        matched = window.cte("matched").prefix_with("MATERIALIZED")
-        ids = list(session.scalars(select(matched.c.id).order_by(matched.c.created_at.desc(), matched.c.id.desc())
-                                   .limit(need - len(found))))
-        if ids:
-            rows = {task.id: task for task in session.scalars(select(Task).where(Task.id.in_(ids)))}
-            found += [rows[task_id] for task_id in ids]
+        lo, hit_upper, hit_share = window_edge(hi)
+        if by_hour and hit_upper is not None and hour_keys(hit_upper, hi) is not None:
+            # The buckets between hi and the first that holds the text showed none in their newest rows:
+            # their few matches, if any, are looked up by hour; from that bucket on, the share the probe
+            # saw promises the page within a short walk, cheaper than reading all a window's matches.
+            if hit_upper < hi:
+                found += look_up(hit_upper, hi)
+            more = math.ceil(2 * (need - len(found)) / hit_share) if len(found) < need else 0
+            if more and more <= WALK_ROWS * 2:
+                later, hi_next = walk(more, hit_upper, need - len(found))
+                found += later
+                if hi_next is None:
+                    break
+                hi = hi_next
+                continue
+            if len(found) >= need:
+                break
+            hi = hit_upper
+        found += look_up(lo, hi)
         if lo is None:
             break
         hi = lo
@@ -554,5 +631,11 @@ def _sample_share(session: Session, q: str) -> float:
 
 
 def _reltuples(session: Session) -> float:
-    return float(session.scalar(text("SELECT greatest(reltuples, 0) FROM pg_class WHERE oid = to_regclass('tasks')"))
-                 or 0.0)
+    """The planner's row count of tasks, read at most every SAMPLE_MAX_AGE_S per database."""
+    key = str(session.get_bind().url)
+    now = time.monotonic()
+    cached = _row_counts.get(key)
+    if cached is None or now - cached[0] > SAMPLE_MAX_AGE_S:
+        rows = session.scalar(text("SELECT greatest(reltuples, 0) FROM pg_class WHERE oid = to_regclass('tasks')"))
+        cached = _row_counts[key] = (now, float(rows or 0.0))
+    return cached[1]

@@ -173,16 +173,16 @@ def inspect_figure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]
         rows.append(f"| {name} | {p50:.1f} | {p95:.1f} | {min(p95s[name]):.1f}–{max(p95s[name]):.1f} |")
     if worst > 50:
         details_why = (" Missed: see the p95 column for which query. `q=` (aios/task_search.py, docs/api.md) looks a "
-                       "rare text up in the trigram index of migration 0007; a text in more than a quarter of "
-                       "ANALYZE's sampled search texts walks the newest rows; one in between is found in created_at "
-                       "windows: the newest 1,000 rows one by one, then a probe of a few rows per created_at bucket, "
-                       "then the window that holds the text looked up in the trigram index AND'ed with its time "
-                       "range. Here the newest rows are the ones earlier figures left (none of them says "
-                       "`upstream`), so `q=upstream` takes the window path, and its floor is the index lookup: a GIN "
-                       "index decodes the whole posting list of each trigram it is asked for (about 100,000 entries "
-                       "for `upstream`'s rarest piece, ~35 ms) whatever the time range. Closing it needs an index "
-                       "ordered by time as well as by text (e.g. a trigram index per time partition of the ledger, "
-                       "so a window's lookup reads only its partition's posting lists).")
+                       "rare text up in the search index; a text in more than a quarter of ANALYZE's sampled search "
+                       "texts walks the newest rows; one in between is found in created_at windows: the newest "
+                       "1,000 rows one by one, then a probe of a few rows per created_at bucket, then the window "
+                       "that holds the text looked up in the index by the hours it covers and the text (migration "
+                       "0009: GIN skips the parts of the text's posting lists outside those hours), or, once a "
+                       "bucket's newest rows hold it, the buckets before looked up by hour and the rows from there "
+                       "read one by one. Here the newest rows are the ones earlier figures left (none of them says "
+                       "`upstream`), so `q=upstream` takes that path: about seven statements and the ORM's work "
+                       "to build them on a machine whose speed varies twofold from minute to minute. What would "
+                       "close it: fewer round trips (walk, probe and lookup as one statement).")
     else:
         details_why = ""
     summary = " / ".join(f"{percentile(samples[n], 95):.0f}" for n in queries)

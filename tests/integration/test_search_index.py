@@ -223,9 +223,10 @@ def test_a_common_text_walks_the_newest_rows_instead_of_collecting_every_match(l
     # Given "upstream" in one row in ten
     # When the list query is explained, first page and after a cursor
     for plan in plans(ledger, "upstream", pages=3, limit=50):
-        # Then it walks created_at newest first and stops at the page's end (no sort of every match)
-        assert "Index Scan Backward using ix_tasks_created" in plan, plan
-        assert SEARCH_INDEX not in plan and "Sort" not in plan, plan
+        # Then it reads the newest rows by created_at, from the page's start back to the edge of the rows
+        # it walks (a bounded range), and never looks the text up in the index (which collects every match)
+        assert "using ix_tasks_created" in plan and "Index Cond: " in plan and "created_at >= '" in plan, plan
+        assert SEARCH_INDEX not in plan, plan
 
 
 @pytest.mark.parametrize("q", QUERIES)
@@ -289,3 +290,116 @@ def test_a_window_looks_up_a_short_piece_of_the_text_only_if_the_sample_holds_it
     assert _window_words("upstream", sample) in {("pst",), ("str",), ("tre",), ("rea",), ("eam",)}
     assert _window_words("talking groups", sample) == ()  # in no text: every piece is far more common
     assert _window_words("anything", []) == ()
+
+
+#: FILL's rows a minute apart instead of a second: about three weeks, so windows span many hours.
+FILL_SPREAD = FILL.replace("interval '1 second'", "interval '1 minute'")
+
+
+@contextmanager
+def spread_schema() -> Iterator[DatabaseSettings]:
+    """FILL_SPREAD's rows, then GAP newer ones holding none of their texts, analysed."""
+    with private_schema("search") as url:
+        settings = DatabaseSettings(url=url)
+        with get_engine(settings).begin() as connection:
+            connection.execute(sa.text(FILL_SPREAD))
+            connection.execute(sa.text(FILL_GAP))
+            connection.execute(sa.text("ANALYZE tasks"))
+        yield settings
+
+
+@pytest.fixture(scope="module")
+def spread() -> Iterator[DatabaseSettings]:
+    """Read only: see spread_schema."""
+    with spread_schema() as settings:
+        yield settings
+
+
+def index_columns(settings: DatabaseSettings) -> list[str]:
+    with get_engine(settings).connect() as connection:
+        return list(connection.scalars(sa.text(
+            "SELECT pg_get_indexdef(i.indexrelid, k, true) FROM pg_index i, generate_series(1, i.indnkeyatts) AS k "
+            "WHERE i.indexrelid = to_regclass(:name) ORDER BY k"), {"name": SEARCH_INDEX}))
+
+
+def test_the_search_index_is_keyed_by_creation_hour_and_downgrade_restores_the_text_only_index():
+    with own_schema(filled=False) as settings:
+        # Given a database migrated to head (PostgreSQL 14+, btree_gin may be created: a superuser)
+        # Then the index's keys are the UTC creation hour and the search text, which keeps 0008's sample size
+        hour, search_text = index_columns(settings)
+        assert hour.startswith("date_bin('01:00:00'::interval, created_at, '2000-01-01 00:00:00+00'")
+        assert "parameters" in search_text and "error" in search_text
+        with get_engine(settings).connect() as connection:
+            definition = connection.scalar(sa.text("SELECT pg_get_indexdef(to_regclass(:name))"),
+                                           {"name": SEARCH_INDEX})
+        assert "USING gin" in definition and "gin_trgm_ops" in definition
+        with get_engine(settings).connect() as connection:
+            targets = connection.execute(sa.text(
+                "SELECT attnum, attstattarget FROM pg_attribute WHERE attrelid = to_regclass(:name) ORDER BY 1"),
+                {"name": SEARCH_INDEX}).all()
+        assert [tuple(row) for row in targets][1] == (2, 1000)
+        # When downgraded one step / Then the index is 0007's again, over the text alone
+        migrate.downgrade(settings, "0008_search_statistics")
+        assert index_columns(settings) == [search_text]
+        # When upgraded again / Then it is keyed by hour again
+        migrate.upgrade(settings)
+        assert index_columns(settings) == [hour, search_text]
+
+
+def test_hour_keys_are_the_utc_hours_a_window_touches():
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from aios.task_search import HOUR_KEYS_MAX, hour_keys
+
+    plus_half = timezone(timedelta(hours=5, minutes=30))
+    # 00:10 at UTC+5:30 is 18:40 UTC the day before: its hour, and the two up to 20:59 UTC
+    assert hour_keys(datetime(2026, 3, 2, 0, 10, tzinfo=plus_half), datetime(2026, 3, 1, 20, 59, tzinfo=UTC)) == [
+        datetime(2026, 3, 1, 18, tzinfo=UTC), datetime(2026, 3, 1, 19, tzinfo=UTC),
+        datetime(2026, 3, 1, 20, tzinfo=UTC)]
+    # hi is excluded, but the hour it starts is listed (a key more costs little; one less would lose rows)
+    assert hour_keys(datetime(2026, 3, 2, 5, 59, tzinfo=UTC), datetime(2026, 3, 2, 6, tzinfo=UTC)) == [
+        datetime(2026, 3, 2, 5, tzinfo=UTC), datetime(2026, 3, 2, 6, tzinfo=UTC)]
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    assert len(hour_keys(start, start + timedelta(hours=HOUR_KEYS_MAX - 1)) or []) == HOUR_KEYS_MAX
+    assert hour_keys(start, start + timedelta(hours=HOUR_KEYS_MAX)) is None
+
+
+@pytest.mark.parametrize(("q", "limit"), [
+    ("upstream", 50), ("upstream", 7), ("upstream host-4", 20), ("customer-42", 50), ("customer-2424", 3),
+    ("needle", 50), ("noop", 50), ("it's", 50),
+])
+def test_a_search_over_weeks_lists_the_rows_and_order_of_the_per_field_search(spread, q, limit):
+    # Given matches spread over three weeks, older than a gap of GAP newest rows
+    # When every page is listed (windows looked up by their hours or ranges, walks, cursors across their edges)
+    # Then the same rows in the same order as the one-query per-field search
+    assert listed_ids(spread, q, limit=limit) == reference_ids(spread, q)
+
+
+def test_a_window_looks_up_its_hours_in_the_index_not_a_created_at_range(spread):
+    # Given "upstream" in one row in ten, none of them among the newest rows
+    statements = [statement for page in sent_statements(spread, "upstream", pages=2, limit=50)
+                  for statement in page if "MATERIALIZED" in statement[0]]
+    # When its windows are explained
+    assert statements
+    for plan in explain(spread, statements):
+        # Then each reads the search index (by hour and text, or on a table this small by text with the hour
+        # checked on the rows found: the planner's choice) and no scan of ix_tasks_created as long as the window
+        assert SEARCH_INDEX in plan and "date_bin" in plan, plan
+        assert "ix_tasks_created" not in plan, plan
+
+
+def test_without_hour_keys_a_search_over_weeks_still_lists_what_the_per_field_search_does():
+    from aios import task_search
+
+    with spread_schema() as settings:
+        # Given the index of migration 0007/0008 (text only), as where btree_gin may not be created
+        migrate.downgrade(settings, "0008_search_statistics")
+        with get_engine(settings).begin() as connection:
+            connection.execute(sa.text("ANALYZE tasks"))
+        task_search._hour_keyed.clear()
+        try:
+            # Then windows look up their created_at range instead, with the same results
+            for q, limit in (("upstream", 50), ("upstream host-4", 7), ("customer-42", 20)):
+                assert listed_ids(settings, q, limit=limit) == reference_ids(settings, q)
+        finally:
+            task_search._hour_keyed.clear()
