@@ -90,20 +90,24 @@ def test_a_task_delayed_3s_starts_3_to_4s_after_submission_and_is_not_in_the_bro
     assert response.json["run_at"] is not None and response.json["queued_at"] is None
 
     # And, sampled every 100 ms: while the ledger says SCHEDULED, no message of it is in Redis
-    samples: list[tuple[bool, str]] = []
-    deadline = time.monotonic() + 15
+    submitted = time.monotonic()
+    samples: list[tuple[float, bool, str]] = []
+    deadline = submitted + 15
     while time.monotonic() < deadline:
+        taken = time.monotonic() - submitted
         in_broker = probe.holds(task_id)
         state = ledger.task(task_id).state  # read after the probe: it was at least this early then
-        samples.append((in_broker, state))
+        samples.append((taken, in_broker, state))
         if state in ("SUCCEEDED", "FAILED", "DEAD"):
             break
         time.sleep(0.1)
-    early = [in_broker for in_broker, state in samples if state == "SCHEDULED"]
-    assert len(early) >= 20, f"only {len(early)} samples before its time"
-    assert not any(early), "a message of the scheduled task was in the broker before its time"
+    early = [(taken, in_broker) for taken, in_broker, state in samples if state == "SCHEDULED"]
+    # Not vacuous: samples across most of the 3 s delay (a loaded machine may take far more than 100 ms
+    # per sample, so their number is not the measure; how late the last SCHEDULED one was taken is)
+    assert len(early) >= 3 and early[-1][0] >= 1.5, f"SCHEDULED samples at {[round(t, 2) for t, _ in early]} s"
+    assert not any(in_broker for _, in_broker in early), "a message of the scheduled task was in the broker early"
     # (the probe does see it once it is dispatched: it stays unacked for the 1 s it runs)
-    assert any(in_broker for in_broker, _ in samples), "the probe never saw the message: it looks in the wrong place"
+    assert any(in_broker for _, in_broker, _ in samples), "the probe never saw the message: it looks in the wrong place"
 
     # And it started 3-4 s after it was submitted, not before its run_at, and succeeded
     task = ledger.task(task_id)
