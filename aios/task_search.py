@@ -12,7 +12,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -90,7 +90,6 @@ _SAMPLE_SQL = text("""
     JOIN pg_stats s ON s.schemaname = ns.nspname AND s.tablename = c.relname AND s.attname = 'expr'
     WHERE c.oid = to_regclass(:index)
 """)
-_samples: dict[str, tuple[float, tuple[str, ...]]] = {}
 #: The planner's quantiles of tasks.created_at (ANALYZE's equi-depth histogram, oldest first): each
 #: bucket between two neighbours holds about the same number of rows.
 _BOUNDS_SQL = text("""
@@ -100,15 +99,14 @@ _BOUNDS_SQL = text("""
     JOIN pg_stats s ON s.schemaname = ns.nspname AND s.tablename = c.relname AND s.attname = 'created_at'
     WHERE c.oid = to_regclass('tasks')
 """)
-_bounds: dict[str, tuple[float, tuple[datetime, ...]]] = {}
 #: The creation hour, the search index's second key where migration 0009 could add it (:func:`_hour`).
 _HOUR_STRIDE = literal_column("'1 hour'::interval")
 _HOUR_ORIGIN = literal_column("'2000-01-01 00:00:00+00'::timestamptz")
 #: A window covering more hours than this is looked up with its created_at range instead: each hour is
 #: one more index scan (~0.1-0.3 ms), and a window that long holds about as many matches either way.
 HOUR_KEYS_MAX = 48
-_hour_keyed: dict[str, tuple[float, bool]] = {}
-_row_counts: dict[str, tuple[float, float]] = {}
+#: What each process last read of a database's statistics: (what, database URL) -> (when, value).
+_statistics: dict[tuple[str, str], tuple[float, Any]] = {}
 
 
 def _search_text(tasks: Any = Task) -> ColumnElement[str]:
@@ -124,30 +122,30 @@ def _search_text(tasks: Any = Task) -> ColumnElement[str]:
             + cast(tasks.parameters, Text) + separator + func.coalesce(cast(tasks.result, Text), empty, type_=Text))
 
 
+def _statistic(session: Session, what: str, read: Callable[[], Any]) -> Any:
+    """``read()``, reused for SAMPLE_MAX_AGE_S per database and process: statistics ANALYZE renews
+    (and an index a migration rebuilds) change seldom, and a search page should not read them again."""
+    key = (what, str(session.get_bind().url))
+    now = time.monotonic()
+    cached = _statistics.get(key)
+    if cached is None or now - cached[0] > SAMPLE_MAX_AGE_S:
+        cached = _statistics[key] = (now, read())
+    return cached[1]
+
+
 def search_sample(session: Session) -> tuple[str, ...]:
     """Up to ~100 search texts ANALYZE sampled (lower case), read at most every SAMPLE_MAX_AGE_S per database.
 
     Empty without statistics: never analysed, no index (pg_trgm missing), or not readable by this role.
     """
-    key = str(session.get_bind().url)
-    now = time.monotonic()
-    cached = _samples.get(key)
-    if cached is None or now - cached[0] > SAMPLE_MAX_AGE_S:
-        values = session.scalar(_SAMPLE_SQL, {"index": SEARCH_INDEX}) or []
-        cached = _samples[key] = (now, tuple(value.lower() for value in values))
-    return cached[1]
+    return _statistic(session, "sample", lambda: tuple(
+        value.lower() for value in session.scalar(_SAMPLE_SQL, {"index": SEARCH_INDEX}) or []))
 
 
 def created_bounds(session: Session) -> tuple[datetime, ...]:
     """The created_at histogram ANALYZE keeps (about 100 quantiles, oldest first), read at most every
     SAMPLE_MAX_AGE_S per database; empty without statistics."""
-    key = str(session.get_bind().url)
-    now = time.monotonic()
-    cached = _bounds.get(key)
-    if cached is None or now - cached[0] > SAMPLE_MAX_AGE_S:
-        values = session.scalar(_BOUNDS_SQL) or []
-        cached = _bounds[key] = (now, tuple(values))
-    return cached[1]
+    return _statistic(session, "bounds", lambda: tuple(session.scalar(_BOUNDS_SQL) or []))
 
 
 def _hour() -> ColumnElement[datetime]:
@@ -159,14 +157,8 @@ def _hour() -> ColumnElement[datetime]:
 def search_keyed_by_hour(session: Session) -> bool:
     """Whether the search index also holds each task's creation hour (migration 0009), read at most every
     SAMPLE_MAX_AGE_S per database."""
-    key = str(session.get_bind().url)
-    now = time.monotonic()
-    cached = _hour_keyed.get(key)
-    if cached is None or now - cached[0] > SAMPLE_MAX_AGE_S:
-        columns = session.scalar(text("SELECT indnkeyatts FROM pg_index WHERE indexrelid = to_regclass(:index)"),
-                                 {"index": SEARCH_INDEX})
-        cached = _hour_keyed[key] = (now, columns == 2)
-    return cached[1]
+    return _statistic(session, "keyed by hour", lambda: session.scalar(
+        text("SELECT indnkeyatts FROM pg_index WHERE indexrelid = to_regclass(:index)"), {"index": SEARCH_INDEX}) == 2)
 
 
 def hour_keys(lo: datetime, hi: datetime) -> list[datetime] | None:
@@ -632,10 +624,5 @@ def _sample_share(session: Session, q: str) -> float:
 
 def _reltuples(session: Session) -> float:
     """The planner's row count of tasks, read at most every SAMPLE_MAX_AGE_S per database."""
-    key = str(session.get_bind().url)
-    now = time.monotonic()
-    cached = _row_counts.get(key)
-    if cached is None or now - cached[0] > SAMPLE_MAX_AGE_S:
-        rows = session.scalar(text("SELECT greatest(reltuples, 0) FROM pg_class WHERE oid = to_regclass('tasks')"))
-        cached = _row_counts[key] = (now, float(rows or 0.0))
-    return cached[1]
+    return _statistic(session, "rows", lambda: float(session.scalar(
+        text("SELECT greatest(reltuples, 0) FROM pg_class WHERE oid = to_regclass('tasks')")) or 0.0))

@@ -396,10 +396,10 @@ def test_without_hour_keys_a_search_over_weeks_still_lists_what_the_per_field_se
         migrate.downgrade(settings, "0008_search_statistics")
         with get_engine(settings).begin() as connection:
             connection.execute(sa.text("ANALYZE tasks"))
-        task_search._hour_keyed.clear()
+        task_search._statistics.clear()
         try:
             # Then windows look up their created_at range instead, with the same results
             for q, limit in (("upstream", 50), ("upstream host-4", 7), ("customer-42", 20)):
                 assert listed_ids(settings, q, limit=limit) == reference_ids(settings, q)
         finally:
-            task_search._hour_keyed.clear()
+            task_search._statistics.clear()
