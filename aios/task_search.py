@@ -109,7 +109,7 @@ HOUR_KEYS_MAX = 48
 _statistics: dict[tuple[str, str], tuple[float, Any]] = {}
 
 
-def _search_text(tasks: Any = Task) -> ColumnElement[str]:
+def _search_text() -> ColumnElement[str]:
     """On PostgreSQL, the searched fields as one text: the expression migration 0007 indexes with pg_trgm.
 
     Spelled exactly as there (``SEARCH_TEXT_SQL``), constants inline (a bound '' would not match): the
@@ -118,8 +118,8 @@ def _search_text(tasks: Any = Task) -> ColumnElement[str]:
     """
     separator = literal_column("E'\\x1f'", Text)
     empty = literal_column("''", Text)
-    return (tasks.type + separator + func.coalesce(tasks.error, empty, type_=Text) + separator
-            + cast(tasks.parameters, Text) + separator + func.coalesce(cast(tasks.result, Text), empty, type_=Text))
+    return (Task.type + separator + func.coalesce(Task.error, empty, type_=Text) + separator
+            + cast(Task.parameters, Text) + separator + func.coalesce(cast(Task.result, Text), empty, type_=Text))
 
 
 def _statistic(session: Session, what: str, read: Callable[[], Any]) -> Any:
@@ -202,7 +202,8 @@ def _matches(q: str, *, dialect: str, index_words: Sequence[str] = (), tasks: An
     """Tasks whose type, error, parameters or result (as JSON text) hold ``q``, in any case.
 
     ``indexed=False``: field by field only, a condition the search index cannot serve, for a query that
-    must read rows in created_at order (the planner might otherwise look the text up in the index).
+    must read rows in created_at order (the planner might otherwise look the text up in the index);
+    ``tasks``: the columns to match, Task's or a subquery's (``.c``) when rows are read that way.
 
     The JSON columns are matched as their stored text, where a string's " and \\ are escaped (and, on
     SQLite, non-ASCII letters are \\u escapes): there the text is looked for as JSON would spell it.
@@ -217,7 +218,7 @@ def _matches(q: str, *, dialect: str, index_words: Sequence[str] = (), tasks: An
     )
     if dialect != "postgresql" or not indexed:
         return per_field
-    search_text = _search_text(tasks)
+    search_text = _search_text()
     if index_words:
         # The index finds the rows holding these words; per_field (which no index serves) decides.
         return and_(*(search_text.ilike(f"%{word}%") for word in index_words), per_field)
@@ -455,11 +456,6 @@ def _search_newest(session: Session, where: TaskFilter, need: int, after: Sequen
             statement = statement.where(_after(DEFAULT_SORT, after))
         return statement.order_by(*order)
 
-    def matching(rows: Any) -> Any:
-        """The search over the columns of ``rows``, a subquery of tasks read row by row (no index: the
-        whole text in one ILIKE where that is exact)."""
-        return _matches(where.q or "", dialect="postgresql", tasks=rows.c)
-
     walked = _matches(where.q or "", dialect="postgresql", indexed=False)
 
     def walk(rows: int, older_than: datetime | None, wanted: int = need) -> tuple[list[Task], datetime | None]:
@@ -514,7 +510,8 @@ def _search_newest(session: Session, where: TaskFilter, need: int, after: Sequen
             "upper", with_ordinality="k").render_derived()
         rows = newest(select(Task.type, Task.error, Task.parameters, Task.result), buckets.c.upper).limit(
             probe_rows).correlate(buckets).subquery()
-        hits = select(func.count()).select_from(rows).where(matching(rows)).scalar_subquery()
+        probed_match = _matches(where.q or "", dialect="postgresql", tasks=rows.c, indexed=False)
+        hits = select(func.count()).select_from(rows).where(probed_match).scalar_subquery()
         # OFFSET 0 keeps the subquery whole: flattened, the probe would run again for the WHERE.
         probed = select(buckets.c.k, hits.label("hits")).offset(0).subquery()
         first = session.execute(select(probed.c.k, probed.c.hits).where(probed.c.hits > 0).limit(1)).first()
