@@ -24,6 +24,7 @@ from sqlalchemy.sql.util import ClauseAdapter
 
 from aios.errors import ValidationFailed
 from aios.models import Task
+from aios.text import storable_text
 from aios.timeutil import isoformat, parse_iso
 
 #: Bounds of a search text: one character matches nearly everything; a long one is a mistake.
@@ -301,8 +302,8 @@ def _decode_key(sort: str, values: Any) -> list[Any]:
     decoded: list[Any] = []
     for column, value in zip(columns, values, strict=True):
         if column.key == "id":
-            if not isinstance(value, str) or "\x00" in value:
-                raise ValueError("the task id of a cursor is a string without NUL characters")
+            if not isinstance(value, str) or not storable_text(value):
+                raise ValueError("the task id of a cursor is text the ledger can store")
             decoded.append(value)
         elif column.key == "priority":
             if not isinstance(value, int) or isinstance(value, bool):

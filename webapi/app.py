@@ -36,6 +36,7 @@ from webapi import (
 from webapi.context import ApiContext
 from webapi.errors import register_error_handlers
 from webapi.request_ids import init_request_ids
+from webapi.requests import refuse_unstorable_request_text
 from webapi.security import check_every_view_declares_access, init_security
 
 
@@ -58,6 +59,8 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None, *
     register_error_handlers(app)
     init_request_ids(app)
     metrics.init_metrics(app)
+    # Before authentication: text no route can handle is refused before anything reads it.
+    app.before_request(refuse_unstorable_request_text)
     init_security(app, settings)
     for blueprint in (health.bp, auth.bp, tasks.bp, agents.bp, keys.bp, users.bp, audit.bp, schedules.bp,
                       status.bp, sync.bp, backups.bp, workers.bp, queues.bp, metrics.bp,

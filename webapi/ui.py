@@ -325,13 +325,17 @@ def queues() -> Any:
     return render_template("ui/queues.html", queues=rows, error=error)
 
 
+#: The priority levels a purge form may name, as the form sends them.
+PRIORITY_LEVELS = frozenset(str(level) for level in range(10))
+
+
 @bp.post("/queues/<name>/purge")
 @ui_view(audit="queue.purge")
 def purge(name: str) -> Any:
     """Drop a queue's waiting messages (one level, or all) and cancel their tasks (admin)."""
     raw = request.form.get("priority", "")
     set_audit(target=name)
-    if raw and not (raw.isdigit() and 0 <= int(raw) <= 9):
+    if raw and raw not in PRIORITY_LEVELS:
         raise ValidationFailed(f"priority: must be 0-9 (got {raw[:20]!r})", field="priority")
     context = ctx()
     queue_ledger.check_queue_known(context.settings, name, consumers_by_queue(context.celery, context.settings))
@@ -425,7 +429,8 @@ def audit() -> Any:
         statement = statement.where(AuditEntry.principal == principal[:128])
     if action:
         statement = statement.where(AuditEntry.action == action[:64])
-    if before.isdigit():
+    # ASCII digits only ("²" is a digit to str.isdigit, not to int()), and within a bigint.
+    if before.isascii() and before.isdigit() and len(before) <= 18:
         statement = statement.where(AuditEntry.id < int(before))
     with session_scope(ctx().settings.database) as session:
         rows = list(session.scalars(statement.order_by(AuditEntry.id.desc()).limit(AUDIT_PAGE_SIZE + 1)))

@@ -243,8 +243,8 @@ def test_retrying_an_unknown_task_is_a_404(client, unchanged):
 @pytest.mark.parametrize("method", ["get", "delete"])
 def test_a_task_id_with_a_nul_character_is_a_404_not_a_database_error(client, unchanged, method):
     # Given an id no task can have, with a NUL (%00) in it
-    # When it is read or cancelled / Then 404, like any unknown id
-    assert_error(getattr(client, method)(f"{TASKS}/a%00b"), 404, "not_found", field="id")
+    # When it is read or cancelled / Then 404 naming the path parameter, like any unknown id
+    assert_error(getattr(client, method)(f"{TASKS}/a%00b"), 404, "not_found", field="task_id")
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,7 @@
 """Schemathesis fuzzes the API from its own OpenAPI document: no 5xx, and every answer matches it.
 
 The app under test is the real one on PostgreSQL and Redis, authenticated as an admin (X-API-Key),
-so every route's code runs, not only its 403. It gets a private PostgreSQL schema and Redis prefix of
-its own: the fuzzer creates users, keys, schedules, agents and tasks with random names, purges queues
-and changes the system limits, and none of that may leak into the other tests of the session. Rate
-limits are raised (the fuzzer sends far more than 300 writes a minute) and the worker-inspection
-timeout lowered (no worker runs here, so every worker call waits out that timeout before its 404).
+so every route's code runs, not only its 403, in a world of its own (tests/support/private_world.py).
 
 Operations left out, and why:
 - POST /api/v1/sync/run: runs the whole sync job in the API process (seconds per call, and it moves
@@ -21,7 +17,6 @@ so a larger one only waits.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,7 +27,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance, status_code_conformance
 
-from tests.conftest import PG_URL, make_user
+from tests.support.private_world import private_world
 from webapi.openapi import OPERATIONS
 
 pytestmark = pytest.mark.integration
@@ -46,42 +41,8 @@ CHECKS = [not_a_server_error, response_schema_conformance, status_code_conforman
 @pytest.fixture(scope="module")
 def fuzz_world(stack: Any) -> Iterator[tuple[Any, str]]:
     """The app on a schema and Redis prefix of its own, and an admin's API key."""
-    import redis
-    import sqlalchemy as sa
-
-    from aios import migrate
-    from aios.celery_app import create_celery_app
-    from aios.config import DatabaseSettings
-    from aios.db import dispose_engines
-    from webapi.app import create_app
-
-    run = uuid.uuid4().hex[:8]
-    schema = f"aios_fuzz_{run}"
-    engine = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{PG_URL}?options=-csearch_path%3D{schema}"
-    prefix = f"aios-fuzz-{run}:"
-    try:
-        migrate.upgrade(DatabaseSettings(url=url))
-        world = stack.override(
-            database={"url": url},
-            broker={"key_prefix": prefix, "namespace": f"fuzz{run}"},
-            security={"rate_limit_read_per_minute": 1_000_000, "rate_limit_write_per_minute": 1_000_000},
-            api={"inspect_timeout_s": 0.1},
-        )
-        app = create_app(world.settings, create_celery_app(world.settings))
-        yield app, make_user(world, "admin", name=f"fuzz-admin-{uuid.uuid4().hex}").key
-    finally:
-        dispose_engines()
-        with engine.connect() as connection:
-            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
-        client = redis.Redis.from_url(stack.settings.broker.url)
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+    with private_world(stack, "fuzz") as (app, admin):
+        yield app, admin.key
 
 
 @pytest.fixture(scope="module")
