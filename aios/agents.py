@@ -78,35 +78,63 @@ def _serialize_registrations(session: Session) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REGISTRATION_LOCK})
 
 
-def register(session: Session, spec: AgentSpec, *, max_agents: int, update_existing: bool) -> tuple[Agent, bool]:
-    """Create the agent row (409 past ``max_agents``); an existing row is updated or refused."""
+def register(session: Session, spec: AgentSpec, *, max_agents: int, live: bool) -> tuple[Agent, bool]:
+    """Create an agent's row (or refresh it); returns it and whether it is new. 409 past ``max_agents``.
+
+    Two ways in, counted apart, so a placeholder never stops a real agent from starting:
+
+    * ``live``: the agent process itself, at start (an existing row is refreshed). It takes one of
+      ``max_agents`` places among agents that have **ever sent a heartbeat**; placeholders do not
+      count. A new agent (or a placeholder's name coming to life) claims its place at once, by
+      stamping ``last_heartbeat_at`` under the registration lock, so two agents starting together
+      cannot both take the last place.
+    * not ``live``: a placeholder registered ahead (``POST /agents``, an operator or an agent key). A
+      name in use is a 409, and it is refused once ``max_agents`` rows exist in all (placeholders and
+      real agents): placeholders can never outnumber ``max_agents``.
+    """
     agent = session.get(Agent, spec.name)
-    if agent is None:
+    claims_place = agent is None or (live and agent.last_heartbeat_at is None)
+    if claims_place:
         _serialize_registrations(session)
-        # Read again under the lock: the same name may have been registered meanwhile.
-        agent = session.get(Agent, spec.name)
+        # Read again under the lock: the same name may have been registered (or come alive) meanwhile.
+        agent = session.get(Agent, spec.name, populate_existing=True)
     now = utcnow()
+    if agent is not None and not live:
+        raise Conflict(f"agent {spec.name!r} is already registered; change it with PATCH", field="name")
+    if max_agents and (agent is None or (live and agent.last_heartbeat_at is None)):
+        _check_room(session, spec.name, max_agents=max_agents, live=live)
     if agent is not None:
-        if not update_existing:
-            raise Conflict(f"agent {spec.name!r} is already registered; change it with PATCH", field="name")
         agent.capabilities = sorted(set(spec.capabilities))
         agent.max_concurrency = spec.max_concurrency
         agent.updated_at = now
         if spec.labels:
             agent.labels = spec.labels
+        if agent.last_heartbeat_at is None:
+            agent.last_heartbeat_at = now  # its place is claimed (see above)
         return agent, False
-    if max_agents:
-        count = session.scalar(select(func.count()).select_from(Agent)) or 0
-        if count >= max_agents:
-            raise Conflict(f"orchestrator.max_agents ({max_agents}) agents are registered already; "
-                           "delete an offline one or raise the limit", field="name")
     agent = Agent(name=spec.name, capabilities=sorted(set(spec.capabilities)), labels=spec.labels,
                   weight=spec.weight, max_concurrency=spec.max_concurrency, admin_status="ACTIVE",
                   status=AgentStatus.OFFLINE.value, status_reason="registered, no heartbeat yet",
-                  active=0, processed=0, registered_at=now, updated_at=now)
+                  active=0, processed=0, registered_at=now, updated_at=now,
+                  last_heartbeat_at=now if live else None)
     session.add(agent)
     session.flush()
     return agent, True
+
+
+def _check_room(session: Session, name: str, *, max_agents: int, live: bool) -> None:
+    """409 when ``name`` would be one agent too many (see :func:`register` for what is counted)."""
+    if live:
+        count = session.scalar(select(func.count()).select_from(Agent)
+                               .where(Agent.last_heartbeat_at.is_not(None), Agent.name != name)) or 0
+        if count >= max_agents:
+            raise Conflict(f"orchestrator.max_agents ({max_agents}) agents have sent heartbeats already; "
+                           "delete an offline one (DELETE /api/v1/agents/{name}) or raise the limit", field="name")
+        return
+    count = session.scalar(select(func.count()).select_from(Agent)) or 0
+    if count >= max_agents:
+        raise Conflict(f"orchestrator.max_agents ({max_agents}) agents are registered already (placeholders "
+                       "registered ahead count too); delete an offline one or raise the limit", field="name")
 
 
 def get_agent(session: Session, name: str, *, for_update: bool = False) -> Agent:

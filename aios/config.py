@@ -225,7 +225,9 @@ class SecuritySettings(_Section):
     bcrypt_cost: int = Field(12, ge=12, le=16)
     #: How long a rotated API key keeps working beside its successor (0 to 7 days).
     key_rotation_grace_s: int = Field(86_400, ge=0, le=7 * 86_400)
-    #: Requests per principal per minute, by route class; login attempts per client IP per minute.
+    #: Usable API keys a viewer or operator may hold at once (0 = no limit; admins are not capped).
+    max_keys_per_user: int = Field(100, ge=0)
+    #: Requests per user (an agent key: per key) per minute, by route class; logins per client IP per minute.
     rate_limit_read_per_minute: int = Field(1200, ge=1)
     rate_limit_write_per_minute: int = Field(300, ge=1)
     rate_limit_login_per_minute: int = Field(30, ge=1)

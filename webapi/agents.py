@@ -59,7 +59,8 @@ def agent_to_dict(agent: Agent) -> dict[str, Any]:
 @bp.post("")
 @policy(OPERATOR, AGENT, audit_action="agent.register")
 def register() -> Any:
-    """Register an agent ahead of its first heartbeat (an `agent` key may register only itself)."""
+    """Register a placeholder for an agent ahead of its first heartbeat (an `agent` key may register only
+    itself). Placeholders never take a place from an agent that starts (``aios.agents.register``)."""
     principal = current_principal()
     body = validate(RegisterAgent, json_body())
     set_audit(target=body.name)
@@ -70,7 +71,7 @@ def register() -> Any:
         agent, _ = agent_ledger.register(session, agent_ledger.AgentSpec(
             name=body.name, capabilities=body.capabilities, labels=body.labels, weight=body.weight,
             max_concurrency=body.max_concurrency,
-        ), max_agents=settings.orchestrator.max_agents, update_existing=False)
+        ), max_agents=settings.orchestrator.max_agents, live=False)
         return jsonify(agent_to_dict(agent)), 201
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, jsonify, request
-from flask_jwt_extended import create_access_token, create_refresh_token, decode_token, get_jwt, verify_jwt_in_request
-from flask_jwt_extended.exceptions import JWTExtendedException
-from jwt.exceptions import PyJWTError
+from flask_jwt_extended import create_access_token, create_refresh_token, decode_token
 from sqlalchemy import select
 
 from aios.db import session_scope
@@ -15,10 +13,21 @@ from aios.errors import BadRequest, TooManyRequests, Unauthorized, ValidationFai
 from aios.models import User
 from aios.security.passwords import verify_password
 from aios.security.roles import ROLES
+from aios.security.tokens import EPOCH_CLAIM
 from aios.timeutil import utcnow
 from webapi.context import ctx
 from webapi.requests import json_body
-from webapi.security import TokenUser, client_ip, current_principal, policy, public, security_store, set_audit
+from webapi.security import (
+    TokenUser,
+    client_ip,
+    current_principal,
+    policy,
+    public,
+    security_store,
+    set_audit,
+    token_user,
+    verify_token,
+)
 
 bp = Blueprint("auth", __name__, url_prefix="/api/v1/auth")
 
@@ -38,8 +47,14 @@ def _credentials() -> tuple[str, str]:
     return username[:64], password
 
 
+def _claims(user: TokenUser) -> dict[str, Any]:
+    """What every token carries besides the standard claims: the role and name (for clients to read;
+    the API reads both from the database) and the user's token epoch (a change of the account ends it)."""
+    return {"role": user.role, "name": user.name, EPOCH_CLAIM: user.epoch}
+
+
 def _tokens(user: TokenUser) -> dict[str, Any]:
-    claims = {"role": user.role, "name": user.name}
+    claims = _claims(user)
     refresh = create_refresh_token(identity=str(user.id), additional_claims=claims)
     refresh_jti = decode_token(refresh)["jti"]
     access = create_access_token(identity=str(user.id), additional_claims={**claims, "rjti": refresh_jti})
@@ -69,7 +84,7 @@ def verify_login(username: str, password: str) -> TokenUser:
     with session_scope(ctx().settings.database) as session:
         user = session.scalars(select(User).where(User.name == username)).one_or_none()
         ok = verify_password(password, user.password_hash if user else None) and user is not None and not user.disabled
-        found = TokenUser(id=user.id, name=user.name, role=user.role) if ok and user else None
+        found = token_user(user) if ok and user else None
     if found is None:
         failures, _ = store.hit(f"login-fail:{username}", security.login_lockout_s)
         if failures >= security.login_max_failures:
@@ -95,16 +110,8 @@ def token() -> Any:
 @public()
 def refresh() -> Any:
     """A new access token for a valid refresh token (sent as ``Authorization: Bearer <refresh>``)."""
-    from flask_jwt_extended import get_current_user
-
-    try:
-        verify_jwt_in_request(refresh=True)
-        user = get_current_user()
-        claims = get_jwt()
-    except (JWTExtendedException, PyJWTError) as exc:
-        raise Unauthorized(f"invalid refresh token: {exc}") from exc
-    access = create_access_token(identity=str(user.id),
-                                 additional_claims={"role": user.role, "name": user.name, "rjti": claims["jti"]})
+    user, claims = verify_token(refresh=True)
+    access = create_access_token(identity=str(user.id), additional_claims={**_claims(user), "rjti": claims["jti"]})
     return jsonify({"access_token": access, "token_type": "Bearer",
                     "expires_in": ctx().settings.security.access_token_ttl_s})
 

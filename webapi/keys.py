@@ -68,7 +68,13 @@ def create() -> Any:
     if not can_grant(principal.role, body.role):
         raise Forbidden(f"a {principal.role} cannot create a key with role {body.role!r}")
     expires_at = utcnow() + timedelta(days=body.expires_in_days) if body.expires_in_days else None
+    cap = ctx().settings.security.max_keys_per_user
     with session_scope(ctx().settings.database) as session:
+        # Rate limits are per user, so more keys buy no more requests; the cap keeps the table (and
+        # what an admin must review) bounded too. Admins are not capped: they can make users anyway.
+        if cap and principal.role != ADMIN and api_keys.count_usable(session, principal.user_id, utcnow()) >= cap:
+            raise Conflict(f"you hold security.max_keys_per_user ({cap}) usable API keys already; "
+                           "revoke or delete one you no longer use (POST /api/v1/keys/{id}/revoke)")
         new = api_keys.generate(session, name=body.name, role=body.role, owner_id=principal.user_id,
                                 expires_at=expires_at)
         set_audit(target=new.row.id, prefix=new.row.prefix)

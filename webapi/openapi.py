@@ -179,7 +179,7 @@ OPERATIONS: dict[str, Operation] = {
                               {200: obj(("access_token",), access_token=STR, token_type=STR, expires_in=INT)}),
     "auth.logout": Operation("Revoke this token session", {200: obj(("revoked",), revoked=BOOL)}, errors=(400,)),
     "keys.create": Operation("Create an API key (the plaintext is in this answer only)", {201: ref("NewKey")},
-                             keys.CreateKey),
+                             keys.CreateKey, errors=(409,)),
     "keys.index": Operation("API keys (admin: all; others: their own)", {200: obj(("keys",), keys=array(ref("Key")))}),
     "keys.revoke": Operation("Revoke a key", {200: ref("Key")}, errors=(409,)),
     "keys.activate": Operation("Re-activate a revoked key", {200: ref("Key")}, errors=(409,)),

@@ -24,7 +24,7 @@ from typing import Any
 
 from flask import Flask, Response, current_app, g, request
 from flask_jwt_extended import JWTManager, get_current_user, get_jwt, verify_jwt_in_request
-from flask_jwt_extended.exceptions import JWTExtendedException
+from flask_jwt_extended.exceptions import JWTExtendedException, UserLookupError
 from jwt.exceptions import PyJWTError
 from sqlalchemy.orm import Session
 
@@ -33,9 +33,10 @@ from aios.db import get_engine, session_scope
 from aios.errors import Forbidden, TooManyRequests, Unauthorized
 from aios.models import User
 from aios.security import api_keys, audit
-from aios.security.roles import ADMIN, effective_key_role
+from aios.security.roles import ADMIN, AGENT, effective_key_role
 from aios.security.secrets import resolve_jwt_secret
 from aios.security.store import SecurityStore, create_store
+from aios.security.tokens import epoch_matches, subject_user_id, token_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,12 @@ class Principal:
 
     @property
     def rate_key(self) -> str:
-        return f"key:{self.key_prefix}" if self.key_prefix else f"user:{self.name}"
+        """Whose budget a request spends: the user's, summed over their tokens, keys and dashboard
+        session (N keys must not be N times the limit). An ``agent`` key counts on its own: each
+        agent host has its own, and only an admin can make one."""
+        if self.key_prefix and self.role == AGENT:
+            return f"key:{self.key_prefix}"
+        return f"user:{self.name}"
 
 
 def current_principal() -> Principal:
@@ -130,6 +136,10 @@ def security_store() -> SecurityStore:
     return current_app.extensions["aios_security_store"]  # type: ignore[no-any-return]
 
 
+#: The answer to every refused API key, whatever the reason (see :func:`_authenticate_key`).
+INVALID_KEY = "invalid, revoked or expired API key"
+
+
 def client_ip() -> str | None:
     return request.remote_addr
 
@@ -137,26 +147,46 @@ def client_ip() -> str | None:
 def _authenticate_key(presented: str) -> Principal:
     with get_engine(_settings().database).connect() as connection:
         match = api_keys.authenticate(connection, presented, source_ip=client_ip())
+    # One answer for every refusal: the caller learns nothing about the owner (whether they are
+    # disabled, or what role they hold now); the log, which only operators read, says which it was.
     if match is None:
-        raise Unauthorized("invalid, revoked or expired API key")
+        raise Unauthorized(INVALID_KEY)
     if match.owner_disabled:
-        raise Unauthorized("the owner of this API key is disabled")
+        logger.info("API key %s refused: its owner (user id %s) is disabled", match.prefix, match.owner_id)
+        raise Unauthorized(INVALID_KEY)
     # The owner's role is read on every request too: a demotion holds at once for their keys.
     role = effective_key_role(match.key_role, match.owner_role)
     if role is None:
-        raise Unauthorized("the owner of this API key no longer holds a role it can act with")
+        logger.info("API key %s refused: its role %s is not one its owner (user id %s, now %s) may act with",
+                    match.prefix, match.key_role, match.owner_id, match.owner_role)
+        raise Unauthorized(INVALID_KEY)
     return Principal(name=match.owner_name, role=role, user_id=match.owner_id, key_id=match.key_id,
                      key_prefix=match.prefix)
 
 
-def _authenticate_jwt() -> Principal:
+def verify_token(*, refresh: bool = False) -> tuple[TokenUser, dict[str, Any]]:
+    """The user of this request's JWT (an access token, or a refresh token) and its claims; else 401.
+
+    A token whose user is gone, disabled, or changed since it was made (password, role: the token
+    epoch, :mod:`aios.security.tokens`) gets the same answer as an unknown one: the message names no
+    user id and no account state.
+    """
+    what = "refresh token" if refresh else "token"
     try:
-        verify_jwt_in_request()
+        verify_jwt_in_request(refresh=refresh)
         user = get_current_user()
         claims = get_jwt()
+    except UserLookupError as exc:
+        raise Unauthorized(f"this {what} is no longer valid (ended by a change of its account); log in again") \
+            from exc
     except (JWTExtendedException, PyJWTError) as exc:
-        raise Unauthorized(f"invalid token: {exc}" if str(exc) else "invalid token") from exc
-    return Principal(name=user.name, role=user.role, user_id=user.id, token_claims=dict(claims))
+        raise Unauthorized(f"invalid {what}: {exc}" if str(exc) else f"invalid {what}") from exc
+    return user, dict(claims)
+
+
+def _authenticate_jwt() -> Principal:
+    user, claims = verify_token()
+    return Principal(name=user.name, role=user.role, user_id=user.id, token_claims=claims)
 
 
 def authenticate() -> Principal:
@@ -271,9 +301,18 @@ def add_security_headers(response: Response) -> Response:
 
 @dataclass(frozen=True)
 class TokenUser:
+    """A user as their tokens carry them; ``epoch`` goes into every token made for them."""
+
     id: int
     name: str
     role: str
+    epoch: str
+
+
+def token_user(row: User) -> TokenUser:
+    """What a token for ``row`` carries, its epoch as of the row read now."""
+    return TokenUser(id=row.id, name=row.name, role=row.role,
+                     epoch=token_epoch(current_app.config["JWT_SECRET_KEY"], row))
 
 
 def init_security(app: Flask, settings: Settings) -> None:
@@ -296,18 +335,30 @@ def init_security(app: Flask, settings: Settings) -> None:
 
     @jwt.user_lookup_loader
     def _load_user(_header: dict[str, Any], payload: dict[str, Any]) -> TokenUser | None:
+        # None -> UserLookupError -> 401. A disabled user's tokens stop working at once; a password,
+        # role or any other change of the account ends the tokens made before it (the token epoch).
+        user_id = subject_user_id(payload)
+        if user_id is None:
+            return None
         with session_scope(settings.database) as session:
-            user = session.get(User, int(payload["sub"]))
-            if user is None or user.disabled:
-                return None  # -> UserLookupError -> 401: a disabled user's tokens stop working at once
-            return TokenUser(id=user.id, name=user.name, role=user.role)
+            row = session.get(User, user_id)
+            if row is None or row.disabled:
+                return None
+            user = token_user(row)
+        if not epoch_matches(payload, user.epoch):
+            return None
+        return user
 
     @jwt.token_in_blocklist_loader
     def _revoked(_header: dict[str, Any], payload: dict[str, Any]) -> bool:
         # Logout revokes the access token and its session's refresh token (``rjti``): that also ends
         # every other access token refreshed from that session.
+        # A token without a string ``jti`` (or with an odd ``rjti``) could never be revoked: refused.
+        jti, rjti = payload.get("jti"), payload.get("rjti")
+        if not isinstance(jti, str) or not jti or not isinstance(rjti, str | None):
+            return True
         store = security_store()
-        return any(store.is_token_revoked(jti) for jti in (payload.get("jti"), payload.get("rjti")) if jti)
+        return any(store.is_token_revoked(token_id) for token_id in (jti, rjti) if token_id)
 
     app.before_request(authenticate_request)
     app.after_request(audit_response)

@@ -70,7 +70,11 @@ def create() -> Any:
 @bp.patch("/<name>")
 @policy(ADMIN, audit_action="user.update")
 def update(name: str) -> Any:
-    """Change a user's role, disable or enable them, or set a new password."""
+    """Change a user's role, disable or enable them, or set a new password.
+
+    Any change moves ``updated_at``, and with it the user's token epoch: every access and refresh
+    token they hold stops working on every API process (``aios.security.tokens``); they log in again.
+    """
     body = validate(UpdateUser, json_body())
     changes = body.model_dump(exclude_none=True)
     set_audit(target=name, changed=sorted(changes))

@@ -61,7 +61,7 @@ class Heartbeat(bootsteps.StartStopStep):
             agents.register(session, agents.AgentSpec(
                 name=self.name, capabilities=capabilities_of(settings), labels=settings.agents.labels,
                 weight=settings.agents.weight, max_concurrency=worker.concurrency,
-            ), max_agents=settings.orchestrator.max_agents, update_existing=True)
+            ), max_agents=settings.orchestrator.max_agents, live=True)
         self.beat()
         self.thread = threading.Thread(target=self._loop, name="aios-heartbeat", daemon=True)
         self.thread.start()

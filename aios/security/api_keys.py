@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from aios.models import ApiKey, User
@@ -60,6 +60,15 @@ def generate(session: Session, *, name: str, role: str, owner_id: int, expires_a
     session.add(row)
     session.flush()
     return NewKey(row=row, plaintext=f"{KEY_PREFIX}_{prefix}_{secret}")
+
+
+def count_usable(session: Session, owner_id: int, now: datetime) -> int:
+    """How many of ``owner_id``'s keys work now (ACTIVE and unexpired): what ``max_keys_per_user`` caps."""
+    return int(session.scalar(
+        select(func.count()).select_from(ApiKey)
+        .where(ApiKey.owner_id == owner_id, ApiKey.state == ACTIVE,
+               or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now))
+    ) or 0)
 
 
 def is_usable(row: Any, now: datetime) -> bool:

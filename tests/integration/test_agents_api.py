@@ -257,3 +257,52 @@ def test_the_agents_api_registers_lists_shows_updates_and_deletes_agents(client,
     assert client.get(f"/api/v1/agents/{unknown}").status_code == 404
     assert client.patch(f"/api/v1/agents/{unknown}", json={"weight": 2}).status_code == 404
     assert client.delete(f"/api/v1/agents/{unknown}").status_code == 404
+
+
+# --------------------------------------------------------------------------- max_agents and placeholders
+
+
+def test_placeholders_filling_max_agents_never_stop_a_real_agent_but_one_real_agent_too_many_is_refused(
+    stack, celery_client, start_worker, queue
+):
+    from tests.support.schemas import private_schema
+    from webapi.app import create_app
+
+    with private_schema("agents") as url:
+        # Given a ledger of its own with orchestrator.max_agents = 2, and an operator
+        limits = {"AIOS_DATABASE__URL": url, "AIOS_ORCHESTRATOR__MAX_AGENTS": "2", **FAST_BEATS}
+        own = stack.override(database={"url": url}, orchestrator={"max_agents": 2})
+        app = create_app(own.settings, celery_client)
+        operator = authorize(app.test_client(), make_user(own, "operator").key)
+        admin = authorize(app.test_client(), make_user(own, "admin").key)
+        tag = uuid.uuid4().hex[:6]
+        first, second, third = (f"{name}-{tag}" for name in ("first", "second", "third"))
+
+        # When the operator registers placeholders up to max_agents through the API (one of them with
+        # the name a real agent will start with)
+        for name in (f"placeholder-{tag}@nowhere", f"{second}@aios-test"):
+            made = operator.post("/api/v1/agents", json={"name": name, "capabilities": ["echo"]})
+            assert made.status_code == 201, made.json
+        # Then a third placeholder is refused: placeholders have a cap too
+        over = operator.post("/api/v1/agents", json={"name": f"over-{tag}@nowhere"})
+        assert over.status_code == 409, over.json
+        assert "orchestrator.max_agents (2)" in over.json["message"]
+
+        # When real agents start, one new and one with a placeholder's name
+        workers = [start_worker([queue], name=name, env=limits) for name in (first, second)]
+        try:
+            # Then both start and heartbeat fine: placeholders took no place of theirs
+            for worker in workers:
+                agent = wait_agent_status(admin, worker.hostname, "ONLINE", "BUSY")
+                assert agent["last_heartbeat_at"], agent
+            assert "Unrecoverable error" not in workers[0].log() + workers[1].log()
+
+            # And a real agent beyond max_agents heartbeating agents is refused, naming the setting
+            with pytest.raises(AssertionError) as refused:
+                start_worker([queue], name=third, env=limits)
+            assert "orchestrator.max_agents (2) agents have sent heartbeats already" in str(refused.value), \
+                str(refused.value)[-3000:]
+            assert admin.get(f"/api/v1/agents/{third}@aios-test").status_code == 404
+        finally:
+            for worker in workers:
+                worker.stop()

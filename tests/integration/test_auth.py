@@ -90,8 +90,19 @@ def b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def current_epoch(stack: Any, user_id: int) -> str:
+    """The user's token epoch now, as the API computes it (every token it makes carries it)."""
+    from aios.db import session_scope
+    from aios.models import User
+    from aios.security.tokens import token_epoch
+
+    with session_scope(stack.settings.database) as session:
+        return token_epoch(TEST_JWT_SECRET, session.get(User, user_id))
+
+
 def claims_for(stack: Any, user_id: int, *, token_type: str = "access", **overrides: Any) -> dict[str, Any]:
-    """The claims flask-jwt-extended puts in a token of this deployment, as plain JSON numbers."""
+    """The claims flask-jwt-extended puts in a token of this deployment (and the user's token
+    epoch), as plain JSON numbers."""
     now = datetime.now(UTC)
     security = stack.settings.security
     claims: dict[str, Any] = {
@@ -104,6 +115,7 @@ def claims_for(stack: Any, user_id: int, *, token_type: str = "access", **overri
         "iss": security.jwt_issuer,
         "aud": security.jwt_audience,
         "exp": int((now + timedelta(minutes=5)).timestamp()),
+        "uv": current_epoch(stack, user_id),
     }
     claims.update(overrides)
     return claims
@@ -425,6 +437,38 @@ def test_a_bad_token_is_a_401(stack, web, token_operator, case):
     assert_unauthorized(web.post(TASKS, json={"type": "echo"}, headers=bearer(token)))
 
 
+#: Tokens signed with the deployment's own key whose claims are odd: each must be a 401, never a 500.
+ODD_CLAIMS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "sub a word": lambda c: {**c, "sub": "admin"},
+    "sub a list": lambda c: {**c, "sub": [c["sub"]]},
+    "sub a number": lambda c: {**c, "sub": int(c["sub"])},
+    "sub missing": lambda c: {k: v for k, v in c.items() if k != "sub"},
+    "sub empty": lambda c: {**c, "sub": ""},
+    "sub beyond a 32-bit id": lambda c: {**c, "sub": "99999999999999999999"},
+    "sub negative": lambda c: {**c, "sub": "-1"},
+    "sub in Arabic-Indic digits": lambda c: {**c, "sub": "".join(chr(0x660 + int(d)) for d in c["sub"])},
+    "sub with a NUL": lambda c: {**c, "sub": c["sub"] + "\x00"},
+    "epoch missing": lambda c: {k: v for k, v in c.items() if k != "uv"},
+    "epoch a list": lambda c: {**c, "uv": [c["uv"]]},
+    "epoch of another account state": lambda c: {**c, "uv": "0" * 32},
+    "jti missing": lambda c: {k: v for k, v in c.items() if k != "jti"},
+    "jti a list": lambda c: {**c, "jti": ["x"]},
+    "rjti an object": lambda c: {**c, "rjti": {"a": 1}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(ODD_CLAIMS))
+def test_a_signed_token_with_an_odd_subject_or_claim_answers_401_json_not_500(stack, web, token_operator, case):
+    # Given a token signed with the deployment's real key, whose claims are odd in one way
+    _operator, uid = token_operator
+    token = forge(ODD_CLAIMS[case](claims_for(stack, uid)))
+    # When it is used on a read, a write and to refresh / Then 401 in the JSON error shape each time
+    assert_unauthorized(web.get(TASKS, headers=bearer(token)))
+    assert_unauthorized(web.post(TASKS, json={"type": "echo"}, headers=bearer(token)))
+    refresh = forge(ODD_CLAIMS[case](claims_for(stack, uid, token_type="refresh")))
+    assert_unauthorized(web.post(REFRESH, headers=bearer(refresh)))
+
+
 # --------------------------------------------------------------------------- 3. the JWT signing key
 
 
@@ -628,23 +672,79 @@ def test_disabling_a_user_stops_their_token_and_their_keys_on_the_next_request(s
     assert login(web, operator.user, operator.password).status_code == 200
 
 
-def test_a_role_change_takes_effect_on_the_next_request_without_a_new_token(stack, client, web, queue):
-    # Given an operator whose token can submit
+def test_a_refused_key_or_token_says_nothing_of_its_owners_id_or_disabled_state(stack, client, web):
+    # Given an operator with an API key and an access token, and a key that never existed
     operator = make_user(stack, "operator")
     access, _ = tokens_for(web, operator.user, operator.password)
-    submit = {"type": "echo", "queue": queue}
-    assert web.post(TASKS, json=submit, headers=bearer(access)).status_code == 202
-    # When an admin makes them a viewer
-    assert client.patch(f"{USERS}/{operator.user}", json={"role": "viewer"}).status_code == 200
-    # Then the same token can no longer submit (403) but can still read
-    denied = web.post(TASKS, json=submit, headers=bearer(access))
-    assert denied.status_code == 403, denied.json
-    assert denied.json["error"] == "forbidden"
+    unknown = web.get(TASKS, headers={"X-API-Key": "aios_0123456789_" + "x" * 32})
+    unknown_message = assert_unauthorized(unknown)["message"]
+    # When an admin disables the operator
+    assert client.patch(f"{USERS}/{operator.user}", json={"disabled": True}).status_code == 200
+    # Then the key gets word for word the answer of an unknown key, and the token no user id or state
+    for headers in ({"X-API-Key": operator.key}, bearer(operator.key)):
+        assert assert_unauthorized(web.get(TASKS, headers=headers))["message"] == unknown_message
+    message = assert_unauthorized(web.get(TASKS, headers=bearer(access)))["message"]
+    uid = str(user_id(stack, operator.user))
+    assert not re.search(rf"\b{uid}\b", message) and "disabled" not in message.lower(), message
+    # And an agent-role owner's human key (no role in common) gets the same answer as an unknown key
+    assert client.patch(f"{USERS}/{operator.user}", json={"disabled": False, "role": "agent"}).status_code == 200
+    assert assert_unauthorized(web.get(TASKS, headers={"X-API-Key": operator.key}))["message"] == unknown_message
+
+
+#: Each change an admin makes to an account with PATCH /users/{name}, and the change that undoes it.
+ACCOUNT_CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "password change": ({"password": "a-new-password-1"}, {}),
+    "disable": ({"disabled": True}, {"disabled": False}),
+    "role change": ({"role": "viewer"}, {}),
+}
+
+
+@pytest.mark.parametrize("change", sorted(ACCOUNT_CHANGES))
+def test_a_password_change_disable_or_role_change_ends_the_users_access_and_refresh_tokens(stack, client, web,
+                                                                                            change):
+    # Given an operator with a working access token and refresh token
+    operator = make_user(stack, "operator")
+    access, refresh = tokens_for(web, operator.user, operator.password)
     assert web.get(TASKS, headers=bearer(access)).status_code == 200
-    assert web.get(f"{USERS}/me", headers=bearer(access)).json["role"] == "viewer"
-    # And made an operator again, the same token submits again
-    assert client.patch(f"{USERS}/{operator.user}", json={"role": "operator"}).status_code == 200
-    assert web.post(TASKS, json=submit, headers=bearer(access)).status_code == 202
+    assert web.post(REFRESH, headers=bearer(refresh)).status_code == 200
+    # When an admin changes the account (and, for disable, enables it again)
+    body, undo = ACCOUNT_CHANGES[change]
+    assert client.patch(f"{USERS}/{operator.user}", json=body).status_code == 200
+    if undo:
+        assert client.patch(f"{USERS}/{operator.user}", json=undo).status_code == 200
+    # Then the old access token and the old refresh token answer 401, saying nothing of the account
+    for refused in (web.get(TASKS, headers=bearer(access)), web.post(REFRESH, headers=bearer(refresh))):
+        message = assert_unauthorized(refused)["message"]
+        assert "no longer valid" in message and "log in again" in message, message
+        assert str(user_id(stack, operator.user)) not in message and "disabled" not in message, message
+    # And a fresh login works, with the new password if it changed, and its tokens work
+    password = body.get("password", operator.password)
+    new_access, new_refresh = tokens_for(web, operator.user, password)
+    me = web.get(f"{USERS}/me", headers=bearer(new_access))
+    assert me.status_code == 200, me.json
+    assert me.json["role"] == body.get("role", "operator")
+    assert web.post(REFRESH, headers=bearer(new_refresh)).status_code == 200
+
+
+def test_a_password_change_ends_the_old_tokens_on_another_api_process_too(stack, client, web, start_api):
+    import requests
+
+    # Given an operator's tokens, and a second, real API process (gunicorn) that accepts them
+    operator = make_user(stack, "operator")
+    access, refresh = tokens_for(web, operator.user, operator.password)
+    other = start_api()
+    assert requests.get(f"{other.url}{TASKS}", headers=bearer(access), timeout=10).status_code == 200
+    # When the password is changed through this process
+    assert client.patch(f"{USERS}/{operator.user}", json={"password": "another-password-2"}).status_code == 200
+    # Then the other process refuses both old tokens at once, with the JSON error shape
+    for response in (requests.get(f"{other.url}{TASKS}", headers=bearer(access), timeout=10),
+                     requests.post(f"{other.url}{REFRESH}", headers=bearer(refresh), timeout=10)):
+        assert response.status_code == 401, response.text
+        assert response.json()["error"] == "unauthorized"
+    # And a login with the new password works there
+    fresh = requests.post(f"{other.url}{TOKEN}", json={"username": operator.user, "password": "another-password-2"},
+                          timeout=30)
+    assert fresh.status_code == 200, fresh.text
 
 
 def test_a_demoted_users_api_key_loses_the_power_too(stack, client, web, queue):

@@ -458,3 +458,28 @@ def test_a_key_never_has_a_role_its_creator_may_not_grant(stack, api_app, client
 
     # Then exactly the allowed ones are created
     assert got == expected
+
+
+def test_a_viewer_or_operator_holds_at_most_max_keys_per_user_usable_keys_and_an_admin_is_not_capped(
+    stack, celery_client
+):
+    from webapi.app import create_app
+
+    # Given an API with security.max_keys_per_user = 3, and an operator holding one key already
+    app = create_app(stack.override(security={"max_keys_per_user": 3}).settings, celery_client)
+    operator, admin = make_user(stack, "operator"), make_user(stack, "admin")
+    own = authorize(app.test_client(), operator.key)
+    # When it makes two more keys / Then both are made
+    made = [create_key(own, "operator") for _ in range(2)]
+    # And a fourth is refused with 409 naming the setting and the fix, and is not stored
+    refused = own.post("/api/v1/keys", json={"name": "one-too-many", "role": "viewer"})
+    assert refused.status_code == 409, refused.json
+    assert "security.max_keys_per_user (3)" in refused.json["message"] and "revoke" in refused.json["message"]
+    assert "one-too-many" not in {k["name"] for k in own.get("/api/v1/keys").json["keys"]}
+    # And once it revokes one, it may make one again
+    assert own.post(f"/api/v1/keys/{made[0]['id']}/revoke").status_code == 200
+    create_key(own, "viewer")
+    # And an admin is not capped
+    by_admin = authorize(app.test_client(), admin.key)
+    for _ in range(4):
+        create_key(by_admin, "viewer")

@@ -204,11 +204,16 @@ def test_a_full_test_runs_logs_contain_none_of_the_test_secrets(
         secrets["a rotated API key"] = rotated.json()["key"]
         assert api.call("GET", "/api/v1/tasks", headers={"X-API-Key": rotated.json()["key"]}).status_code == 200
 
-        # And an admin changes the user's password, which then logs in
+        # And an admin changes the user's password (which ends the old tokens), and the user logs in again
         changed = api.call("PATCH", f"/api/v1/users/{name}", headers=as_admin, json={"password": new_password})
         assert changed.status_code == 200, changed.text
-        assert api.call("POST", "/api/v1/auth/token",
-                        json={"username": name, "password": new_password}).status_code == 200
+        assert api.call("GET", "/api/v1/tasks", headers=token).status_code == 401
+        relogin = api.call("POST", "/api/v1/auth/token", json={"username": name, "password": new_password})
+        assert relogin.status_code == 200, relogin.text
+        access, refresh = relogin.json()["access_token"], relogin.json()["refresh_token"]
+        secrets.update({"an access token after the password change": access,
+                        "a refresh token after the password change": refresh})
+        token = {"Authorization": f"Bearer {access}"}
 
         # And credentials are misused: a wrong password, an unknown user, a bad key, a bad token,
         # a refresh token as an access token, Basic auth, and a key and a token in the query string

@@ -23,10 +23,6 @@ WRITES_PER_MINUTE = 5
 READS_PER_MINUTE = 8
 
 
-def key_prefix(key: str) -> str:
-    return key.split("_", 2)[1]
-
-
 def submit(api: Any, key: str, queue: str, n: int) -> requests.Response:
     """POST /api/v1/tasks to a real API process (an echo task on a queue nobody consumes)."""
     return requests.post(f"{api.url}/api/v1/tasks", json={"type": "echo", "parameters": {"n": n}, "queue": queue},
@@ -77,7 +73,7 @@ def test_the_write_limit_is_shared_by_two_api_processes_through_redis_and_the_ne
     # and the counter is the one in Redis, under the session's key prefix
     import redis
 
-    counter = f"{stack.settings.broker.key_prefix}aios:sec:rl:write:key:{key_prefix(pat.key)}"
+    counter = f"{stack.settings.broker.key_prefix}aios:sec:rl:write:user:{pat.user}"
     client = redis.Redis.from_url(REDIS_URL)
     try:
         assert int(client.get(counter)) == WRITES_PER_MINUTE + 2
@@ -151,7 +147,7 @@ def test_on_the_embedded_default_two_apps_share_the_rate_limit_through_the_datab
         assert fourth.is_json
         assert_too_many(fourth, fourth.json, 3, "write")
         with session_scope(settings.database) as session:
-            row = session.get(Counter, f"rl:write:key:{key_prefix(pat)}")
+            row = session.get(Counter, "rl:write:user:pat")
             assert row is not None and row.value == 4
 
         # And another principal is not limited
@@ -165,3 +161,38 @@ def test_on_the_embedded_default_two_apps_share_the_rate_limit_through_the_datab
         assert_too_many(fifth, fifth.json, 4, "read")
     finally:
         dispose_engines()  # close this test's SQLite connections (other engines are made again on use)
+
+
+def test_a_user_with_three_keys_gets_429_after_the_write_limit_summed_over_all_their_keys(
+    stack, celery_client, queue
+):
+    from webapi.app import create_app
+
+    # Given an API allowing 6 writes per minute, and an operator who makes two more keys (2 writes)
+    app = create_app(stack.override(security={"rate_limit_write_per_minute": 6}).settings, celery_client)
+    pat, quinn = make_user(stack, "operator"), make_user(stack, "operator")
+    keys = [pat.key]
+    for n in range(2):
+        made = authorize(app.test_client(), pat.key).post("/api/v1/keys", json={"name": f"extra-{n}",
+                                                                                "role": "operator"})
+        assert made.status_code == 201, made.json
+        keys.append(made.json["key"])
+    clients = [authorize(app.test_client(), key) for key in keys]
+
+    # When the user submits round the three keys
+    answers = [clients[n % 3].post("/api/v1/tasks", json={"type": "echo", "parameters": {"n": n}, "queue": queue})
+               for n in range(5)]
+
+    # Then the 4 writes left of the 6 pass, and the 5th is a 429 although each key sent at most 2
+    assert [a.status_code for a in answers] == [202] * 4 + [429], [a.json for a in answers]
+    assert_too_many(answers[-1], answers[-1].json, 6, "write")
+    # And every key of the user is refused now, and so is the user's token
+    for client in clients:
+        assert client.post("/api/v1/tasks", json={"type": "echo", "queue": queue}).status_code == 429
+    login = app.test_client().post("/api/v1/auth/token", json={"username": pat.user, "password": pat.password})
+    token = {"Authorization": f"Bearer {login.json['access_token']}"}
+    assert app.test_client().post("/api/v1/tasks", json={"type": "echo", "queue": queue},
+                                  headers=token).status_code == 429
+    # And another user is not limited
+    other = authorize(app.test_client(), quinn.key)
+    assert other.post("/api/v1/tasks", json={"type": "echo", "queue": queue}).status_code == 202
