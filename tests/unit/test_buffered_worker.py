@@ -1,13 +1,15 @@
-"""Where a request ends, decided by the API's poller before a thread serves it (webapi/buffered_worker.py)."""
+"""The API worker's request framing and socket wrapper (webapi/buffered_worker.py): plain logic, real sockets."""
 
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import pytest
 
 from aios.errors import BadRequest, HeadersTooLarge, PayloadTooLarge, RequestTimeout
-from webapi.buffered_worker import RequestFraming, error_bytes
+from webapi.buffered_worker import CONTINUE, BufferedSocket, RequestFraming, error_bytes
 
 
 def framing(max_body_bytes: int = 1000) -> RequestFraming:
@@ -92,3 +94,39 @@ def test_a_refusal_is_a_whole_http_answer_with_the_json_error_shape():
     assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
     assert b"Connection: close" in head and b"Content-Length: %d" % len(body) in head
     assert json.loads(body) == {"error": "request_timeout", "message": "too slow"}
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /x HTTP/1.1\r\nHost: a\nContent-Length: 5\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nHost: a\rContent-Length: 5\r\n\r\n",
+])
+def test_a_bare_lf_or_cr_in_the_headers_is_a_400_since_it_could_hide_a_body_length(head):
+    with pytest.raises(BadRequest, match="CRLF"):
+        framing().examine(head)
+
+
+def test_a_buffered_socket_replays_the_request_then_waits_no_longer_than_its_deadline():
+    # Given a socket whose request the poller read, handed to a thread with a deadline 0.3 s away
+    server, client = socket.socketpair()
+    with server, client:
+        wrapped = BufferedSocket(server)
+        wrapped.buffer += b"GET / HTTP/1.1\r\n\r\n"
+        wrapped.deadline = time.monotonic() + 0.3
+        # When the parser reads / Then it gets the buffered bytes first, then what the socket has
+        assert wrapped.recv(4) == b"GET "
+        assert wrapped.recv(100) == b"/ HTTP/1.1\r\n\r\n"
+        client.sendall(b"more")
+        assert wrapped.recv(100) == b"more"
+        # And once nothing comes, the thread is let go at the deadline instead of waiting for the client
+        with pytest.raises(TimeoutError):
+            wrapped.recv(100)
+
+
+def test_a_buffered_socket_does_not_send_100_continue_twice():
+    server, client = socket.socketpair()
+    with server, client:
+        wrapped = BufferedSocket(server)
+        wrapped.continue_sent = True
+        wrapped.send(CONTINUE)
+        wrapped.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+        assert client.recv(100) == b"HTTP/1.1 200 OK\r\n\r\n"
