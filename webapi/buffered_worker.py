@@ -245,6 +245,8 @@ class BufferedConn(TConn):  # type: ignore[misc]
         super().__init__(cfg, sock, client, server)
         self.release = release
         self.reading: _Reading | None = None
+        #: Counted against ``api.max_connections_per_client`` until released (None then).
+        self.address: str | None = client[0] if isinstance(client, tuple) else str(client)
 
     def init(self) -> None:
         if self.initialized:
@@ -311,20 +313,19 @@ class BufferedThreadWorker(ThreadWorker):  # type: ignore[misc]
             raw = self.tls_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False,
                                                suppress_ragged_eofs=self.cfg.suppress_ragged_eofs)
         conn = BufferedConn(self.cfg, BufferedSocket(raw), client, listener.getsockname(), self.release)
-        conn.address = client[0] if isinstance(client, tuple) else str(client)
-        self.per_client[conn.address] += 1
+        address = conn.address or ""
+        self.per_client[address] += 1
         refusal = None
-        if self.max_per_client and self.per_client[conn.address] > self.max_per_client:
-            refusal = TooManyRequests(f"more than {self.max_per_client} open connections from {conn.address} "
+        if self.max_per_client and self.per_client[address] > self.max_per_client:
+            refusal = TooManyRequests(f"more than {self.max_per_client} open connections from {address} "
                                       "(api.max_connections_per_client); reuse connections or close some",
                                       retry_after_s=1)
         self.start_reading(conn, handshaking=self.tls_context is not None, refusal=refusal)
 
     def release(self, conn: BufferedConn) -> None:
         """Forget a closing connection's count against its client address (once)."""
-        address = getattr(conn, "address", None)
+        address, conn.address = conn.address, None
         if address is not None:
-            conn.address = None
             self.per_client[address] -= 1
             if self.per_client[address] <= 0:
                 del self.per_client[address]
