@@ -51,6 +51,13 @@ class ApiSettings(_Section):
     #: Most event streams one API process serves at once (503 beyond). Each stream holds one of the
     #: process's ``threads``, and streams never take the last one: the real cap is min(this, threads - 1).
     sse_max_streams: int = Field(64, ge=0, le=10_000)
+    #: Longest a client may take to send one whole request, headers and body, from its connection (or
+    #: its first byte on a kept-alive one); then 408 and the connection is closed. `aios api` reads each
+    #: request in full before a thread serves it, so a slow client holds a socket, never a thread.
+    request_read_timeout_s: float = Field(15.0, gt=0, le=600)
+    #: Most open connections from one client address to one API process (429 and close beyond);
+    #: 0 = no cap. Behind a proxy every client shares the proxy's address: raise it or set 0 there.
+    max_connections_per_client: int = Field(200, ge=0, le=100_000)
 
 
 class DatabaseSettings(_Section):

@@ -86,6 +86,18 @@ class PayloadTooLarge(AiosError):
     code = "payload_too_large"
 
 
+class RequestTimeout(AiosError):
+    """The client did not send a whole request (headers and body) within ``api.request_read_timeout_s``."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class HeadersTooLarge(AiosError):
+    status = 431
+    code = "request_header_fields_too_large"
+
+
 class UnsupportedMediaType(AiosError):
     status = 415
     code = "unsupported_media_type"

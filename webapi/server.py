@@ -78,7 +78,9 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
         self.cfg.set("bind", f"{api.host}:{api.port}")
         self.cfg.set("workers", api.workers)
         self.cfg.set("threads", api.threads)
-        self.cfg.set("worker_class", "gthread")
+        # gthread, with each request read whole by the worker's poller before a thread serves it: a slow
+        # client holds a socket, not a thread (webapi/buffered_worker.py).
+        self.cfg.set("worker_class", "webapi.buffered_worker.BufferedThreadWorker")
         self.cfg.set("timeout", 60)
         self.cfg.set("graceful_timeout", 20)
         self.cfg.set("accesslog", "-")
