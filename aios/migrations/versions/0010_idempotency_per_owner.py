@@ -12,6 +12,10 @@ distinct (PostgreSQL 15's ``NULLS NOT DISTINCT`` is not on every supported serve
 Both PostgreSQL and SQLite build unique indexes over expressions. Rows without a key are not indexed
 (NULL keys never collide). ``aios.dispatch.accept_idempotent`` looks the earlier task up the same way.
 
+SQLite caveat for later migrations: Alembic's batch mode (which rebuilds the table for most changes on
+SQLite) does not reflect an index over an expression, so a later ``batch_alter_table("tasks")`` on SQLite
+drops this index silently; such a migration must create it again (as here).
+
 Downgrade puts the global unique constraint back; it fails (and changes nothing) if two users already
 share a key, which only the new rule allows: delete or re-key one of those tasks first.
 """
