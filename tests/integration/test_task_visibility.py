@@ -1,7 +1,7 @@
 """What a reader is shown of a task (aios.task_view), on PostgreSQL through the real app:
 
-* a command's argv, env and output are shown to its owner and admins only, env values to nobody, and
-  ``q=`` finds none of them;
+* a command's argv, env and output (a command schedule's too) are shown to its owner and admins only,
+  env values to nobody, and ``q=`` finds none of them;
 * a list shows previews of the bodies, never whole results: a page of 500 big-result tasks stays small,
   ``fields=`` asks for whole bodies under a page cap and a response size cap, and nothing is skipped.
 
@@ -54,6 +54,12 @@ def test_a_command_s_argv_and_output_are_shown_only_to_its_owner_and_admins_and_
     assert submitted.status_code == 202, submitted.json
     task_id = submitted.json["id"]
     finish(stack, [task_id], {"exit_code": 0, "signal": None, "stdout": secrets["out"], "stderr": "", "wall_s": 0.1})
+    # and a disabled schedule of the same command
+    schedule = owner_api.post("/api/v1/schedules", json={
+        "name": f"cmd-{mark}", "interval_s": 86_400, "enabled": False, "task": {
+            "type": "command", "queue": queue,
+            "parameters": {"argv": ["cat", secrets["argv"]], "env": {"API_TOKEN": secrets["env"]}}}})
+    assert schedule.status_code == 201, schedule.json
     # and a task of another type holding the same text, so the search is seen to work
     other = owner_api.post(TASKS, json={"type": "echo", "queue": queue, "parameters": {"m": secrets["argv"]}})
     assert other.status_code == 202, other.json
@@ -65,10 +71,12 @@ def test_a_command_s_argv_and_output_are_shown_only_to_its_owner_and_admins_and_
         whole_page = api.get(TASKS, query_string={"queue": queue, "type": "command", "fields": "parameters,result"})
         found = {name: {t["id"] for t in api.get(TASKS, query_string={"q": text}).json["tasks"]}
                  for name, text in secrets.items()}
-        answers = [one.get_data(as_text=True), page.get_data(as_text=True), whole_page.get_data(as_text=True)]
+        scheduled = api.get(f"/api/v1/schedules/{schedule.json['id']}")
+        answers = [one.get_data(as_text=True), page.get_data(as_text=True), whole_page.get_data(as_text=True),
+                   scheduled.get_data(as_text=True)]
 
         # Then nobody is shown the env value (the name stays), and q= finds none of the command's secrets
-        assert one.status_code == page.status_code == whole_page.status_code == 200
+        assert one.status_code == page.status_code == whole_page.status_code == scheduled.status_code == 200
         assert one.json["parameters"]["env"] == {"API_TOKEN": MASK}
         assert all(secrets["env"] not in answer for answer in answers), role
         assert task_id not in set().union(*found.values()), (role, found)
@@ -81,11 +89,12 @@ def test_a_command_s_argv_and_output_are_shown_only_to_its_owner_and_admins_and_
             assert secrets["out"] in listed["result_preview"]
             assert whole_page.json["tasks"][0]["result"]["stdout"] == secrets["out"]
             assert "redacted" not in one.json
+            assert scheduled.json["task"]["parameters"]["argv"] == ["cat", secrets["argv"]]
         else:
             # and everyone else sees argv[0] and the exit status, not the arguments or the output
             assert one.json["parameters"]["argv"] == ["cat"]
             assert one.json["result"]["stdout"] is None and one.json["result"]["exit_code"] == 0
-            assert one.json["redacted"] is True and listed["redacted"] is True
+            assert one.json["redacted"] is True and listed["redacted"] is True and scheduled.json["redacted"] is True
             assert all(secrets["argv"] not in answer and secrets["out"] not in answer for answer in answers), role
         assert listed["parameters_preview"] == '{"argv": ["cat"]}' and listed["parameters_truncated"] is True
 
