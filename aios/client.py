@@ -55,6 +55,8 @@ TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT", "D
 RETRY_STATUSES = frozenset({429, 503})
 #: Methods whose repetition has the same effect as sending them once.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+#: Largest page of :meth:`Client.list` with ``fields=`` (whole bodies).
+FIELDS_PAGE_MAX = 50
 #: A listing's rows (named here: inside :class:`Client`, ``list`` is its method, not the type).
 Rows = list[dict[str, Any]]
 
@@ -560,10 +562,15 @@ class Client:
     def list(self, *, page_size: int = 100, **filters: Any) -> Iterator[dict[str, Any]]:
         """Every task matching ``filters`` (``state`` — a string or a list —, ``type``, ``priority``,
         ``created_after``, ``created_before``), newest first, fetching ``page_size`` at a time as the
-        iterator is consumed (keyset pages: deep pages cost the server no more than the first)."""
+        iterator is consumed (keyset pages: deep pages cost the server no more than the first).
+
+        Listed tasks carry previews of ``parameters``, ``result`` and ``error`` (``result_preview``,
+        ``result_truncated``, ...), not the bodies: :meth:`get` or :meth:`result` read them whole, or
+        ``fields=["result"]`` (or ``"parameters,result,error"``) lists them whole, ``page_size`` then at
+        most :data:`FIELDS_PAGE_MAX` (the server's ``api.page_max_with_bodies`` default)."""
         params = {key: (",".join(value) if isinstance(value, list | tuple | set | frozenset) else _jsonable(value))
                   for key, value in filters.items() if value is not None}
-        params["limit"] = page_size
+        params["limit"] = min(page_size, FIELDS_PAGE_MAX) if params.get("fields") else page_size
         while True:
             page = self._json("GET", "/api/v1/tasks", params=params)
             yield from page["tasks"]

@@ -43,6 +43,11 @@ class ApiSettings(_Section):
     batch_max_tasks: int = Field(1000, ge=1, le=10_000)
     #: Largest page a list endpoint returns.
     page_max: int = Field(500, ge=1, le=10_000)
+    #: Largest page a task list asks for with ``fields=`` (whole results, parameters or errors).
+    page_max_with_bodies: int = Field(50, ge=1, le=10_000)
+    #: A task list page stops before the task that would take its JSON past this size (at least one task
+    #: is always shown); its next_cursor resumes there, so nothing is skipped.
+    max_response_bytes: int = Field(4_194_304, ge=65_536)
     #: How long worker inspection and control wait for the workers' replies (Celery broadcast timeout).
     inspect_timeout_s: float = Field(1.0, gt=0, le=30)
     #: Longest life of one Server-Sent Events stream (/api/v1/tasks/<id>/events, /api/v1/events); the

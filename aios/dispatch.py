@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -135,9 +135,11 @@ def accept_idempotent(celery: Celery, settings: Settings, spec: TaskSpec, *, act
     """Store and dispatch one task (:func:`accept_tasks`), or return the task an earlier request with
     the same Idempotency-Key made.
 
-    The unique index on ``idempotency_key`` decides races between concurrent requests. Returns
-    ``(task, created)``. A key reused with a different request is a 409. ``before_commit`` runs only
-    when the task is created (:func:`accept_tasks`).
+    A key is scoped to the task's owner (the user who submitted it; tasks without an owner share one
+    scope): another user's task with the same key is never returned, and never blocks this one. The
+    unique index on ``(coalesce(owner, ''), idempotency_key)`` (migration 0010) decides races between
+    concurrent requests. Returns ``(task, created)``. A key reused by the same owner with a different
+    request is a 409. ``before_commit`` runs only when the task is created (:func:`accept_tasks`).
     """
     try:
         (row,) = accept_tasks(celery, settings, [spec], actor=actor, before_commit=before_commit).rows
@@ -146,7 +148,9 @@ def accept_idempotent(celery: Celery, settings: Settings, spec: TaskSpec, *, act
         if spec.idempotency_key is None:
             raise
     with session_scope(settings.database) as session:
-        existing = session.scalars(select(Task).where(Task.idempotency_key == spec.idempotency_key)).one()
+        existing = session.scalars(select(Task).where(
+            Task.idempotency_key == spec.idempotency_key,
+            func.coalesce(Task.owner, "") == (spec.owner or ""))).one()
         if existing.type != spec.type or existing.parameters != spec.parameters:
             raise Conflict(
                 "Idempotency-Key was already used for a different request; use a new key",
@@ -185,7 +189,7 @@ def accept_tasks(celery: Celery, settings: Settings, specs: Sequence[TaskSpec], 
     commit, exactly as in :func:`dispatch`, and a failed publish moves the task back to ``PENDING``
     (fenced); a process that dies in between leaves a ``QUEUED`` row without a message, which the sync
     job's lost-message step re-dispatches. Rows are written with set-based INSERTs (no per-row ORM
-    flush). Raises IntegrityError on a duplicate ``idempotency_key`` (nothing is stored then).
+    flush). Raises IntegrityError on a duplicate ``idempotency_key`` of the same owner (nothing is stored then).
     """
     from aios.placement import Placeable, place
     from aios.scheduled import hold_until

@@ -6,6 +6,7 @@ Plain functions over a Settings object and a Celery app, shared by the API and t
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 from celery import Celery
@@ -18,6 +19,7 @@ from aios.dispatch import TaskSpec, create_tasks, dispatch
 from aios.errors import Conflict, Forbidden, NotFound
 from aios.models import Task
 from aios.states import CANCELLABLE, RETRYABLE, TERMINAL, TaskState, transition
+from aios.task_view import BODY_FIELDS, Reader, redact
 from aios.timeutil import isoformat
 
 logger = logging.getLogger(__name__)
@@ -97,16 +99,17 @@ def retry_task(celery: Celery, settings: Settings, task_id: str, *, actor: str,
         return get_task(session, new_id)
 
 
-def task_to_dict(task: Task, *, with_events: bool = False) -> dict[str, Any]:
+def task_to_dict(task: Task, *, with_events: bool = False, reader: Reader | None = None,
+                 bodies: Collection[str] = BODY_FIELDS) -> dict[str, Any]:
+    """The task as the API shows it to ``reader`` (None: as an admin would see it), with the body fields
+    in ``bodies`` (a list shows the others as previews: :func:`aios.task_view.add_previews`); a
+    command's argv, env and output under :mod:`aios.task_view`'s rule."""
     data: dict[str, Any] = {
         "id": task.id,
         "type": task.type,
-        "parameters": task.parameters,
         "state": task.state,
         "priority": task.priority,
         "queue": task.queue,
-        "result": task.result,
-        "error": task.error,
         "attempts": task.attempts,
         "max_retries": task.max_retries,
         "timeout_s": task.timeout_s,
@@ -127,6 +130,9 @@ def task_to_dict(task: Task, *, with_events: bool = False) -> dict[str, Any]:
         "finished_at": isoformat(task.finished_at),
         "run_at": isoformat(task.run_at),
     }
+    for name in bodies:
+        data[name] = getattr(task, name)
+    redact(data, owner=task.owner, reader=reader or Reader(None, is_admin=True))
     if with_events:
         data["events"] = [
             {

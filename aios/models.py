@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -80,7 +81,9 @@ class Task(Base):
     dispatch_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     #: The Celery hostname of the agent that claimed the current run.
     agent: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True, unique=True)
+    #: Unique per owner (a unique index over ``coalesce(owner, '')`` and the key, migration 0010): two
+    #: users may send the same key and each gets their own task.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     #: A manual retry is a new task pointing at the one it repeats.
     retry_of: Mapped[str | None] = mapped_column(String(36), ForeignKey("tasks.id"), nullable=True)
     #: The user that submitted it (directly or through one of their API keys).
@@ -117,6 +120,8 @@ class Task(Base):
         Index("ix_tasks_queue_state", "queue", "state"),
         Index("ix_tasks_agent_state", "agent", "state"),
         Index("ix_tasks_state_run_at", "state", "run_at"),
+        Index("ux_tasks_owner_idempotency_key", text("coalesce(owner, '')"), "idempotency_key", unique=True,
+              postgresql_where=text("idempotency_key IS NOT NULL"), sqlite_where=text("idempotency_key IS NOT NULL")),
     )
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.dialects.postgresql import array
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.util import ClauseAdapter
 
+from aios.commands import COMMAND_TYPE
 from aios.errors import ValidationFailed
 from aios.models import Task
 from aios.text import storable_text
@@ -200,7 +201,8 @@ def index_words(q: str, sample: Sequence[str], *, whole_text_common: bool = Fals
 
 def _matches(q: str, *, dialect: str, index_words: Sequence[str] = (), tasks: Any = Task,
              indexed: bool = True) -> ColumnElement[bool]:
-    """Tasks whose type, error, parameters or result (as JSON text) hold ``q``, in any case.
+    """Tasks whose type, error, parameters or result (as JSON text) hold ``q``, in any case; a command's
+    parameters and result are not searched (its argv, env and output may hold secrets: aios.task_view).
 
     ``indexed=False``: field by field only, a condition the search index cannot serve, for a query that
     must read rows in created_at order (the planner might otherwise look the text up in the index);
@@ -211,12 +213,14 @@ def _matches(q: str, *, dialect: str, index_words: Sequence[str] = (), tasks: An
     """
     plain = _like(q)
     as_json = _like(json.dumps(q, ensure_ascii=dialect == "sqlite")[1:-1])
-    per_field = or_(
+    in_plain_fields = or_(
         tasks.type.ilike(plain, escape="\\"),
         func.coalesce(tasks.error, "").ilike(plain, escape="\\"),
+    )
+    per_field = or_(in_plain_fields, and_(tasks.type != COMMAND_TYPE, or_(
         cast(tasks.parameters, Text).ilike(as_json, escape="\\"),
         func.coalesce(cast(tasks.result, Text), "").ilike(as_json, escape="\\"),
-    )
+    )))
     if dialect != "postgresql" or not indexed:
         return per_field
     search_text = _search_text()
@@ -227,7 +231,8 @@ def _matches(q: str, *, dialect: str, index_words: Sequence[str] = (), tasks: An
     # and cannot span two; otherwise (a " or \ or control character, which JSON escapes) it only
     # narrows the rows through the index, and per_field decides.
     if plain == as_json and _SEPARATOR not in q:
-        return search_text.ilike(plain, escape="\\")
+        # A command found through its parameters or result is dropped by the second condition.
+        return and_(search_text.ilike(plain, escape="\\"), or_(tasks.type != COMMAND_TYPE, in_plain_fields))
     return and_(or_(search_text.ilike(plain, escape="\\"), search_text.ilike(as_json, escape="\\")), per_field)
 
 

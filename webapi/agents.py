@@ -12,14 +12,15 @@ from aios import agents as agent_ledger
 from aios.db import session_scope
 from aios.errors import Conflict, Forbidden, ValidationFailed
 from aios.health import AgentStatus
-from aios.ledger import task_to_dict
 from aios.models import Agent, AgentEvent, Task
 from aios.security.roles import AGENT, OPERATOR, VIEWER
 from aios.states import TaskState
+from aios.task_view import bodies_left_out
 from aios.timeutil import isoformat, utcnow
 from webapi.context import ctx
 from webapi.requests import check_storable, json_body, validate
 from webapi.security import current_principal, policy, set_audit
+from webapi.tasks import list_items
 
 bp = Blueprint("agents", __name__, url_prefix="/api/v1/agents")
 
@@ -104,16 +105,17 @@ def read(name: str) -> Any:
     """The agent, its active tasks, its recent tasks and its recent status changes."""
     with session_scope(ctx().settings.database) as session:
         agent = agent_ledger.get_agent(session, name)
-        active = session.scalars(select(Task).where(Task.agent == name, Task.state == TaskState.RUNNING.value)
-                                 .order_by(Task.started_at)).all()
-        recent = session.scalars(select(Task).where(Task.agent == name).order_by(Task.updated_at.desc())
-                                 .limit(20)).all()
+        with bodies_left_out(session):
+            active = session.scalars(select(Task).where(Task.agent == name, Task.state == TaskState.RUNNING.value)
+                                     .order_by(Task.started_at)).all()
+            recent = session.scalars(select(Task).where(Task.agent == name).order_by(Task.updated_at.desc())
+                                     .limit(20)).all()
         events = session.scalars(select(AgentEvent).where(AgentEvent.agent == name)
                                  .order_by(AgentEvent.id.desc()).limit(20)).all()
         return jsonify({
             **agent_to_dict(agent),
-            "active_tasks": [task_to_dict(t) for t in active],
-            "recent_tasks": [task_to_dict(t) for t in recent],
+            "active_tasks": list_items(session, active),
+            "recent_tasks": list_items(session, recent),
             "events": [{"at": isoformat(e.at), "from_status": e.from_status, "to_status": e.to_status,
                         "reason": e.reason} for e in events],
         })

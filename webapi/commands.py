@@ -23,10 +23,11 @@ from aios.ledger import get_task, task_to_dict
 from aios.limits import current
 from aios.security.roles import ADMIN, OPERATOR
 from aios.states import TERMINAL
+from aios.task_view import Reader
 from webapi.context import ctx
 from webapi.requests import json_body, validate
 from webapi.security import current_principal, policy, set_audit
-from webapi.tasks import TaskRequest, accept, idempotency_key, to_spec
+from webapi.tasks import TaskRequest, accept, idempotency_key, reader, to_spec
 
 bp = Blueprint("commands", __name__, url_prefix="/api/v1/commands")
 
@@ -83,7 +84,7 @@ def submit() -> Any:
     task, created = accept(spec)
     set_audit(argv0=body.argv[0][:200], wait_s=body.wait_s)  # not the whole argv: it may hold secrets
     if body.wait_s and task["state"] not in TERMINAL:
-        task = wait_finished(settings, task["id"], body.wait_s)
+        task = wait_finished(settings, task["id"], body.wait_s, reader=reader())
     response = jsonify(task)
     response.headers["Location"] = url_for("tasks.read", task_id=task["id"])
     if not created:
@@ -91,13 +92,13 @@ def submit() -> Any:
     return response, 200 if task["state"] in TERMINAL else 202
 
 
-def wait_finished(settings: Settings, task_id: str, wait_s: float) -> dict[str, Any]:
-    """The task once it is in a terminal state, or as it is after ``wait_s`` seconds."""
+def wait_finished(settings: Settings, task_id: str, wait_s: float, *, reader: Reader) -> dict[str, Any]:
+    """The task once it is in a terminal state, or as it is after ``wait_s`` seconds, as ``reader`` sees it."""
     deadline = time.monotonic() + wait_s
     pause = FIRST_POLL_S
     while True:
         with session_scope(settings.database) as session:
-            task = task_to_dict(get_task(session, task_id))
+            task = task_to_dict(get_task(session, task_id), reader=reader)
         left = deadline - time.monotonic()
         if task["state"] in TERMINAL or left <= 0:
             return task

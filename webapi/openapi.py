@@ -65,7 +65,14 @@ _TASK = obj(("id", "type", "state", "priority", "created_at"), id=STR, type=STR,
             priority=INT, queue=OPT_STR, result=ANY, error=ANY, attempts=INT, max_retries=INT, timeout_s=OPT_INT,
             agent=OPT_STR, retry_of=OPT_STR, owner=OPT_STR, routing=OPT_STR, pinned_agent=OPT_STR,
             on_agent_lost=OPT_STR, pending_reason=OPT_STR, progress=OPT_NUM, progress_message=OPT_STR,
-            created_at=TIME, updated_at=TIME, queued_at=TIME, started_at=TIME, finished_at=TIME, run_at=TIME)
+            redacted=BOOL, created_at=TIME, updated_at=TIME, queued_at=TIME, started_at=TIME, finished_at=TIME,
+            run_at=TIME)
+#: A task in a list (GET /tasks, an agent's tasks): each body not asked for with ``fields=`` is left out
+#: and shown as ``<body>_preview`` (its JSON text's first 200 characters, null when null) and
+#: ``<body>_truncated``; ``redacted``: a command's argv and output withheld from this reader.
+_PREVIEWS = {f"{body}_{part}": (OPT_STR if part == "preview" else BOOL)
+             for body in ("parameters", "result", "error") for part in ("preview", "truncated")}
+_TASK_ITEM = {"allOf": [_TASK, obj(redacted=BOOL, **_PREVIEWS)]}
 _AGENT = obj(("name", "status"), name=STR, status=STR, status_reason=OPT_STR, admin_status=OPT_STR,
              capabilities=nullable(array(STR)), labels=nullable(OBJ), weight=INT, max_concurrency=INT,
              last_heartbeat_at=TIME, resources=ANY, active=OPT_INT, processed=OPT_INT, registered_at=TIME,
@@ -90,14 +97,16 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
     "Task": _TASK,
     "TaskWithEvents": {"allOf": [ref("Task"), obj(("events",), events=array(obj(
         ("id", "to_state"), id=INT, at=TIME, actor=OPT_STR, from_state=OPT_STR, to_state=STR, detail=ANY)))]},
-    "TaskPage": obj(("tasks", "next_cursor"), tasks=array(ref("Task")), next_cursor=OPT_STR),
+    "TaskListItem": _TASK_ITEM,
+    "TaskPage": obj(("tasks", "next_cursor"), tasks=array(ref("TaskListItem")), next_cursor=OPT_STR),
     "BatchAccepted": obj(("ids", "count"), ids=array(STR), count=INT, queued=INT, pending=INT, scheduled=INT),
     "BulkOutcome": obj(("action", "dry_run", "matched"), action=STR, dry_run=BOOL, limit=INT, matched=INT,
                        sample_ids=array(STR), done=INT, skipped=OBJ),
     "TaskTypes": obj(("types",), types=array(obj(("name",), name=STR, description=OPT_STR, parameters=OBJ))),
     "Agent": _AGENT,
     "AgentDetail": {"allOf": [ref("Agent"), obj(("active_tasks", "recent_tasks", "events"),
-                                                active_tasks=array(ref("Task")), recent_tasks=array(ref("Task")),
+                                                active_tasks=array(ref("TaskListItem")),
+                                                recent_tasks=array(ref("TaskListItem")),
                                                 events=array(OBJ))]},
     "Key": _KEY,
     "NewKey": {"allOf": [ref("Key"), obj(("key",), key=STR, old_key_expires_at=TIME)]},

@@ -15,11 +15,12 @@ from aios.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from aios.models import Schedule
 from aios.schedules import first_run, new_schedule_id, parse_cron
 from aios.security.roles import ADMIN, OPERATOR, VIEWER
+from aios.task_view import redact
 from aios.timeutil import isoformat, utcnow
 from webapi.context import ctx
 from webapi.requests import json_body, validate
 from webapi.security import current_principal, policy, set_audit
-from webapi.tasks import TaskRequest, to_spec
+from webapi.tasks import TaskRequest, reader, to_spec
 
 bp = Blueprint("schedules", __name__, url_prefix="/api/v1/schedules")
 
@@ -65,7 +66,10 @@ def check_timing(cron: str | None, interval_s: int | None) -> None:
 
 
 def schedule_to_dict(row: Schedule) -> dict[str, Any]:
-    return {"id": row.id, "name": row.name, "cron": row.cron, "interval_s": row.interval_s, "task": row.task,
+    """The schedule as the caller may see it: a command's task body under aios.task_view's rule."""
+    task = redact(dict(row.task), owner=row.owner, reader=reader())
+    hidden = {"redacted": True} if task.pop("redacted", False) else {}
+    return {"id": row.id, "name": row.name, "cron": row.cron, "interval_s": row.interval_s, "task": task, **hidden,
             "enabled": row.enabled, "owner": row.owner, "last_run_at": isoformat(row.last_slot_at),
             "next_run_at": isoformat(row.next_run_at) if row.enabled else None,
             "last_task_id": row.last_task_id, "created_at": isoformat(row.created_at),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
@@ -15,10 +17,12 @@ from aios.db import session_scope
 from aios.dispatch import TaskSpec, accept_idempotent, accept_tasks
 from aios.errors import Conflict, ValidationFailed
 from aios.ledger import cancel_task, get_task, retry_task, task_to_dict
+from aios.models import Task
 from aios.scheduled import MAX_AHEAD_S, requested_run_at
 from aios.security.roles import ADMIN, OPERATOR, VIEWER
 from aios.states import TaskState
-from aios.task_search import DEFAULT_SORT, SORTS, TaskFilter, check_q, list_tasks
+from aios.task_search import DEFAULT_SORT, SORTS, TaskFilter, check_q, encode_cursor, list_tasks
+from aios.task_view import BODY_FIELDS, Reader, add_previews, bodies_left_out, previews
 from aios.tasktypes import get_registry
 from aios.timeutil import parse_iso
 from webapi.context import ctx
@@ -127,6 +131,24 @@ def _actor() -> str:
     return f"api:{principal.name}" + (f" (key {principal.key_prefix})" if principal.key_prefix else "")
 
 
+def reader() -> Reader:
+    """The caller, as :mod:`aios.task_view` decides what of a command it may see."""
+    principal = current_principal()
+    return Reader(principal.name, is_admin=principal.role == ADMIN)
+
+
+def list_items(session: Session, tasks: Sequence[Task], *, whole: Collection[str] = ()) -> list[dict[str, Any]]:
+    """Tasks as a list shows them: the bodies in ``whole`` whole, the others as previews
+    (:mod:`aios.task_view`); load ``tasks`` within :func:`aios.task_view.bodies_left_out`."""
+    who = reader()
+    items = [task_to_dict(task, reader=who, bodies=whole) for task in tasks]
+    if len(whole) < len(BODY_FIELDS):
+        shown = previews(session, [task.id for task in tasks])
+        for item in items:
+            add_previews(item, shown[item["id"]], whole=whole, reader=who)
+    return items
+
+
 def _only_owner() -> str | None:
     """Operators may change only their own tasks; admins any."""
     principal = current_principal()
@@ -174,7 +196,7 @@ def accept(spec: TaskSpec, *, audit_status: int | None = None) -> tuple[dict[str
         from webapi.metrics import count_submitted
 
         count_submitted([spec.type])
-    return task_to_dict(task), created
+    return task_to_dict(task, reader=reader()), created
 
 
 @bp.post("/batch")
@@ -232,7 +254,7 @@ def types() -> Any:
 @policy(VIEWER, OPERATOR)
 def read(task_id: str) -> Any:
     with session_scope(ctx().settings.database) as session:
-        return jsonify(task_to_dict(get_task(session, task_id, with_events=True), with_events=True))
+        return jsonify(task_to_dict(get_task(session, task_id, with_events=True), with_events=True, reader=reader()))
 
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=255)]
@@ -247,7 +269,8 @@ class ListQuery(BaseModel):
     priority: int | None = Field(None, ge=0, le=9)
     created_after: str | None = None
     created_before: str | None = None
-    #: Case-insensitive substring of the type, parameters, result or error (aios.task_search).
+    #: Case-insensitive substring of the type, parameters, result or error (aios.task_search); a
+    #: command's parameters and result are not searched.
     q: str | None = None
     agent: Name | None = None
     schedule: Name | None = None
@@ -256,6 +279,27 @@ class ListQuery(BaseModel):
     sort: Sort = DEFAULT_SORT
     limit: int = Field(50, ge=1)
     cursor: str | None = None
+    #: Body fields to show whole (a comma list of parameters, result, error); the others are previews.
+    fields: str | None = None
+
+
+def _fields(raw: str | None) -> frozenset[str]:
+    if raw is None:
+        return frozenset()
+    fields = frozenset(f.strip() for f in raw.split(",") if f.strip())
+    if not fields or not fields <= set(BODY_FIELDS):
+        raise ValidationFailed(f"fields: use a comma list of {', '.join(BODY_FIELDS)}", field="fields")
+    return fields
+
+
+def _within_bytes(items: list[dict[str, Any]], max_bytes: int) -> int:
+    """How many of ``items`` (at least one) fit in a page of ``max_bytes`` of JSON."""
+    size = 0
+    for count, item in enumerate(items):
+        size += len(json.dumps(item, separators=(",", ":"))) + 1
+        if count and size > max_bytes:
+            return count
+    return len(items)
 
 
 @bp.get("")
@@ -273,6 +317,10 @@ def index() -> Any:
     query = validate(ListQuery, raw, prefix="")
     if query.limit > settings.api.page_max:
         raise ValidationFailed(f"limit: at most {settings.api.page_max}", field="limit")
+    whole = _fields(query.fields)
+    if whole and query.limit > settings.api.page_max_with_bodies:
+        raise ValidationFailed(f"limit: at most {settings.api.page_max_with_bodies} with fields= "
+                               "(api.page_max_with_bodies); leave fields out for previews", field="limit")
     where = TaskFilter(
         states=_states(query.state.split(",") if query.state else [], "state"),
         type=query.type,
@@ -286,8 +334,13 @@ def index() -> Any:
         queue=query.queue,
     )
     with session_scope(settings.database) as session:
-        tasks, next_cursor = list_tasks(session, where, limit=query.limit, cursor=query.cursor, sort=query.sort)
-        return jsonify({"tasks": [task_to_dict(t) for t in tasks], "next_cursor": next_cursor})
+        with bodies_left_out(session, keep=whole):
+            tasks, next_cursor = list_tasks(session, where, limit=query.limit, cursor=query.cursor, sort=query.sort)
+        items = list_items(session, tasks, whole=whole)
+    fitting = _within_bytes(items, settings.api.max_response_bytes)
+    if fitting < len(items):
+        items, next_cursor = items[:fitting], encode_cursor(tasks[fitting - 1], query.sort)
+    return jsonify({"tasks": items, "next_cursor": next_cursor})
 
 
 def _states(values: list[str], field: str) -> tuple[str, ...]:
@@ -314,7 +367,7 @@ def _time(value: str | None, field: str) -> Any:
 def cancel(task_id: str) -> Any:
     context = ctx()
     task = cancel_task(context.celery, context.settings, task_id, actor=_actor(), only_owner=_only_owner())
-    return jsonify(task_to_dict(task))
+    return jsonify(task_to_dict(task, reader=reader()))
 
 
 @bp.post("/<task_id>/retry")
@@ -325,7 +378,7 @@ def retry(task_id: str) -> Any:
     task = retry_task(context.celery, context.settings, task_id, actor=_actor(), only_owner=_only_owner(),
                       owner=current_principal().name)
     set_audit(new_task=task.id)
-    return _accepted(task_to_dict(task))
+    return _accepted(task_to_dict(task, reader=reader()))
 
 
 class BulkFilter(BaseModel):

@@ -32,6 +32,7 @@ from aios.security import api_keys
 from aios.security.roles import ADMIN, OPERATOR, VIEWER
 from aios.states import RETRYABLE, TERMINAL, TaskState
 from aios.task_search import SORTS, TaskFilter, check_q, list_tasks
+from aios.task_view import Reader, bodies_left_out, redact
 from aios.tasktypes import get_registry
 from aios.timeutil import isoformat, utcnow
 from webapi.auth import count_login_attempt, verify_login
@@ -232,7 +233,8 @@ def tasks() -> Any:
             q = ""
     where = TaskFilter(states=(state,) if state else (), type=args["type"] or None, q=q or None)
     with session_scope(ctx().settings.database) as session:
-        rows, next_cursor = list_tasks(session, where, limit=PAGE_SIZE, cursor=args["cursor"] or None, sort=sort)
+        with bodies_left_out(session):  # the page shows no bodies
+            rows, next_cursor = list_tasks(session, where, limit=PAGE_SIZE, cursor=args["cursor"] or None, sort=sort)
         items = [{"id": t.id, "type": t.type, "state": t.state, "priority": t.priority, "owner": t.owner,
                   "agent": t.agent, "created_at": t.created_at, "updated_at": t.updated_at} for t in rows]
     kept = {"state": state, "type": args["type"], "q": q, "sort": sort if sort != SORTS[0] else ""}
@@ -256,6 +258,8 @@ def task(task_id: str) -> Any:
             "id", "type", "state", "priority", "queue", "attempts", "max_retries", "timeout_s", "agent", "owner",
             "routing", "pinned_agent", "on_agent_lost", "retry_of", "pending_reason", "parameters", "result",
             "error", "created_at", "queued_at", "started_at", "finished_at", "run_at", "updated_at")}
+    user = signed_in_user()
+    redact(data, owner=data["owner"], reader=Reader(user.name if user else None, is_admin=bool(user and user.is_admin)))
     state = TaskState(data["state"])
     return render_template("ui/task.html", task=data, events=events,
                            can_cancel=state not in TERMINAL, can_retry=state in RETRYABLE)

@@ -23,7 +23,7 @@ from aios.db import session_scope
 from aios.dispatch import TaskSpec, create_tasks
 from aios.models import Task
 from aios.states import TaskState, transition
-from tests.conftest import authorize, wait_for
+from tests.conftest import authorize, make_user, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -230,6 +230,37 @@ def test_ten_concurrent_submits_with_one_idempotency_key_create_one_task(api_app
     assert sum(1 for _, _, replayed in results if not replayed) == 1, results
     assert count_tasks_with_key(stack, key) == 1
     assert ledger.task(results[0][1]).state == "QUEUED"
+
+
+def test_a_second_user_sending_the_same_idempotency_key_gets_a_task_of_their_own(api_app, stack, queue):
+    # Given two operators, and a task the first submitted with an Idempotency-Key
+    alice = authorize(api_app.test_client(), make_user(stack, "operator").key)
+    bob_user = make_user(stack, "operator")
+    bob = authorize(api_app.test_client(), bob_user.key)
+    key = f"key-{uuid.uuid4()}"
+    body = {"type": "echo", "parameters": {"n": 1}, "queue": queue}
+    first = alice.post("/api/v1/tasks", json=body, headers={"Idempotency-Key": key})
+    assert first.status_code == 202, first.json
+
+    # When the second sends the same request with the same key
+    second = bob.post("/api/v1/tasks", json=body, headers={"Idempotency-Key": key})
+
+    # Then the second gets a new task of their own, not a replay of the first's
+    assert second.status_code == 202, second.json
+    assert "Idempotent-Replayed" not in second.headers
+    assert second.json["id"] != first.json["id"]
+    assert second.json["owner"] == bob_user.user
+    assert count_tasks_with_key(stack, key) == 2
+    # and each one's repeat replays their own task, which they may cancel
+    again = bob.post("/api/v1/tasks", json=body, headers={"Idempotency-Key": key})
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json["id"] == second.json["id"]
+    assert alice.post("/api/v1/tasks", json=body, headers={"Idempotency-Key": key}).json["id"] == first.json["id"]
+    assert bob.delete(f"/api/v1/tasks/{second.json['id']}").status_code == 200
+    # and a different request under the same key is still a conflict for its own user
+    changed = bob.post("/api/v1/tasks", json={**body, "parameters": {"n": 2}}, headers={"Idempotency-Key": key})
+    assert changed.status_code == 409, changed.json
+    assert changed.json["task_id"] == second.json["id"]
 
 
 def test_the_same_idempotency_key_with_a_different_body_is_a_conflict(client, stack, queue):
