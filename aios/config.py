@@ -51,6 +51,13 @@ class ApiSettings(_Section):
     #: Most event streams one API process serves at once (503 beyond). Each stream holds one of the
     #: process's ``threads``, and streams never take the last one: the real cap is min(this, threads - 1).
     sse_max_streams: int = Field(64, ge=0, le=10_000)
+    #: Most event streams one user (all their keys and tokens) holds open across every API process
+    #: (429 beyond), so one viewer cannot take every stream slot.
+    sse_max_streams_per_principal: int = Field(4, ge=1, le=10_000)
+    #: Most POST /commands calls with ``wait_s`` one user has waiting at once across every API process
+    #: (429 beyond). Waits and streams together never hold more than threads - 1 threads of a process;
+    #: past that a wait answers 202 at once instead of waiting.
+    max_waits_per_principal: int = Field(2, ge=1, le=10_000)
 
 
 class DatabaseSettings(_Section):
