@@ -156,11 +156,13 @@ def test_one_viewer_cannot_take_every_stream_slot_and_another_user_can_still_ope
         assert [s.response.status_code for s in streams] == [200, 200]
 
         # When the viewer asks for a third stream, it is a JSON 429 naming the setting
-        third = requests.get(f"{api.url}/api/v1/events", headers={"X-API-Key": viewer.key}, timeout=ANSWER_S)
-        assert third.status_code == 429, third.text
-        assert third.json()["error"] == "too_many_requests"
-        assert "api.sse_max_streams_per_principal" in third.json()["message"]
-        assert third.headers["Retry-After"]
+        third = open_stream(f"{api.url}/api/v1/events", key=viewer.key)
+        streams.append(third)
+        assert third.response.status_code == 429, third.response.headers
+        refused = third.response
+        assert refused.json()["error"] == "too_many_requests"
+        assert "api.sse_max_streams_per_principal" in refused.json()["message"]
+        assert refused.headers["Retry-After"]
 
         # But another user opens one
         theirs = open_stream(f"{api.url}/api/v1/events", key=other.key)
