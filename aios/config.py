@@ -63,6 +63,13 @@ class ApiSettings(_Section):
     #: Most open connections from one client address to one API process (429 and close beyond);
     #: 0 = no cap. Behind a proxy every client shares the proxy's address: raise it or set 0 there.
     max_connections_per_client: int = Field(200, ge=0, le=100_000)
+    #: Most event streams one user (all their keys and tokens) holds open across every API process
+    #: (429 beyond), so one viewer cannot take every stream slot.
+    sse_max_streams_per_principal: int = Field(4, ge=1, le=10_000)
+    #: Most POST /commands calls with ``wait_s`` one user has waiting at once across every API process
+    #: (429 beyond). Waits and streams together never hold more than threads - 1 threads of a process;
+    #: past that a wait answers 202 at once instead of waiting.
+    max_waits_per_principal: int = Field(2, ge=1, le=10_000)
 
 
 class DatabaseSettings(_Section):

@@ -16,6 +16,7 @@ from aios.security.roles import ADMIN
 from webapi.context import ctx
 from webapi.requests import check_storable, validate
 from webapi.security import policy, set_audit
+from webapi.workers import NoFields, optional_body
 
 bp = Blueprint("backups", __name__, url_prefix="/api/v1/backups")
 
@@ -28,7 +29,9 @@ class BackupQuery(BaseModel):
 @bp.post("")
 @policy(ADMIN, audit_action="backup.create")
 def create() -> Any:
-    """Back up now, synchronously: 201 with the row; a failure is 500 ``backup_failed`` with its row."""
+    """Back up now, synchronously: 201 with the row; a failure is 500 ``backup_failed`` with its row.
+    It takes no fields: a body other than empty or ``{}`` is a 422 (like every endpoint)."""
+    optional_body(NoFields)
     row = create_backup(ctx().settings)
     set_audit(target=row["file"], size_bytes=row["size_bytes"])
     return jsonify(row), 201

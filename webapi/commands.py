@@ -3,7 +3,10 @@
 A command is an ordinary task (same ledger, routing, cancel and idempotency as POST /tasks) whose
 parameters this endpoint checks against the limits in force: a request may lower a limit, only an
 admin may raise one. With ``wait_s`` the call waits for the task to finish, so a short command is
-one round trip.
+one round trip. A wait holds a thread, so waits are capped (:mod:`webapi.holds`): per user across
+all API processes (``api.max_waits_per_principal``, 429 before anything is accepted), and per process
+together with the event streams (``api.threads - 1``; past that the command is accepted and answered
+at once with 202, as without ``wait_s``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from aios.security.roles import ADMIN, OPERATOR
 from aios.states import TERMINAL
 from aios.task_view import Reader
 from webapi.context import ctx
+from webapi.holds import WAIT, hold, thread_budget
 from webapi.requests import json_body, validate
 from webapi.security import current_principal, policy, set_audit
 from webapi.tasks import TaskRequest, accept, idempotency_key, reader, to_spec
@@ -35,6 +39,8 @@ bp = Blueprint("commands", __name__, url_prefix="/api/v1/commands")
 MAX_WAIT_S = 60
 #: Polling the ledger while waiting: first pause, growth, longest pause.
 FIRST_POLL_S, POLL_GROWTH, MAX_POLL_S = 0.05, 1.5, 0.5
+#: A wait's per-user lease outlives its wait by this much (the last ledger read), then expires by itself.
+LEASE_SLACK_S = 10
 #: The fields of the body that become the task's parameters.
 PARAMETER_FIELDS = frozenset(CommandParameters.model_fields)
 
@@ -81,10 +87,25 @@ def submit() -> Any:
         agent=body.agent,
     )
     spec = replace(to_spec(settings, task_request, idempotency_key=idempotency_key()), owner=principal.name)
-    task, created = accept(spec)
-    set_audit(argv0=body.argv[0][:200], wait_s=body.wait_s)  # not the whole argv: it may hold secrets
-    if body.wait_s and task["state"] not in TERMINAL:
-        task = wait_finished(settings, task["id"], body.wait_s, reader=reader())
+    lease = release_thread = None
+    if body.wait_s:
+        # The per-user cap first: a 429 must come before the task is accepted, so a retry is no duplicate.
+        lease = hold(WAIT, principal, settings.api.max_waits_per_principal, body.wait_s + LEASE_SLACK_S,
+                     setting="api.max_waits_per_principal")
+    try:
+        task, created = accept(spec)
+        set_audit(argv0=body.argv[0][:200], wait_s=body.wait_s)  # not the whole argv: it may hold secrets
+        if body.wait_s and task["state"] not in TERMINAL:
+            release_thread = thread_budget(settings).take(WAIT)
+            if release_thread is None:
+                set_audit(wait_skipped=True)  # api.threads - 1 threads already wait or stream
+            else:
+                task = wait_finished(settings, task["id"], body.wait_s, reader=reader())
+    finally:
+        if release_thread is not None:
+            release_thread()
+        if lease is not None:
+            lease.release()
     response = jsonify(task)
     response.headers["Location"] = url_for("tasks.read", task_id=task["id"])
     if not created:

@@ -14,9 +14,12 @@ credentials every :data:`REAUTH_S` (a revoked key or disabled user stops its str
 ``api.sse_max_s``; a client reconnecting with ``Last-Event-ID`` misses nothing and gets nothing twice.
 
 Each open stream holds one gunicorn thread for its whole life, so a process serves at most
-``min(api.sse_max_streams, api.threads - 1)`` streams and answers 503 beyond: streams never take the
-thread that other requests need. The after-request hooks (request id, metrics, audit, security
-headers) only touch the headers, which are sent before the body, so they do not hold the stream up.
+``min(api.sse_max_streams, api.threads - 1)`` streams (fewer while command waits hold threads: they
+share the budget of :mod:`webapi.holds`) and answers 503 beyond: streams never take the thread that
+other requests need. One user holds at most ``api.sse_max_streams_per_principal`` streams across all
+API processes (429 beyond), so one viewer cannot take every slot. The after-request hooks (request id,
+metrics, audit, security headers) only touch the headers, which are sent before the body, so they do
+not hold the stream up.
 """
 
 from __future__ import annotations
@@ -25,12 +28,11 @@ import json
 import logging
 import select
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request, stream_with_context
+from flask import Blueprint, Response, request, stream_with_context
 from sqlalchemy.exc import SQLAlchemyError
 
 from aios.config import Settings
@@ -40,7 +42,8 @@ from aios.events import ClusterFeed, Cursor, FeedFilter, TaskFeed, latest_cursor
 from aios.ledger import get_task
 from aios.security.roles import ADMIN, OPERATOR, VIEWER
 from webapi.context import ctx
-from webapi.security import authenticate, policy
+from webapi.holds import STREAM, WAIT, Lease, budget_limit, hold, thread_budget
+from webapi.security import authenticate, current_principal, policy
 
 logger = logging.getLogger(__name__)
 
@@ -57,42 +60,32 @@ ERROR_BACKOFF_S = 2.0
 #: What the stream tells EventSource clients to wait before reconnecting (the ``retry:`` field).
 RETRY_MS = 3000
 STREAM_ROLES = frozenset({VIEWER, OPERATOR, ADMIN})
-
-
-class StreamSlots:
-    """The streams one API process may hold open at once."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.open = 0
-        self._lock = threading.Lock()
-
-    def take(self) -> Callable[[], None]:
-        """Take a slot (ServiceUnavailable when none is free); returns its release, safe to call twice."""
-        with self._lock:
-            if self.open >= self.limit:
-                raise ServiceUnavailable(
-                    f"this API process already serves {self.open} event streams, its limit "
-                    f"(min(api.sse_max_streams, api.threads - 1) = {self.limit}); retry later",
-                    headers={"Retry-After": "5"})
-            self.open += 1
-        released = threading.Event()
-
-        def release() -> None:
-            with self._lock:
-                if not released.is_set():
-                    released.set()
-                    self.open -= 1
-
-        return release
+#: A stream's per-principal lease lives this long unless renewed (it is renewed at each re-check of
+#: the credentials, every REAUTH_S); a process killed with its streams open frees them within it.
+LEASE_TTL_S = 3 * REAUTH_S
 
 
 def stream_limit(settings: Settings) -> int:
-    return max(0, min(settings.api.sse_max_streams, settings.api.threads - 1))
+    return max(0, min(settings.api.sse_max_streams, budget_limit(settings)))
 
 
-def _slots(settings: Settings) -> StreamSlots:
-    return current_app.extensions.setdefault("aios_sse_slots", StreamSlots(stream_limit(settings)))  # type: ignore[no-any-return]
+def take_stream_slot(settings: Settings) -> tuple[Callable[[], None], Lease]:
+    """A thread of this process and the caller's per-principal lease for one stream, or 503/429."""
+    release_thread = thread_budget(settings).take(STREAM, settings.api.sse_max_streams)
+    if release_thread is None:
+        budget = thread_budget(settings)
+        raise ServiceUnavailable(
+            f"this API process already holds {budget.held[STREAM]} event streams and {budget.held[WAIT]} "
+            f"command waits, its limit (min(api.sse_max_streams, api.threads - 1) = {stream_limit(settings)} "
+            f"streams, api.threads - 1 = {budget.limit} in all); retry later",
+            headers={"Retry-After": "5"})
+    try:
+        lease = hold(STREAM, current_principal(), settings.api.sse_max_streams_per_principal, LEASE_TTL_S,
+                     setting="api.sse_max_streams_per_principal")
+    except BaseException:
+        release_thread()
+        raise
+    return release_thread, lease
 
 
 def frame(event: str, data: Any, event_id: str | None = None) -> str:
@@ -125,7 +118,7 @@ def _still_allowed() -> bool:
 Poll = Callable[[], tuple[list[str], bool]]
 
 
-def _run(settings: Settings, poll: Poll, release: Callable[[], None]) -> Iterator[str]:
+def _run(settings: Settings, poll: Poll, release: Callable[[], None], lease: Lease) -> Iterator[str]:
     """Poll until ``poll`` says done, the stream's time is up, or its caller lost the right to it."""
     sock = request.environ.get("gunicorn.socket")
     try:
@@ -154,6 +147,10 @@ def _run(settings: Settings, poll: Poll, release: Callable[[], None]) -> Iterato
                 if not _still_allowed():
                     logger.info("event stream closed: its credentials are no longer valid")
                     return
+                try:
+                    lease.renew()
+                except SQLAlchemyError:
+                    logger.warning("event stream could not renew its lease; trying at the next check", exc_info=True)
                 last_auth = now
             if now - last_sent >= HEARTBEAT_S:
                 yield ": keepalive\n\n"
@@ -164,9 +161,14 @@ def _run(settings: Settings, poll: Poll, release: Callable[[], None]) -> Iterato
 
 
 def _respond(settings: Settings, poll: Poll) -> Response:
-    release = _slots(settings).take()
+    release_thread, lease = take_stream_slot(settings)
+
+    def release() -> None:
+        release_thread()
+        lease.release()
+
     try:
-        response = Response(stream_with_context(_run(settings, poll, release)), mimetype="text/event-stream")
+        response = Response(stream_with_context(_run(settings, poll, release, lease)), mimetype="text/event-stream")
     except BaseException:
         release()
         raise

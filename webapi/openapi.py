@@ -212,9 +212,10 @@ OPERATIONS: dict[str, Operation] = {
     "sync.runs": Operation("The sync job's recent runs", {200: obj(("runs", "next_before"), runs=array(obj(
         ("id",), id=INT, started_at=TIME, duration_s=OPT_NUM, runner=OPT_STR, found=ANY, changed=ANY,
         errors=ANY)), next_before=OPT_INT)}, query=sync.RunsQuery),
-    "sync.run_now": Operation("Run the sync job once, now", {200: obj(("id",), id=INT, changed=OBJ, errors=ANY)}),
+    "sync.run_now": Operation("Run the sync job once, now", {200: obj(("id",), id=INT, changed=OBJ, errors=ANY)},
+                              workers.NoFields, body_required=False),
     "backups.create": Operation("Back up the database now", {201: obj(("id", "status"), id=INT, status=STR)},
-                                errors=(500,)),
+                                workers.NoFields, body_required=False, errors=(500,)),
     "backups.index": Operation("Backup rows, newest first", {200: obj(("backups",), backups=array(obj(
         ("id", "status"), id=INT, created_at=TIME, path=OPT_STR, file=OPT_STR, kind=OPT_STR, size_bytes=OPT_INT,
         sha256=OPT_STR, status=STR, error=OPT_STR)))}, query=backups.BackupQuery),
@@ -239,12 +240,12 @@ OPERATIONS: dict[str, Operation] = {
            ("pool_grow", "Add pool processes", workers.PoolSize),
            ("pool_shrink", "Remove pool processes", workers.PoolSize),
            ("pool_autoscale", "Change the autoscale range", workers.Autoscale),
-           ("pool_restart", "Replace every pool process", workers._Empty),
+           ("pool_restart", "Replace every pool process", workers.NoFields),
            ("add_consumer", "Consume one more queue", workers.Consumer),
            ("cancel_consumer", "Stop consuming a queue", workers.Consumer),
            ("rate_limit", "Set a task's rate limit", workers.RateLimit),
            ("time_limit", "Set a task's time limits", workers.TimeLimit))},
-    "workers.shutdown": Operation("Warm shutdown of a worker", {202: ref("WorkerControl")}, workers._Empty,
+    "workers.shutdown": Operation("Warm shutdown of a worker", {202: ref("WorkerControl")}, workers.NoFields,
                                   body_required=False, errors=(501, 503)),
     "openapi.document": Operation("This document", {200: OBJ}),
 }

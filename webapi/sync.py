@@ -17,6 +17,7 @@ from aios.sync import list_runs, run_sync
 from webapi.context import ctx
 from webapi.requests import check_storable, validate
 from webapi.security import current_principal, policy, set_audit
+from webapi.workers import NoFields, optional_body
 
 bp = Blueprint("sync", __name__, url_prefix="/api/v1/sync")
 
@@ -46,7 +47,9 @@ def runs() -> Any:
 @bp.post("/run")
 @policy(audit_action="sync.run")
 def run_now() -> Any:
-    """Run the sync job once, now, in this process; answers with the recorded run (admin only)."""
+    """Run the sync job once, now, in this process; answers with the recorded run (admin only). It
+    takes no fields: a body other than empty or ``{}`` is a 422."""
+    optional_body(NoFields)
     context = ctx()
     result = run_sync(context.celery, context.settings, runner=f"api:{current_principal().name}")
     set_audit(target=str(result["id"]), changed={k: v for k, v in result["changed"].items() if v},

@@ -1,9 +1,10 @@
 """/api/v1/workers: live inspection and remote control of workers (Flower's worker API).
 
 Everything here asks the workers over the broker right now (``aios.inspect``), bounded by
-``api.inspect_timeout_s``. Reading is for every role; control is for operators and admins, and each
-control call is audited as ``worker.<action>``. Worker names contain ``@`` (``gpu-01@host``): it
-needs no escaping in a path.
+``api.inspect_timeout_s``. Reading is for every role, but a viewer does not see host details
+(:func:`for_viewer`: process ids, the broker connection, the Celery ``conf``); control is for
+operators and admins, and each control call is audited as ``worker.<action>``. Worker names contain
+``@`` (``gpu-01@host``): it needs no escaping in a path.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from aios import inspect
 from aios.celery_app import RUN_TASK_NAME, queue_name
-from aios.errors import ValidationFailed
+from aios.errors import Forbidden, ValidationFailed
 from aios.security.roles import OPERATOR, VIEWER
 from webapi.context import ctx
 from webapi.requests import json_body, validate
-from webapi.security import policy, set_audit
+from webapi.security import current_principal, policy, set_audit
 
 bp = Blueprint("workers", __name__, url_prefix="/api/v1/workers")
 
@@ -31,37 +32,87 @@ TaskName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._:
 RATE = re.compile(r"^\d+(\.\d+)?(/[smh])?$")
 
 
-def _body(model: type[BaseModel]) -> Any:
-    """The JSON body validated by ``model``; an empty body counts as ``{}`` (all defaults)."""
-    return validate(model, json_body() if request.content_length else {})
+def optional_body(model: type[BaseModel]) -> Any:
+    """The JSON body validated by ``model``; an empty body counts as ``{}`` (all defaults). Also for
+    other blueprints' POSTs that take no fields (:class:`NoFields`): anything sent is a 422."""
+    return validate(model, json_body() if request.content_length or request.get_data(cache=True) else {})
+
+
+
+#: Fields a viewer may not ask for: ``conf`` is the worker's whole Celery configuration (paths,
+#: hosts, transport options).
+OPERATOR_FIELDS = frozenset({"conf"})
+#: What a viewer does not see of ``stats``: the worker's pid, its pool's pids and the broker
+#: connection (host, port, user, transport options).
+VIEWER_HIDDEN_STATS = ("pid", "broker")
+#: Task lists whose entries carry the pid of the pool process running them (``worker_pid``).
+TASK_LISTS = ("active", "reserved", "scheduled")
+
+
+def _sees_host_details() -> bool:
+    return current_principal().role != VIEWER
 
 
 def _fields() -> list[str]:
+    host_details = _sees_host_details()
+    allowed = [f for f in inspect.INSPECT_FIELDS if host_details or f not in OPERATOR_FIELDS]
     raw = request.args.get("fields")
     if raw is None:
-        return list(inspect.INSPECT_FIELDS)
+        return allowed
     fields = [f.strip() for f in raw.split(",") if f.strip()]
     unknown = [f for f in fields if f not in inspect.INSPECT_FIELDS]
     if unknown or not fields:
         raise ValidationFailed(f"fields: use a comma list of {', '.join(inspect.INSPECT_FIELDS)}", field="fields")
+    hidden = [f for f in fields if f not in allowed]
+    if hidden:
+        raise Forbidden(f"fields: {', '.join(hidden)} is shown to operators and admins only; leave it out")
     return fields
+
+
+def for_viewer(worker: dict[str, Any]) -> dict[str, Any]:
+    """``worker`` without its host details: process ids (``stats.pid``, ``stats.pool.processes``, each
+    task's ``worker_pid``) and ``stats.broker``. Counts and states stay."""
+    shown = dict(worker)
+    stats = shown.get("stats")
+    if isinstance(stats, dict):
+        stats = {key: value for key, value in stats.items() if key not in VIEWER_HIDDEN_STATS}
+        if isinstance(stats.get("pool"), dict):
+            stats["pool"] = {key: value for key, value in stats["pool"].items() if key != "processes"}
+        shown["stats"] = stats
+    for field in TASK_LISTS:
+        if isinstance(shown.get(field), list):
+            shown[field] = [_without_pid(entry) for entry in shown[field]]
+    return shown
+
+
+def _without_pid(entry: Any) -> Any:
+    if not isinstance(entry, dict):
+        return entry
+    # A scheduled entry wraps its task in "request".
+    return {key: _without_pid(value) if key == "request" else value
+            for key, value in entry.items() if key != "worker_pid"}
+
+
+def _shown(worker: dict[str, Any]) -> dict[str, Any]:
+    return worker if _sees_host_details() else for_viewer(worker)
 
 
 @bp.get("")
 @policy(VIEWER, OPERATOR)
 def index() -> Any:
     """Every worker that answers a ping, with ``stats``, ``active``, ``reserved``, ``scheduled``,
-    ``revoked``, ``registered``, ``active_queues`` and ``conf`` (or the ``fields`` asked for)."""
+    ``revoked``, ``registered``, ``active_queues`` and ``conf`` (or the ``fields`` asked for); a
+    viewer gets no ``conf`` and no host details."""
     context = ctx()
     workers = inspect.describe_workers(context.celery, context.settings, fields=_fields())
-    return jsonify({"workers": [workers[name] for name in sorted(workers)]})
+    return jsonify({"workers": [_shown(workers[name]) for name in sorted(workers)]})
 
 
 @bp.get("/<name>")
 @policy(VIEWER, OPERATOR)
 def read(name: str) -> Any:
     context = ctx()
-    return jsonify(inspect.describe_worker(context.celery, context.settings, name, fields=_fields()))
+    return jsonify(_shown(inspect.describe_worker(context.celery, context.settings, name, fields=_fields())))
 
 
 def _control(name: str, command: str, arguments: dict[str, Any] | None = None, **audit: Any) -> Any:
@@ -71,8 +122,11 @@ def _control(name: str, command: str, arguments: dict[str, Any] | None = None, *
     return jsonify({"worker": name, "command": command, "ok": answer})
 
 
-class _Empty(BaseModel):
+class NoFields(BaseModel):
+    """The body of a POST that takes no fields: empty or ``{}``; any field is ``unknown field``."""
+
     model_config = ConfigDict(extra="forbid")
+
 
 
 class PoolSize(BaseModel):
@@ -129,14 +183,14 @@ class TimeLimit(BaseModel):
 @bp.post("/<name>/pool/grow")
 @policy(OPERATOR, audit_action="worker.pool_grow")
 def pool_grow(name: str) -> Any:
-    body = _body(PoolSize)
+    body = optional_body(PoolSize)
     return _control(name, "pool_grow", {"n": body.n}, n=body.n)
 
 
 @bp.post("/<name>/pool/shrink")
 @policy(OPERATOR, audit_action="worker.pool_shrink")
 def pool_shrink(name: str) -> Any:
-    body = _body(PoolSize)
+    body = optional_body(PoolSize)
     return _control(name, "pool_shrink", {"n": body.n}, n=body.n)
 
 
@@ -144,7 +198,7 @@ def pool_shrink(name: str) -> Any:
 @policy(OPERATOR, audit_action="worker.pool_autoscale")
 def pool_autoscale(name: str) -> Any:
     """Change the autoscale range; a worker started without ``agents.autoscale_max`` refuses (409)."""
-    body = _body(Autoscale)
+    body = optional_body(Autoscale)
     return _control(name, "autoscale", {"max": body.max, "min": body.min}, max=body.max, min=body.min)
 
 
@@ -152,7 +206,7 @@ def pool_autoscale(name: str) -> Any:
 @policy(OPERATOR, audit_action="worker.pool_restart")
 def pool_restart(name: str) -> Any:
     """Replace every pool process once it has finished its current task (nothing is reloaded)."""
-    _body(_Empty)
+    optional_body(NoFields)
     return _control(name, "pool_restart", {"modules": [], "reload": False})
 
 
@@ -171,7 +225,7 @@ def cancel_consumer(name: str) -> Any:
 
 def _consumer_control(name: str, command: str) -> Any:
     """add_consumer / cancel_consumer take the AIOS queue name; Celery wants the broker's."""
-    body = _body(Consumer)
+    body = optional_body(Consumer)
     return _control(name, command, {"queue": queue_name(ctx().settings, body.queue)}, queue=body.queue)
 
 
@@ -179,7 +233,7 @@ def _consumer_control(name: str, command: str) -> Any:
 @policy(OPERATOR, audit_action="worker.rate_limit")
 def rate_limit(name: str) -> Any:
     """Celery's per-task rate limit on this worker (all AIOS types share the task ``aios.run``)."""
-    body = _body(RateLimit)
+    body = optional_body(RateLimit)
     limit = None if body.rate_limit in (None, "0") else body.rate_limit  # Celery: None turns it off
     return _control(name, "rate_limit", {"task_name": body.task, "rate_limit": limit},
                     task=body.task, rate_limit=body.rate_limit)
@@ -190,7 +244,7 @@ def rate_limit(name: str) -> Any:
 def time_limit(name: str) -> Any:
     """Celery's default time limits for a task on this worker; a message's own limits (every AIOS
     task carries its ``timeout_s``) still win."""
-    body = _body(TimeLimit)
+    body = optional_body(TimeLimit)
     return _control(name, "time_limit", {"task_name": body.task, "soft": body.soft_s, "hard": body.hard_s},
                     task=body.task, soft_s=body.soft_s, hard_s=body.hard_s)
 
@@ -199,7 +253,7 @@ def time_limit(name: str) -> Any:
 @policy(OPERATOR, audit_action="worker.shutdown")
 def shutdown(name: str) -> Any:
     """Warm shutdown: running tasks finish, prefetched messages go back to the broker. 202: asked."""
-    _body(_Empty)
+    optional_body(NoFields)
     context = ctx()
     set_audit(target=name)
     inspect.shutdown(context.celery, context.settings, name)

@@ -1,4 +1,4 @@
-"""Short-lived shared state: revoked token ids, rate-limit windows, login-failure counters.
+"""Short-lived shared state: revoked token ids, rate-limit windows, login-failure counters, leases.
 
 Every API process must see the same state (a logout or a lockout holds on all of them):
 
@@ -6,6 +6,10 @@ Every API process must see the same state (a logout or a lockout holds on all of
   is what Redis is for) and in the database (table ``counters``) on the embedded default. If Redis
   is unreachable they fail open, with a warning: a broker outage must not stop the API from taking
   work (tasks stay PENDING and are dispatched later).
+* Leases count what a principal holds open right now (event streams, command waits) so that a cap
+  per principal holds across every API process. Each lease expires by itself after its ``ttl_s``
+  unless renewed, so a process killed with SIGKILL leaks nothing for longer than that. Same stores,
+  same fail-open rule as the counters.
 * Revoked token ids always live in the database. Brokers often run Redis without persistence; a
   Redis restart must not bring logged-out tokens back to life.
 """
@@ -16,7 +20,7 @@ import logging
 from datetime import timedelta
 from typing import Protocol
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from aios.config import Settings
@@ -37,6 +41,31 @@ class SecurityStore(Protocol):
     def revoke_token(self, jti: str, ttl_s: int) -> None: ...
 
     def is_token_revoked(self, jti: str) -> bool: ...
+
+    def take_lease(self, scope: str, lease_id: str, ttl_s: float, limit: int | None) -> tuple[bool, int]:
+        """Hold ``lease_id`` in ``scope`` for ``ttl_s`` unless ``limit`` live leases are held there
+        already (None: no limit, i.e. a renewal); returns (granted, seconds until the first lease of
+        the scope expires when refused)."""
+
+    def drop_lease(self, scope: str, lease_id: str) -> None: ...
+
+
+#: Atomic take-or-refuse of a lease in a sorted set scored by expiry (Redis server time, so the API
+#: hosts' clocks do not matter). KEYS[1] scope; ARGV lease id, ttl seconds, limit (-1: none).
+_TAKE_LEASE = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local limit = tonumber(ARGV[3])
+if limit >= 0 and not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= limit then
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, math.ceil(tonumber(first[2]) - now)}
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+if redis.call('TTL', KEYS[1]) < ttl then redis.call('EXPIRE', KEYS[1], math.ceil(ttl)) end
+return {1, 0}
+"""
 
 
 logger = logging.getLogger(__name__)
@@ -90,6 +119,21 @@ class RedisStore:
     def is_token_revoked(self, jti: str) -> bool:
         return self.database.is_token_revoked(jti)
 
+    def take_lease(self, scope: str, lease_id: str, ttl_s: float, limit: int | None) -> tuple[bool, int]:
+        try:
+            granted, retry_after = self.client.eval(_TAKE_LEASE, 1, self.prefix + scope, lease_id, ttl_s,
+                                                    -1 if limit is None else limit)
+        except self.redis_error as exc:
+            logger.warning("lease store unreachable, not counting %s: %s", scope.split(":")[1], exc)
+            return True, 0
+        return (False, max(int(retry_after), 1)) if not granted else (True, 0)
+
+    def drop_lease(self, scope: str, lease_id: str) -> None:
+        try:
+            self.client.zrem(self.prefix + scope, lease_id)
+        except self.redis_error as exc:
+            logger.warning("lease store unreachable: %s", exc)
+
 
 class DatabaseStore:
     """The same on the ``counters`` table: one upsert per event, atomic on PostgreSQL and SQLite."""
@@ -137,6 +181,33 @@ class DatabaseStore:
 
     def is_token_revoked(self, jti: str) -> bool:
         return self.peek(f"revoked:{jti}")[0] > 0
+
+    def take_lease(self, scope: str, lease_id: str, ttl_s: float, limit: int | None) -> tuple[bool, int]:
+        """One ``counters`` row per lease (``<scope>:<lease id>``). The DELETE comes first: it takes
+        SQLite's write lock, and PostgreSQL takes a transaction-scoped advisory lock on the scope, so two
+        processes never both count below the limit and both insert."""
+        now = utcnow()
+        prefix = f"{scope}:"
+        in_scope = Counter.key.startswith(prefix, autoescape=True)
+        with session_scope(self.settings.database) as session:
+            if session.get_bind().dialect.name == "postgresql":
+                session.execute(select(func.pg_advisory_xact_lock(func.hashtext(scope))))
+            session.execute(delete(Counter).where(in_scope, Counter.expires_at <= now))
+            mine = session.get(Counter, prefix + lease_id)
+            if mine is None and limit is not None:
+                count, first = session.execute(
+                    select(func.count(), func.min(Counter.expires_at)).where(in_scope)).one()
+                if count >= limit:
+                    return False, max(1, int((as_utc(first) - now).total_seconds() + 0.999))  # type: ignore[operator]
+            expires = now + timedelta(seconds=ttl_s)
+            if mine is None:
+                session.add(Counter(key=prefix + lease_id, value=1, expires_at=expires))
+            else:
+                mine.expires_at = expires
+        return True, 0
+
+    def drop_lease(self, scope: str, lease_id: str) -> None:
+        self.clear(f"{scope}:{lease_id}")
 
 
 def create_store(settings: Settings) -> SecurityStore:

@@ -153,9 +153,9 @@ def test_a_stream_refuses_an_unknown_task_bad_cursor_missing_credentials_and_the
     for path in (f"/api/v1/tasks/{task_id}/events", "/api/v1/events"):
         opened = viewer.get(path)
         assert opened.status_code == 200 and opened.mimetype == "text/event-stream", path
-        assert api_app.extensions["aios_sse_slots"].open == 1
+        assert api_app.extensions["aios_thread_budget"].held["sse"] == 1
         opened.close()
-        assert api_app.extensions["aios_sse_slots"].open == 0
+        assert api_app.extensions["aios_thread_budget"].held["sse"] == 0
     client.delete(f"/api/v1/tasks/{task_id}")
 
 

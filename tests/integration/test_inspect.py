@@ -379,3 +379,32 @@ def test_the_task_types_are_listed_with_their_parameter_schemas(client):
     by_name = {t["name"]: t for t in response.json["types"]}
     assert {"echo", "sleep"} <= set(by_name)
     assert "seconds" in by_name["sleep"]["parameters"]["properties"]
+
+
+def test_a_viewer_sees_no_pids_broker_or_conf_of_a_worker_and_an_operator_sees_them(api_app, start_worker, stack,
+                                                                                   queue):
+    # Given a worker, a viewer and an operator
+    worker = start_worker([queue], concurrency=1)
+    viewer = authorize(api_app.test_client(), make_user(stack, "viewer").key)
+    operator = authorize(api_app.test_client(), make_user(stack, "operator").key)
+
+    # When the operator reads the worker, it sees its pids, its broker connection and its conf
+    full = worker_info(operator, worker.hostname)
+    assert isinstance(full["stats"]["pid"], int)
+    assert full["stats"]["pool"]["processes"] and "broker" in full["stats"]
+    assert full["conf"]["task_acks_late"] is True
+
+    # Then the viewer reads the same worker without any of them, list and single alike
+    listed = viewer.get("/api/v1/workers")
+    assert listed.status_code == 200, listed.json
+    for shown in [w for w in listed.json["workers"] if w["name"] == worker.hostname] + [
+            viewer.get(f"/api/v1/workers/{worker.hostname}").json]:
+        assert "conf" not in shown
+        assert "pid" not in shown["stats"] and "broker" not in shown["stats"]
+        assert "processes" not in shown["stats"]["pool"]
+        assert shown["stats"]["pool"]["max-concurrency"] == 1  # counts stay
+        assert shown["active_queues"] and shown["registered"]
+        assert str(full["stats"]["pid"]) not in str(shown["stats"])
+    # And asking for conf is a JSON 403 that says who may see it
+    refused = viewer.get(f"/api/v1/workers/{worker.hostname}?fields=stats,conf")
+    assert refused.status_code == 403 and "operators and admins" in refused.json["message"], refused.json
