@@ -297,6 +297,28 @@ if sys.platform.startswith("linux"):
         _libc = None
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _drop_capabilities() -> None:
+    """Empty the effective, permitted and inheritable sets (capset(2)). A root agent's uid change did
+    that already; a non-root agent holding CAP_SETUID keeps them across its uid change, and a program
+    with file capabilities could pick up the inheritable ones."""
+    if _libc is None:
+        return
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    if _libc.capset(ctypes.byref(header), (_CapData * 2)()) != 0:
+        raise OSError(ctypes.get_errno(), "capset: could not drop the capabilities")
+
+
 def _bounded(kind: int, soft: int, hard: int) -> tuple[int, int]:
     """(soft, hard) for ``kind``, never above the hard limit the agent itself runs under (or setrlimit fails)."""
     _, current_hard = resource.getrlimit(kind)
@@ -342,6 +364,7 @@ class ChildSetup:
             if _libc is not None:  # an agent given CAP_SETUID as an ambient capability must not pass it on
                 _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
             self.user.drop()
+            _drop_capabilities()
         if _libc is not None:  # a hard-killed agent process takes its command's first process with it
             _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 

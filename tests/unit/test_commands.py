@@ -326,7 +326,7 @@ def test_a_non_root_agent_s_ambient_capabilities_do_not_reach_its_commands():
     script = (
         "from aios.commands import Limits, Sandbox, base_env, run_command\n"
         "from aios.sandbox import resolve_command_user\n"
-        f"outcome = run_command(['sh', '-c', 'id -un; grep CapEff /proc/self/status; grep CapAmb /proc/self/status'],"
+        f"outcome = run_command(['sh', '-c', 'id -un; grep -E \"^Cap(Eff|Amb|Prm|Inh)\" /proc/self/status'],"
         " env=base_env({}), cwd='/', limits=Limits(cpu_s=5, memory_mb=256, output_kb=16, wall_s=20),"
         f" sandbox=Sandbox(user=resolve_command_user({user!r})))\n"
         "print(outcome.stdout.text(), end='')\n")
@@ -337,7 +337,7 @@ def test_a_non_root_agent_s_ambient_capabilities_do_not_reach_its_commands():
                           capture_output=True, text=True, timeout=60)
     # Then the command runs as the command user with no capability at all
     assert done.returncode == 0, done.stderr
-    name, effective, ambient = done.stdout.split("\n")[:3]
+    name, *capabilities = done.stdout.splitlines()
     assert name == user
-    assert effective.split() == ["CapEff:", "0000000000000000"]
-    assert ambient.split() == ["CapAmb:", "0000000000000000"]
+    assert sorted(line.split()[0] for line in capabilities) == ["CapAmb:", "CapEff:", "CapInh:", "CapPrm:"]
+    assert all(line.split()[1] == "0000000000000000" for line in capabilities), capabilities
