@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: The v1 controllers a command group uses.
 V1_CONTROLLERS = ("memory", "pids", "cpuacct")
+#: The leaf a cgroup v2 agent moves itself into, so its group may enable controllers for commands.
+AGENT_LEAF = "aios-agent"
 #: How long a killed group may take to empty before its directories are given up on.
 EMPTY_WAIT_S = 5.0
 
@@ -107,13 +109,18 @@ class Layout:
 
 
 def layout(mountinfo: str, proc_cgroup: str) -> Layout:
-    """The parents of command groups on this machine (pure: give it the two /proc files' text)."""
+    """The parents of command groups on this machine (pure: give it the two /proc files' text).
+
+    An agent that moved itself into its leaf (:func:`prepare_agent_group`) puts them beside that leaf.
+    """
     own = own_groups(proc_cgroup)
     unified: str | None = None
     v1: dict[str, str] = {}
     for hierarchy in hierarchies(mountinfo):
         if hierarchy.version == 2 and "" in own and unified is None:
             unified = _inside(hierarchy, own[""])
+            if unified is not None and Path(unified).name == AGENT_LEAF:
+                unified = str(Path(unified).parent)
         for controller in hierarchy.controllers:
             if controller in own and controller not in v1:
                 directory = _inside(hierarchy, own[controller])
@@ -153,6 +160,40 @@ def _keyed(text: str, key: str) -> int:
             with contextlib.suppress(ValueError):
                 return int(value)
     return 0
+
+
+def prepare_agent_group(where: Layout | None = None, *, pid: int | None = None) -> bool:
+    """cgroup v2: let command groups get memory and pids limits. Returns whether they can.
+
+    cgroup v2 enables a controller for a group's children only if the group holds no process itself
+    (unless it is the root). An agent alone in its group — a systemd service with ``Delegate=yes``,
+    a container whose only process it is — moves itself into a leaf ``aios-agent`` of that group
+    and enables the controllers there, before it starts its pool. A group shared with other
+    processes is left as it is (their memory and pids limits then stay RLIMITs).
+    """
+    where = system_layout() if where is None else where
+    if where.unified is None:
+        return False
+    own = Path(where.unified)
+    wanted = tuple(c for c in ("memory", "pids") if c in _read(own / "cgroup.controllers").split())
+    if not wanted:
+        return False  # e.g. a controller-less cgroup2 beside v1 controllers: nothing to enable
+    if set(_enable_v2(own, wanted)) == set(wanted):
+        return True
+    pid = os.getpid() if pid is None else pid
+    members = [p for p in _read(own / "cgroup.procs").split() if p.isdigit()]
+    if members != [str(pid)]:
+        logger.info("cgroup %s holds other processes than this agent: commands get no memory/pids "
+                    "limit from their cgroups (RLIMITs instead)", own)
+        return False
+    leaf = own / AGENT_LEAF
+    try:
+        leaf.mkdir(exist_ok=True)
+    except OSError:
+        return False
+    if not _write(leaf / "cgroup.procs", str(pid)):
+        return False
+    return set(_enable_v2(own, wanted)) == set(wanted)
 
 
 def _enable_v2(parent: Path, wanted: tuple[str, ...]) -> set[str]:

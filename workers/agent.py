@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from celery import Celery
 from celery.signals import worker_process_init
 
+from aios import cgroups
 from aios.agents import agent_queue, capability_queue
 from aios.celery_app import create_celery_app, queue_name
 from aios.config import Settings
@@ -57,6 +58,7 @@ def run_agent(settings: Settings, options: AgentOptions) -> None:
     command_user = check_agent_config(settings)
     if command_user is not None:
         logger.info("commands run as %s (uid %d)", command_user.name, command_user.uid)
+        cgroups.prepare_agent_group()  # before the pool exists: its processes are then in the leaf too
     ensure_migrated(settings.database)
     # This process's redis:// and rediss:// brokers use kombu's Redis transport with each ack written
     # along with the next delivery (one round trip per message instead of two on the event loop).

@@ -341,3 +341,45 @@ def test_a_non_root_agent_s_ambient_capabilities_do_not_reach_its_commands():
     assert name == user
     assert sorted(line.split()[0] for line in capabilities) == ["CapAmb:", "CapEff:", "CapInh:", "CapPrm:"]
     assert all(line.split()[1] == "0000000000000000" for line in capabilities), capabilities
+
+
+@pytest.fixture()
+def busy_v2_group(tmp_path, monkeypatch):
+    """A fake cgroup2 group that, like the kernel, refuses to enable controllers for its children
+    while it holds a process itself (cgroup v2's "no internal processes" rule)."""
+    from aios import cgroups
+
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    real_write = cgroups._write
+
+    def kernel_like_write(path, value):
+        if path.name == "cgroup.subtree_control" and (tmp_path / "cgroup.procs").read_text().split():
+            return False
+        if path.name == "cgroup.procs" and path.parent.name == cgroups.AGENT_LEAF:  # moved out of the parent
+            (tmp_path / "cgroup.procs").write_text("")
+        return real_write(path, value)
+
+    monkeypatch.setattr(cgroups, "_write", kernel_like_write)
+    return tmp_path
+
+
+def test_an_agent_alone_in_its_v2_group_moves_into_a_leaf_so_commands_get_memory_and_pids(busy_v2_group):
+    from aios.cgroups import AGENT_LEAF, Layout, layout, prepare_agent_group
+
+    # Given an agent (pid 4242) alone in a v2 group whose controllers cannot be enabled yet
+    (busy_v2_group / "cgroup.procs").write_text("4242\n")
+    # When it prepares its group at start / Then it is in the leaf and the controllers are enabled
+    assert prepare_agent_group(Layout(unified=str(busy_v2_group)), pid=4242) is True
+    assert (busy_v2_group / AGENT_LEAF / "cgroup.procs").read_text() == "4242"
+    assert "+pids" in (busy_v2_group / "cgroup.subtree_control").read_text()
+    # And its pool processes, in the leaf, put command groups beside the leaf
+    assert layout(V2_MOUNTINFO.format(root="/cg"), f"0::/x.service/{AGENT_LEAF}\n").unified == "/cg/x.service"
+
+
+def test_an_agent_sharing_its_v2_group_leaves_the_other_processes_where_they_are(busy_v2_group):
+    from aios.cgroups import AGENT_LEAF, Layout, prepare_agent_group
+
+    (busy_v2_group / "cgroup.procs").write_text("1\n4242\n")
+    assert prepare_agent_group(Layout(unified=str(busy_v2_group)), pid=4242) is False
+    assert not (busy_v2_group / AGENT_LEAF).exists()
