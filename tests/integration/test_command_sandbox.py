@@ -199,3 +199,11 @@ def test_nothing_is_left_of_a_command_s_cgroup_after_it_ends(agent, op, ledger):
     leftovers = [os.path.join(root, name) for root, dirs, _ in os.walk("/sys/fs/cgroup") for name in dirs
                  if name in names]
     assert leftovers == []
+
+
+def test_an_operator_may_not_raise_the_pids_or_file_size_limits(op, client):
+    limits = client.get("/api/v1/system/limits").json["limits"]
+    for field, name in (("pids", "command_pids"), ("file_size_mb", "command_file_size_mb")):
+        answer = op.post("/api/v1/commands", json={"argv": ["sh", "-c", "true"], "limits": {field: limits[name] + 1}})
+        assert answer.status_code == 422, answer.json
+        assert answer.json["field"] == f"limits.{field}" and name in answer.json["message"]
