@@ -26,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +196,36 @@ def prepare_agent_group(where: Layout | None = None, *, pid: int | None = None) 
     if not _write(leaf / "cgroup.procs", str(pid)):
         return False
     return set(_enable_v2(own, wanted)) == set(wanted)
+
+
+def group_name(pid: int) -> str:
+    """A new command group's name: the agent process that runs the command, and a random part."""
+    return f"aios-cmd-{pid}-{uuid.uuid4().hex[:12]}"
+
+
+_GROUP_NAME = re.compile(r"^aios-cmd-(\d+)-[0-9a-f]{12}$")
+
+
+def reap_orphan_groups(where: Layout | None = None) -> int:
+    """Kill and remove the command groups of agent processes that no longer exist; returns how many.
+
+    A pool process killed hard (SIGKILL, the OOM killer) cannot clean up: its command's processes
+    run on in their group. The next agent to start on the host ends them.
+    """
+    where = system_layout() if where is None else where
+    orphans: dict[str, list[Path]] = {}
+    for parent in [where.unified, *where.v1.values()]:
+        if parent is None or not Path(parent).is_dir():
+            continue
+        for directory in Path(parent).iterdir():
+            match = _GROUP_NAME.match(directory.name)
+            if match and directory.is_dir() and not Path(f"/proc/{match.group(1)}").exists():
+                orphans.setdefault(directory.name, []).append(directory)
+    for name, dirs in orphans.items():
+        unified = next((d for d in dirs if where.unified and d.parent == Path(where.unified)), None)
+        logger.warning("killing the processes left in command group %s (its agent process is gone)", name)
+        CommandGroup(version=2, dirs=dirs, unified=unified, memory=None, cpuacct=None, enforces=frozenset()).remove()
+    return len(orphans)
 
 
 def _enable_v2(parent: Path, wanted: tuple[str, ...]) -> set[str]:

@@ -29,7 +29,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -413,7 +412,7 @@ def run_command(argv: list[str], *, env: Mapping[str, str], cwd: str, limits: Li
     limit, raised while the command runs, kills the group at once and counts as a timeout.
     """
     sandbox = sandbox or Sandbox()
-    group = cgroups.create(f"aios-cmd-{os.getpid()}-{uuid.uuid4().hex[:12]}",
+    group = cgroups.create(cgroups.group_name(os.getpid()),
                            memory_bytes=limits.memory_mb * 1024 * 1024, pids=limits.pids) if sandbox.cgroup else None
     try:
         return _run(argv, env=env, cwd=cwd, limits=limits, sandbox=sandbox, group=group)

@@ -59,6 +59,7 @@ def run_agent(settings: Settings, options: AgentOptions) -> None:
     if command_user is not None:
         logger.info("commands run as %s (uid %d)", command_user.name, command_user.uid)
         cgroups.prepare_agent_group()  # before the pool exists: its processes are then in the leaf too
+        cgroups.reap_orphan_groups()  # commands of an agent process killed hard before it could clean up
     ensure_migrated(settings.database)
     # This process's redis:// and rediss:// brokers use kombu's Redis transport with each ack written
     # along with the next delivery (one round trip per message instead of two on the event loop).

@@ -4,6 +4,8 @@ and run_command on harmless programs (no services needed)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from aios.commands import (
@@ -383,3 +385,20 @@ def test_an_agent_sharing_its_v2_group_leaves_the_other_processes_where_they_are
     (busy_v2_group / "cgroup.procs").write_text("1\n4242\n")
     assert prepare_agent_group(Layout(unified=str(busy_v2_group)), pid=4242) is False
     assert not (busy_v2_group / AGENT_LEAF).exists()
+
+
+def test_the_groups_of_agent_processes_that_are_gone_are_removed_at_start(tmp_path, monkeypatch):
+    from aios.cgroups import CommandGroup, Layout, group_name, reap_orphan_groups
+
+    removed = []
+    monkeypatch.setattr(CommandGroup, "remove", lambda self: removed.extend(self.dirs))
+    # Given a group of a pool process that no longer exists (in two hierarchies), one of a live
+    # process, and a group that is not a command's
+    orphan, live = group_name(999_999_999), group_name(os.getpid())
+    for parent in ("unified", "memory"):
+        for name in (orphan, live, "someone-else"):
+            (tmp_path / parent / name).mkdir(parents=True)
+    # When an agent starts / Then only the orphan is killed and removed, in both hierarchies
+    where = Layout(unified=str(tmp_path / "unified"), v1={"memory": str(tmp_path / "memory")})
+    assert reap_orphan_groups(where) == 1
+    assert sorted(removed) == [tmp_path / "memory" / orphan, tmp_path / "unified" / orphan]
