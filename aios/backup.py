@@ -124,7 +124,9 @@ def _fail(settings: Settings, kind: str, final: Path, error: str, *, record: boo
 
 
 def _write_backup(settings: Settings, final: Path) -> tuple[str, int]:
-    final.parent.mkdir(parents=True, exist_ok=True)
+    # A dump is the whole ledger (password hashes, API key hashes, results): the directory is 700
+    # and each file 600, owned by the agent's user; a command's user reads neither (docs/security.md).
+    final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     partial = final.with_name(f".{final.name}.partial")
     try:
         if settings.database.is_sqlite:
@@ -132,6 +134,7 @@ def _write_backup(settings: Settings, final: Path) -> tuple[str, int]:
                          standalone=True)
         else:
             _pg_dump(settings, partial)
+        os.chmod(partial, 0o600)
         _fsync(partial)
         digest, size = file_sha256(partial), partial.stat().st_size
         if size == 0:

@@ -1,14 +1,16 @@
 """Running one command under real resource limits: the plain logic behind the ``command`` task type.
 
 A command is an argv list run without a shell (so ``;``, ``$(..)`` and ``|`` are literal arguments),
-in a process group of its own, with ``RLIMIT_CPU`` and ``RLIMIT_AS`` set in the child before it
-executes, stdin from /dev/null, and an environment built from scratch: the agent's ``PATH`` plus what
-the request gives (never ``PATH`` itself or ``LD_*``, which would change which program runs or inject
-code into an allowed one). Both output streams are read at once and the first ``output_kb`` KiB of
-each kept; the rest is read too (so a chatty program is never blocked on a full pipe, and behaves
-the same whatever the limit) and only counted. At its wall time the whole group gets SIGTERM, then
-SIGKILL 2 s later; when the command's first process exits, whatever it left in its group is killed,
-so nothing of a finished command keeps running without limits.
+in a process group of its own and, where the agent can make one, a cgroup of its own (aios.cgroups),
+as the unprivileged ``agents.command_user`` (aios.sandbox), with stdin from /dev/null and an
+environment built from scratch: the agent's ``PATH`` plus what the request gives (never ``PATH``
+itself or ``LD_*``, which would change which program runs or inject code into an allowed one).
+Memory, processes and CPU seconds are limits of the whole command (its cgroup), with RLIMITs per
+process as the fallback and backstop. Both output streams are read at once and the first
+``output_kb`` KiB of each kept; the rest is read too (so a chatty program is never blocked on a full
+pipe, and behaves the same whatever the limit) and only counted. At its wall time every process of
+the command gets SIGTERM, then SIGKILL 2 s later; when the command's first process exits, whatever it
+left behind is killed, so nothing of a finished command keeps running without limits.
 
 The limits a request may use are the system limits (:mod:`aios.limits`) or lower; only an admin may
 ask for more. The API refuses a raise with 422 and the agent checks again at run time (a task of
@@ -29,13 +31,15 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Annotated, Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from aios import cgroups
+from aios.cgroups import CommandGroup
 from aios.limits import SystemLimits
+from aios.sandbox import CommandUser
 from aios.tasktypes.registry import Parameters
 
 #: The task type (and so the capability) that runs commands.
@@ -47,7 +51,8 @@ MAX_ENV_VALUE_CHARS = 32_768
 MAX_CWD_CHARS = 4096
 #: Upper bounds of a limit, admin or not (the same as /system/limits accepts).
 MAX_CPU_S = MAX_WALL_S = 7 * 86_400
-MAX_MEMORY_MB = MAX_OUTPUT_KB = 1_048_576
+MAX_MEMORY_MB = MAX_OUTPUT_KB = MAX_FILE_SIZE_MB = 1_048_576
+MAX_PIDS = 1_000_000
 #: Between SIGTERM and SIGKILL to the group at the wall time.
 TERM_GRACE_S = 2.0
 #: How long leftovers are read from the pipes after the command's group is gone. Only a process
@@ -77,9 +82,16 @@ class CommandLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cpu_s: int | None = Field(None, ge=1, le=MAX_CPU_S, description="CPU seconds (RLIMIT_CPU)")
-    memory_mb: int | None = Field(None, ge=16, le=MAX_MEMORY_MB, description="address space in MiB (RLIMIT_AS)")
+    cpu_s: int | None = Field(None, ge=1, le=MAX_CPU_S,
+                              description="CPU seconds of the whole command (its cgroup; else RLIMIT_CPU)")
+    memory_mb: int | None = Field(None, ge=16, le=MAX_MEMORY_MB,
+                                  description="MiB of the whole command (its cgroup) and address space per "
+                                              "process (RLIMIT_AS)")
     output_kb: int | None = Field(None, ge=1, le=MAX_OUTPUT_KB, description="KiB kept of stdout and of stderr")
+    pids: int | None = Field(None, ge=1, le=MAX_PIDS,
+                             description="processes at once (its cgroup's pids.max; else RLIMIT_NPROC)")
+    file_size_mb: int | None = Field(None, ge=1, le=MAX_FILE_SIZE_MB,
+                                     description="largest file it may write, MiB (RLIMIT_FSIZE)")
 
 
 class CommandParameters(Parameters):
@@ -135,9 +147,12 @@ class Limits:
     memory_mb: int
     output_kb: int
     wall_s: int
+    pids: int = 256
+    file_size_mb: int = 1024
 
     def to_dict(self) -> dict[str, int]:
-        return {"cpu_s": self.cpu_s, "memory_mb": self.memory_mb, "output_kb": self.output_kb, "wall_s": self.wall_s}
+        return {"cpu_s": self.cpu_s, "memory_mb": self.memory_mb, "output_kb": self.output_kb, "wall_s": self.wall_s,
+                "pids": self.pids, "file_size_mb": self.file_size_mb}
 
 
 #: A request field and the system limit it is checked against.
@@ -145,6 +160,8 @@ LIMIT_FIELDS: tuple[tuple[str, str], ...] = (
     ("limits.cpu_s", "command_cpu_s"),
     ("limits.memory_mb", "command_memory_mb"),
     ("limits.output_kb", "command_output_kb"),
+    ("limits.pids", "command_pids"),
+    ("limits.file_size_mb", "command_file_size_mb"),
     ("timeout_s", "command_wall_s"),
 )
 
@@ -176,6 +193,8 @@ def effective_limits(params: CommandParameters, current: SystemLimits, *, task_t
         memory_mb=params.limits.memory_mb or current.command_memory_mb,
         output_kb=params.limits.output_kb or current.command_output_kb,
         wall_s=wall_s,
+        pids=params.limits.pids or current.command_pids,
+        file_size_mb=params.limits.file_size_mb or current.command_file_size_mb,
     )
 
 
@@ -213,6 +232,15 @@ class OutputCapture:
 # --------------------------------------------------------------------------- running
 
 
+@dataclass(frozen=True)
+class Sandbox:
+    """Where a run is confined: the user it drops to (None: the agent's own, only in tests) and
+    whether it gets a cgroup of its own (aios.cgroups)."""
+
+    user: CommandUser | None = None
+    cgroup: bool = False
+
+
 @dataclass
 class Outcome:
     """How a run ended. ``exit_code`` is None when a signal ended it (then ``signal`` names it)."""
@@ -227,6 +255,10 @@ class Outcome:
     wall_s: float
     #: The wall time (or the task's soft time limit) ended it.
     timed_out: bool
+    #: "cpu_limit" or "memory_limit" when the command's cgroup went over that limit and was killed.
+    stopped_by: str | None = None
+    #: What confined it: {"user", "cgroup" ("v2", "v1" or None), "group_limits"}.
+    sandbox: dict[str, Any] = field(default_factory=dict)
 
     def to_result(self, limits: Limits) -> dict[str, Any]:
         return {
@@ -242,8 +274,10 @@ class Outcome:
             "max_rss_kb": self.max_rss_kb,
             "wall_s": round(self.wall_s, 3),
             "timed_out": self.timed_out,
+            "stopped_by": self.stopped_by,
             "pid": self.pid,
             "limits": limits.to_dict(),
+            "sandbox": self.sandbox,
         }
 
 
@@ -253,12 +287,35 @@ def base_env(given: Mapping[str, str]) -> dict[str, str]:
 
 
 _PR_SET_PDEATHSIG = 1
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _libc: Any = None
 if sys.platform.startswith("linux"):
     try:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     except OSError:  # pragma: no cover - no libc to load: the child just does not die with its parent
         _libc = None
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _drop_capabilities() -> None:
+    """Empty the effective, permitted and inheritable sets (capset(2)). A root agent's uid change did
+    that already; a non-root agent holding CAP_SETUID keeps them across its uid change, and a program
+    with file capabilities could pick up the inheritable ones."""
+    if _libc is None:
+        return
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    if _libc.capset(ctypes.byref(header), (_CapData * 2)()) != 0:
+        raise OSError(ctypes.get_errno(), "capset: could not drop the capabilities")
 
 
 def _bounded(kind: int, soft: int, hard: int) -> tuple[int, int]:
@@ -270,16 +327,45 @@ def _bounded(kind: int, soft: int, hard: int) -> tuple[int, int]:
     return soft, hard
 
 
-def _limit_child(cpu_s: int, memory_bytes: int) -> None:
-    """Runs in the child between fork and exec, so it does as little as it can: a few system calls.
+@dataclass(frozen=True)
+class ChildSetup:
+    """What the child does between fork and exec, all decided before the fork."""
 
-    RLIMIT_CPU: SIGXCPU at ``cpu_s`` (fatal unless caught), SIGKILL one CPU second later.
-    """
-    resource.setrlimit(resource.RLIMIT_CPU, _bounded(resource.RLIMIT_CPU, cpu_s, cpu_s + 1))
-    resource.setrlimit(resource.RLIMIT_AS, _bounded(resource.RLIMIT_AS, memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if _libc is not None:  # a hard-killed agent process takes its command's first process with it
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    cpu_s: int
+    memory_bytes: int
+    file_size_bytes: int
+    #: RLIMIT_NPROC, only without a cgroup's pids.max (it counts every process of the user).
+    nproc: int | None
+    #: Whether a cgroup accounts CPU for the whole command: RLIMIT_CPU is then only a backstop.
+    group_cpu: bool
+    group: CommandGroup | None
+    user: CommandUser | None
+
+    def __call__(self) -> None:
+        """Runs in the child, so it does as little as it can: a few system calls, in this order —
+        join the cgroup (needs the agent's rights), set the limits, drop to the command user, then ask
+        to die with the parent (a uid change clears that request, so it comes last).
+
+        RLIMIT_CPU: SIGXCPU at ``cpu_s`` (fatal unless caught), SIGKILL one CPU second later; with a
+        cgroup the agent stops the whole command at ``cpu_s`` first and these are 2 s later.
+        """
+        if self.group is not None:
+            self.group.join()
+        cpu_soft = self.cpu_s + 2 if self.group_cpu else self.cpu_s
+        resource.setrlimit(resource.RLIMIT_CPU, _bounded(resource.RLIMIT_CPU, cpu_soft, cpu_soft + 1))
+        resource.setrlimit(resource.RLIMIT_AS, _bounded(resource.RLIMIT_AS, self.memory_bytes, self.memory_bytes))
+        resource.setrlimit(resource.RLIMIT_FSIZE,
+                           _bounded(resource.RLIMIT_FSIZE, self.file_size_bytes, self.file_size_bytes))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if self.nproc is not None and self.user is not None:  # counted per user: never the agent's
+            resource.setrlimit(resource.RLIMIT_NPROC, _bounded(resource.RLIMIT_NPROC, self.nproc, self.nproc))
+        if self.user is not None:
+            if _libc is not None:  # an agent given CAP_SETUID as an ambient capability must not pass it on
+                _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+            self.user.drop()
+            _drop_capabilities()
+        if _libc is not None:  # a hard-killed agent process takes its command's first process with it
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -296,17 +382,57 @@ def signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def run_command(argv: list[str], *, env: Mapping[str, str], cwd: str, limits: Limits) -> Outcome:
+def _kill_all(pgid: int, group: CommandGroup | None, sig: int) -> None:
+    """``sig`` to the command's process group and, with a cgroup, to every process in it (setsid ones too)."""
+    _killpg(pgid, sig)
+    if group is not None:
+        if sig == signal.SIGKILL:
+            group.kill()
+        else:
+            group.signal(sig)
+
+
+def _over_limit(group: CommandGroup | None, limits: Limits) -> str | None:
+    """Which limit of the whole command its cgroup went over, if any."""
+    if group is None:
+        return None
+    if group.oom_killed():
+        return "memory_limit"
+    used = group.cpu_s()
+    if used is not None and used >= limits.cpu_s:
+        return "cpu_limit"
+    return None
+
+
+def run_command(argv: list[str], *, env: Mapping[str, str], cwd: str, limits: Limits,
+                sandbox: Sandbox | None = None) -> Outcome:
     """Run ``argv`` under ``limits`` and return how it ended; never leaves a process of its group behind.
 
     Raises OSError if the program cannot be started (not found, not executable). Celery's soft time
     limit, raised while the command runs, kills the group at once and counts as a timeout.
     """
+    sandbox = sandbox or Sandbox()
+    group = cgroups.create(cgroups.group_name(os.getpid()),
+                           memory_bytes=limits.memory_mb * 1024 * 1024, pids=limits.pids) if sandbox.cgroup else None
+    try:
+        return _run(argv, env=env, cwd=cwd, limits=limits, sandbox=sandbox, group=group)
+    finally:
+        if group is not None:
+            group.remove()
+
+
+def _run(argv: list[str], *, env: Mapping[str, str], cwd: str, limits: Limits, sandbox: Sandbox,
+         group: CommandGroup | None) -> Outcome:
+    enforced = group.enforces if group is not None else frozenset()
+    setup = ChildSetup(cpu_s=limits.cpu_s, memory_bytes=limits.memory_mb * 1024 * 1024,
+                       file_size_bytes=limits.file_size_mb * 1024 * 1024,
+                       nproc=None if "pids" in enforced else limits.pids, group_cpu="cpu" in enforced,
+                       group=group, user=sandbox.user)
     started = time.monotonic()
     process = subprocess.Popen(  # noqa: S603 - argv, no shell: the point of this module
         argv, shell=False, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env=dict(env), cwd=cwd, start_new_session=True, close_fds=True,
-        preexec_fn=partial(_limit_child, limits.cpu_s, limits.memory_mb * 1024 * 1024),  # noqa: PLW1509
+        preexec_fn=setup,  # noqa: PLW1509
     )
     pgid = process.pid  # start_new_session: the first process leads its own group
     assert process.stdout is not None and process.stderr is not None
@@ -320,6 +446,7 @@ def run_command(argv: list[str], *, env: Mapping[str, str], cwd: str, limits: Li
     status: int | None = None
     usage: Any = None
     timed_out = False
+    stopped_by: str | None = None
     kill_at: float | None = None
     drain_until = 0.0
     try:
@@ -328,18 +455,21 @@ def run_command(argv: list[str], *, env: Mapping[str, str], cwd: str, limits: Li
                 pid, wait_status, wait_usage = os.wait4(process.pid, os.WNOHANG)
                 if pid:
                     status, usage = wait_status, wait_usage
-                    _killpg(pgid, signal.SIGKILL)  # what the command left in its group dies with it
+                    stopped_by = stopped_by or _over_limit(group, limits)
+                    _kill_all(pgid, group, signal.SIGKILL)  # what the command left behind dies with it
                     drain_until = time.monotonic() + DRAIN_S
             if status is not None and not selector.get_map():
                 break
             now = time.monotonic()
             if status is None:
+                if stopped_by is None and (stopped_by := _over_limit(group, limits)):
+                    _kill_all(pgid, group, signal.SIGKILL)
                 if not timed_out and now >= deadline:
                     timed_out = True
-                    _killpg(pgid, signal.SIGTERM)
+                    _kill_all(pgid, group, signal.SIGTERM)
                     kill_at = now + TERM_GRACE_S
                 elif kill_at is not None and now >= kill_at:
-                    _killpg(pgid, signal.SIGKILL)
+                    _kill_all(pgid, group, signal.SIGKILL)
                     kill_at = None
             elif now >= drain_until:
                 break  # only a process that left the group can still hold the pipes
@@ -356,12 +486,12 @@ def run_command(argv: list[str], *, env: Mapping[str, str], cwd: str, limits: Li
         timed_out = True
     finally:
         if status is None:  # timed out by Celery, or an error in this loop: the group must not outlive us
-            _killpg(pgid, signal.SIGKILL)
+            _kill_all(pgid, group, signal.SIGKILL)
             try:
                 _, status, usage = os.wait4(process.pid, 0)
             except ChildProcessError:  # reaped just before the interruption: its status is lost
                 status = signal.SIGKILL  # a wait status meaning "killed by SIGKILL"
-        _killpg(pgid, signal.SIGKILL)
+        _kill_all(pgid, group, signal.SIGKILL)
         selector.close()
         process.stdout.close()
         process.stderr.close()
@@ -372,9 +502,14 @@ def run_command(argv: list[str], *, env: Mapping[str, str], cwd: str, limits: Li
         ended_by = signal_name(os.WTERMSIG(status))
     else:
         exit_code = os.WEXITSTATUS(status)
+    rusage_cpu_s = usage.ru_utime + usage.ru_stime if usage else 0.0
+    group_cpu_s = group.cpu_s() if group is not None else None
     return Outcome(
         pid=process.pid, exit_code=exit_code, signal=ended_by, stdout=stdout, stderr=stderr,
-        cpu_s=usage.ru_utime + usage.ru_stime if usage else 0.0, max_rss_kb=int(usage.ru_maxrss) if usage else 0,
+        cpu_s=max(rusage_cpu_s, group_cpu_s or 0.0), max_rss_kb=int(usage.ru_maxrss) if usage else 0,
         wall_s=time.monotonic() - started,
-        timed_out=timed_out,
+        timed_out=timed_out, stopped_by=stopped_by,
+        sandbox={"user": sandbox.user.name if sandbox.user else None,
+                 "cgroup": f"v{group.version}" if group is not None else None,
+                 "group_limits": sorted(enforced)},
     )

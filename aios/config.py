@@ -166,13 +166,19 @@ class AgentSettings(_Section):
     work_dir: str = "."
     #: argv[0] values agents may run for the `command` task type; empty = none.
     command_allowlist: list[str] = Field(default_factory=list)
+    #: The unprivileged user commands run as (neither root nor the agent's own user); required
+    #: with a non-empty allowlist, checked at agent start (aios.sandbox).
+    command_user: str = ""
     #: Default limits of a command (an admin changes them at run time through /system/limits; a
-    #: request may lower them): CPU seconds (RLIMIT_CPU), address space (RLIMIT_AS), wall time,
-    #: and captured output per stream.
+    #: request may lower them): CPU seconds and memory of the whole command (its cgroup; else
+    #: RLIMIT_CPU and RLIMIT_AS per process), wall time, captured output per stream, processes
+    #: (pids.max, else RLIMIT_NPROC) and the largest file it may write (RLIMIT_FSIZE).
     command_cpu_s: int = Field(300, ge=1)
     command_memory_mb: int = Field(2048, ge=16)
     command_wall_s: int = Field(600, ge=1)
     command_output_kb: int = Field(1024, ge=1)
+    command_pids: int = Field(256, ge=1, le=1_000_000)
+    command_file_size_mb: int = Field(1024, ge=1, le=1_048_576)
 
 
     @property

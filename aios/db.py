@@ -33,7 +33,9 @@ def create_db_engine(settings: DatabaseSettings) -> Engine:
     if url.get_backend_name() == "sqlite":
         database = url.database or ""
         if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            # 700: the database (and its -wal, -shm) holds password hashes and task results; no other
+            # local user, a command's user least of all, may read it.
+            Path(database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         kwargs["connect_args"] = {"timeout": settings.sqlite_busy_timeout_s, "check_same_thread": False}
     else:
         kwargs.update(pool_size=settings.pool_size, max_overflow=settings.pool_size, pool_pre_ping=True)

@@ -34,6 +34,8 @@ class SystemLimits(BaseModel):
     command_memory_mb: int = Field(ge=16, le=1_048_576)
     command_wall_s: int = Field(ge=1, le=7 * 86_400)
     command_output_kb: int = Field(ge=1, le=1_048_576)
+    command_pids: int = Field(256, ge=1, le=1_000_000)
+    command_file_size_mb: int = Field(1024, ge=1, le=1_048_576)
 
     @property
     def thresholds(self) -> Thresholds:
@@ -53,6 +55,8 @@ class LimitsChange(BaseModel):
     command_memory_mb: int | None = Field(None, ge=16, le=1_048_576)
     command_wall_s: int | None = Field(None, ge=1, le=7 * 86_400)
     command_output_kb: int | None = Field(None, ge=1, le=1_048_576)
+    command_pids: int | None = Field(None, ge=1, le=1_000_000)
+    command_file_size_mb: int | None = Field(None, ge=1, le=1_048_576)
 
 
 def defaults(settings: Settings) -> dict[str, Any]:

@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from celery import Celery
 from celery.signals import worker_process_init
 
+from aios import cgroups
 from aios.agents import agent_queue, capability_queue
 from aios.celery_app import create_celery_app, queue_name
 from aios.config import Settings
 from aios.db import dispose_engines, ensure_migrated
+from aios.sandbox import check_agent_config
 from aios.tasktypes import load_task_types
 from workers import consumer, redis_transport
 from workers.heartbeat import Heartbeat, capabilities_of
@@ -52,6 +54,12 @@ def build_worker_app(settings: Settings) -> Celery:
 
 def run_agent(settings: Settings, options: AgentOptions) -> None:
     """Run a Celery worker in the foreground until it is told to stop."""
+    # An agent that would run commands as itself (or as root) does not start: ConfigError, exit 2.
+    command_user = check_agent_config(settings)
+    if command_user is not None:
+        logger.info("commands run as %s (uid %d)", command_user.name, command_user.uid)
+        cgroups.prepare_agent_group()  # before the pool exists: its processes are then in the leaf too
+        cgroups.reap_orphan_groups()  # commands of an agent process killed hard before it could clean up
     ensure_migrated(settings.database)
     # This process's redis:// and rediss:// brokers use kombu's Redis transport with each ack written
     # along with the next delivery (one round trip per message instead of two on the event loop).

@@ -67,6 +67,14 @@ def _mode(path: Path) -> int | None:
     return stat.S_IMODE(status.st_mode) if stat.S_ISREG(status.st_mode) else None
 
 
+def _dir_mode(path: Path) -> int | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return stat.S_IMODE(status.st_mode) if stat.S_ISDIR(status.st_mode) else None
+
+
 def _holds_secret(path: Path) -> bool:
     """Whether a TOML config file itself carries a secret: a JWT key or a URL with a password."""
     from sqlalchemy.engine import make_url
@@ -98,7 +106,8 @@ def loose_secret_files(
     """The secret files whose mode is wider than the docs ask, in a stable order.
 
     Checked: every ``*_file`` setting and ``extra_key_files`` (say, the API's TLS key), which must
-    be 600 or narrower; and the configuration file (``AIOS_CONFIG``), which must not be open to
+    be 600 or narrower; ``backup.dir``, which must be closed to others (700: a dump is the whole
+    ledger, and commands run as another user); and the configuration file (``AIOS_CONFIG``), which must not be open to
     others. The repository's own ``config/aios.toml`` is exempt while it holds no secret: a checkout
     is world-readable, and that is fine for a file without one.
     """
@@ -111,6 +120,10 @@ def loose_secret_files(
         mode = _mode(path)
         if mode is not None and mode & KEY_FILE_FORBIDDEN:
             loose.append(LooseFile(what, path, mode, "group or others", "600"))
+    backups = Path(settings.backup.dir)
+    mode = _dir_mode(backups)
+    if mode is not None and mode & stat.S_IRWXO:  # dumps hold every hash and result; commands run as others
+        loose.append(LooseFile("backup directory (backup.dir)", backups, mode, "others", "700"))
     explicit = environ.get("AIOS_CONFIG")
     config = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
     mode = _mode(config)

@@ -11,7 +11,14 @@ How a run ends:
 * another exit status (``exit_status``) or a signal (``signal``: the CPU limit's SIGXCPU, SIGKILL...) →
   FAILED, with the same result stored on the task: a command is not retried, it may have had effects;
 * past its wall time → TIMED_OUT, with what it produced until then;
-* ``not_allowed``, ``limit_exceeded``, ``bad_cwd``, ``spawn_failed`` → FAILED before anything ran.
+* over the CPU or memory limit of its cgroup (all its processes together) → FAILED with ``cpu_limit`` or
+  ``memory_limit``, the whole group killed;
+* ``not_allowed``, ``limit_exceeded``, ``bad_cwd``, ``no_command_user``, ``spawn_failed`` → FAILED before
+  anything ran.
+
+It runs as ``agents.command_user`` (aios.sandbox), in a fresh private directory unless ``cwd`` is
+given, in a cgroup of its own where the machine offers one (aios.cgroups); ``result.sandbox`` says
+which.
 
 The task's ``error`` starts with that reason code.
 """
@@ -26,6 +33,7 @@ from sqlalchemy import select
 from aios.commands import (
     COMMAND_TYPE,
     CommandParameters,
+    Sandbox,
     base_env,
     effective_limits,
     raised_limits,
@@ -33,9 +41,10 @@ from aios.commands import (
 )
 from aios.config import Settings, load_settings
 from aios.db import session_scope
-from aios.errors import TaskFailure, TaskTimedOut
+from aios.errors import ConfigError, TaskFailure, TaskTimedOut
 from aios.limits import SystemLimits, current
 from aios.models import Task, User
+from aios.sandbox import check_agent_config, private_dir
 from aios.security.roles import ADMIN
 from aios.tasktypes.registry import TaskContext, task_type
 
@@ -85,15 +94,27 @@ def command(params: CommandParameters, ctx: TaskContext) -> dict[str, Any]:
         raise TaskFailure("limit_exceeded: " + "; ".join(message for _, message in raised)
                           + " (only an admin may raise a limit)")
     limits = effective_limits(params, system, task_timeout_s=task_timeout_s)
-    cwd = working_dir(settings, params.cwd)
-    try:
-        outcome = run_command(params.argv, env=base_env(params.env), cwd=cwd, limits=limits)
-    except OSError as exc:
-        raise TaskFailure(f"spawn_failed: could not start {argv0[:200]!r}: {exc.strerror or exc}") from exc
+    try:  # checked at agent start too; again here, since the user may have gone since
+        user = check_agent_config(settings)
+    except ConfigError as exc:
+        raise TaskFailure(f"no_command_user: {exc.message}") from exc
+    with private_dir(user) as home:
+        cwd = working_dir(settings, params.cwd) if params.cwd else home
+        env = {"HOME": home, "TMPDIR": home, **base_env(params.env)}
+        try:
+            outcome = run_command(params.argv, env=env, cwd=cwd, limits=limits, sandbox=Sandbox(user=user, cgroup=True))
+        except OSError as exc:
+            raise TaskFailure(f"spawn_failed: could not start {argv0[:200]!r}: {exc.strerror or exc}") from exc
     result = outcome.to_result(limits)
     if outcome.timed_out:
         raise TaskTimedOut(f"timed_out: the command ran past its wall time of {limits.wall_s} s; "
                            "its process group was killed", result=result)
+    if outcome.stopped_by == "memory_limit":
+        raise TaskFailure(f"memory_limit: the command's processes together went over its memory limit of "
+                          f"{limits.memory_mb} MiB; all of them were killed", result=result)
+    if outcome.stopped_by == "cpu_limit":
+        raise TaskFailure(f"cpu_limit: the command's processes together used its CPU limit of {limits.cpu_s} s; "
+                          "all of them were killed", result=result)
     if outcome.signal is not None:
         hint = f" (it used its CPU limit of {limits.cpu_s} s)" if outcome.cpu_s >= limits.cpu_s - 0.05 else ""
         raise TaskFailure(f"signal: the command was killed by {outcome.signal}{hint}", result=result)

@@ -25,6 +25,7 @@ from aios.client import (
     ValidationFailed,
 )
 from tests.conftest import make_user, wait_for
+from tests.support.command_user import ensure_command_user
 
 pytestmark = pytest.mark.integration
 
@@ -151,6 +152,7 @@ def test_run_command_waits_for_the_command_and_events_replay_and_follow_a_task_t
     # agent allowed to run echo
     api = start_api(env={"AIOS_API__SSE_MAX_S": "2"})
     worker = start_worker([queue], env={"AIOS_AGENTS__COMMAND_ALLOWLIST": '["echo"]',
+                                        "AIOS_AGENTS__COMMAND_USER": ensure_command_user(),
                                         "AIOS_AGENTS__HEARTBEAT_INTERVAL_S": "1.0"})
     operator = make_user(stack, "operator")
     with Client(api.url, api_key=operator.key) as aios:

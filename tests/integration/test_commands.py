@@ -1,8 +1,9 @@
 """POST /api/v1/commands end to end: real `aios worker` agents, real programs, real resource limits.
 
-One agent has ``command_allowlist = ["echo", "python3", "sleep", "yes", "sh"]`` (so it announces the
-capability ``command``); another has none (so it must never get a command). Every command runs on
-the first.
+One agent has ``command_allowlist = ["echo", "python3", "sleep", "yes", "sh", "cat"]`` (so it announces
+the capability ``command``) and runs them as the unprivileged ``aios-cmd-test``; another has none (so it
+must never get a command). Every command runs on the first. The sandbox itself (user, cgroup, what a
+command cannot reach) is tested in test_command_sandbox.py.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import pytest
 from aios.db import session_scope
 from aios.models import Agent
 from tests.conftest import REPO_ROOT, Credentials, Stack, WorkerProcess, authorize, make_user, wait_for
+from tests.support.command_user import ensure_command_user
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ALLOWLIST = ["echo", "python3", "sleep", "yes", "sh"]
+ALLOWLIST = ["echo", "python3", "sleep", "yes", "sh", "cat"]
 AGENT_ENV = {"AIOS_AGENTS__HEARTBEAT_INTERVAL_S": "1.0"}
 TERMINAL = ("SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELLED", "DEAD")
 #: Generous: the machine is shared and sometimes slow.
@@ -63,7 +65,8 @@ def agents(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     started: dict[str, WorkerProcess] = {}
     try:
         started["runner"] = launch(stack, directory, f"cmd-{tag}",
-                                   {"AIOS_AGENTS__COMMAND_ALLOWLIST": json.dumps(ALLOWLIST)})
+                                   {"AIOS_AGENTS__COMMAND_ALLOWLIST": json.dumps(ALLOWLIST),
+                                    "AIOS_AGENTS__COMMAND_USER": ensure_command_user()})
         started["closed"] = launch(stack, directory, f"nocmd-{tag}", {})
         yield started
     finally:
@@ -177,13 +180,13 @@ def test_a_cpu_bound_command_is_killed_by_its_cpu_limit(agents, op, ledger):
     # When an endless loop runs with cpu_s 1 (and a wall time far away)
     task = run(op, ledger, {"argv": ["python3", "-c", "while True: pass"], "timeout_s": 120,
                             "limits": {"cpu_s": 1}})
-    # Then RLIMIT_CPU's signal ended it after about one CPU second
+    # Then its cgroup's CPU limit (or, without a cgroup, RLIMIT_CPU's signal) ended it after about one CPU second
     assert task["state"] == "FAILED", task
     result = task["result"]
     assert result["signal"] in ("SIGXCPU", "SIGKILL") and result["exit_code"] is None
     assert 0.8 <= result["cpu_s"] <= 3, result
     assert result["timed_out"] is False
-    assert task["error"].startswith("signal"), task["error"]
+    assert task["error"].startswith(("cpu_limit", "signal")), task["error"]
 
 
 def test_a_command_allocating_1_gib_with_memory_mb_200_fails_and_a_smaller_one_succeeds(agents, op, ledger):

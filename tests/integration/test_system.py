@@ -62,7 +62,8 @@ def test_limits_are_read_by_viewers_changed_by_admins_only_and_checked(api_app, 
     operator = authorize(api_app.test_client(), make_user(stack, "operator").key)
     shown = viewer.get("/api/v1/system/limits").json
     assert set(shown["limits"]) == {"cpu_degraded_pct", "memory_degraded_pct", "disk_degraded_pct",
-                                    "command_cpu_s", "command_memory_mb", "command_wall_s", "command_output_kb"}
+                                    "command_cpu_s", "command_memory_mb", "command_wall_s", "command_output_kb",
+                                    "command_pids", "command_file_size_mb"}
     assert operator.put("/api/v1/system/limits", json={"command_cpu_s": 5}).status_code == 403
     for bad, field in [({"memory_degraded_pct": 0}, "memory_degraded_pct"),
                        ({"memory_degraded_pct": 101}, "memory_degraded_pct"),

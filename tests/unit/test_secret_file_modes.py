@@ -134,3 +134,16 @@ def test_aios_starts_silently_when_the_key_file_is_600(tmp_path):
     result = run_aios(tmp_path, 0o600)
     assert result.returncode == 0, result.stderr
     assert "WARNING" not in result.stderr, result.stderr
+
+
+def test_a_backup_directory_open_to_others_is_named_with_the_fix(tmp_path):
+    # Given backup.dir readable by every local user (a command's user among them)
+    backups = tmp_path / "backups"
+    backups.mkdir(mode=0o755)
+    backups.chmod(0o755)
+    settings = load_settings(environ={}, overrides={"backup": {"dir": str(backups)}})
+    # Then it is reported with chmod 700; closed, it is not
+    loose = [item for item in loose_secret_files(settings, environ={}) if item.path == backups]
+    assert [item.fix for item in loose] == ["700"] and "backup.dir" in loose[0].message
+    backups.chmod(0o700)
+    assert all(item.path != backups for item in loose_secret_files(settings, environ={}))
