@@ -200,7 +200,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     restore.add_argument("--force", action="store_true", help="replace a database that holds tasks or users")
     handlers["backup"] = _backup
 
-    up = sub.add_parser("up", help="run the API and one agent together (a laptop, a demo)")
+    up = sub.add_parser("up", help="run the API, one agent and beat together (a laptop, a demo)")
     up.add_argument("--migrate", action="store_true", help="upgrade the database schema first")
     up.add_argument("--agent-name", default="agent-1")
     handlers["up"] = _up

@@ -166,8 +166,28 @@ class DatabaseNotMigrated(ServiceUnavailable):
     default_code = "database_not_migrated"
 
 
+class DatabaseUnavailable(ServiceUnavailable):
+    """The API's database did not answer (a restart, a failover) through the client's retries."""
+
+    default_code = "database_unavailable"
+
+
+class RequestTimeout(AiosError):
+    """The API did not receive the whole request within its ``api.request_read_timeout_s``."""
+
+    default_code = "request_timeout"
+
+
+class HeadersTooLarge(AiosError):
+    default_code = "request_header_fields_too_large"
+
+
 class InternalError(AiosError):
     default_code = "internal_error"
+
+
+class BackupFailed(InternalError):
+    default_code = "backup_failed"
 
 
 class WorkerNotFound(NotFound):
@@ -220,13 +240,14 @@ ERRORS_BY_CODE: dict[str, type[AiosError]] = {
     cls.default_code: cls
     for cls in (BadRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, Conflict, IllegalTransition,
                 PayloadTooLarge, UnsupportedMediaType, ValidationFailed, UnknownTaskType, BackupInvalid,
-                RateLimited, ServiceUnavailable, DatabaseNotMigrated, InternalError, WorkerNotFound,
-                WorkerRefused, WorkerTimeout, UnsupportedOnBroker)
+                RateLimited, ServiceUnavailable, DatabaseNotMigrated, DatabaseUnavailable, RequestTimeout,
+                HeadersTooLarge, InternalError, BackupFailed, WorkerNotFound, WorkerRefused, WorkerTimeout,
+                UnsupportedOnBroker)
 }
 ERRORS_BY_STATUS: dict[int, type[AiosError]] = {
-    400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: MethodNotAllowed, 409: Conflict,
-    413: PayloadTooLarge, 415: UnsupportedMediaType, 422: ValidationFailed, 429: RateLimited,
-    500: InternalError, 503: ServiceUnavailable, 504: WorkerTimeout,
+    400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: MethodNotAllowed, 408: RequestTimeout,
+    409: Conflict, 413: PayloadTooLarge, 415: UnsupportedMediaType, 422: ValidationFailed, 429: RateLimited,
+    431: HeadersTooLarge, 500: InternalError, 501: UnsupportedOnBroker, 503: ServiceUnavailable, 504: WorkerTimeout,
 }
 
 
