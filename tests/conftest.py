@@ -4,12 +4,15 @@ Integration tests run against the real PostgreSQL (127.0.0.1:5432, database ``te
 (127.0.0.1:6379) and real ``aios worker`` processes. Each test session gets its own PostgreSQL
 schema and its own Redis key prefix and queue namespace, so runs never see each other.
 
-A missing service skips those tests on a laptop and fails them under ``CI=true``.
+A missing service, tool or kernel feature skips the tests that need it on a laptop and fails them
+under CI (any truthy ``CI``: ``true``, ``1``, ``yes``…): one rule, in :func:`requirement_missing`, which
+every such test calls (``tests/unit/test_requirements_rule.py`` checks no test skips another way).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,14 +21,21 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
 from aios.config import Settings, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def in_ci() -> bool:
+    """Whether this run is CI's: ``CI`` set to anything but empty, ``0``, ``false``, ``no`` or ``off``."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+IN_CI = in_ci()
 PG_URL = os.environ.get("AIOS_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("AIOS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN_ID = uuid.uuid4().hex[:10]
@@ -33,11 +43,26 @@ RUN_ID = uuid.uuid4().hex[:10]
 TEST_JWT_SECRET = f"test-jwt-secret-{uuid.uuid4().hex}{uuid.uuid4().hex}"
 
 
-def service_missing(what: str, error: Exception) -> None:
-    message = f"{what} is not reachable ({type(error).__name__}: {error})"
-    if IN_CI:
-        pytest.fail(f"{message}; CI=true requires it", pytrace=False)
+def requirement_missing(what: str, why: str) -> NoReturn:
+    """The one rule for a test that needs a service, a tool or a kernel feature this machine lacks:
+    fail under CI (which must provide it: .ci/run installs and starts what the suite needs), skip
+    with the reason elsewhere."""
+    message = f"{what}: {why}"
+    if in_ci():
+        pytest.fail(f"{message}; CI requires it", pytrace=False)
     pytest.skip(message)
+
+
+def service_missing(what: str, error: Exception) -> NoReturn:
+    requirement_missing(what, f"not reachable ({type(error).__name__}: {error})")
+
+
+def require_program(program: str, hint: str) -> str:
+    """The path of ``program``; else the test skips or, under CI, fails (``hint`` says how to get it)."""
+    found = shutil.which(program)
+    if found is None:
+        requirement_missing(program, f"not installed ({hint})")
+    return found
 
 
 def wait_for(

@@ -29,7 +29,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import IN_CI, WorkerProcess, free_port, wait_for
+from tests.conftest import WorkerProcess, free_port, requirement_missing, wait_for
 from tests.support.agent_helpers import TERMINAL, kill_tree
 from tests.support.private_redis import PrivateRedis, running_private_redis
 
@@ -250,10 +250,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
     """A started, migrated private PostgreSQL (database ``aios``); destroyed at teardown."""
     bindir = _postgres_bin()
     if bindir is None:
-        message = "PostgreSQL server binaries (/usr/lib/postgresql/*/bin) are not installed"
-        if IN_CI:
-            pytest.fail(f"{message}; CI=true requires them", pytrace=False)
-        pytest.skip(message)
+        requirement_missing("PostgreSQL server binaries (/usr/lib/postgresql/*/bin)", "not installed")
     server = PrivatePostgres(bindir)
     try:
         server.start()

@@ -10,6 +10,7 @@ Needs root and ``ip netns``; skipped with the reason where the kernel or the con
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.conftest import PG_URL, REDIS_URL, REPO_ROOT, WorkerProcess, wait_for
+from tests.conftest import PG_URL, REDIS_URL, REPO_ROOT, WorkerProcess, requirement_missing, wait_for
 from tests.faults.conftest import assert_nothing_lost, read_tasks
 from tests.support.agent_helpers import FAST_BEATS, submit
 
@@ -116,9 +117,10 @@ def namespace() -> Iterator[Namespace]:
     try:
         space.create()
     except (subprocess.CalledProcessError, FileNotFoundError) as exc:
-        space.delete()
+        with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):
+            space.delete()  # what the failed create made (nothing, when there is no `ip` at all)
         reason = getattr(exc, "stderr", None) or str(exc)
-        pytest.skip(f"cannot create a network namespace with a veth pair here: {reason.strip()}")
+        requirement_missing("a network namespace with a veth pair (ip netns, as root)", reason.strip())
     try:
         yield space
     finally:

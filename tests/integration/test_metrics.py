@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +13,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from aios.task_stats import rollup
-from tests.conftest import authorize, make_user, wait_for
+from tests.conftest import authorize, make_user, require_program, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,11 +27,8 @@ def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def promtool() -> str | None:
-    found = shutil.which("promtool")
-    if found is None and os.environ.get("CI") == "true":
-        pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
-    return found
+def promtool() -> str:
+    return require_program("promtool", ".ci/run installs Debian's prometheus package")
 
 
 def test_metrics_needs_a_viewer_and_answers_in_the_prometheus_text_format(api_app, stack, anonymous):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import REPO_ROOT, wait_for
+from tests.conftest import REPO_ROOT, require_program, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,8 +23,7 @@ def free_port() -> int:
 
 @pytest.fixture()
 def certificate(tmp_path):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
+    require_program("openssl", "apt-get install openssl")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",

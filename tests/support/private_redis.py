@@ -6,15 +6,12 @@ on a free port (no persistence) and stops and starts that one.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, require_program, wait_for
 
 
 class PrivateRedis:
@@ -65,8 +62,7 @@ class PrivateRedis:
 @contextmanager
 def running_private_redis(log_path: Path) -> Iterator[PrivateRedis]:
     """A started private Redis, always killed on exit (skips the test if redis-server is missing)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+    require_program("redis-server", "apt-get install redis-server")
     server = PrivateRedis(free_port(), log_path)
     server.start()
     try:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from aios.config import Settings
+from tests.conftest import requirement_missing
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER = REPO_ROOT / "docker"
@@ -46,10 +47,7 @@ def require_tool(program: str, version_flag: str) -> list[str]:
         ok = False
     if ok:
         return [program]
-    message = f"{program} is not installed"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message}: .ci/run installs it", pytrace=False)
-    pytest.skip(message)
+    requirement_missing(program, "not installed (.ci/run installs it)")
 
 
 @pytest.fixture(scope="module")
