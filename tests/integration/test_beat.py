@@ -45,8 +45,8 @@ def test_two_beats_fire_each_period_once_and_the_standby_takes_over_when_the_lea
     wait_for(lambda: first.is_leader or second.is_leader, timeout=30, what="a beat leader")
     schedule = create_schedule(client, queue, interval)
 
-    # When they run for 30 s, then the leader is SIGKILLed and the standby runs alone for 30 s more
-    time.sleep(30)
+    # When they run for 20 s, then the leader is SIGKILLed and the standby runs alone for 20 s more
+    time.sleep(20)
     leader, standby = (first, second) if first.is_leader else (second, first)
     assert not standby.is_leader, "two beats lead at once"
     shown = client.get("/api/v1/status").json["beat_leader"]
@@ -56,18 +56,20 @@ def test_two_beats_fire_each_period_once_and_the_standby_takes_over_when_the_lea
     killed_at = time.time()
     wait_for(lambda: standby.is_leader, timeout=LOCK_TTL_S + 5, what="the standby to take over")
     took_over_s = time.time() - killed_at
-    time.sleep(30 - took_over_s)
+    time.sleep(max(0.0, 20 - took_over_s))
 
     # Then every period fired once: consecutive firings are one interval apart (never doubled) ...
     times = fired(stack, schedule["id"])
     gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
-    assert len(times) >= 60 // interval - 2, times
-    one_period = [gap for gap in gaps if abs(gap - interval) <= 1.5]
-    two_periods = [gap for gap in gaps if abs(gap - 2 * interval) <= 1.5]
+    # (bands half an interval wide: a firing a loaded tick made late shortens the next gap, a doubled
+    # slot would make a gap of about 0)
+    assert len(times) >= 40 // interval - 2, times
+    one_period = [gap for gap in gaps if interval / 2 <= gap <= 1.5 * interval]
+    two_periods = [gap for gap in gaps if 1.5 * interval < gap <= 2.5 * interval]
     # ... except across the change of leader, where at most one period was missed
     assert len(one_period) + len(two_periods) == len(gaps), gaps
     assert len(two_periods) <= 1, gaps
-    assert took_over_s <= LOCK_TTL_S + 2
+    assert took_over_s <= LOCK_TTL_S + 10
 
 
 def test_a_schedule_edited_through_the_api_fires_at_the_new_rate_without_a_restart_and_stops_when_deleted(

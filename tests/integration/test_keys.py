@@ -27,8 +27,6 @@ pytestmark = pytest.mark.integration
 
 #: ``aios_<prefix>_<secret>``: a hex prefix that finds the row, then a URL-safe base64 secret.
 KEY_FORMAT = re.compile(r"^aios_(?P<prefix>[0-9a-f]{8,16})_(?P<secret>[A-Za-z0-9_-]+)$")
-#: How soon a revoke must hold on every API process.
-REVOKE_BUDGET_S = 1.0
 
 
 # --------------------------------------------------------------------------- helpers
@@ -204,14 +202,10 @@ def test_a_revoked_key_gets_401_from_a_second_api_process_within_one_second_and_
     assert revoked.status_code == 200, revoked.text
     assert revoked.json()["state"] == "REVOKED" and revoked.json()["revoked_at"]
 
-    # Then process B refuses it with 401 within a second of the revoke's answer
-    def refused_by_b() -> float | None:
-        response = http(b, "GET", "/api/v1/keys", key)
-        assert response.status_code in (200, 401), response.text
-        return time.monotonic() - answered if response.status_code == 401 else None
-
-    took = wait_for(refused_by_b, timeout=5, interval=0.02, what="process B to refuse the revoked key")
-    assert took < REVOKE_BUDGET_S, f"process B still accepted the revoked key {took:.3f}s after the revoke"
+    # Then the first request process B gets after the revoke's answer is refused: nothing caches a key,
+    # so "within a second on every process" holds with no time to wait out, whatever the machine's load
+    refused = http(b, "GET", "/api/v1/keys", key)
+    assert refused.status_code == 401, f"process B accepted the revoked key {time.monotonic() - answered:.3f}s later"
     # and so does A, and a second revoke is a conflict
     assert http(a, "GET", "/api/v1/keys", key).status_code == 401
     assert http(b, "POST", f"/api/v1/keys/{key_id}/revoke", operator.key).status_code == 409
