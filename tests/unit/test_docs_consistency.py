@@ -272,3 +272,59 @@ def test_every_command_line_in_the_docs_parses():
         except (SystemExit, Exception) as exc:  # noqa: BLE001 - argparse exits, click raises
             failures.append(f"aios {' '.join(argv)} ({name}): {type(exc).__name__} {exc}")
     assert not failures, "documented commands that do not parse:\n" + "\n".join(failures)
+
+
+def cli_commands() -> dict[str, set[str]]:
+    """``aios <path>`` → its long flags, from both of the CLI's parsers (click and argparse)."""
+    import argparse
+
+    from aios.cli import build_parser
+    from aios.cli_client import cli
+
+    found: dict[str, set[str]] = {}
+
+    def long_flags(options: list[list[str]]) -> set[str]:
+        return {flag for names in options for flag in names if flag.startswith("--") and flag != "--help"}
+
+    def walk_click(command: click.Command, path: list[str]) -> None:
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                walk_click(sub, [*path, name])
+        else:
+            found[" ".join(["aios", *path])] = long_flags(
+                [p.opts for p in command.params if isinstance(p, click.Option)])
+
+    def walk_argparse(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            found[" ".join(["aios", *path])] = long_flags([a.option_strings for a in parser._actions])
+            return
+        for name, sub in subs[0].choices.items():
+            walk_argparse(sub, [*path, name])
+
+    walk_click(cli, [])
+    walk_argparse(build_parser()[0], [])
+    return found
+
+
+def documented_cli_table() -> dict[str, set[str]]:
+    """docs/cli.md's "Every command" table: ``aios <path>`` → the flags its row names."""
+    text = (REPO_ROOT / "docs" / "cli.md").read_text()
+    table = text[text.index("| command | arguments and flags | what it does |"):]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        if not line.startswith("| `aios"):
+            break
+        command, flags, _ = (cell.strip() for cell in line.strip("|").split(" | "))
+        rows[command.strip("`")] = set(re.findall(r"`(--[a-z-]+)`", flags))
+    return rows
+
+
+def test_every_cli_command_and_flag_is_in_the_docs_table_and_every_row_exists():
+    code, documented = cli_commands(), documented_cli_table()
+    assert set(code) == set(documented), (
+        f"commands missing from docs/cli.md: {sorted(set(code) - set(documented))}; "
+        f"documented but not a command: {sorted(set(documented) - set(code))}")
+    wrong = {command: (sorted(code[command] - flags), sorted(flags - code[command]))
+             for command, flags in documented.items() if flags != code[command]}
+    assert not wrong, f"docs/cli.md's flags differ (missing, unknown): {wrong}"
