@@ -1,6 +1,7 @@
-"""Crashes aimed at the narrow windows of a run: after its effect and before its outcome (the one
-place at-least-once delivery can run an effect twice), and past its soft time limit (a task that
-ignores it is killed at the hard limit).
+"""Crashes aimed at narrow windows: a run killed after its effect and before its outcome (the one
+place at-least-once delivery can run an effect twice); a run past its soft time limit (a task that
+ignores it is killed at the hard limit); the API process killed between a submit's commit and its
+publish (the sync job's lost-message check dispatches the task).
 
 The task types come from :mod:`tests.support.task_types_crash`, which these workers and this API load.
 """
@@ -8,6 +9,12 @@ The task types come from :mod:`tests.support.task_types_crash`, which these work
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,9 +22,10 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import authorize, wait_for
+from tests.conftest import REPO_ROOT, authorize, make_user, wait_for
 from tests.faults.conftest import assert_nothing_lost, kill_pool_child, kill_worker, wait_terminal
 from tests.support.agent_helpers import FAST_BEATS, submit
+from tests.support.schemas import private_schema
 from tests.support.task_types_crash import MODULES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -140,3 +148,68 @@ def test_a_task_that_ignores_its_soft_time_limit_is_killed_after_the_grace_and_e
     assert pid not in children
     assert worker.process.poll() is None
     assert_nothing_lost(stack.settings.database, effects, [victim])
+
+
+def test_an_api_killed_between_a_submits_commit_and_its_publish_has_the_task_dispatched_by_sync_and_run_once(
+    stack, start_api, start_worker, effects, queue, tmp_path
+):
+    from sqlalchemy import select
+
+    from aios.db import session_scope
+    from aios.models import Task
+
+    grace_s = 2
+    with private_schema("crash") as url, socket.socket() as black_hole:
+        # Given a ledger of its own (a sync run sees only this test's rows) and a real agent on it
+        own = stack.override(database={"url": url}, orchestrator={"lost_message_grace_s": grace_s})
+        own_env = {key: value for key, value in own.env.items() if stack.env.get(key) != value}
+        admin = make_user(own, "admin")
+        start_worker([queue], concurrency=1, env=own_env)
+        # And an API whose broker accepts connections and never answers: every publish hangs
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen(64)
+        api = start_api(env={**own_env, "AIOS_BROKER__URL": f"redis://127.0.0.1:{black_hole.getsockname()[1]}/0",
+                             "AIOS_BROKER__PUBLISH_TIMEOUT_S": "30", "AIOS_BROKER__PUBLISH_MAX_RETRIES": "0"})
+
+        # When a task is submitted, its row is committed and its publish hangs
+        answer: dict[str, Any] = {}
+
+        def post() -> None:
+            import requests
+
+            try:
+                answer["response"] = requests.post(f"{api.url}/api/v1/tasks", json=effects.task(queue),
+                                                   headers={"X-API-Key": admin.key}, timeout=120)
+            except requests.RequestException as exc:
+                answer["error"] = exc
+
+        poster = threading.Thread(target=post, daemon=True)
+        poster.start()
+
+        def committed() -> list[Any]:
+            with session_scope(own.settings.database) as session:
+                return list(session.execute(select(Task.id, Task.state, Task.dispatch_id)).all())
+
+        (row,) = wait_for(committed, timeout=30, interval=0.05, what="the submitted task's row")
+        assert row.state == "QUEUED" and row.dispatch_id, row
+        assert poster.is_alive(), f"the submit answered before the kill: {answer}"
+
+        # And the API process is SIGKILLed in that window (the whole gunicorn process group)
+        os.killpg(api.process.pid, signal.SIGKILL)
+        api.process.wait(timeout=30)
+        poster.join(timeout=30)
+        assert "response" not in answer, f"the killed API answered: {answer['response'].status_code}"
+        time.sleep(grace_s + 0.5)  # past lost_message_grace_s: the row is now a lost message
+
+        # Then a sync run (the real `aios sync`, on the real broker) finds it lost and dispatches it again
+        run = subprocess.run([sys.executable, "-m", "aios.cli", "sync"], env={**stack.env, **own_env},
+                             cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr
+        report = json.loads(run.stdout.strip().splitlines()[-1])
+        assert report["found"]["lost_messages"] == 1 and report["changed"]["redispatched"] == 1, report
+
+        # And the agent runs it once: nothing lost, nothing twice
+        tasks = assert_nothing_lost(own.settings.database, effects, [row.id], timeout=60)
+        assert tasks[row.id]["state"] == "SUCCEEDED"
+        assert tasks[row.id]["attempts"] == 1
+        assert tasks[row.id]["transitions"] == ["PENDING", "QUEUED", "PENDING", "QUEUED", "RUNNING", "SUCCEEDED"]
