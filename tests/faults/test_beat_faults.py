@@ -52,7 +52,7 @@ def test_killing_the_leading_beat_never_doubles_a_period_and_every_fired_task_ru
 
     # When it fires for 10 s, the leader is SIGKILLed, and the standby runs alone for 10 s
     wait_for(lambda: len(fired(stack, schedule_id)) >= 1, timeout=30, what="the first firing")
-    time.sleep(9)  # the kill lands between two slots (a kill in the middle of a firing is covered below)
+    time.sleep(9)  # the kill lands between two slots (a kill mid-firing: test_beat_firing_kill.py)
     leader, standby = (first, second) if first.is_leader else (second, first)
     assert not standby.is_leader, "two beats lead at once"
     leader.process.send_signal(signal.SIGKILL)
