@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Collection, Iterator
@@ -43,6 +44,8 @@ class Fault(enum.Enum):
     CONTROL_SHUTDOWN = "remote-control shutdown of a worker"
     STOP_REDIS = "stop and restart the broker"
     STOP_POSTGRES = "stop and restart the database"
+    CRASH_POSTGRES = "crash the database (pg_ctl stop -m immediate), then restart it"
+    SIGKILL_POSTGRES = "SIGKILL the database's postmaster, then restart it"
     CUT_NETWORK = "cut an agent off the network"
 
 
@@ -119,8 +122,13 @@ def effects(tmp_path: Path) -> Effects:
     return Effects(tmp_path / "effects.txt")
 
 
+#: The note a run's outcome leaves when the task moved on without it (:func:`workers.runner._not_finished`).
+LATE_REPORT = "late report ignored"
+
+
 def read_tasks(database: Any, task_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """id → ``{state, attempts, agent, succeeded_events, transitions}`` straight from the database."""
+    """id → ``{state, attempts, agent, transitions, late_reports}`` straight from the database
+    (``late_reports``: outcomes of runs that no longer held the task, noted and ignored)."""
     from sqlalchemy import select
 
     from aios.db import session_scope
@@ -129,12 +137,15 @@ def read_tasks(database: Any, task_ids: list[str]) -> dict[str, dict[str, Any]]:
     with session_scope(database) as session:
         rows = {row.id: row for row in session.execute(
             select(Task.id, Task.state, Task.attempts, Task.agent).where(Task.id.in_(task_ids)))}
-        events = session.execute(select(TaskEvent.task_id, TaskEvent.to_state)
+        events = session.execute(select(TaskEvent.task_id, TaskEvent.to_state, TaskEvent.detail)
                                  .where(TaskEvent.task_id.in_(task_ids)).order_by(TaskEvent.id)).all()
     tasks: dict[str, dict[str, Any]] = {}
     for task_id, row in rows.items():
         path = [e.to_state for e in events if e.task_id == task_id and e.to_state]
-        tasks[task_id] = {"state": row.state, "attempts": row.attempts, "agent": row.agent, "transitions": path}
+        late = sum(1 for e in events if e.task_id == task_id and not e.to_state
+                   and str((e.detail or {}).get("note", "")).startswith(LATE_REPORT))
+        tasks[task_id] = {"state": row.state, "attempts": row.attempts, "agent": row.agent, "transitions": path,
+                          "late_reports": late}
     return tasks
 
 
@@ -155,31 +166,122 @@ def wait_terminal(database: Any, task_ids: list[str], timeout: float = 90.0, wha
     return last
 
 
-def assert_nothing_lost(database: Any, effects: Effects, task_ids: list[str], *,
-                        timeout: float = 90.0, killed_after_effect: Collection[str] = ()) -> dict[str, dict[str, Any]]:
+def assert_nothing_lost(database: Any, effects: Effects, task_ids: list[str], *, timeout: float = 90.0,
+                        killed_after_effect: Collection[str] = (),
+                        unguarded: Collection[str] = ()) -> dict[str, dict[str, Any]]:
     """The suite's common final check. Every accepted task reaches a terminal state; each SUCCEEDED
     task's effect is recorded exactly once; no task has more than one SUCCEEDED event; a task that did
     not succeed recorded no effect. Returns the tasks (:func:`read_tasks`) for scenario-specific checks.
 
     ``killed_after_effect``: tasks whose run was killed after its effect and before its outcome — the
     one window where at-least-once delivery runs an effect twice (docs/delivery.md): each may record
-    its effect once or twice, never more, and still has exactly one SUCCEEDED event."""
+    its effect once more, never more, and still has exactly one SUCCEEDED event.
+
+    ``unguarded``: tasks that act without checking their fence, in a scenario where a run can be fenced
+    off after acting (a claim lost in a database crash): such a task may record one more effect per
+    late report on its timeline (at least once), never more, and never a second outcome."""
     assert len(set(task_ids)) == len(task_ids)
     tasks = wait_terminal(database, task_ids, timeout=timeout)
     counts = effects.counts()
     for task_id, task in tasks.items():
         succeeded = task["transitions"].count("SUCCEEDED")
+        extra = (task["late_reports"] if task_id in unguarded else 0) + (task_id in killed_after_effect)
         if task["state"] == "SUCCEEDED":
             assert succeeded == 1, f"{task_id} has {succeeded} SUCCEEDED events: {task['transitions']}"
-            allowed = (1, 2) if task_id in killed_after_effect else (1,)
-            assert counts[task_id] in allowed, f"{task_id} recorded its effect {counts[task_id]} times"
+            assert 1 <= counts[task_id] <= 1 + extra, f"{task_id} recorded its effect {counts[task_id]} times"
         else:
             assert succeeded == 0, f"{task_id} ended {task['state']} after a success: {task['transitions']}"
-            assert counts[task_id] == 0 or task_id in killed_after_effect, (
-                f"{task_id} ended {task['state']} with {counts[task_id]} effect(s)")
+            assert counts[task_id] <= extra, f"{task_id} ended {task['state']} with {counts[task_id]} effect(s)"
     unknown = set(counts) - set(task_ids)
     assert not unknown, f"effects of tasks nobody submitted: {unknown}"
     return tasks
+
+
+# --------------------------------------------------------------------------- load
+
+
+class HttpSubmitter(threading.Thread):
+    """Submits one ``test.effect`` task every ``interval_s`` to a real API over HTTP until stopped,
+    alternating guarded (``check_fence``, waiting for a definite answer) and unguarded tasks; keeps the
+    ids answered 202 and the status of every other answer (503 while the database is down)."""
+
+    def __init__(self, url: str, key: str, effects: Any, queue: str, interval_s: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        import requests
+
+        self.url, self.effects, self.queue, self.interval_s = url, effects, queue, interval_s
+        self.session = requests.Session()
+        self.session.headers["X-API-Key"] = key
+        self.guarded: list[str] = []
+        self.unguarded: list[str] = []
+        self.states: list[str] = []
+        self.refused: list[int | str] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        import requests
+
+        n = 0
+        while not self.done.is_set():
+            guard = n % 2 == 0
+            n += 1
+            params = {"check_fence": True, "fence_wait_s": 120} if guard else {}
+            try:
+                answer = self.session.post(f"{self.url}/api/v1/tasks", timeout=30,
+                                           json=self.effects.task(self.queue, sleep_s=0.3, params=params))
+            except requests.RequestException as exc:
+                self.refused.append(type(exc).__name__)
+            else:
+                if answer.status_code == 202:
+                    (self.guarded if guard else self.unguarded).append(answer.json()["id"])
+                    self.states.append(answer.json()["state"])
+                else:
+                    self.refused.append(answer.status_code)
+            self.done.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=60)
+        self.session.close()
+
+    @property
+    def accepted(self) -> list[str]:
+        return self.guarded + self.unguarded
+
+
+@dataclass
+class System:
+    """An API, agents and a beat on one private database: what a scenario that breaks a service runs."""
+
+    database: Any
+    admin: Any
+    api: Any
+    workers: list[WorkerProcess]
+    beat: Any
+
+    @property
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        return [self.api.process, *(w.process for w in self.workers), self.beat.process]
+
+
+#: The beat's sync job every 2 s, treating a PENDING/QUEUED task as forgotten after 2 s.
+FAST_SYNC = {"AIOS_ORCHESTRATOR__SYNC_INTERVAL_S": "2", "AIOS_ORCHESTRATOR__LOST_MESSAGE_GRACE_S": "2"}
+
+
+def start_system(stack: Any, database_url: str, queue: str, *, start_api: Any, start_worker: Any, start_beat: Any,
+                 env: dict[str, str] | None = None, agents: int = 2) -> System:
+    """A real ``aios api``, ``agents`` agents (two pool processes each) on ``queue`` and a leading ``aios beat``
+    (:data:`FAST_SYNC`), all on the database at ``database_url`` (plus ``env``), and an admin's key."""
+    from tests.conftest import make_user
+
+    env = {"AIOS_DATABASE__URL": database_url, **FAST_SYNC, **(env or {})}
+    private = stack.override(database={"url": database_url})
+    admin = make_user(private, "admin")
+    api = start_api(env=env)
+    workers = [start_worker([queue], concurrency=2, env=env) for _ in range(agents)]
+    beat = start_beat(env=env)
+    wait_for(lambda: beat.is_leader, timeout=60, interval=0.2, what="the beat to lead")
+    return System(private.settings.database, admin, api, workers, beat)
 
 
 # --------------------------------------------------------------------------- private services
@@ -203,10 +305,15 @@ class PrivatePostgres:
     """:attr:`Fault.STOP_POSTGRES`: a throwaway PostgreSQL cluster (``initdb`` in a temp folder, a free port,
     trust auth on 127.0.0.1) that a test may stop and start; the shared server is never touched.
 
-    PostgreSQL refuses to run as root, so as root the cluster belongs to the ``postgres`` user."""
+    PostgreSQL refuses to run as root, so as root the cluster belongs to the ``postgres`` user.
 
-    def __init__(self, bindir: Path) -> None:
+    ``fsync`` off by default (nothing here survives a machine crash, and it saves time); on for the crash
+    tests (:attr:`Fault.CRASH_POSTGRES`, :attr:`Fault.SIGKILL_POSTGRES`), so the cluster runs as in
+    production when its processes die."""
+
+    def __init__(self, bindir: Path, *, fsync: bool = False) -> None:
         self.bindir = bindir
+        self.fsync = fsync
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="aios-faults-pg-"))
         self.data = self.dir / "data"
@@ -225,7 +332,8 @@ class PrivatePostgres:
             raise AssertionError(f"{argv[0]} failed ({result.returncode}): {result.stdout}{result.stderr}\n{log}")
 
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        fsync = "on" if self.fsync else "off"
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync={fsync}"
         self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_path), "-o", options,
                    "-w", "-t", "60", "start"], timeout=90)
 
@@ -233,6 +341,25 @@ class PrivatePostgres:
         """Fast shutdown: open connections are cut, as in a real outage."""
         self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop"],
                   timeout=90)
+
+    def crash(self) -> None:
+        """:attr:`Fault.CRASH_POSTGRES`: immediate shutdown. Every server process quits at once (SIGQUIT),
+        nothing is written or checkpointed: the next :meth:`start` runs crash recovery from the WAL, and
+        what was still in the WAL buffers (commits that did not wait for their flush) is gone."""
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "-t", "60", "stop"],
+                  timeout=90)
+
+    def kill_postmaster(self, timeout: float = 30.0) -> None:
+        """:attr:`Fault.SIGKILL_POSTGRES`: SIGKILL the postmaster. Its backends notice its death and exit
+        (a new postmaster cannot start while they hold the old shared memory), so this waits for them;
+        one still there after ``timeout`` is SIGKILLed too. The next :meth:`start` runs crash recovery."""
+        postmaster = psutil.Process(int((self.data / "postmaster.pid").read_text().split()[0]))
+        children = postmaster.children(recursive=True)
+        postmaster.kill()
+        _, alive = psutil.wait_procs([postmaster, *children], timeout=timeout)
+        for process in alive:
+            process.kill()
+        psutil.wait_procs(alive, timeout=10)
 
     def create_database(self) -> None:
         import sqlalchemy as sa
@@ -254,10 +381,20 @@ class PrivatePostgres:
 @pytest.fixture()
 def private_postgres() -> Iterator[PrivatePostgres]:
     """A started, migrated private PostgreSQL (database ``aios``); destroyed at teardown."""
+    yield from _running_postgres(fsync=False)
+
+
+@pytest.fixture()
+def durable_postgres() -> Iterator[PrivatePostgres]:
+    """The same with ``fsync`` on: for the tests that crash it."""
+    yield from _running_postgres(fsync=True)
+
+
+def _running_postgres(*, fsync: bool) -> Iterator[PrivatePostgres]:
     bindir = _postgres_bin()
     if bindir is None:
         requirement_missing("PostgreSQL server binaries (/usr/lib/postgresql/*/bin)", "not installed")
-    server = PrivatePostgres(bindir)
+    server = PrivatePostgres(bindir, fsync=fsync)
     try:
         server.start()
         server.create_database()

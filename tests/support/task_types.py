@@ -84,6 +84,10 @@ class EffectParameters(Parameters):
     retry_sleep_s: float | None = Field(None, ge=0, le=120)
     #: Check the run still holds the task before writing the effect (an idempotent task's guard).
     check_fence: bool = False
+    #: With ``check_fence``: how long to keep asking while the database does not answer. 0: an unanswered
+    #: check counts as holding (``ctx.progress`` keeps the report for later and returns True); above 0 the
+    #: run acts only on a definite answer, and fails its attempt if none came in time.
+    fence_wait_s: float = Field(0, ge=0, le=300)
 
 
 @task_type("test.effect", parameters=EffectParameters)
@@ -96,13 +100,35 @@ def effect(params: EffectParameters, ctx: TaskContext) -> dict[str, Any]:
         handle.write(f"{ctx.task_id} {ctx.attempt} {os.getpid()}\n")
     later = params.retry_sleep_s if params.retry_sleep_s is not None else params.sleep_s
     time.sleep(params.sleep_s if ctx.attempt == 1 else later)
-    if params.check_fence:
+    if params.check_fence and params.fence_wait_s > 0:
+        if not _still_holds(ctx, params.fence_wait_s):
+            return {"attempt": ctx.attempt, "fenced_off": True}
+    elif params.check_fence:
         ctx.progress(100, "effect next")
         if not ctx.flush_progress():
             return {"attempt": ctx.attempt, "fenced_off": True}
     with open(params.path, "a", encoding="utf-8") as handle:
         handle.write(f"{ctx.task_id} {ctx.attempt}\n")
     return {"attempt": ctx.attempt}
+
+
+def _still_holds(ctx: TaskContext, wait_s: float) -> bool:
+    """The fenced progress write, asked again until the database answers (for up to ``wait_s``): True if
+    this run still holds the task. Its commit waits for the WAL flush, so it also makes the claim durable."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from aios.progress import record_progress
+
+    assert ctx.settings is not None and ctx.dispatch_id is not None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return record_progress(ctx.settings, ctx.task_id, ctx.dispatch_id, 100.0, "effect next",
+                                   actor=f"worker:{ctx.agent}")
+        except SQLAlchemyError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 class PoisonParameters(Parameters):
