@@ -338,6 +338,7 @@ class QoS(virtual.QoS):
     def ack(self, delivery_tag: str) -> None:
         self.channel.store.ack(delivery_tag)
         super().ack(delivery_tag)
+        self._slot_freed()
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:
@@ -345,6 +346,14 @@ class QoS(virtual.QoS):
         else:
             self.channel.store.ack(delivery_tag)
         self._quick_ack(delivery_tag)
+        self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        # Celery acks from the pool's result thread: wake the consuming thread now rather than after
+        # its poll interval, so a pool process that finished gets its next message at once.
+        transport = self.channel.connection
+        if transport is not None:
+            transport.wake.set()
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
         self._flush()
@@ -483,6 +492,27 @@ class Transport(virtual.Transport):
         super().__init__(client, **kwargs)
         self.path = path_of(client.virtual_host)
         self._store: Store | None = None
+        #: Set when an ack or reject frees a prefetch slot (see :meth:`drain_events`).
+        self.wake = threading.Event()
+
+    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+        """kombu's loop, except that between polls it waits for an ack (a free slot) instead of
+        sleeping: an agent whose pool process finished takes the next message at once, not up to a
+        poll interval later. New messages from other processes are still found by polling."""
+        started = time.monotonic()
+        interval = self.polling_interval
+        if timeout and interval and interval > timeout:
+            interval = timeout
+        while True:
+            self.wake.clear()
+            try:
+                self.cycle.get(self._deliver, timeout=timeout)
+                return
+            except Empty:
+                if timeout is not None and time.monotonic() - started >= timeout:
+                    raise TimeoutError() from None  # socket.timeout, what Celery catches
+                if interval is not None:
+                    self.wake.wait(interval)
 
     def store_for(self, busy_timeout_s: float) -> Store:
         if self._store is None:
