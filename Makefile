@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 ## install: create .venv and install AIOS with its test and lint tools
 install: $(STAMP)
 
-## run: API + one agent on the embedded default (SQLite + filesystem broker), or on
+## run: API + one agent + beat on the embedded default (SQLite ledger + SQLite broker), or on
 ##      PostgreSQL/Redis when AIOS_DATABASE__URL / AIOS_BROKER__URL are set
 run: $(STAMP)
 	$(BIN)/aios up --migrate

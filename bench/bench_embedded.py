@@ -26,8 +26,10 @@ ADMIN_PASSWORD = "bench-embedded-admin-Pw-7c1d"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embedded-tasks", type=int, default=1_000,
-                        help="tasks per repetition on each embedded broker (default 1,000)")
+    parser.add_argument("--embedded-tasks", type=int, default=300,
+                        help="tasks per repetition on each embedded broker (default 300)")
+    parser.add_argument("--embedded-reps", type=int, default=2,
+                        help="repetitions per embedded broker (default 2: the figure stays under 2 minutes)")
 
 
 def _env(port: int, broker_url: str) -> dict[str, str]:

@@ -1,6 +1,6 @@
-"""The embedded broker's plain logic (:class:`aios.sqlite_transport.Store`) on a temp SQLite file:
-ordering, holding and visibility, acks, purge and put-back, bindings and expiry. No Celery, no kombu
-connection; two Stores on one file stand for two processes."""
+"""The embedded broker on a temp SQLite file: first its plain logic (:class:`aios.sqlite_transport.Store`:
+ordering, holding and visibility, acks, purge and put-back, bindings and expiry; two Stores on one file
+stand for two processes), then the kombu adapter through real kombu connections (no Celery)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import threading
 import time
 
 import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
 
+from aios.celery_app import create_celery_app
+from aios.config import Settings
 from aios.priority import to_transport
-from aios.sqlite_transport import Store, clamp_priority, path_of
+from aios.sqlite_transport import Store, clamp_priority, install, path_of
 
 VISIBILITY_S = 30.0
 
@@ -195,3 +198,82 @@ def test_a_locked_file_is_a_connection_error_that_kombu_retries():
     from aios.sqlite_transport import Transport
 
     assert sqlite3.OperationalError in Transport.connection_errors
+
+
+# ---------------------------------------------------------------------- through kombu (no Celery)
+
+
+@pytest.fixture()
+def broker_url(tmp_path) -> str:
+    install()
+    return f"sqlite:///{tmp_path}/broker.db"
+
+
+def connect(url: str) -> Connection:
+    return Connection(url, transport_options={"polling_interval": 0.01, "visibility_timeout": VISIBILITY_S})
+
+
+def test_a_fanout_published_in_one_process_reaches_the_queues_bound_in_another(broker_url):
+    # Given two consumers' queues bound to a fanout exchange through one connection
+    exchange = Exchange("aios.pidbox", type="fanout")
+    queues = [Queue(f"agent-{i}.pidbox", exchange) for i in (1, 2)]
+    with connect(broker_url) as consumer_side, connect(broker_url) as publisher_side:
+        for queue in queues:
+            queue(consumer_side.default_channel).declare()
+        # When another connection (another process) publishes a broadcast
+        Producer(publisher_side.default_channel).publish({"method": "ping"}, exchange=exchange, declare=[exchange])
+        # Then each bound queue gets its own copy
+        got = [queue(consumer_side.default_channel).get(no_ack=True) for queue in queues]
+        assert [message.payload for message in got] == [{"method": "ping"}] * 2
+
+
+def test_messages_a_closing_channel_still_holds_wait_again_at_once(broker_url):
+    # Given a message taken (not acked) through a channel
+    queue = Queue("work", Exchange("work"), routing_key="work")
+    with connect(broker_url) as connection:
+        Producer(connection.default_channel).publish({"n": 1}, exchange=queue.exchange, routing_key="work",
+                                                     declare=[queue])
+        channel = connection.channel()
+        assert queue(channel).get(no_ack=False) is not None
+        assert Store(broker_url.split(":///", 1)[1]).size("work") == 0
+        # When the channel closes (a worker stopping cleanly)
+        channel.close()
+        # Then the message waits again, without waiting for its visibility timeout
+        assert Store(broker_url.split(":///", 1)[1]).size("work") == 1
+
+
+def test_an_ack_wakes_a_consumer_waiting_for_a_free_slot(broker_url):
+    # Given a consumer with prefetch 1 holding one message, and a second one waiting
+    queue = Queue("work", Exchange("work"), routing_key="work")
+    held: list = []
+    with connect(broker_url) as connection:
+        connection.transport_options["polling_interval"] = 30.0  # only the ack can end the wait early
+        producer = Producer(connection.default_channel)
+        for n in (1, 2):
+            producer.publish({"n": n}, exchange=queue.exchange, routing_key="work", declare=[queue])
+        with Consumer(connection, [queue], callbacks=[lambda body, message: held.append(message)], prefetch_count=1):
+            connection.drain_events(timeout=5)
+            assert [m.payload for m in held] == [{"n": 1}]
+            # When another thread acks it while the consumer waits
+            threading.Timer(0.2, held[0].ack).start()
+            began = time.monotonic()
+            connection.drain_events(timeout=20)
+            # Then the consumer takes the next message long before its 30 s poll interval
+            assert [m.payload for m in held] == [{"n": 1}, {"n": 2}]
+            assert time.monotonic() - began < 15
+
+
+def test_the_embedded_default_is_the_sqlite_broker_with_depths_and_redelivery():
+    settings = Settings()
+    assert settings.broker.url == "sqlite:///var/broker.db"
+    assert settings.broker.is_embedded and settings.broker.is_sqlite and not settings.broker.is_redis
+    assert settings.broker.has_queue_depths and settings.broker.redelivers_after_visibility_timeout
+    options = create_celery_app(settings).conf.broker_transport_options
+    assert options["visibility_timeout"] == settings.broker.visibility_timeout_s
+    assert options["polling_interval"] == settings.broker.polling_interval_s
+
+
+def test_on_the_sqlite_broker_the_visibility_timeout_must_exceed_the_task_timeout():
+    with pytest.raises(ValueError, match="broker.visibility_timeout_s"):
+        Settings.model_validate({"broker": {"url": "sqlite:///var/broker.db", "visibility_timeout_s": 60},
+                                 "orchestrator": {"task_timeout_s": 60}})
