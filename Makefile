@@ -31,7 +31,7 @@ test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit -q
 
 ## bench: AIOS against Celery, Flower and a bare Flask ceiling (PostgreSQL and Redis on localhost);
-##        rewrites BENCHMARKS.md (13-18 minutes on 2 cores at the spec's sizes, about half of it end to end)
+##        rewrites BENCHMARKS.md (15-20 minutes on 2 cores at the spec's sizes, about half of it end to end)
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 

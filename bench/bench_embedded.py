@@ -107,5 +107,10 @@ def measure(run: Any, api: Any, args: argparse.Namespace) -> list[Figure]:
         "(`filesystem://`), each in a fresh `aios up --migrate` in an empty folder (API, one agent × 2 processes, "
         "beat; SQLite ledger), brokers alternating. `echo` tasks with `{}` parameters through "
         "`POST /api/v1/tasks/batch` (1,000 a request); done = every row `SUCCEEDED`. Each repetition times first "
-        "submit → last completion; start-up is not timed.\n\n"
+        "submit → last completion; start-up is not timed. Why the gap: the agent holds one message per pool "
+        "process (prefetch 1, so priorities hold); on kombu's virtual transports, filesystem included, a consumer "
+        "whose slots are full sleeps `broker.polling_interval_s` (0.2 s) before it looks again, so each pool process "
+        "waits up to 0.2 s after every task (2 processes: at most ~10 tasks/s). The SQLite transport wakes the "
+        "consumer on the ack that frees a slot (aios/sqlite_transport.py `Transport.drain_events`); without that "
+        "wake it measured below the filesystem broker (9.9 against 13.9 tasks/s, 1,000 tasks, one run).\n\n"
         "| rep | SQLite broker tasks/s | filesystem broker tasks/s | ratio |\n|---|---|---|---|\n" + rows)]
