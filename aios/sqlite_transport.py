@@ -357,12 +357,12 @@ class QoS(virtual.QoS):
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
         self._flush()
-        tags = list(self._delivered)
+        held = list(self._delivered.items())
         self._delivered.clear()
         try:
-            self.channel.store.requeue(tags)
-        except sqlite3.Error as exc:  # they wait again once their visibility timeout passes
-            return [(exc, tag) for tag in tags]
+            self.channel.store.requeue([tag for tag, _ in held])
+        except sqlite3.Error as exc:  # they wait again once their visibility timeout passes anyway
+            return [(exc, message) for _, message in held]
         return []
 
 
