@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 ## install: create .venv and install AIOS with its test and lint tools
 install: $(STAMP)
 
-## run: API + one agent on the embedded default (SQLite + filesystem broker), or on
+## run: API + one agent + beat on the embedded default (SQLite ledger + SQLite broker), or on
 ##      PostgreSQL/Redis when AIOS_DATABASE__URL / AIOS_BROKER__URL are set
 run: $(STAMP)
 	$(BIN)/aios up --migrate
@@ -31,7 +31,7 @@ test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit -q
 
 ## bench: AIOS against Celery, Flower and a bare Flask ceiling (PostgreSQL and Redis on localhost);
-##        rewrites BENCHMARKS.md (13-18 minutes on 2 cores at the spec's sizes, about half of it end to end)
+##        rewrites BENCHMARKS.md (15-20 minutes on 2 cores at the spec's sizes, about half of it end to end)
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 

@@ -7,6 +7,8 @@ Settings that matter for delivery, and why:
 * ``task_acks_late`` + ``task_reject_on_worker_lost`` + prefetch 1: a message is acked only after its
   task finished, so a crash redelivers it instead of losing it (at-least-once). The task row's
   dispatch fence makes the extra delivery harmless.
+* The embedded default ``sqlite:///var/broker.db`` is AIOS's own transport (:mod:`aios.sqlite_transport`),
+  with the same ten priority levels, acks and visibility timeout as Redis.
 * Redis priorities: ``queue_order_strategy=priority`` with all ten ``priority_steps`` so ten levels
   really are ten (the default folds them into four lists).
 * ``visibility_timeout`` is set everywhere Celery reads it and is checked (in the config loader)
@@ -30,8 +32,13 @@ from typing import Any
 
 from celery import Celery
 
+from aios import sqlite_transport
 from aios.config import Settings, load_settings
 from aios.priority import PRIORITY_STEPS, to_transport
+
+# ``sqlite://`` broker URLs (the embedded default) open AIOS's transport in every process that builds
+# the app: API, agents, beat, and ``celery -A aios.celery_app`` / Flower.
+sqlite_transport.install()
 
 #: The one Celery task AIOS publishes; its only argument is the dispatch fence.
 RUN_TASK_NAME = "aios.run"
@@ -44,6 +51,12 @@ def queue_name(settings: Settings, queue: str) -> str:
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     broker = settings.broker
+    if broker.is_sqlite:
+        return {
+            "visibility_timeout": broker.visibility_timeout_s,
+            "polling_interval": broker.polling_interval_s,
+            "busy_timeout": settings.database.sqlite_busy_timeout_s,
+        }
     if broker.is_embedded:
         root = Path(broker.data_dir)
         folders = {"queue": root / "queue", "control": root / "control", "processed": root / "processed"}

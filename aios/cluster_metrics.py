@@ -93,7 +93,7 @@ class ClusterCollector(Collector):
                          [row for row in rows if row.series == "wait"])
 
     def _queues(self) -> Iterator[Metric]:
-        if self.celery is None or not self.settings.broker.is_redis:
+        if self.celery is None or not self.settings.broker.has_queue_depths:
             return
         from aios.queues import describe_queues
 

@@ -86,24 +86,27 @@ class DatabaseSettings(_Section):
 
 
 class BrokerSettings(_Section):
-    #: kombu URL. ``filesystem://`` is the embedded default that needs no server;
+    #: kombu URL. ``sqlite:///var/broker.db`` is the embedded default that needs no server (AIOS's
+    #: own transport, :mod:`aios.sqlite_transport`: priorities, acks, visibility timeout, fanout);
     #: production uses ``redis://`` or ``rediss://`` (Sentinel URLs pass through to kombu).
-    url: str = "filesystem://localhost/"
-    #: Where the filesystem transport keeps its messages (embedded mode only).
+    #: kombu's ``filesystem://`` is still accepted (FIFO, no queue depths).
+    url: str = "sqlite:///var/broker.db"
+    #: Where the filesystem transport keeps its messages (``filesystem://`` only).
     data_dir: str = "var/broker"
     #: Prefix of every AIOS queue name, control and event exchange: lets several AIOS
     #: deployments (or test runs) share one Redis without seeing each other.
     namespace: str = Field("aios", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
     #: Prepended to every Redis key kombu writes (kombu ``global_keyprefix``); empty = none.
     key_prefix: str = ""
-    #: Redis redelivers a message not acked within this time. Must exceed the longest task
-    #: timeout, or long tasks run twice (celery redis caveats; kombu#337).
+    #: Redis and the SQLite transport redeliver a message not acked within this time. Must exceed
+    #: the longest task timeout, or long tasks run twice (celery redis caveats; kombu#337).
     visibility_timeout_s: int = Field(7200, ge=10)
     #: Publish attempts after the first, and the longest a publish may take in all. A broker
     #: outage must not hang the API (celery#6046): past this the task stays PENDING.
     publish_max_retries: int = Field(2, ge=0, le=10)
     publish_timeout_s: float = Field(3.0, gt=0, le=30)
-    #: Seconds between polls for transports without blocking reads (filesystem).
+    #: Seconds between polls for transports without blocking reads (sqlite, filesystem): an idle
+    #: agent sees a new message within this time.
     polling_interval_s: float = Field(0.2, gt=0, le=10)
     #: Celery's ``task-sent`` event for every publish (``task_send_sent_event``). Off by default: it is
     #: a second Redis publish per task, nearly half of a submit's publishing cost, and AIOS's ledger
@@ -116,8 +119,24 @@ class BrokerSettings(_Section):
         return self.url.startswith(("redis://", "rediss://", "sentinel://", "redis+socket://"))
 
     @property
+    def is_sqlite(self) -> bool:
+        """AIOS's SQLite transport (:mod:`aios.sqlite_transport`)."""
+        return self.url.startswith("sqlite://")
+
+    @property
     def is_embedded(self) -> bool:
-        return self.url.startswith("filesystem://")
+        """A broker inside AIOS's own processes, no server: sqlite:// or kombu's filesystem://."""
+        return self.is_sqlite or self.url.startswith("filesystem://")
+
+    @property
+    def redelivers_after_visibility_timeout(self) -> bool:
+        """Brokers that hand an unacked message out again after ``visibility_timeout_s``."""
+        return self.is_redis or self.is_sqlite
+
+    @property
+    def has_queue_depths(self) -> bool:
+        """Brokers :mod:`aios.queues` reads depths from and purges (Redis lists, the SQLite table)."""
+        return self.is_redis or self.is_sqlite
 
 
 class OrchestratorSettings(_Section):
@@ -300,17 +319,18 @@ class Settings(_Section):
                 f"agents.heartbeat_interval_s ({agents.heartbeat_interval_s:g})"
             )
         longest = self.orchestrator.task_timeout_s + self.orchestrator.timeout_grace_s
-        if self.broker.is_redis and self.broker.visibility_timeout_s <= longest:
+        if self.broker.redelivers_after_visibility_timeout and self.broker.visibility_timeout_s <= longest:
             raise ValueError(
                 f"broker.visibility_timeout_s ({self.broker.visibility_timeout_s}) must be larger than "
-                f"orchestrator.task_timeout_s + timeout_grace_s ({longest}), or Redis redelivers "
+                f"orchestrator.task_timeout_s + timeout_grace_s ({longest}), or the broker redelivers "
                 "long tasks while they still run"
             )
-        if self.broker.is_redis and self.orchestrator.retry_backoff_max_s >= self.broker.visibility_timeout_s:
+        if (self.broker.redelivers_after_visibility_timeout
+                and self.orchestrator.retry_backoff_max_s >= self.broker.visibility_timeout_s):
             raise ValueError(
                 f"orchestrator.retry_backoff_max_s ({self.orchestrator.retry_backoff_max_s:g}) must be less than "
-                f"broker.visibility_timeout_s ({self.broker.visibility_timeout_s}): a retry waits in Redis as a "
-                "countdown message, which Redis redelivers once it outlives the visibility timeout (kombu#337)"
+                f"broker.visibility_timeout_s ({self.broker.visibility_timeout_s}): a retry waits in the broker as a "
+                "countdown message, which the broker redelivers once it outlives the visibility timeout (kombu#337)"
             )
         if self.orchestrator.retry_backoff_max_s < self.orchestrator.retry_backoff_base_s:
             raise ValueError(

@@ -11,10 +11,14 @@ Messages a worker has already taken (prefetched or running, held in kombu's ``un
 no longer in these lists: the depth counts what waits for a worker, and purge never touches work
 a worker holds.
 
-Purge keeps the ledger and the broker in agreement: it takes the messages out of the lists in one
-``MULTI`` (``LRANGE`` + ``DEL``), then in one database transaction moves each message's task
-``QUEUED → CANCELLED`` fenced on the message's dispatch id. If that transaction fails, the
-messages are pushed back where they were (the oldest end), so either both sides changed or neither.
+On the embedded broker (:mod:`aios.sqlite_transport`) a queue is the rows of one ``messages`` table
+with that queue name, each with its kombu priority; a row an agent took stays (held) until acked.
+
+Purge keeps the ledger and the broker in agreement: it takes the messages out in one step (Redis:
+one ``MULTI`` of ``LRANGE`` + ``DEL``; SQLite: one transaction), then in one database transaction
+moves each message's task ``QUEUED → CANCELLED`` fenced on the message's dispatch id. If that transaction fails, the
+messages are put back where they were (the oldest end, or their old row ids), so either both sides
+changed or neither.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +38,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from sqlalchemy import func, select
 
+from aios import sqlite_transport
 from aios.agents import agent_queue, capability_queue
 from aios.celery_app import queue_name
 from aios.config import Settings
@@ -113,6 +119,22 @@ class PurgeOutcome:
 
 
 class _Broker:
+    """Where an AIOS queue's waiting messages are; one implementation per broker kind."""
+
+    def levels(self, queues: Sequence[str]) -> list[list[tuple[int, bytes | str | None]]]:
+        """Per queue, per level of :data:`LEVELS`: (waiting messages, the oldest raw message)."""
+        raise NotImplementedError
+
+    def take(self, queue: str, levels: Sequence[int]) -> tuple[Any, list[bytes | str]]:
+        """Take the waiting messages of ``levels`` out: (what :meth:`put_back` needs, raw messages
+        in the order workers would have taken them)."""
+        raise NotImplementedError
+
+    def put_back(self, taken: Any) -> None:
+        raise NotImplementedError
+
+
+class _RedisLists(_Broker):
     """The Redis lists of AIOS queues, named exactly as the transport names them."""
 
     def __init__(self, settings: Settings, channel: Any) -> None:
@@ -130,17 +152,72 @@ class _Broker:
         broker_queue = queue_name(self.settings, queue)
         return f"{self.channel.global_keyprefix}{self.channel._q_for_pri(broker_queue, to_transport(priority))}"
 
+    def levels(self, queues: Sequence[str]) -> list[list[tuple[int, bytes | str | None]]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            for level in LEVELS:
+                pipe.llen(self.key(queue, level))
+                pipe.lindex(self.key(queue, level), -1)
+        answers = pipe.execute()
+        return [[(int(answers[base + 2 * i]), answers[base + 2 * i + 1]) for i in range(len(LEVELS))]
+                for base in range(0, len(answers), 2 * len(LEVELS))]
+
+    def take(self, queue: str, levels: Sequence[int]) -> tuple[Any, list[bytes | str]]:
+        keys = [self.key(queue, level) for level in levels]
+        pipe = self.redis.pipeline(transaction=True)
+        for key in keys:
+            pipe.lrange(key, 0, -1)
+            pipe.delete(key)
+        answers = pipe.execute()
+        taken: dict[str, list[bytes]] = {key: answers[2 * i] for i, key in enumerate(keys)}
+        # LRANGE lists newest first: the oldest of each level comes first here.
+        return taken, [raw for messages in taken.values() for raw in reversed(messages)]
+
+    def put_back(self, taken: dict[str, list[bytes]]) -> None:
+        """Return messages to the oldest end of their lists, in their order."""
+        pipe = self.redis.pipeline(transaction=True)
+        for key, messages in taken.items():
+            if messages:
+                pipe.rpush(key, *messages)
+        pipe.execute()
+
+
+class _SqliteTable(_Broker):
+    """The messages table of the embedded broker (:mod:`aios.sqlite_transport`)."""
+
+    def __init__(self, settings: Settings, store: sqlite_transport.Store) -> None:
+        self.settings = settings
+        self.store = store
+
+    def levels(self, queues: Sequence[str]) -> list[list[tuple[int, bytes | str | None]]]:
+        found = self.store.levels([queue_name(self.settings, queue) for queue in queues])
+        return [[found[queue_name(self.settings, queue)].get(to_transport(level), (0, None)) for level in LEVELS]
+                for queue in queues]
+
+    def take(self, queue: str, levels: Sequence[int]) -> tuple[Any, list[bytes | str]]:
+        rows = self.store.take_waiting(queue_name(self.settings, queue), [to_transport(level) for level in levels])
+        rows.sort(key=lambda row: (row.priority, row.id))
+        return rows, [row.payload for row in rows]
+
+    def put_back(self, taken: list[sqlite_transport.Row]) -> None:
+        self.store.put_back(taken)
+
 
 @contextmanager
 def _broker(celery: Celery, settings: Settings) -> Iterator[_Broker]:
-    if not settings.broker.is_redis:
+    if not settings.broker.has_queue_depths:
         raise UnsupportedOnBroker(
-            "queue depths and purge read the broker's Redis lists; the embedded filesystem broker has "
-            "none (use broker.url = redis://...)", broker=settings.broker.url.split(":", 1)[0])
+            "queue depths and purge read the broker's queues; kombu's filesystem broker keeps none that can be "
+            "read (use broker.url = sqlite:///var/broker.db, the embedded default, or redis://...)",
+            broker=settings.broker.url.split(":", 1)[0])
     try:
         with celery.connection_for_read() as connection:
-            yield _Broker(settings, connection.default_channel)
-    except (redis.RedisError, OSError, OperationalError) as exc:
+            channel = connection.default_channel
+            if settings.broker.is_sqlite:
+                yield _SqliteTable(settings, channel.store)
+            else:
+                yield _RedisLists(settings, channel)
+    except (redis.RedisError, OSError, OperationalError, sqlite3.Error) as exc:
         raise ServiceUnavailable(f"the broker cannot be read: {type(exc).__name__}: {exc}") from exc
 
 
@@ -159,7 +236,7 @@ def known_queues(settings: Settings, consumers: dict[str, list[str]]) -> list[st
     return sorted(name for name in names if name)
 
 
-def _published_at(raw: bytes | None) -> datetime | None:
+def _published_at(raw: bytes | str | None) -> datetime | None:
     if raw is None:
         return None
     try:
@@ -174,21 +251,15 @@ def describe_queues(celery: Celery, settings: Settings, names: Sequence[str] | N
     with _broker(celery, settings) as broker:
         consumers = consumers_by_queue(celery, settings)
         queues = list(names) if names is not None else known_queues(settings, consumers)
-        pipe = broker.redis.pipeline(transaction=False)
-        for queue in queues:
-            for level in LEVELS:
-                pipe.llen(broker.key(queue, level))
-                pipe.lindex(broker.key(queue, level), -1)
-        answers = pipe.execute()
+        answers = broker.levels(queues)
     with session_scope(settings.database) as session:
         in_ledger = dict(session.execute(
             select(Task.queue, func.count()).where(Task.state == TaskState.QUEUED.value, Task.queue.in_(queues))
             .group_by(Task.queue)).all())
     infos = []
-    for index, queue in enumerate(queues):
-        chunk = answers[index * 2 * len(LEVELS):(index + 1) * 2 * len(LEVELS)]
-        levels = [Level(priority=level, depth=int(chunk[2 * i]), oldest_published_at=_published_at(chunk[2 * i + 1]))
-                  for i, level in enumerate(LEVELS)]
+    for queue, counts in zip(queues, answers, strict=True):
+        levels = [Level(priority=level, depth=depth, oldest_published_at=_published_at(oldest))
+                  for level, (depth, oldest) in zip(LEVELS, counts, strict=True)]
         broker_queue = queue_name(settings, queue)
         infos.append(QueueInfo(name=queue, broker_queue=broker_queue, levels=levels,
                                consumers=consumers.get(broker_queue, []), queued_in_ledger=in_ledger.get(queue, 0)))
@@ -205,7 +276,7 @@ def queues_as_dicts(infos: Sequence[QueueInfo]) -> list[dict[str, Any]]:
     return [info.to_dict(now) for info in infos]
 
 
-def _read_message(raw: bytes) -> tuple[str | None, str | None]:
+def _read_message(raw: bytes | str) -> tuple[str | None, str | None]:
     """(task id, dispatch id) of a raw kombu message; (None, None) if it is not an AIOS task message."""
     try:
         message = json.loads(raw)
@@ -229,54 +300,43 @@ def purge(celery: Celery, settings: Settings, queue: str, *, priority: int | Non
     outcome = PurgeOutcome(queue=queue, priority=priority)
     levels = LEVELS if priority is None else (priority,)
     with _broker(celery, settings) as broker:
-        keys = [broker.key(queue, level) for level in levels]
-        pipe = broker.redis.pipeline(transaction=True)
-        for key in keys:
-            pipe.lrange(key, 0, -1)
-            pipe.delete(key)
-        answers = pipe.execute()
-        taken: dict[str, list[bytes]] = {key: answers[2 * i] for i, key in enumerate(keys)}
+        taken, messages = broker.take(queue, levels)
         try:
-            _cancel_purged(settings, queue, taken, outcome, actor=actor)
+            _cancel_purged(settings, queue, messages, outcome, actor=actor)
         except Exception:
-            _put_back(broker, taken)
+            _put_back(broker, taken, len(messages))
             raise
     logger.info("purged %d message(s) from queue %s (priority %s): %d task(s) cancelled, %d dropped",
                 outcome.purged, queue, "all" if priority is None else priority, outcome.cancelled, outcome.dropped)
     return outcome
 
 
-def _cancel_purged(settings: Settings, queue: str, taken: dict[str, list[bytes]], outcome: PurgeOutcome,
+def _cancel_purged(settings: Settings, queue: str, messages: list[bytes | str], outcome: PurgeOutcome,
                    *, actor: str) -> None:
     detail = {"reason": "purged", "queue": queue}
     with session_scope(settings.database) as session:
-        for messages in taken.values():
-            for raw in reversed(messages):  # oldest first, as the workers would have taken them
-                outcome.purged += 1
-                task_id, dispatch_id = _read_message(raw)
-                if task_id is None:
-                    outcome.unreadable += 1
-                    continue
-                # Fenced: a stale copy of a task that was dispatched again since must not cancel it.
-                if dispatch_id and transition(session, task_id, TaskState.QUEUED, TaskState.CANCELLED,
-                                              actor=actor, detail=detail, fence=dispatch_id):
-                    outcome.cancelled += 1
-                    outcome.cancelled_ids.append(task_id)
-                else:
-                    outcome.dropped += 1
+        for raw in messages:  # oldest first, as the workers would have taken them
+            outcome.purged += 1
+            task_id, dispatch_id = _read_message(raw)
+            if task_id is None:
+                outcome.unreadable += 1
+                continue
+            # Fenced: a stale copy of a task that was dispatched again since must not cancel it.
+            if dispatch_id and transition(session, task_id, TaskState.QUEUED, TaskState.CANCELLED,
+                                          actor=actor, detail=detail, fence=dispatch_id):
+                outcome.cancelled += 1
+                outcome.cancelled_ids.append(task_id)
+            else:
+                outcome.dropped += 1
 
 
-def _put_back(broker: _Broker, taken: dict[str, list[bytes]]) -> None:
-    """Return messages to the oldest end of their lists, in their order (LRANGE lists newest first)."""
+def _put_back(broker: _Broker, taken: Any, count: int) -> None:
+    """Return purged messages where they were, after the ledger refused to cancel their tasks."""
     try:
-        pipe = broker.redis.pipeline(transaction=True)
-        for key, messages in taken.items():
-            if messages:
-                pipe.rpush(key, *messages)
-        pipe.execute()
+        broker.put_back(taken)
     except Exception:  # noqa: BLE001 - the original error is the one to report
         logger.exception("purge: could not put %d message(s) back after a database error; the sync job "
-                         "re-dispatches their QUEUED tasks", sum(len(m) for m in taken.values()))
+                         "re-dispatches their QUEUED tasks", count)
 
 
 def check_queue_known(settings: Settings, name: str, consumers: dict[str, list[str]]) -> None:

@@ -43,9 +43,10 @@ Conflict rules (the same everywhere in AIOS; ``docs/sync.md`` says them for oper
   report from a fenced-off run is recorded as a note event and otherwise ignored.
 * Losing a race is not an error: a row that moved on between sync's read and its write is left as it is.
 
-Messages of the embedded filesystem transport leave its queue folder when an agent fetches them, so
-there is no place to see which messages agents hold: the ``lost_messages`` check needs Redis and is
-skipped (with a note in ``found``) on other transports. Stranded tasks are still handled there.
+The ``lost_messages`` check needs Redis and is skipped (with a note in ``found``) on other transports:
+the embedded SQLite broker delivers a message a killed agent held again by itself (visibility
+timeout), and messages of kombu's filesystem transport leave its queue folder when an agent fetches
+them, so held and lost look the same there. Stranded tasks are still handled on both.
 """
 
 from __future__ import annotations
@@ -379,7 +380,10 @@ def _lost_messages(run: _Run) -> None:
                 == AgentStatus.OFFLINE.value}
     run.found["stranded"] = len(stranded)
     lost: set[str] = set()
-    if not settings.broker.is_redis:
+    if settings.broker.is_sqlite:
+        run.notes.append("lost_messages: skipped on the embedded SQLite broker (it delivers a message a killed "
+                         "agent held again after broker.visibility_timeout_s); see docs/sync.md")
+    elif not settings.broker.is_redis:
         run.notes.append("lost_messages: skipped on the filesystem transport (an agent's fetched messages "
                          "leave its queue folder, so held and lost look the same); see docs/sync.md")
     elif run.need_broker("lost_messages"):

@@ -22,11 +22,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import bench_e2e, bench_failover, bench_fairness, bench_inspect, bench_priority, bench_submit  # noqa: E402
+from bench import (  # noqa: E402
+    bench_e2e,
+    bench_embedded,
+    bench_failover,
+    bench_fairness,
+    bench_inspect,
+    bench_priority,
+    bench_submit,
+)
 from bench.harness import REPO_ROOT, Figure, create_run, destroy_run, machine, met_text  # noqa: E402
 
 MODULES = {"submit": bench_submit, "e2e": bench_e2e, "priority": bench_priority, "fairness": bench_fairness,
-           "failover": bench_failover, "sync": None, "inspect": bench_inspect}
+           "failover": bench_failover, "sync": None, "inspect": bench_inspect, "embedded": bench_embedded}
 
 
 def versions(pg_version: str) -> str:

@@ -1,5 +1,5 @@
 """Acceptance: on a clean machine, ``aios up --migrate`` (what ``make run`` runs) brings AIOS up on the
-embedded default (SQLite + filesystem broker, no servers), runs an echo task submitted over HTTP,
+embedded default (SQLite ledger + SQLite broker, no servers), runs an echo task submitted over HTTP,
 and stops cleanly on Ctrl-C without leaving processes behind.
 
 Needs neither PostgreSQL nor Redis: the environment has no AIOS_* variables except the config file
@@ -38,6 +38,8 @@ def free_port() -> int:
 def clean_env(**extra: str) -> dict[str, str]:
     """The test's environment without any AIOS_* variable (so no PostgreSQL/Redis URL leaks in)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("AIOS_")}
+    # This checkout's code, not whichever one the virtualenv's editable install points at.
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     env.update(AIOS_CONFIG=str(REPO_ROOT / "config" / "aios.toml"), PYTHONUNBUFFERED="1", **extra)
     return env
 

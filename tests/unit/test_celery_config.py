@@ -96,7 +96,7 @@ def test_the_default_queue_is_namespaced(app):
 
 def test_the_embedded_broker_gets_folders_and_no_redis_options(tmp_path):
     # Given the embedded filesystem broker under a temp folder
-    settings = load_settings(environ={"AIOS_CONFIG": str(REPO_CONFIG),
+    settings = load_settings(environ={"AIOS_CONFIG": str(REPO_CONFIG), "AIOS_BROKER__URL": "filesystem://localhost/",
                                       "AIOS_BROKER__DATA_DIR": str(tmp_path / "broker")})
     # When the app is built
     app = create_celery_app(settings)
