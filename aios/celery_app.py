@@ -72,6 +72,7 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {
         "visibility_timeout": broker.visibility_timeout_s,
         "socket_connect_timeout": broker.publish_timeout_s,
+        "socket_timeout": broker.socket_timeout_s,
         "polling_interval": broker.polling_interval_s,
     }
     if broker.is_redis:

@@ -105,6 +105,11 @@ class BrokerSettings(_Section):
     #: outage must not hang the API (celery#6046): past this the task stays PENDING.
     publish_max_retries: int = Field(2, ge=0, le=10)
     publish_timeout_s: float = Field(3.0, gt=0, le=30)
+    #: A Redis command with no answer within this fails (kombu's ``socket_timeout``). Without it a broker
+    #: that hangs, or vanished without closing the connection (a failover, a NAT or firewall timeout),
+    #: held a publish, and the API thread making it, forever: now one attempt costs at most this, a
+    #: publish at most (publish_max_retries + 1) times this. Keep it above the slowest command.
+    socket_timeout_s: float = Field(5.0, gt=0, le=300)
     #: Seconds between polls for transports without blocking reads (sqlite, filesystem): an idle
     #: agent sees a new message within this time.
     polling_interval_s: float = Field(0.2, gt=0, le=10)

@@ -169,7 +169,8 @@ def test_an_api_killed_between_a_submits_commit_and_its_publish_has_the_task_dis
         black_hole.bind(("127.0.0.1", 0))
         black_hole.listen(64)
         api = start_api(env={**own_env, "AIOS_BROKER__URL": f"redis://127.0.0.1:{black_hole.getsockname()[1]}/0",
-                             "AIOS_BROKER__PUBLISH_TIMEOUT_S": "30", "AIOS_BROKER__PUBLISH_MAX_RETRIES": "0"})
+                             "AIOS_BROKER__PUBLISH_TIMEOUT_S": "30", "AIOS_BROKER__PUBLISH_MAX_RETRIES": "0",
+                             "AIOS_BROKER__SOCKET_TIMEOUT_S": "120"})  # the window stays open until the kill
 
         # When a task is submitted, its row is committed and its publish hangs
         answer: dict[str, Any] = {}
