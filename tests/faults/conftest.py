@@ -43,6 +43,7 @@ class Fault(enum.Enum):
     SIGTERM_WORKER = "SIGTERM a worker (warm shutdown)"
     CONTROL_SHUTDOWN = "remote-control shutdown of a worker"
     STOP_REDIS = "stop and restart the broker"
+    REDIS_OUT_OF_MEMORY = "the broker refuses writes over its maxmemory (noeviction), then is healthy again"
     STOP_POSTGRES = "stop and restart the database"
     CRASH_POSTGRES = "crash the database (pg_ctl stop -m immediate), then restart it"
     SIGKILL_POSTGRES = "SIGKILL the database's postmaster, then restart it"
@@ -74,6 +75,18 @@ def control_shutdown(celery: Any, settings: Any, name: str) -> None:
     from aios.inspect import shutdown
 
     shutdown(celery, settings, name)
+
+
+def limit_redis_memory(client: Any, headroom_bytes: int) -> None:
+    """:attr:`Fault.REDIS_OUT_OF_MEMORY`: Redis takes about ``headroom_bytes`` more, then answers every
+    write with ``OOM`` (``maxmemory-policy noeviction``) while reads, pops and ``CONFIG`` still work.
+    Commands are refused one by one, so a pipeline that crosses the limit lands part-way.
+    ``headroom_bytes=0`` lifts the limit (healthy again). Use it on a private Redis only."""
+    if headroom_bytes == 0:
+        client.config_set("maxmemory", 0)
+        return
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + headroom_bytes)
 
 
 # --------------------------------------------------------------------------- effects ledger
