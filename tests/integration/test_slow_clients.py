@@ -37,20 +37,33 @@ def connect(url: str) -> socket.socket:
 
 
 def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 answer with a Content-Length body: (status, headers, body)."""
+    """One HTTP answer: (status, headers, body), reading no byte past it.
+
+    Pipelined answers may arrive in one segment: the next answer's bytes stay on the socket for the
+    next call (a loaded machine delivers both at once; reading past the first lost the second).
+    """
     data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed before an answer; got {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
+    while True:
+        ahead = sock.recv(65536, socket.MSG_PEEK)
+        assert ahead, f"connection closed before an answer; got {data!r}"
+        end = (data + ahead).find(b"\r\n\r\n")
+        if end >= 0:
+            data += recv_exactly(sock, end + 4 - len(data))
+            break
+        data += recv_exactly(sock, len(ahead))
+    lines = data[:-4].decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    while len(body) < int(headers.get("content-length", "0")):
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed in the middle of an answer"
-        body += chunk
+    body = recv_exactly(sock, int(headers.get("content-length", "0")))
     return int(lines[0].split()[1]), headers, body
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "connection closed in the middle of an answer"
+        data += chunk
+    return data
 
 
 def closed_by_server(sock: socket.socket) -> bool:
