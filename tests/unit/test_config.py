@@ -113,6 +113,17 @@ def test_environment_names_are_case_insensitive_after_the_prefix(empty_toml):
         ("AIOS_ORCHESTRATOR__TASK_TIMEOUT_S", "0", "orchestrator.task_timeout_s"),
         ("AIOS_LOGGING__LEVEL", "LOUD", "logging.level"),
         ("AIOS_BROKER__NAMESPACE", "Has Spaces", "broker.namespace"),
+        # this round's keys
+        ("AIOS_API__REQUEST_READ_TIMEOUT_S", "0", "api.request_read_timeout_s"),
+        ("AIOS_API__MAX_CONNECTIONS_PER_CLIENT", "-1", "api.max_connections_per_client"),
+        ("AIOS_API__PAGE_MAX_WITH_BODIES", "0", "api.page_max_with_bodies"),
+        ("AIOS_API__MAX_RESPONSE_BYTES", "abc", "api.max_response_bytes"),
+        ("AIOS_API__SSE_MAX_STREAMS_PER_PRINCIPAL", "0", "api.sse_max_streams_per_principal"),
+        ("AIOS_API__MAX_WAITS_PER_PRINCIPAL", "0", "api.max_waits_per_principal"),
+        ("AIOS_AGENTS__COMMAND_PIDS", "0", "agents.command_pids"),
+        ("AIOS_AGENTS__COMMAND_FILE_SIZE_MB", "0", "agents.command_file_size_mb"),
+        ("AIOS_SECURITY__MAX_KEYS_PER_USER", "-1", "security.max_keys_per_user"),
+        ("AIOS_BROKER__SOCKET_TIMEOUT_S", "0", "broker.socket_timeout_s"),
     ],
 )
 def test_a_bad_value_raises_a_config_error_naming_the_key(empty_toml, name, value, key):
