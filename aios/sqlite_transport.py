@@ -44,9 +44,10 @@ from typing import Any
 
 from kombu.transport import TRANSPORT_ALIASES, virtual
 
+from aios.priority import MAX_PRIORITY, MIN_PRIORITY
+
 #: The URL scheme: ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``.
 SCHEME = "sqlite"
-MIN_PRIORITY, MAX_PRIORITY = 0, 9
 #: How long a copy delivered through a fanout or topic exchange (control broadcasts, replies,
 #: events) waits for its consumer before it is dropped.
 DEFAULT_FANOUT_TTL_S = 60.0
