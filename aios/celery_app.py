@@ -57,7 +57,7 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
             "polling_interval": broker.polling_interval_s,
             "busy_timeout": settings.database.sqlite_busy_timeout_s,
         }
-    if broker.is_embedded:
+    if broker.is_filesystem:
         root = Path(broker.data_dir)
         folders = {"queue": root / "queue", "control": root / "control", "processed": root / "processed"}
         for folder in folders.values():

@@ -129,9 +129,14 @@ class BrokerSettings(_Section):
         return self.url.startswith("sqlite://")
 
     @property
+    def is_filesystem(self) -> bool:
+        """kombu's ``filesystem://`` transport."""
+        return self.url.startswith("filesystem://")
+
+    @property
     def is_embedded(self) -> bool:
         """A broker inside AIOS's own processes, no server: sqlite:// or kombu's filesystem://."""
-        return self.is_sqlite or self.url.startswith("filesystem://")
+        return self.is_sqlite or self.is_filesystem
 
     @property
     def redelivers_after_visibility_timeout(self) -> bool:

@@ -29,6 +29,7 @@ through the same :class:`Store`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -44,9 +45,10 @@ from typing import Any
 
 from kombu.transport import TRANSPORT_ALIASES, virtual
 
+from aios.priority import MAX_PRIORITY, MIN_PRIORITY
+
 #: The URL scheme: ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``.
 SCHEME = "sqlite"
-MIN_PRIORITY, MAX_PRIORITY = 0, 9
 #: How long a copy delivered through a fanout or topic exchange (control broadcasts, replies,
 #: events) waits for its consumer before it is dropped.
 DEFAULT_FANOUT_TTL_S = 60.0
@@ -192,9 +194,10 @@ class Store:
                                  rows)
 
     @staticmethod
+    @functools.lru_cache(maxsize=64)
     def _next_sql(count: int) -> str:
         # One index probe per queue (queue, priority, id), then the best of those: a backlog in one
-        # queue does not slow a take from another.
+        # queue does not slow a take from another. Built once per number of queues: every poll runs it.
         one = (f"SELECT * FROM (SELECT id, queue, payload, priority FROM messages WHERE queue = :q{{i}} "
                f"AND {_WAITING} ORDER BY priority, id LIMIT 1)")
         return " UNION ALL ".join(one.format(i=i) for i in range(count)) + " ORDER BY priority, id LIMIT 1"
