@@ -17,7 +17,7 @@ Every API process must see the same state (a logout or a lockout holds on all of
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy import delete, func, select
@@ -159,7 +159,7 @@ class DatabaseStore:
         ).returning(Counter.value, Counter.expires_at)
         with session_scope(self.settings.database) as session:
             value, expires_at = session.execute(statement).one()
-        return int(value), max(1, int((as_utc(expires_at) - now).total_seconds() + 0.999))  # type: ignore[operator]
+        return int(value), _seconds_left(expires_at, now)
 
     def hit(self, key: str, window_s: int) -> tuple[int, int]:
         return self._upsert(key, window_s)
@@ -170,7 +170,7 @@ class DatabaseStore:
             row = session.execute(select(Counter.value, Counter.expires_at).where(Counter.key == key)).first()
         if row is None or as_utc(row.expires_at) <= now:  # type: ignore[operator]
             return 0, 0
-        return int(row.value), max(1, int((as_utc(row.expires_at) - now).total_seconds() + 0.999))  # type: ignore[operator]
+        return int(row.value), _seconds_left(row.expires_at, now)
 
     def clear(self, key: str) -> None:
         with session_scope(self.settings.database) as session:
@@ -198,7 +198,7 @@ class DatabaseStore:
                 count, first = session.execute(
                     select(func.count(), func.min(Counter.expires_at)).where(in_scope)).one()
                 if count >= limit:
-                    return False, max(1, int((as_utc(first) - now).total_seconds() + 0.999))  # type: ignore[operator]
+                    return False, _seconds_left(first, now)
             expires = now + timedelta(seconds=ttl_s)
             if mine is None:
                 session.add(Counter(key=prefix + lease_id, value=1, expires_at=expires))
@@ -208,6 +208,11 @@ class DatabaseStore:
 
     def drop_lease(self, scope: str, lease_id: str) -> None:
         self.clear(f"{scope}:{lease_id}")
+
+
+def _seconds_left(expires_at: datetime, now: datetime) -> int:
+    """Whole seconds until ``expires_at`` (rounded up, at least 1): a TTL or a Retry-After."""
+    return max(1, int((as_utc(expires_at) - now).total_seconds() + 0.999))  # type: ignore[operator]
 
 
 def create_store(settings: Settings) -> SecurityStore:
