@@ -40,7 +40,8 @@ class SecurityStore(Protocol):
 
     def revoke_token(self, jti: str, ttl_s: int) -> None: ...
 
-    def is_token_revoked(self, jti: str) -> bool: ...
+    def is_token_revoked(self, *jtis: str) -> bool:
+        """Whether any of these token ids is revoked (one look-up for them all)."""
 
     def take_lease(self, scope: str, lease_id: str, ttl_s: float, limit: int | None) -> tuple[bool, int]:
         """Hold ``lease_id`` in ``scope`` for ``ttl_s`` unless ``limit`` live leases are held there
@@ -116,8 +117,8 @@ class RedisStore:
     def revoke_token(self, jti: str, ttl_s: int) -> None:
         self.database.revoke_token(jti, ttl_s)
 
-    def is_token_revoked(self, jti: str) -> bool:
-        return self.database.is_token_revoked(jti)
+    def is_token_revoked(self, *jtis: str) -> bool:
+        return self.database.is_token_revoked(*jtis)
 
     def take_lease(self, scope: str, lease_id: str, ttl_s: float, limit: int | None) -> tuple[bool, int]:
         try:
@@ -179,8 +180,12 @@ class DatabaseStore:
     def revoke_token(self, jti: str, ttl_s: int) -> None:
         self._upsert(f"revoked:{jti}", max(ttl_s, 1))
 
-    def is_token_revoked(self, jti: str) -> bool:
-        return self.peek(f"revoked:{jti}")[0] > 0
+    def is_token_revoked(self, *jtis: str) -> bool:
+        keys = [f"revoked:{jti}" for jti in jtis]
+        with session_scope(self.settings.database) as session:
+            live = session.execute(select(Counter.key).where(Counter.key.in_(keys), Counter.expires_at > utcnow())
+                                   .limit(1)).first()
+        return live is not None
 
     def take_lease(self, scope: str, lease_id: str, ttl_s: float, limit: int | None) -> tuple[bool, int]:
         """One ``counters`` row per lease (``<scope>:<lease id>``). The DELETE comes first: it takes
