@@ -215,16 +215,18 @@ class BufferedSocket:
         return self.raw.recv(size, flags)
 
     def send(self, data: bytes, flags: int = 0) -> int:
-        if self.continue_sent and bytes(data) == CONTINUE:
-            self.continue_sent = False
-            return len(data)
-        return self.raw.send(data, flags)
+        return len(data) if self._continue_again(data) else self.raw.send(data, flags)
 
     def sendall(self, data: bytes, flags: int = 0) -> None:
+        if not self._continue_again(data):
+            self.raw.sendall(data, flags)
+
+    def _continue_again(self, data: bytes) -> bool:
+        """True (once) for gunicorn's ``100 Continue`` when the poller has sent it already."""
         if self.continue_sent and bytes(data) == CONTINUE:
             self.continue_sent = False
-            return
-        self.raw.sendall(data, flags)
+            return True
+        return False
 
     def fileno(self) -> int:
         return self.raw.fileno()

@@ -71,9 +71,9 @@ def stream_limit(settings: Settings) -> int:
 
 def take_stream_slot(settings: Settings) -> tuple[Callable[[], None], Lease]:
     """A thread of this process and the caller's per-principal lease for one stream, or 503/429."""
-    release_thread = thread_budget(settings).take(STREAM, settings.api.sse_max_streams)
+    budget = thread_budget(settings)
+    release_thread = budget.take(STREAM, settings.api.sse_max_streams)
     if release_thread is None:
-        budget = thread_budget(settings)
         raise ServiceUnavailable(
             f"this API process already holds {budget.held[STREAM]} event streams and {budget.held[WAIT]} "
             f"command waits, its limit (min(api.sse_max_streams, api.threads - 1) = {stream_limit(settings)} "

@@ -357,8 +357,7 @@ def init_security(app: Flask, settings: Settings) -> None:
         jti, rjti = payload.get("jti"), payload.get("rjti")
         if not isinstance(jti, str) or not jti or not isinstance(rjti, str | None):
             return True
-        store = security_store()
-        return any(store.is_token_revoked(token_id) for token_id in (jti, rjti) if token_id)
+        return security_store().is_token_revoked(jti, *([rjti] if rjti else []))
 
     app.before_request(authenticate_request)
     app.after_request(audit_response)

@@ -17,7 +17,7 @@ Every API process must see the same state (a logout or a lockout holds on all of
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy import delete, func, select
@@ -40,7 +40,8 @@ class SecurityStore(Protocol):
 
     def revoke_token(self, jti: str, ttl_s: int) -> None: ...
 
-    def is_token_revoked(self, jti: str) -> bool: ...
+    def is_token_revoked(self, *jtis: str) -> bool:
+        """Whether any of these token ids is revoked (one look-up for them all)."""
 
     def take_lease(self, scope: str, lease_id: str, ttl_s: float, limit: int | None) -> tuple[bool, int]:
         """Hold ``lease_id`` in ``scope`` for ``ttl_s`` unless ``limit`` live leases are held there
@@ -116,8 +117,8 @@ class RedisStore:
     def revoke_token(self, jti: str, ttl_s: int) -> None:
         self.database.revoke_token(jti, ttl_s)
 
-    def is_token_revoked(self, jti: str) -> bool:
-        return self.database.is_token_revoked(jti)
+    def is_token_revoked(self, *jtis: str) -> bool:
+        return self.database.is_token_revoked(*jtis)
 
     def take_lease(self, scope: str, lease_id: str, ttl_s: float, limit: int | None) -> tuple[bool, int]:
         try:
@@ -159,7 +160,7 @@ class DatabaseStore:
         ).returning(Counter.value, Counter.expires_at)
         with session_scope(self.settings.database) as session:
             value, expires_at = session.execute(statement).one()
-        return int(value), max(1, int((as_utc(expires_at) - now).total_seconds() + 0.999))  # type: ignore[operator]
+        return int(value), _seconds_left(expires_at, now)
 
     def hit(self, key: str, window_s: int) -> tuple[int, int]:
         return self._upsert(key, window_s)
@@ -170,7 +171,7 @@ class DatabaseStore:
             row = session.execute(select(Counter.value, Counter.expires_at).where(Counter.key == key)).first()
         if row is None or as_utc(row.expires_at) <= now:  # type: ignore[operator]
             return 0, 0
-        return int(row.value), max(1, int((as_utc(row.expires_at) - now).total_seconds() + 0.999))  # type: ignore[operator]
+        return int(row.value), _seconds_left(row.expires_at, now)
 
     def clear(self, key: str) -> None:
         with session_scope(self.settings.database) as session:
@@ -179,8 +180,12 @@ class DatabaseStore:
     def revoke_token(self, jti: str, ttl_s: int) -> None:
         self._upsert(f"revoked:{jti}", max(ttl_s, 1))
 
-    def is_token_revoked(self, jti: str) -> bool:
-        return self.peek(f"revoked:{jti}")[0] > 0
+    def is_token_revoked(self, *jtis: str) -> bool:
+        keys = [f"revoked:{jti}" for jti in jtis]
+        with session_scope(self.settings.database) as session:
+            live = session.execute(select(Counter.key).where(Counter.key.in_(keys), Counter.expires_at > utcnow())
+                                   .limit(1)).first()
+        return live is not None
 
     def take_lease(self, scope: str, lease_id: str, ttl_s: float, limit: int | None) -> tuple[bool, int]:
         """One ``counters`` row per lease (``<scope>:<lease id>``). The DELETE comes first: it takes
@@ -198,7 +203,7 @@ class DatabaseStore:
                 count, first = session.execute(
                     select(func.count(), func.min(Counter.expires_at)).where(in_scope)).one()
                 if count >= limit:
-                    return False, max(1, int((as_utc(first) - now).total_seconds() + 0.999))  # type: ignore[operator]
+                    return False, _seconds_left(first, now)
             expires = now + timedelta(seconds=ttl_s)
             if mine is None:
                 session.add(Counter(key=prefix + lease_id, value=1, expires_at=expires))
@@ -208,6 +213,11 @@ class DatabaseStore:
 
     def drop_lease(self, scope: str, lease_id: str) -> None:
         self.clear(f"{scope}:{lease_id}")
+
+
+def _seconds_left(expires_at: datetime, now: datetime) -> int:
+    """Whole seconds until ``expires_at`` (rounded up, at least 1): a TTL or a Retry-After."""
+    return max(1, int((as_utc(expires_at) - now).total_seconds() + 0.999))  # type: ignore[operator]
 
 
 def create_store(settings: Settings) -> SecurityStore:
