@@ -412,13 +412,9 @@ def run_command(argv: list[str], *, env: Mapping[str, str], cwd: str, limits: Li
     limit, raised while the command runs, kills the group at once and counts as a timeout.
     """
     sandbox = sandbox or Sandbox()
-    group = cgroups.create(cgroups.group_name(os.getpid()),
-                           memory_bytes=limits.memory_mb * 1024 * 1024, pids=limits.pids) if sandbox.cgroup else None
-    try:
+    with cgroups.command_group(cgroups.group_name(os.getpid()), memory_bytes=limits.memory_mb * 1024 * 1024,
+                               pids=limits.pids, enabled=sandbox.cgroup) as group:
         return _run(argv, env=env, cwd=cwd, limits=limits, sandbox=sandbox, group=group)
-    finally:
-        if group is not None:
-            group.remove()
 
 
 def _run(argv: list[str], *, env: Mapping[str, str], cwd: str, limits: Limits, sandbox: Sandbox,
