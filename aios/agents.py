@@ -93,15 +93,14 @@ def register(session: Session, spec: AgentSpec, *, max_agents: int, live: bool) 
       real agents): placeholders can never outnumber ``max_agents``.
     """
     agent = session.get(Agent, spec.name)
-    claims_place = agent is None or (live and agent.last_heartbeat_at is None)
-    if claims_place:
+    if _claims_place(agent, live=live):
         _serialize_registrations(session)
         # Read again under the lock: the same name may have been registered (or come alive) meanwhile.
         agent = session.get(Agent, spec.name, populate_existing=True)
     now = utcnow()
     if agent is not None and not live:
         raise Conflict(f"agent {spec.name!r} is already registered; change it with PATCH", field="name")
-    if max_agents and (agent is None or (live and agent.last_heartbeat_at is None)):
+    if max_agents and _claims_place(agent, live=live):
         _check_room(session, spec.name, max_agents=max_agents, live=live)
     if agent is not None:
         agent.capabilities = sorted(set(spec.capabilities))
@@ -120,6 +119,11 @@ def register(session: Session, spec: AgentSpec, *, max_agents: int, live: bool) 
     session.add(agent)
     session.flush()
     return agent, True
+
+
+def _claims_place(agent: Agent | None, *, live: bool) -> bool:
+    """Whether registering takes one of ``max_agents`` places: a new row, or a placeholder coming alive."""
+    return agent is None or (live and agent.last_heartbeat_at is None)
 
 
 def _check_room(session: Session, name: str, *, max_agents: int, live: bool) -> None:

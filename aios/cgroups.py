@@ -267,8 +267,9 @@ class CommandGroup:
 
     def cpu_s(self) -> float | None:
         """CPU time used by every process of the group so far, living or dead; None if not accounted."""
-        if self.unified is not None and (self.unified / "cpu.stat").exists():
-            return _keyed(_read(self.unified / "cpu.stat"), "usage_usec") / 1e6
+        stat = _read(self.unified / "cpu.stat") if self.unified is not None else ""
+        if stat:
+            return _keyed(stat, "usage_usec") / 1e6
         if self.cpuacct is not None:
             text = _read(self.cpuacct / "cpuacct.usage").strip()
             return int(text) / 1e9 if text.isdigit() else None

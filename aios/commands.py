@@ -58,6 +58,9 @@ TERM_GRACE_S = 2.0
 #: How long leftovers are read from the pipes after the command's group is gone. Only a process
 #: that left the group (setsid) can hold them open longer; it is not waited for.
 DRAIN_S = 2.0
+#: How often a running command's cgroup is asked whether it went over its CPU or memory limit: the
+#: loop turns once per chunk of output, and the cgroup's files need not be read that often.
+LIMIT_CHECK_S = 0.05
 #: A command's task gets this much more time than the command's wall time, so the command's own
 #: deadline (graceful: TERM, then KILL) fires before Celery's soft time limit.
 TASK_TIMEOUT_MARGIN_S = 10
@@ -412,13 +415,9 @@ def run_command(argv: list[str], *, env: Mapping[str, str], cwd: str, limits: Li
     limit, raised while the command runs, kills the group at once and counts as a timeout.
     """
     sandbox = sandbox or Sandbox()
-    group = cgroups.create(cgroups.group_name(os.getpid()),
-                           memory_bytes=limits.memory_mb * 1024 * 1024, pids=limits.pids) if sandbox.cgroup else None
-    try:
+    with cgroups.command_group(cgroups.group_name(os.getpid()), memory_bytes=limits.memory_mb * 1024 * 1024,
+                               pids=limits.pids, enabled=sandbox.cgroup) as group:
         return _run(argv, env=env, cwd=cwd, limits=limits, sandbox=sandbox, group=group)
-    finally:
-        if group is not None:
-            group.remove()
 
 
 def _run(argv: list[str], *, env: Mapping[str, str], cwd: str, limits: Limits, sandbox: Sandbox,
@@ -449,6 +448,7 @@ def _run(argv: list[str], *, env: Mapping[str, str], cwd: str, limits: Limits, s
     stopped_by: str | None = None
     kill_at: float | None = None
     drain_until = 0.0
+    check_at = 0.0
     try:
         while True:
             if status is None:
@@ -462,8 +462,10 @@ def _run(argv: list[str], *, env: Mapping[str, str], cwd: str, limits: Limits, s
                 break
             now = time.monotonic()
             if status is None:
-                if stopped_by is None and (stopped_by := _over_limit(group, limits)):
-                    _kill_all(pgid, group, signal.SIGKILL)
+                if stopped_by is None and now >= check_at:
+                    check_at = now + LIMIT_CHECK_S
+                    if stopped_by := _over_limit(group, limits):
+                        _kill_all(pgid, group, signal.SIGKILL)
                 if not timed_out and now >= deadline:
                     timed_out = True
                     _kill_all(pgid, group, signal.SIGTERM)

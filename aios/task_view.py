@@ -154,11 +154,12 @@ def _preview(text: str | None) -> tuple[str | None, bool]:
     return text[:PREVIEW_CHARS], len(text) > PREVIEW_CHARS
 
 
-def add_previews(data: dict[str, Any], preview: Preview, *, whole: Collection[str], reader: Reader) -> dict[str, Any]:
-    """Give ``data`` (a task shown without the bodies not in ``whole``) a ``<field>_preview`` and
-    ``<field>_truncated`` for each of those bodies, under the command rule."""
+def add_previews(data: dict[str, Any], preview: Preview, *, whole: Collection[str]) -> dict[str, Any]:
+    """Give ``data`` (a task shown without the bodies not in ``whole``, already under the command rule:
+    :func:`redact` marked it ``redacted`` for a reader who may not see it) a ``<field>_preview`` and
+    ``<field>_truncated`` for each of those bodies, under the same rule."""
     command = data.get("type") == COMMAND_TYPE
-    sees = reader.sees_command_of(data.get("owner"))
+    sees = not data.get("redacted", False)
     for name in BODY_FIELDS:
         if name in whole:
             continue
@@ -168,6 +169,4 @@ def add_previews(data: dict[str, Any], preview: Preview, *, whole: Collection[st
         elif command and name == "result" and not sees and text is not None:
             text, cut = None, True
         data[f"{name}_preview"], data[f"{name}_truncated"] = text, cut
-    if command and not sees:
-        data["redacted"] = True
     return data

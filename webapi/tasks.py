@@ -145,7 +145,7 @@ def list_items(session: Session, tasks: Sequence[Task], *, whole: Collection[str
     if len(whole) < len(BODY_FIELDS):
         shown = previews(session, [task.id for task in tasks])
         for item in items:
-            add_previews(item, shown[item["id"]], whole=whole, reader=who)
+            add_previews(item, shown[item["id"]], whole=whole)
     return items
 
 

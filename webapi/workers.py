@@ -38,7 +38,6 @@ def optional_body(model: type[BaseModel]) -> Any:
     return validate(model, json_body() if request.content_length or request.get_data(cache=True) else {})
 
 
-
 #: Fields a viewer may not ask for: ``conf`` is the worker's whole Celery configuration (paths,
 #: hosts, transport options).
 OPERATOR_FIELDS = frozenset({"conf"})
@@ -126,7 +125,6 @@ class NoFields(BaseModel):
     """The body of a POST that takes no fields: empty or ``{}``; any field is ``unknown field``."""
 
     model_config = ConfigDict(extra="forbid")
-
 
 
 class PoolSize(BaseModel):
