@@ -77,6 +77,14 @@ def control_shutdown(celery: Any, settings: Any, name: str) -> None:
     shutdown(celery, settings, name)
 
 
+def owner(workers: list[WorkerProcess], pid: int) -> WorkerProcess:
+    """The worker whose pool runs process ``pid``."""
+    for worker in workers:
+        if pid in {c.pid for c in psutil.Process(worker.process.pid).children(recursive=True)}:
+            return worker
+    raise AssertionError(f"no worker runs pid {pid}")
+
+
 def limit_redis_memory(client: Any, headroom_bytes: int) -> None:
     """:attr:`Fault.REDIS_OUT_OF_MEMORY`: Redis takes about ``headroom_bytes`` more, then answers every
     write with ``OOM`` (``maxmemory-policy noeviction``) while reads, pops and ``CONFIG`` still work.
@@ -114,20 +122,31 @@ class Effects:
             return Counter()
         return Counter(line.split()[0] for line in self.path.read_text().splitlines() if line.strip())
 
+    def notes(self, suffix: str = ".started") -> list[tuple[str, int, int]]:
+        """``(task id, attempt, pid)`` of every line of the notes file ``path`` + ``suffix``, in order."""
+        notes = Path(f"{self.path}{suffix}")
+        if not notes.exists():
+            return []
+        rows = [line.split() for line in notes.read_text().splitlines() if line.strip()]
+        return [(task_id, int(attempt), int(pid)) for task_id, attempt, pid in rows]
+
     def starts(self) -> list[tuple[str, int, int]]:
         """``(task id, attempt, pid)`` of every run that started, in order."""
-        started = Path(f"{self.path}.started")
-        if not started.exists():
-            return []
-        rows = [line.split() for line in started.read_text().splitlines() if line.strip()]
-        return [(task_id, int(attempt), int(pid)) for task_id, attempt, pid in rows]
+        return self.notes(".started")
+
+    def wait_noted(self, task_id: str, attempt: int = 1, timeout: float = 60.0, *, suffix: str = ".started",
+                   what: str | None = None) -> int:
+        """Wait for the notes file ``path`` + ``suffix`` to name run ``attempt`` of ``task_id``; returns the pid
+        it gives."""
+        def found() -> int | None:
+            return next((pid for t, a, pid in self.notes(suffix) if t == task_id and a == attempt), None)
+
+        what = what or f"{self.path.name}{suffix} to note run {attempt} of {task_id}"
+        return int(wait_for(found, timeout=timeout, interval=0.05, what=what))
 
     def wait_started(self, task_id: str, attempt: int = 1, timeout: float = 60.0) -> int:
         """Wait for run ``attempt`` of ``task_id`` to start; returns the pid of the process running it."""
-        def started() -> int | None:
-            return next((pid for t, a, pid in self.starts() if t == task_id and a == attempt), None)
-
-        return int(wait_for(started, timeout=timeout, interval=0.05, what=f"run {attempt} of {task_id} to start"))
+        return self.wait_noted(task_id, attempt, timeout, what=f"run {attempt} of {task_id} to start")
 
 
 @pytest.fixture()
