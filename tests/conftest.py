@@ -409,6 +409,8 @@ class ApiProcess:
     url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    #: The certificate an HTTPS API serves, which its clients trust.
+    ca: Path | None = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -420,7 +422,8 @@ class ApiProcess:
             if self.process.poll() is not None:
                 raise AssertionError(f"API {self.name} exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             try:
-                return requests.get(f"{self.url}/healthz", timeout=1).status_code == 200
+                verify = str(self.ca) if self.ca else True
+                return requests.get(f"{self.url}/healthz", timeout=1, verify=verify).status_code == 200
             except requests.RequestException:
                 return False
 
@@ -444,22 +447,25 @@ class ApiProcess:
 @pytest.fixture()
 def start_api(stack: Stack, tmp_path: Path) -> Iterator[Callable[..., ApiProcess]]:
     """Start real ``python -m aios.cli api`` processes (one gunicorn worker each) on free ports, with
-    the session's settings plus ``env``; waits for /healthz; stops each one at teardown."""
+    the session's settings plus ``env`` (``tls``: serve HTTPS with that certificate and key); waits for
+    /healthz; stops each one at teardown."""
     started: list[ApiProcess] = []
 
     def start(*, name: str | None = None, env: dict[str, str] | None = None, wait: bool = True,
-              ready_timeout: float = 60.0) -> ApiProcess:
+              ready_timeout: float = 60.0, tls: tuple[Path, Path] | None = None) -> ApiProcess:
         name = name or f"api{len(started) + 1}"
         port = free_port()
         log_path = tmp_path / f"{name}.log"
+        tls_args = ["--certfile", str(tls[0]), "--keyfile", str(tls[1])] if tls else []
         with log_path.open("wb") as handle:
             process = subprocess.Popen(
-                [sys.executable, "-m", "aios.cli", "api"],
+                [sys.executable, "-m", "aios.cli", "api", *tls_args],
                 env={**stack.env, "AIOS_API__PORT": str(port), "AIOS_API__WORKERS": "1",
                      "PYTHONUNBUFFERED": "1", **(env or {})},
                 stdout=handle, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT), start_new_session=True,
             )
-        api = ApiProcess(name=name, url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+        api = ApiProcess(name=name, url=f"{'https' if tls else 'http'}://127.0.0.1:{port}", process=process,
+                         log_path=log_path, ca=tls[0] if tls else None)
         started.append(api)
         return api.wait_ready(ready_timeout) if wait else api
 

@@ -77,6 +77,14 @@ def control_shutdown(celery: Any, settings: Any, name: str) -> None:
     shutdown(celery, settings, name)
 
 
+def owner(workers: list[WorkerProcess], pid: int) -> WorkerProcess:
+    """The worker whose pool runs process ``pid``."""
+    for worker in workers:
+        if pid in {c.pid for c in psutil.Process(worker.process.pid).children(recursive=True)}:
+            return worker
+    raise AssertionError(f"no worker runs pid {pid}")
+
+
 def limit_redis_memory(client: Any, headroom_bytes: int) -> None:
     """:attr:`Fault.REDIS_OUT_OF_MEMORY`: Redis takes about ``headroom_bytes`` more, then answers every
     write with ``OOM`` (``maxmemory-policy noeviction``) while reads, pops and ``CONFIG`` still work.
@@ -114,20 +122,31 @@ class Effects:
             return Counter()
         return Counter(line.split()[0] for line in self.path.read_text().splitlines() if line.strip())
 
+    def notes(self, suffix: str = ".started") -> list[tuple[str, int, int]]:
+        """``(task id, attempt, pid)`` of every line of the notes file ``path`` + ``suffix``, in order."""
+        notes = Path(f"{self.path}{suffix}")
+        if not notes.exists():
+            return []
+        rows = [line.split() for line in notes.read_text().splitlines() if line.strip()]
+        return [(task_id, int(attempt), int(pid)) for task_id, attempt, pid in rows]
+
     def starts(self) -> list[tuple[str, int, int]]:
         """``(task id, attempt, pid)`` of every run that started, in order."""
-        started = Path(f"{self.path}.started")
-        if not started.exists():
-            return []
-        rows = [line.split() for line in started.read_text().splitlines() if line.strip()]
-        return [(task_id, int(attempt), int(pid)) for task_id, attempt, pid in rows]
+        return self.notes(".started")
+
+    def wait_noted(self, task_id: str, attempt: int = 1, timeout: float = 60.0, *, suffix: str = ".started",
+                   what: str | None = None) -> int:
+        """Wait for the notes file ``path`` + ``suffix`` to name run ``attempt`` of ``task_id``; returns the pid
+        it gives."""
+        def found() -> int | None:
+            return next((pid for t, a, pid in self.notes(suffix) if t == task_id and a == attempt), None)
+
+        what = what or f"{self.path.name}{suffix} to note run {attempt} of {task_id}"
+        return int(wait_for(found, timeout=timeout, interval=0.05, what=what))
 
     def wait_started(self, task_id: str, attempt: int = 1, timeout: float = 60.0) -> int:
         """Wait for run ``attempt`` of ``task_id`` to start; returns the pid of the process running it."""
-        def started() -> int | None:
-            return next((pid for t, a, pid in self.starts() if t == task_id and a == attempt), None)
-
-        return int(wait_for(started, timeout=timeout, interval=0.05, what=f"run {attempt} of {task_id} to start"))
+        return self.wait_noted(task_id, attempt, timeout, what=f"run {attempt} of {task_id} to start")
 
 
 @pytest.fixture()
@@ -213,53 +232,89 @@ def assert_nothing_lost(database: Any, effects: Effects, task_ids: list[str], *,
 # --------------------------------------------------------------------------- load
 
 
-class HttpSubmitter(threading.Thread):
-    """Submits one ``test.effect`` task every ``interval_s`` to a real API over HTTP until stopped,
-    alternating guarded (``check_fence``, waiting for a definite answer) and unguarded tasks; keeps the
-    ids answered 202 and the status of every other answer (503 while the database is down)."""
+class Submitter(threading.Thread):
+    """Submits one ``test.effect`` task every ``interval_s`` until stopped, through :meth:`post`; keeps the
+    ids answered 202, their states, and every other answer (a status, or the name of a client error).
+    With ``alternate_guard``, every other task is guarded (``check_fence``, waiting for a definite answer)."""
 
-    def __init__(self, url: str, key: str, effects: Any, queue: str, interval_s: float = 0.25) -> None:
+    def __init__(self, effects: Any, queue: str, interval_s: float, *, alternate_guard: bool) -> None:
         super().__init__(daemon=True)
-        import requests
-
-        self.url, self.effects, self.queue, self.interval_s = url, effects, queue, interval_s
-        self.session = requests.Session()
-        self.session.headers["X-API-Key"] = key
+        self.effects, self.queue, self.interval_s, self.alternate_guard = effects, queue, interval_s, alternate_guard
         self.guarded: list[str] = []
         self.unguarded: list[str] = []
         self.states: list[str] = []
         self.refused: list[int | str] = []
         self.done = threading.Event()
 
-    def run(self) -> None:
-        import requests
+    def post(self, body: dict[str, Any]) -> tuple[int | str, Any]:
+        """``(status, JSON answer)`` of one submission, or ``(error name, None)``."""
+        raise NotImplementedError
 
+    def run(self) -> None:
         n = 0
         while not self.done.is_set():
-            guard = n % 2 == 0
+            guard = self.alternate_guard and n % 2 == 0
             n += 1
             params = {"check_fence": True, "fence_wait_s": 120} if guard else {}
-            try:
-                answer = self.session.post(f"{self.url}/api/v1/tasks", timeout=30,
-                                           json=self.effects.task(self.queue, sleep_s=0.3, params=params))
-            except requests.RequestException as exc:
-                self.refused.append(type(exc).__name__)
+            status, answer = self.post(self.effects.task(self.queue, sleep_s=0.3, params=params))
+            if status == 202:
+                (self.guarded if guard else self.unguarded).append(answer["id"])
+                self.states.append(answer["state"])
             else:
-                if answer.status_code == 202:
-                    (self.guarded if guard else self.unguarded).append(answer.json()["id"])
-                    self.states.append(answer.json()["state"])
-                else:
-                    self.refused.append(answer.status_code)
+                self.refused.append(status)
             self.done.wait(self.interval_s)
 
     def stop(self) -> None:
         self.done.set()
         self.join(timeout=60)
-        self.session.close()
 
     @property
     def accepted(self) -> list[str]:
         return self.guarded + self.unguarded
+
+
+class HttpSubmitter(Submitter):
+    """A :class:`Submitter` to a real API over HTTP, alternating guarded and unguarded tasks (a refused
+    answer is 503 while the database is down, or the name of the connection error)."""
+
+    def __init__(self, url: str, key: str, effects: Any, queue: str, interval_s: float = 0.25) -> None:
+        import requests
+
+        super().__init__(effects, queue, interval_s, alternate_guard=True)
+        self.url = url
+        self.session = requests.Session()
+        self.session.headers["X-API-Key"] = key
+
+    def post(self, body: dict[str, Any]) -> tuple[int | str, Any]:
+        import requests
+
+        try:
+            answer = self.session.post(f"{self.url}/api/v1/tasks", timeout=30, json=body)
+        except requests.RequestException as exc:
+            return type(exc).__name__, None
+        return answer.status_code, answer.json() if answer.status_code == 202 else None
+
+    def stop(self) -> None:
+        super().stop()
+        self.session.close()
+
+
+def submit_through_redis_outage(submitter: Submitter, redis_server: PrivateRedis, outage_s: float, *,
+                                first_runs: int) -> float:
+    """Start ``submitter``; once ``first_runs`` tasks have run, stop ``redis_server`` for ``outage_s`` and start
+    it again (empty if it keeps nothing); keep submitting 3 s more, then stop the submitter. Returns the
+    time (``time.time()``) Redis stopped."""
+    submitter.start()
+    try:
+        wait_for(lambda: len(submitter.effects.counts()) >= first_runs, timeout=60, what="the first tasks to run")
+        stopped_at = time.time()
+        redis_server.stop()
+        settle(outage_s)
+        redis_server.start()
+        settle(3)
+    finally:
+        submitter.stop()
+    return stopped_at
 
 
 @dataclass

@@ -10,12 +10,9 @@ runs Celery cancelled) must be found and dispatched again by the beat.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from tests.conftest import wait_for
-from tests.faults.conftest import HttpSubmitter, assert_nothing_lost, settle, start_system
+from tests.faults.conftest import HttpSubmitter, assert_nothing_lost, start_system, submit_through_redis_outage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,18 +35,9 @@ def test_after_a_redis_outage_the_running_beat_dispatches_what_the_outage_strand
 
     # And a stream of short tasks submitted before, during and after the outage
     submitter = HttpSubmitter(system.api.url, system.admin.key, effects, queue, interval_s=0.4)
-    submitter.start()
-    try:
-        wait_for(lambda: len(effects.counts()) >= 4, timeout=60, what="the first tasks to run")
 
-        # When Redis stops for 12 s and comes back empty
-        stopped_at = time.time()
-        private_redis.stop()
-        settle(OUTAGE_S)
-        private_redis.start()
-        settle(3)
-    finally:
-        submitter.stop()
+    # When Redis stops for 12 s and comes back empty
+    stopped_at = submit_through_redis_outage(submitter, private_redis, OUTAGE_S, first_runs=4)
 
     # Then every submission was accepted, those during the outage PENDING (their publish failed)
     assert submitter.refused == [], submitter.refused

@@ -16,14 +16,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
 from tests.conftest import REPO_ROOT, authorize, make_user, wait_for
-from tests.faults.conftest import assert_nothing_lost, kill_pool_child, kill_worker, wait_terminal
+from tests.faults.conftest import assert_nothing_lost, kill_pool_child, kill_worker, owner, wait_terminal
 from tests.support.agent_helpers import FAST_BEATS, submit
 from tests.support.schemas import private_schema
 from tests.support.task_types_crash import MODULES
@@ -50,28 +49,9 @@ def crash_client(crash_app: Any, admin: Any) -> Any:
     return authorize(crash_app.test_client(), admin.key)
 
 
-def noted(path: Path, task_id: str, attempt: int = 1, timeout: float = 60.0) -> int:
-    """Wait for ``path`` (a ``<task id> <attempt> <pid>`` notes file) to name run ``attempt`` of
-    ``task_id``; returns its pid."""
-    def found() -> int | None:
-        if not path.exists():
-            return None
-        rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
-        return next((int(pid) for t, a, pid in rows if t == task_id and int(a) == attempt), None)
-
-    return int(wait_for(found, timeout=timeout, interval=0.05, what=f"{path.name} to note run {attempt} of {task_id}"))
-
-
 def effect_then_block(effects: Any, queue: str) -> dict[str, Any]:
     return {"type": "test.effect_then_block", "parameters": {"path": str(effects.path), "block_s": 60},
             "queue": queue}
-
-
-def owner(workers: list[Any], pid: int) -> Any:
-    for worker in workers:
-        if pid in {c.pid for c in psutil.Process(worker.process.pid).children(recursive=True)}:
-            return worker
-    raise AssertionError(f"no worker runs pid {pid}")
 
 
 def assert_ran_twice_and_succeeded_once(tasks: dict[str, Any], effects: Any, victim: str) -> None:
@@ -90,7 +70,7 @@ def test_a_pool_process_killed_after_its_effect_and_before_its_outcome_runs_agai
     # Given a worker running a task that has written its effect and not yet returned
     worker = start_worker([queue], concurrency=1, env=CRASH_ENV)
     victim = submit(crash_client, effect_then_block(effects, queue))
-    pid = noted(Path(f"{effects.path}.effected"), victim)
+    pid = effects.wait_noted(victim, suffix=".effected")
 
     # When its pool process is SIGKILLed in that window
     kill_pool_child(worker, pid)
@@ -107,7 +87,7 @@ def test_an_agent_killed_after_an_effect_and_before_its_outcome_has_the_task_run
     # Given two workers on one queue, one running a task that has written its effect and not returned
     workers = [start_worker([queue], concurrency=1, env=PEER_ENV) for _ in range(2)]
     victim = submit(crash_client, effect_then_block(effects, queue))
-    doomed = owner(workers, noted(Path(f"{effects.path}.effected"), victim))
+    doomed = owner(workers, effects.wait_noted(victim, suffix=".effected"))
     (peer,) = [w for w in workers if w is not doomed]
 
     # When that whole agent is SIGKILLed in that window
@@ -131,7 +111,7 @@ def test_a_task_that_ignores_its_soft_time_limit_is_killed_after_the_grace_and_e
     started = time.monotonic()
 
     # Then the soft limit was raised in it (and ignored) ...
-    noted(Path(f"{effects.path}.soft"), victim, timeout=30)
+    effects.wait_noted(victim, timeout=30, suffix=".soft")
     # ... and the task still ends TIMED_OUT, well before its own 120 s run would end
     tasks = wait_terminal(stack.settings.database, [victim], timeout=timeout_s + grace_s + 45)
     elapsed = time.monotonic() - started

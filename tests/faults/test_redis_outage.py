@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
 import pytest
 
 from tests.conftest import REPO_ROOT, authorize, wait_for
-from tests.faults.conftest import assert_nothing_lost, read_tasks, settle, wait_terminal
+from tests.faults.conftest import (
+    Submitter,
+    assert_nothing_lost,
+    read_tasks,
+    submit_through_redis_outage,
+    wait_terminal,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,31 +33,16 @@ LOST_MESSAGE_GRACE_S = 2
 RECONNECT_WAIT_S = 60
 
 
-class Submitter(threading.Thread):
-    """Submits one ``test.effect`` task every ``interval_s`` until stopped; keeps the ids of those
-    answered 202 (accepted) and counts any other answer."""
+class ClientSubmitter(Submitter):
+    """A :class:`Submitter` of unguarded tasks through the app's test client."""
 
-    def __init__(self, client, effects, queue: str, interval_s: float = 0.4) -> None:
-        super().__init__(daemon=True)
-        self.client, self.effects, self.queue, self.interval_s = client, effects, queue, interval_s
-        self.accepted: list[str] = []
-        self.states: list[str] = []
-        self.refused: list[int] = []
-        self.done = threading.Event()
+    def __init__(self, client: Any, effects: Any, queue: str, interval_s: float = 0.4) -> None:
+        super().__init__(effects, queue, interval_s, alternate_guard=False)
+        self.client = client
 
-    def run(self) -> None:
-        while not self.done.is_set():
-            response = self.client.post("/api/v1/tasks", json=self.effects.task(self.queue, sleep_s=0.3))
-            if response.status_code == 202:
-                self.accepted.append(response.json["id"])
-                self.states.append(response.json["state"])
-            else:
-                self.refused.append(response.status_code)
-            self.done.wait(self.interval_s)
-
-    def stop(self) -> None:
-        self.done.set()
-        self.join(timeout=60)
+    def post(self, body: dict[str, Any]) -> tuple[int | str, Any]:
+        response = self.client.post("/api/v1/tasks", json=body)
+        return response.status_code, response.json
 
 
 def test_every_task_accepted_around_a_20s_redis_outage_finishes_once_and_workers_resume_without_a_restart(
@@ -71,19 +61,10 @@ def test_every_task_accepted_around_a_20s_redis_outage_finishes_once_and_workers
     pids = [w.process.pid for w in workers]
 
     # And a stream of submissions, about two and a half a second, running as they come
-    submitter = Submitter(client, effects, queue)
-    submitter.start()
-    try:
-        wait_for(lambda: len(effects.counts()) >= 3, timeout=60, what="the first tasks to run")
+    submitter = ClientSubmitter(client, effects, queue)
 
-        # When Redis stops for 20 s while the stream goes on
-        private_redis.stop()
-        settle(OUTAGE_S)
-        private_redis.start()
-        # And the stream goes on for a few more seconds after it is back
-        settle(3)
-    finally:
-        submitter.stop()
+    # When Redis stops for 20 s while the stream goes on, and for a few more seconds after it is back
+    submit_through_redis_outage(submitter, private_redis, OUTAGE_S, first_runs=3)
 
     # Then every submission was accepted (202), some of them PENDING during the outage
     assert submitter.refused == [], submitter.refused

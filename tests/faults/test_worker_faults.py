@@ -10,23 +10,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.conftest import assert_nothing_lost, control_shutdown, kill_worker, term_worker
+from tests.faults.conftest import assert_nothing_lost, control_shutdown, kill_worker, owner, term_worker
 from tests.support.agent_helpers import FAST_BEATS, submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 #: Fast heartbeats plus a short visibility timeout (it must exceed task_timeout_s + timeout_grace_s).
 FAULT_ENV = {**FAST_BEATS, "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "30", "AIOS_ORCHESTRATOR__TASK_TIMEOUT_S": "20"}
-
-
-def owner(workers, pid: int):
-    """The worker whose pool runs process ``pid``."""
-    import psutil
-
-    for worker in workers:
-        if pid in {c.pid for c in psutil.Process(worker.process.pid).children(recursive=True)}:
-            return worker
-    raise AssertionError(f"no worker runs pid {pid}")
 
 
 def test_a_worker_killed_outright_with_a_peer_running_has_its_task_finished_once_by_the_peer(

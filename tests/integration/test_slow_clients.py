@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ from urllib.parse import urlparse
 import pytest
 import requests
 
-from tests.conftest import REPO_ROOT, ApiProcess, free_port, wait_for
+from tests.conftest import wait_for
 from tests.integration.test_tls import certificate  # noqa: F401 - the fixture, shared with the TLS tests
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -274,24 +272,15 @@ def test_gunicorns_request_line_and_header_limits_still_apply(start_api):
 
 
 def test_stalled_tls_handshakes_and_trickling_tls_bodies_leave_https_answering(
-        stack, certificate, tmp_path, admin, queue):  # noqa: F811 - the fixture imported above
+        start_api, certificate, admin, queue):  # noqa: F811 - the fixture imported above
     # Given the API serving HTTPS (the poller does the TLS handshake too)
-    cert, key = certificate
-    port = free_port()
-    log_path = tmp_path / "api-tls.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "aios.cli", "api", "--port", str(port), "--certfile", str(cert),
-             "--keyfile", str(key)],
-            env={**stack.env, "AIOS_API__WORKERS": "1", "AIOS_API__REQUEST_READ_TIMEOUT_S": "120"},
-            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    api = ApiProcess(name="api-tls", url=f"https://127.0.0.1:{port}", process=process, log_path=log_path)
+    cert, _key = certificate
+    api = start_api(name="api-tls", env={"AIOS_API__REQUEST_READ_TIMEOUT_S": "120"}, tls=certificate)
+    port = urlparse(api.url).port
     context = ssl.create_default_context(cafile=str(cert))
     stalled: list[socket.socket] = []
     slow: list[ssl.SSLSocket] = []
     try:
-        wait_for(lambda: _https_ok(api.url, cert, process, log_path), timeout=60, interval=0.3,
-                          what="the HTTPS API")
         # When 20 clients open TCP and never start TLS, and 10 finish TLS and trickle a body
         stalled = [connect(f"http://127.0.0.1:{port}") for _ in range(20)]
         for _ in range(10):
@@ -316,12 +305,4 @@ def test_stalled_tls_handshakes_and_trickling_tls_bodies_leave_https_answering(
     finally:
         for sock in [*stalled, *slow]:
             sock.close()
-        api.stop()
 
-
-def _https_ok(url: str, cert, process, log_path) -> bool:
-    assert process.poll() is None, log_path.read_text()
-    try:
-        return requests.get(f"{url}/healthz", verify=str(cert), timeout=2).status_code == 200
-    except requests.ConnectionError:
-        return False

@@ -14,44 +14,33 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from tests.conftest import PG_URL, Credentials, Stack, make_user
+from tests.conftest import Credentials, Stack, make_user
+from tests.support.schemas import private_schema
 
 
 @contextmanager
 def private_world(stack: Stack, name: str) -> Iterator[tuple[Any, Credentials]]:
-    """The app on a schema and Redis prefix of its own, and an admin's credentials."""
+    """The app on a schema (:func:`~tests.support.schemas.private_schema`) and Redis prefix of its own,
+    and an admin's credentials."""
     import redis
-    import sqlalchemy as sa
 
-    from aios import migrate
     from aios.celery_app import create_celery_app
-    from aios.config import DatabaseSettings
-    from aios.db import dispose_engines
     from webapi.app import create_app
 
     run = uuid.uuid4().hex[:8]
-    schema = f"aios_{name}_{run}"
-    engine = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{PG_URL}?options=-csearch_path%3D{schema}"
     prefix = f"aios-{name}-{run}:"
     try:
-        migrate.upgrade(DatabaseSettings(url=url))
-        world = stack.override(
-            database={"url": url},
-            broker={"key_prefix": prefix, "namespace": f"{name}{run}"},
-            security={"rate_limit_read_per_minute": 1_000_000, "rate_limit_write_per_minute": 1_000_000,
-                      "rate_limit_login_per_minute": 1_000_000},
-            api={"inspect_timeout_s": 0.1},
-        )
-        app = create_app(world.settings, create_celery_app(world.settings))
-        yield app, make_user(world, "admin", name=f"{name}-admin-{uuid.uuid4().hex}")
+        with private_schema(name) as url:
+            world = stack.override(
+                database={"url": url},
+                broker={"key_prefix": prefix, "namespace": f"{name}{run}"},
+                security={"rate_limit_read_per_minute": 1_000_000, "rate_limit_write_per_minute": 1_000_000,
+                          "rate_limit_login_per_minute": 1_000_000},
+                api={"inspect_timeout_s": 0.1},
+            )
+            app = create_app(world.settings, create_celery_app(world.settings))
+            yield app, make_user(world, "admin", name=f"{name}-admin-{uuid.uuid4().hex}")
     finally:
-        dispose_engines()
-        with engine.connect() as connection:
-            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
         client = redis.Redis.from_url(stack.settings.broker.url)
         keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
         if keys:

@@ -26,6 +26,17 @@ DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
 # --------------------------------------------------------------------------- config keys
 
 
+def table_rows(path: Path, header: str, *, row_start: str = "|", sep: str = "|") -> Iterator[list[str]]:
+    """The stripped cells of each row of the Markdown table of ``path`` whose header line starts with
+    ``header``: the lines after its separator line, up to the first that does not start with ``row_start``
+    (``sep`` splits the cells: `` | `` where a cell may hold a ``|`` of its own)."""
+    text = path.read_text()
+    for line in text[text.index(header):].splitlines()[2:]:
+        if not line.startswith(row_start):
+            break
+        yield [cell.strip() for cell in line.strip("|").split(sep)]
+
+
 def config_keys() -> set[str]:
     """Every ``section.key`` the loader accepts."""
     keys = set()
@@ -39,12 +50,8 @@ def config_keys() -> set[str]:
 def readme_config_keys() -> set[str]:
     """The keys README's configuration table names. A cell may list several (`agents.cpu_degraded_pct`,
     `memory_degraded_pct`): a name without a section takes the one before it in the cell."""
-    text = README.read_text()
-    table = text[text.index("| key | default | meaning |"):]
-    table = table[:table.index("\n\n")]
     keys = set()
-    for row in table.splitlines()[2:]:
-        cell = row.split("|")[1]
+    for cell, *_ in table_rows(README, "| key | default | meaning |"):
         section = None
         for name in re.findall(r"`([a-z_.]+)`", cell):
             if "." in name:
@@ -131,13 +138,8 @@ def test_every_documented_route_exists(routes):
 
 
 def test_the_route_table_gives_each_routes_roles_as_the_app_declares_them(app_routes):
-    text = (REPO_ROOT / "docs" / "api.md").read_text()
-    table = text[text.index("| route | who | operation id |"):]
     rows = {}
-    for line in table.splitlines()[2:]:
-        if not line.startswith("|"):
-            break
-        route, who, _ = (cell.strip() for cell in line.strip("|").split("|"))
+    for route, who, _ in table_rows(REPO_ROOT / "docs" / "api.md", "| route | who | operation id |"):
         method, path = route.strip("`").split(" ", 1)
         rows[(method, _normal(path))] = who
     assert set(rows) == set(app_routes), sorted(set(rows) ^ set(app_routes))
@@ -309,13 +311,9 @@ def cli_commands() -> dict[str, set[str]]:
 
 def documented_cli_table() -> dict[str, set[str]]:
     """docs/cli.md's "Every command" table: ``aios <path>`` → the flags its row names."""
-    text = (REPO_ROOT / "docs" / "cli.md").read_text()
-    table = text[text.index("| command | arguments and flags | what it does |"):]
     rows = {}
-    for line in table.splitlines()[2:]:
-        if not line.startswith("| `aios"):
-            break
-        command, flags, _ = (cell.strip() for cell in line.strip("|").split(" | "))
+    header = "| command | arguments and flags | what it does |"
+    for command, flags, _ in table_rows(REPO_ROOT / "docs" / "cli.md", header, row_start="| `aios", sep=" | "):
         rows[command.strip("`")] = set(re.findall(r"`(--[a-z-]+)`", flags))
     return rows
 
