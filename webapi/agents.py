@@ -18,7 +18,7 @@ from aios.states import TaskState
 from aios.task_view import bodies_left_out
 from aios.timeutil import isoformat, utcnow
 from webapi.context import ctx
-from webapi.requests import check_storable, json_body, validate
+from webapi.requests import json_body, validate
 from webapi.security import current_principal, policy, set_audit
 from webapi.tasks import list_items
 
@@ -80,7 +80,6 @@ def register() -> Any:
 @policy(VIEWER, OPERATOR)
 def index() -> Any:
     raw = request.args.to_dict(flat=True)
-    check_storable(raw)
     unknown = set(raw) - {"status", "capability"}
     if unknown:
         raise ValidationFailed(f"{sorted(unknown)[0]}: unknown query parameter", field=sorted(unknown)[0])

@@ -14,7 +14,7 @@ from aios.models import AuditEntry
 from aios.security.roles import ADMIN
 from aios.timeutil import isoformat, parse_iso
 from webapi.context import ctx
-from webapi.requests import check_storable, validate
+from webapi.requests import validate
 from webapi.security import policy
 
 bp = Blueprint("audit", __name__, url_prefix="/api/v1/audit")
@@ -40,7 +40,6 @@ def entry_to_dict(entry: AuditEntry) -> dict[str, Any]:
 @policy(ADMIN)
 def index() -> Any:
     raw = request.args.to_dict(flat=True)
-    check_storable(raw)
     query = validate(AuditQuery, raw)
     statement = select(AuditEntry)
     if query.principal:

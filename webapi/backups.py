@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from aios.backup import create_backup, list_backups
 from aios.security.roles import ADMIN
 from webapi.context import ctx
-from webapi.requests import check_storable, validate
+from webapi.requests import validate
 from webapi.security import policy, set_audit
 from webapi.workers import NoFields, optional_body
 
@@ -42,6 +42,5 @@ def create() -> Any:
 def index() -> Any:
     """Backups rows (good, failed and deleted by retention), newest first."""
     raw = request.args.to_dict(flat=True)
-    check_storable(raw)
     query = validate(BackupQuery, raw)
     return jsonify({"backups": list_backups(ctx().settings, limit=query.limit)})

@@ -15,7 +15,7 @@ from aios.errors import ValidationFailed
 from aios.security.roles import OPERATOR, VIEWER
 from aios.sync import list_runs, run_sync
 from webapi.context import ctx
-from webapi.requests import check_storable, validate
+from webapi.requests import validate
 from webapi.security import current_principal, policy, set_audit
 from webapi.workers import NoFields, optional_body
 
@@ -36,7 +36,6 @@ def runs() -> Any:
     """Newest first; pass ``next_before`` back as ``before`` for the next page."""
     settings = ctx().settings
     raw = request.args.to_dict(flat=True)
-    check_storable(raw)
     query = validate(RunsQuery, raw)
     if query.limit > settings.api.page_max:
         raise ValidationFailed(f"limit: at most {settings.api.page_max}", field="limit")

@@ -26,7 +26,7 @@ from aios.task_view import BODY_FIELDS, Reader, add_previews, bodies_left_out, p
 from aios.tasktypes import get_registry
 from aios.timeutil import parse_iso
 from webapi.context import ctx
-from webapi.requests import check_storable, json_body, validate
+from webapi.requests import json_body, validate
 from webapi.security import audit_within, current_principal, policy, set_audit
 
 bp = Blueprint("tasks", __name__, url_prefix="/api/v1/tasks")
@@ -313,7 +313,6 @@ def index() -> Any:
         raise ValidationFailed(f"{repeated[0]}: given more than once; use one value (state takes a comma list)",
                                field=repeated[0])
     raw = request.args.to_dict(flat=True)
-    check_storable(raw)
     query = validate(ListQuery, raw, prefix="")
     if query.limit > settings.api.page_max:
         raise ValidationFailed(f"limit: at most {settings.api.page_max}", field="limit")
