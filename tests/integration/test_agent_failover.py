@@ -89,8 +89,9 @@ def test_an_agent_killed_while_holding_queued_and_running_tasks_is_detected_by_i
     # Then B's heartbeat sweep marks A OFFLINE within the heartbeat timeout plus about one beat
     lost = wait_agent_status(client, a.hostname, "OFFLINE", timeout=30, interval=0.05)
     detected_s = time.monotonic() - killed_at
-    # (how soon is bench/bench_failover.py's figure; here: not before the timeout, and not never)
-    assert HEARTBEAT_TIMEOUT_S <= detected_s <= HEARTBEAT_TIMEOUT_S + 20, f"A went OFFLINE after {detected_s:.1f}s"
+    # (how soon is bench/bench_failover.py's figure; here: not never. No lower bound from the kill: A's
+    # last heartbeat may have been up to an interval before it)
+    assert detected_s <= HEARTBEAT_TIMEOUT_S + 20, f"A went OFFLINE after {detected_s:.1f}s"
     assert lost["status_reason"] == f"no heartbeat for more than {HEARTBEAT_TIMEOUT_S:g}s"
     assert lost["events"][0]["to_status"] == "OFFLINE"
     assert lost["events"][0]["reason"] == f"no heartbeat for more than {HEARTBEAT_TIMEOUT_S:g}s"
