@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from aios.config import Settings, redact_url
 from aios.security.secrets import ensure_secret_file
 
@@ -122,6 +124,23 @@ def bootstrap_admin(settings: Settings) -> None:
         print(f"\ncreated the first user 'admin'; its password (shown once): {password}\n", flush=True)
 
 
+def _kill_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a child and its descendants: PDEATHSIG covers only our direct children, so killing an
+    API master alone would orphan a gunicorn worker it had not yet reaped."""
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    process.kill()
+    for descendant in descendants:
+        try:
+            descendant.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.wait()
+    psutil.wait_procs(descendants, timeout=5)
+
+
 def _stop(children: list[Child]) -> None:
     for child in children:
         if child.process and child.process.poll() is None:
@@ -133,7 +152,7 @@ def _stop(children: list[Child]) -> None:
         try:
             child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            logger.warning("%s did not stop in %.0fs; killing it", child.name, STOP_GRACE_S)
-            child.process.kill()
-            child.process.wait()
+            logger.warning("%s did not stop in %.0fs; killing it and every process under it", child.name,
+                           STOP_GRACE_S)
+            _kill_tree(child.process)
     logger.info("all processes stopped")

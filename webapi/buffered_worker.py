@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import selectors
 import socket
 import ssl
@@ -299,6 +300,19 @@ class BufferedThreadWorker(ThreadWorker):  # type: ignore[misc]
         if self.cfg.is_ssl:
             self.tls_context = gsock.ssl_context(self.cfg)
         super().init_process()
+
+    def handle_quit(self, sig: int, frame: Any) -> None:
+        """SIGQUIT/SIGINT is gunicorn's *quick* shutdown: leave now, without joining request threads.
+
+        gunicorn's own handler raises ``SystemExit`` from the signal handler, and the interpreter then
+        joins every thread of the pool at exit; a thread blocked there, or a second signal arriving
+        inside that join (Ctrl-C reaches the worker and then the master's SIGQUIT follows), left the
+        worker running after its master had gone. Nothing durable is lost by leaving at once: an
+        unfinished request's transaction rolls back, and a 202 is only ever sent after its commit.
+        """
+        self.alive = False
+        self.cfg.worker_int(self)
+        os._exit(0)  # log handlers flush every record already; flushing here could wait on another thread
 
     # ------------------------------------------------------------------ connections in and out
 

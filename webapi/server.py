@@ -82,7 +82,9 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
         # client holds a socket, not a thread (webapi/buffered_worker.py).
         self.cfg.set("worker_class", "webapi.buffered_worker.BufferedThreadWorker")
         self.cfg.set("timeout", 60)
-        self.cfg.set("graceful_timeout", 20)
+        # Below `aios up`'s own grace (aios/supervisor.py STOP_GRACE_S): the master must get to SIGKILL a
+        # stuck worker itself before `aios up` has to kill the master, which would orphan that worker.
+        self.cfg.set("graceful_timeout", 10)
         self.cfg.set("accesslog", "-")
         # gunicorn's default access line, plus the request id the app put in the response header.
         self.cfg.set("access_log_format",
