@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 
 from aios.config import Settings, load_settings, redact_url
 from aios.errors import AiosError, ConfigError, NotMigrated
-from aios.log import configure_logging
+from aios.ops.log import configure_logging
 
 COMMANDS_GROUP = "aios.commands"
 #: Exit status for a configuration error (bad value, missing file).
@@ -47,9 +47,9 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _dispatch_pending(args: argparse.Namespace, settings: Settings) -> int:
-    from aios.celery_app import create_celery_app
+    from aios.broker.celery_app import create_celery_app
     from aios.db import ensure_migrated
-    from aios.dispatch import dispatch_pending
+    from aios.tasks.create import dispatch_pending
 
     ensure_migrated(settings.database)
     outcome = dispatch_pending(create_celery_app(settings), settings, limit=args.limit, actor="cli")
@@ -58,9 +58,9 @@ def _dispatch_pending(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _sync(args: argparse.Namespace, settings: Settings) -> int:
-    from aios.celery_app import create_celery_app
+    from aios.broker.celery_app import create_celery_app
     from aios.db import ensure_migrated
-    from aios.sync import run_sync
+    from aios.recovery.sync import run_sync
 
     ensure_migrated(settings.database)
     result = run_sync(create_celery_app(settings), settings, runner="cli")
@@ -104,7 +104,7 @@ def _users(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _metrics(args: argparse.Namespace, settings: Settings) -> int:
-    from aios.cluster_metrics import serve
+    from aios.ops.cluster_metrics import serve
 
     if args.port:
         settings = settings.model_copy(update={"metrics": settings.metrics.model_copy(update={"port": args.port})})
@@ -113,16 +113,16 @@ def _metrics(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _beat(args: argparse.Namespace, settings: Settings) -> int:
-    from aios.beat import run_beat
+    from aios.timing.beat import run_beat
 
     run_beat(settings)
     return 0
 
 
 def _backup(args: argparse.Namespace, settings: Settings) -> int:
-    """Backups (aios.backup); a failure raises an AiosError, which main() turns into exit 1 and one line."""
-    from aios import backup
+    """Backups (aios.ops.backup); a failure raises an AiosError, which main() turns into exit 1 and one line."""
     from aios.db import ensure_migrated
+    from aios.ops import backup
 
     if args.backup_action == "create":
         ensure_migrated(settings.database)
@@ -142,16 +142,19 @@ def _backup(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _up(args: argparse.Namespace, settings: Settings) -> int:
-    from aios.supervisor import run_all_in_one
+    from aios.ops.supervisor import run_all_in_one
 
     return run_all_in_one(settings, migrate_first=args.migrate, agent_name=args.agent_name)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     parser = argparse.ArgumentParser(
-        prog="aios", description="AIOS: an orchestrator for AI and batch workloads.",
-        epilog="Commands that use a running API (see `aios COMMAND --help`): " + ", ".join(sorted(CLIENT_COMMANDS))
-        + ". They take --url/AIOS_URL and --api-key/AIOS_API_KEY, or the token of `aios login`.")
+        prog="aios",
+        description="AIOS: an orchestrator for AI and batch workloads.",
+        epilog="Commands that use a running API (see `aios COMMAND --help`): "
+        + ", ".join(sorted(CLIENT_COMMANDS))
+        + ". They take --url/AIOS_URL and --api-key/AIOS_API_KEY, or the token of `aios login`.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers: dict[str, Handler] = {}
 
@@ -215,7 +218,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
 SERVICES = frozenset({"api", "worker", "beat", "metrics", "up"})
 
 
-#: Commands of :mod:`aios.cli_client` (click + rich): they talk to a running API instead of running AIOS.
+#: Commands of :mod:`aios_client.commands` (click + rich): they talk to a running API instead of running AIOS.
 CLIENT_COMMANDS = frozenset({"login", "logout", "submit", "tasks", "agents", "queues", "keys", "schedules", "status"})
 
 
@@ -239,7 +242,7 @@ def _command_word(argv: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if _command_word(argv) in CLIENT_COMMANDS:
-        from aios import cli_client
+        from aios_client import commands as cli_client
 
         return cli_client.main(argv)
     parser, handlers = build_parser()

@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from aios.errors import ConfigError
+from aios.errors import ConfigError, ValidationFailed
+from aios.timing.cron import parse_cron
 
 ENV_PREFIX = "AIOS_"
 #: The repository's default config file, used when AIOS_CONFIG is not set and the file exists.
@@ -87,7 +88,7 @@ class DatabaseSettings(_Section):
 
 class BrokerSettings(_Section):
     #: kombu URL. ``sqlite:///var/broker.db`` is the embedded default that needs no server (AIOS's
-    #: own transport, :mod:`aios.sqlite_transport`: priorities, acks, visibility timeout, fanout);
+    #: own transport, :mod:`aios.broker.sqlite_transport`: priorities, acks, visibility timeout, fanout);
     #: production uses ``redis://`` or ``rediss://`` (Sentinel URLs pass through to kombu).
     #: kombu's ``filesystem://`` is still accepted (FIFO, no queue depths).
     url: str = "sqlite:///var/broker.db"
@@ -125,7 +126,7 @@ class BrokerSettings(_Section):
 
     @property
     def is_sqlite(self) -> bool:
-        """AIOS's SQLite transport (:mod:`aios.sqlite_transport`)."""
+        """AIOS's SQLite transport (:mod:`aios.broker.sqlite_transport`)."""
         return self.url.startswith("sqlite://")
 
     @property
@@ -145,7 +146,7 @@ class BrokerSettings(_Section):
 
     @property
     def has_queue_depths(self) -> bool:
-        """Brokers :mod:`aios.queues` reads depths from and purges (Redis lists, the SQLite table)."""
+        """Brokers :mod:`aios.broker.queues` reads depths from and purges (Redis lists, the SQLite table)."""
         return self.is_redis or self.is_sqlite
 
 
@@ -165,7 +166,7 @@ class OrchestratorSettings(_Section):
     timeout_grace_s: int = Field(5, ge=1, le=600)
     #: The queue of tasks that name a queue explicitly but none in particular (legacy path).
     default_queue: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
-    #: How tasks find an agent (aios.routing): round_robin, weighted_round_robin, least_loaded, shared.
+    #: How tasks find an agent (aios.agents.routing): round_robin, weighted_round_robin, least_loaded, shared.
     routing_policy: Literal["round_robin", "weighted_round_robin", "least_loaded", "shared"] = "round_robin"
     #: Most agents that may be registered; 0 = no limit.
     max_agents: int = Field(10, ge=0)
@@ -196,7 +197,7 @@ class AgentSettings(_Section):
     #: argv[0] values agents may run for the `command` task type; empty = none.
     command_allowlist: list[str] = Field(default_factory=list)
     #: The unprivileged user commands run as (neither root nor the agent's own user); required
-    #: with a non-empty allowlist, checked at agent start (aios.sandbox).
+    #: with a non-empty allowlist, checked at agent start (aios.sandbox.identity).
     command_user: str = ""
     #: Default limits of a command (an admin changes them at run time through /system/limits; a
     #: request may lower them): CPU seconds and memory of the whole command (its cgroup; else
@@ -208,7 +209,6 @@ class AgentSettings(_Section):
     command_output_kb: int = Field(1024, ge=1)
     command_pids: int = Field(256, ge=1, le=1_000_000)
     command_file_size_mb: int = Field(1024, ge=1, le=1_048_576)
-
 
     @property
     def effective_heartbeat_timeout_s(self) -> float:
@@ -239,9 +239,6 @@ class BackupSettings(_Section):
     def _valid_cron(cls, value: str) -> str:
         value = value.strip()
         if value:
-            from aios.errors import ValidationFailed
-            from aios.schedules import parse_cron  # imported here: aios.schedules imports this module
-
             try:
                 parse_cron(value)
             except ValidationFailed as exc:
@@ -295,7 +292,7 @@ class SecuritySettings(_Section):
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
-    #: Folder of ``aios.log`` (everything) and ``aios.error.log`` (ERROR and worse); empty: no files.
+    #: Folder of ``aios.ops.log`` (everything) and ``aios.error.log`` (ERROR and worse); empty: no files.
     dir: str = "logs"
     #: Each file is rotated at this size, keeping ``backup_count`` old ones (safe with many processes).
     max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
@@ -335,8 +332,10 @@ class Settings(_Section):
                 f"orchestrator.task_timeout_s + timeout_grace_s ({longest}), or the broker redelivers "
                 "long tasks while they still run"
             )
-        if (self.broker.redelivers_after_visibility_timeout
-                and self.orchestrator.retry_backoff_max_s >= self.broker.visibility_timeout_s):
+        if (
+            self.broker.redelivers_after_visibility_timeout
+            and self.orchestrator.retry_backoff_max_s >= self.broker.visibility_timeout_s
+        ):
             raise ValueError(
                 f"orchestrator.retry_backoff_max_s ({self.orchestrator.retry_backoff_max_s:g}) must be less than "
                 f"broker.visibility_timeout_s ({self.broker.visibility_timeout_s}): a retry waits in the broker as a "

@@ -67,8 +67,9 @@ class TooManyRequests(AiosError):
     code = "too_many_requests"
 
     def __init__(self, message: str, *, retry_after_s: int, **extra: Any) -> None:
-        super().__init__(message, headers={"Retry-After": str(max(1, retry_after_s))},
-                         retry_after_s=max(1, retry_after_s), **extra)
+        super().__init__(
+            message, headers={"Retry-After": str(max(1, retry_after_s))}, retry_after_s=max(1, retry_after_s), **extra
+        )
 
 
 class NotFound(AiosError):

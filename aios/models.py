@@ -26,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from aios.states import TaskState
+from aios.tasks.states import TaskState
 from aios.timeutil import as_utc, utcnow
 
 #: JSON on SQLite, JSONB on PostgreSQL (indexable, compact).
@@ -66,7 +66,7 @@ class Task(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     type: Mapped[str] = mapped_column(String(128))
     parameters: Mapped[dict[str, Any]] = mapped_column(JsonValue)
-    #: 0-9, 9 most urgent (the API's scale; aios.priority maps it to the transport's).
+    #: 0-9, 9 most urgent (the API's scale; aios.broker.priority maps it to the transport's).
     priority: Mapped[int] = mapped_column(Integer)
     #: The AIOS queue it was published to: a named queue, ``agent.<name>`` or ``cap.<capability>``.
     queue: Mapped[str] = mapped_column(String(300))
@@ -88,7 +88,7 @@ class Task(Base):
     retry_of: Mapped[str | None] = mapped_column(String(36), ForeignKey("tasks.id"), nullable=True)
     #: The user that submitted it (directly or through one of their API keys).
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    #: How the task finds an agent: a policy of aios.routing, "queue" (an explicit queue) or "pinned".
+    #: How the task finds an agent: a policy of aios.agents.routing, "queue" (an explicit queue) or "pinned".
     routing: Mapped[str | None] = mapped_column(String(32), nullable=True)
     #: The agent the task was pinned to (``agent`` field at submit), if any.
     pinned_agent: Mapped[str | None] = mapped_column(String(255), nullable=True)
@@ -100,7 +100,7 @@ class Task(Base):
     run_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     #: The periodic schedule that created it, if any.
     schedule_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
-    #: Percent done (0-100) the current run last reported (aios.progress); cleared when a run starts.
+    #: Percent done (0-100) the current run last reported (aios.tasks.progress); cleared when a run starts.
     progress: Mapped[float | None] = mapped_column(Float, nullable=True)
     progress_message: Mapped[str | None] = mapped_column(String(500), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -120,8 +120,14 @@ class Task(Base):
         Index("ix_tasks_queue_state", "queue", "state"),
         Index("ix_tasks_agent_state", "agent", "state"),
         Index("ix_tasks_state_run_at", "state", "run_at"),
-        Index("ux_tasks_owner_idempotency_key", text("coalesce(owner, '')"), "idempotency_key", unique=True,
-              postgresql_where=text("idempotency_key IS NOT NULL"), sqlite_where=text("idempotency_key IS NOT NULL")),
+        Index(
+            "ux_tasks_owner_idempotency_key",
+            text("coalesce(owner, '')"),
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+            sqlite_where=text("idempotency_key IS NOT NULL"),
+        ),
     )
 
 
@@ -228,7 +234,7 @@ class Agent(Base):
     max_concurrency: Mapped[int] = mapped_column(Integer, default=1)
     #: What an operator asked for: ACTIVE, DRAINING or DISABLED.
     admin_status: Mapped[str] = mapped_column(String(16), default="ACTIVE")
-    #: What aios.health decided: ONLINE, BUSY, DEGRADED, DRAINING, DISABLED or OFFLINE.
+    #: What aios.agents.health decided: ONLINE, BUSY, DEGRADED, DRAINING, DISABLED or OFFLINE.
     status: Mapped[str] = mapped_column(String(16), default="OFFLINE")
     status_reason: Mapped[str | None] = mapped_column(String(255), nullable=True)
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -329,7 +335,7 @@ class Lease(Base):
 
 
 class TaskStat(Base):
-    """Durable, cluster-wide task metrics, rolled up from ``task_events`` (see :mod:`aios.task_stats`).
+    """Durable, cluster-wide task metrics, rolled up from ``task_events`` (see :mod:`aios.tasks.stats`).
 
     One row per task type and series: ``finished:<STATE>`` (a count), ``run`` and ``wait`` (histograms
     of run time and queue wait in seconds: ``count``, ``sum`` and cumulative ``buckets``).

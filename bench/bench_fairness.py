@@ -27,8 +27,9 @@ def measure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]:
         with run.engine().connect() as connection:
             import sqlalchemy as sa
 
-            rows = connection.execute(sa.text("SELECT queue, count(*) FROM tasks WHERE created_at >= :t "
-                                              "GROUP BY queue"), {"t": since}).all()
+            rows = connection.execute(
+                sa.text("SELECT queue, count(*) FROM tasks WHERE created_at >= :t GROUP BY queue"), {"t": since}
+            ).all()
         counts = {q: int(c) for q, c in rows}
         shares.append(counts)
         if len(counts) != 3 or sum(counts.values()) != n:
@@ -39,12 +40,22 @@ def measure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]:
     for worker in workers:
         worker.stop()
     run.execute("UPDATE tasks SET state = 'CANCELLED', finished_at = now() WHERE state IN ('QUEUED', 'PENDING')")
-    rows = "\n".join(f"| {i + 1} | {' / '.join(str(v) for v in sorted(s.values(), reverse=True))} | {r:.3f} |"
-                     for i, (s, r) in enumerate(zip(shares, stat.values, strict=True)))
-    return [Figure(f"Routing fairness, 3 agents, {n:,} tasks, round robin (max/min share)",
-                   Stat(stat.values, "").fmt(3).strip(), "-", "-", "≤ 1.01", max(stat.values) <= 1.01,
-                   f"`.venv/bin/python bench/run_all.py --only fairness --fairness-tasks {n}`",
-                   f"Three `aios worker --concurrency 1`, `orchestrator.routing_policy = round_robin` (shipped "
-                   f"default), {n:,} `echo` tasks in batches of 1,000 per repetition; tasks per agent queue read from "
-                   f"PostgreSQL. Met means every repetition ≤ 1.01.\n\n| rep | tasks per agent | max/min |\n"
-                   f"|---|---|---|\n{rows}")]
+    rows = "\n".join(
+        f"| {i + 1} | {' / '.join(str(v) for v in sorted(s.values(), reverse=True))} | {r:.3f} |"
+        for i, (s, r) in enumerate(zip(shares, stat.values, strict=True))
+    )
+    return [
+        Figure(
+            f"Routing fairness, 3 agents, {n:,} tasks, round robin (max/min share)",
+            Stat(stat.values, "").fmt(3).strip(),
+            "-",
+            "-",
+            "≤ 1.01",
+            max(stat.values) <= 1.01,
+            f"`.venv/bin/python bench/run_all.py --only fairness --fairness-tasks {n}`",
+            f"Three `aios worker --concurrency 1`, `orchestrator.routing_policy = round_robin` (shipped "
+            f"default), {n:,} `echo` tasks in batches of 1,000 per repetition; tasks per agent queue read from "
+            f"PostgreSQL. Met means every repetition ≤ 1.01.\n\n| rep | tasks per agent | max/min |\n"
+            f"|---|---|---|\n{rows}",
+        )
+    ]

@@ -30,18 +30,44 @@ from bench.harness import (
 )
 
 TYPES = ["echo", "sleep", "etl.load", "report.build", "mail.send", "image.resize", "index.rebuild", "backup.copy"]
-STATES = [("SUCCEEDED", 0.80), ("FAILED", 0.06), ("CANCELLED", 0.04), ("DEAD", 0.02), ("TIMED_OUT", 0.02),
-          ("QUEUED", 0.04), ("SCHEDULED", 0.02)]
-COLUMNS = ["id", "type", "parameters", "priority", "queue", "state", "result", "error", "attempts", "max_retries",
-           "timeout_s", "owner", "routing", "on_agent_lost", "created_at", "updated_at", "queued_at", "started_at",
-           "finished_at"]
+STATES = [
+    ("SUCCEEDED", 0.80),
+    ("FAILED", 0.06),
+    ("CANCELLED", 0.04),
+    ("DEAD", 0.02),
+    ("TIMED_OUT", 0.02),
+    ("QUEUED", 0.04),
+    ("SCHEDULED", 0.02),
+]
+COLUMNS = [
+    "id",
+    "type",
+    "parameters",
+    "priority",
+    "queue",
+    "state",
+    "result",
+    "error",
+    "attempts",
+    "max_retries",
+    "timeout_s",
+    "owner",
+    "routing",
+    "on_agent_lost",
+    "created_at",
+    "updated_at",
+    "queued_at",
+    "started_at",
+    "finished_at",
+]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inspect-rows", type=int, default=1_000_000)
     parser.add_argument("--inspect-requests", type=int, default=20, help="requests per query per repetition")
-    parser.add_argument("--flower-tasks", type=int, default=100_000,
-                        help="tasks whose worker events are replayed to Flower")
+    parser.add_argument(
+        "--flower-tasks", type=int, default=100_000, help="tasks whose worker events are replayed to Flower"
+    )
 
 
 def state_case(alias: str) -> str:
@@ -69,9 +95,12 @@ def fill(run: Run, rows: int) -> float:
     with run.engine().connect() as connection:
         # pg_get_indexdef only on this table's indexes: filtering pg_indexes by its text made PostgreSQL call it
         # for every index of the database and wait on the locks of any schema another session was dropping.
-        definitions = connection.execute(sa.text(
-            "SELECT c.relname, pg_get_indexdef(c.oid) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-            "WHERE i.indrelid = 'tasks'::regclass")).all()
+        definitions = connection.execute(
+            sa.text(
+                "SELECT c.relname, pg_get_indexdef(c.oid) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE i.indrelid = 'tasks'::regclass"
+            )
+        ).all()
     rebuilt = [(name, definition) for name, definition in definitions if "gin_trgm_ops" in definition]
     types = ", ".join(f"'{t}'" for t in TYPES)
     failed = "('FAILED', 'DEAD', 'TIMED_OUT')"
@@ -79,14 +108,14 @@ def fill(run: Run, rows: int) -> float:
     # random() sits in the inner select list, so PostgreSQL keeps that subquery (it never inlines volatile
     # targets) and draws each number once per row.
     insert = f"""
-        INSERT INTO tasks ({', '.join(COLUMNS)})
+        INSERT INTO tasks ({", ".join(COLUMNS)})
         SELECT id, type, parameters, priority, 'default', state,
                CASE WHEN state = 'SUCCEEDED' THEN jsonb_build_object('rows', n % 1000) END,
                CASE WHEN state IN {failed} THEN 'timeout talking to upstream host-' || (n % 97) END,
                1, 3, 3600, 'bench', 'queue', 'retry', created, created, created,
                CASE WHEN state NOT IN {unfinished} THEN created END,
                CASE WHEN state NOT IN {unfinished} THEN created + interval '1 second' END
-        FROM (SELECT n, gen_random_uuid()::text AS id, {state_case('u')} AS state,
+        FROM (SELECT n, gen_random_uuid()::text AS id, {state_case("u")} AS state,
                      (ARRAY[{types}])[1 + t] AS type,
                      jsonb_build_object('customer', 'customer-' || (n % 50000), 'n', n) AS parameters,
                      priority, :now - make_interval(secs => 30 * 86400 * (1 - n::float8 / :rows) + jitter) AS created
@@ -102,15 +131,18 @@ def fill(run: Run, rows: int) -> float:
     for first in range(0, rows, 250_000):  # a few transactions, so one load is not one huge WAL burst
         with run.engine().begin() as connection:
             connection.execute(sa.text("SELECT setseed(:s)"), {"s": 0.11 + first / rows / 10})
-            connection.execute(sa.text(insert), {"now": now, "rows": rows, "first": first,
-                                                 "last": min(rows, first + 250_000) - 1})
+            connection.execute(
+                sa.text(insert), {"now": now, "rows": rows, "first": first, "last": min(rows, first + 250_000) - 1}
+            )
     inserted = time.perf_counter()
     with run.engine().begin() as connection:
         for _, definition in rebuilt:
             connection.execute(sa.text(definition))
         connection.execute(sa.text("ANALYZE tasks"))
-    print(f"  fill: rows {inserted - began:.0f}s, search index and ANALYZE {time.perf_counter() - inserted:.0f}s",
-          flush=True)
+    print(
+        f"  fill: rows {inserted - began:.0f}s, search index and ANALYZE {time.perf_counter() - inserted:.0f}s",
+        flush=True,
+    )
     return time.perf_counter() - began
 
 
@@ -126,8 +158,18 @@ def measure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]:
     try:
         figures.append(flower_figure(run, args, figures[-1]))
     except Exception as exc:  # noqa: BLE001
-        figures.append(Figure("Flower memory", "not measured", "-", "-", "-", None, "-",
-                              f"Not measured: `{type(exc).__name__}: {exc}`"))
+        figures.append(
+            Figure(
+                "Flower memory",
+                "not measured",
+                "-",
+                "-",
+                "-",
+                None,
+                "-",
+                f"Not measured: `{type(exc).__name__}: {exc}`",
+            )
+        )
     return figures
 
 
@@ -137,8 +179,9 @@ def inspect_figure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]
     took = fill(run, args.inspect_rows)
     total = int(run.scalar("SELECT count(*) FROM tasks"))
     print(f"  filled {args.inspect_rows:,} rows in {took:.0f}s ({total:,} in tasks)", flush=True)
-    ids = [r for r in run.engine().connect().exec_driver_sql(
-        "SELECT id FROM tasks ORDER BY random() LIMIT 2000").scalars()]
+    ids = [
+        r for r in run.engine().connect().exec_driver_sql("SELECT id FROM tasks ORDER BY random() LIMIT 2000").scalars()
+    ]
     client = Client(api.url, run.headers())
     queries = {
         "list state=FAILED&type=etl.load": lambda i: "/api/v1/tasks?state=FAILED&type=etl.load&limit=50",
@@ -162,8 +205,7 @@ def inspect_figure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]
                 times.append((time.perf_counter() - began) * 1000)
             samples[name] += times
             p95s[name].append(percentile(times, 95))
-        print(f"  inspect rep {rep + 1}: " + ", ".join(f"{k} p95 {v[-1]:.0f} ms" for k, v in p95s.items()),
-              flush=True)
+        print(f"  inspect rep {rep + 1}: " + ", ".join(f"{k} p95 {v[-1]:.0f} ms" for k, v in p95s.items()), flush=True)
     rss_after, master = api_rss_mb(api)
     rows = []
     worst = 0.0
@@ -172,40 +214,58 @@ def inspect_figure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]
         worst = max(worst, p95)
         rows.append(f"| {name} | {p50:.1f} | {p95:.1f} | {min(p95s[name]):.1f}–{max(p95s[name]):.1f} |")
     if worst > 50:
-        details_why = (" Missed: see the p95 column for which query. `q=` (aios/task_search.py, docs/api.md) looks a "
-                       "rare text up in the search index; a text in more than a quarter of ANALYZE's sampled search "
-                       "texts walks the newest rows; one in between is found in created_at windows: the newest "
-                       "1,000 rows one by one, then a probe of a few rows per created_at bucket, then the window "
-                       "that holds the text looked up in the index by the hours it covers and the text (migration "
-                       "0009: GIN skips the parts of the text's posting lists outside those hours), or, once a "
-                       "bucket's newest rows hold it, the buckets before looked up by hour and the rows from there "
-                       "read one by one. Here the newest rows are the ones earlier figures left (none of them says "
-                       "`upstream`), so `q=upstream` takes that path: about seven statements and the ORM's work "
-                       "to build them on a machine whose speed varies twofold from minute to minute. What would "
-                       "close it: fewer round trips (walk, probe and lookup as one statement).")
+        details_why = (
+            " Missed: see the p95 column for which query. `q=` (aios/tasks/search.py, docs/api.md) looks a "
+            "rare text up in the search index; a text in more than a quarter of ANALYZE's sampled search "
+            "texts walks the newest rows; one in between is found in created_at windows: the newest "
+            "1,000 rows one by one, then a probe of a few rows per created_at bucket, then the window "
+            "that holds the text looked up in the index by the hours it covers and the text (migration "
+            "0009: GIN skips the parts of the text's posting lists outside those hours), or, once a "
+            "bucket's newest rows hold it, the buckets before looked up by hour and the rows from there "
+            "read one by one. Here the newest rows are the ones earlier figures left (none of them says "
+            "`upstream`), so `q=upstream` takes that path: about seven statements and the ORM's work "
+            "to build them on a machine whose speed varies twofold from minute to minute. What would "
+            "close it: fewer round trips (walk, probe and lookup as one statement)."
+        )
     else:
         details_why = ""
     summary = " / ".join(f"{percentile(samples[n], 95):.0f}" for n in queries)
     cmd = f"`.venv/bin/python bench/run_all.py --only inspect --inspect-rows {args.inspect_rows}`"
-    details = (f"{args.inspect_rows:,} rows generated by PostgreSQL (`INSERT ... SELECT` over `generate_series`, "
-               f"bench_inspect.py `fill`) in {took:.0f} s (the search index dropped for the load and rebuilt "
-               f"after it, included; plus {existing:,} left by earlier figures), "
-               f"8 task types, {', '.join(f'{s} {w:.0%}' for s, w in STATES)}, created over 30 days, then ANALYZE. "
-               f"One client, sequential requests on one keep-alive connection, {args.inspect_requests} requests per "
-               f"query per repetition "
-               f"(fewer, but at least 5, once a query has taken 5 s in a repetition) × {args.reps} repetitions; "
-               f"`limit=50`. Latency is the client's (HTTP "
-               f"included), in ms.\n\n| query | p50 | p95 | p95 range over reps |\n|---|---|---|---|\n"
-               + "\n".join(rows)
-               + f"\n\nAPI RSS (largest gunicorn worker): {rss_before:.0f} MB before the rows were loaded, "
-                 f"{rss_after:.0f} MB after the queries on {total:,} rows (master {master:.0f} MB).{details_why}")
+    details = (
+        f"{args.inspect_rows:,} rows generated by PostgreSQL (`INSERT ... SELECT` over `generate_series`, "
+        f"bench_inspect.py `fill`) in {took:.0f} s (the search index dropped for the load and rebuilt "
+        f"after it, included; plus {existing:,} left by earlier figures), "
+        f"8 task types, {', '.join(f'{s} {w:.0%}' for s, w in STATES)}, created over 30 days, then ANALYZE. "
+        f"One client, sequential requests on one keep-alive connection, {args.inspect_requests} requests per "
+        f"query per repetition "
+        f"(fewer, but at least 5, once a query has taken 5 s in a repetition) × {args.reps} repetitions; "
+        f"`limit=50`. Latency is the client's (HTTP "
+        f"included), in ms.\n\n| query | p50 | p95 | p95 range over reps |\n|---|---|---|---|\n"
+        + "\n".join(rows)
+        + f"\n\nAPI RSS (largest gunicorn worker): {rss_before:.0f} MB before the rows were loaded, "
+        f"{rss_after:.0f} MB after the queries on {total:,} rows (master {master:.0f} MB).{details_why}"
+    )
     return [
-        Figure(f"Inspection p95, {total:,} rows (state+type / q rare / q common / by id)", f"{summary} ms",
-               "-", "-", "p95 ≤ 50 ms", worst <= 50, cmd, details),
-        Figure("API memory with the big ledger (RSS per API process)", f"{rss_after:.0f} MB (before: "
-               f"{rss_before:.0f} MB)", "Flower: see next row", "-", "flat, ≤ 150 MB",
-               rss_after <= 150 and rss_after - rss_before < 30, cmd, "Measured with the figure above (psutil RSS "
-               "of each gunicorn worker process; the largest is reported)."),
+        Figure(
+            f"Inspection p95, {total:,} rows (state+type / q rare / q common / by id)",
+            f"{summary} ms",
+            "-",
+            "-",
+            "p95 ≤ 50 ms",
+            worst <= 50,
+            cmd,
+            details,
+        ),
+        Figure(
+            "API memory with the big ledger (RSS per API process)",
+            f"{rss_after:.0f} MB (before: {rss_before:.0f} MB)",
+            "Flower: see next row",
+            "-",
+            "flat, ≤ 150 MB",
+            rss_after <= 150 and rss_after - rss_before < 30,
+            cmd,
+            "Measured with the figure above (psutil RSS of each gunicorn worker process; the largest is reported).",
+        ),
     ]
 
 
@@ -251,8 +311,10 @@ class ReplayedWorkers:
 
     def __init__(self, app: Any, hostnames: tuple[str, ...], events_per_message: int = 24) -> None:
         self.connection = app.connection_for_write()
-        self.dispatchers = [app.events.Dispatcher(self.connection, hostname=h, buffer_group=["task"],
-                                                  buffer_limit=events_per_message) for h in hostnames]
+        self.dispatchers = [
+            app.events.Dispatcher(self.connection, hostname=h, buffer_group=["task"], buffer_limit=events_per_message)
+            for h in hostnames
+        ]
         self.processed = [0] * len(hostnames)
         self.last_beat = 0.0
         self.rng = random.Random(7)
@@ -262,8 +324,9 @@ class ReplayedWorkers:
         from celery.worker.state import SOFTWARE_INFO
 
         for dispatcher, processed in zip(self.dispatchers, self.processed, strict=True):
-            dispatcher.send(kind, freq=HEARTBEAT_INTERVAL_S, active=0, processed=processed,
-                            loadavg=load_average(), **SOFTWARE_INFO)
+            dispatcher.send(
+                kind, freq=HEARTBEAT_INTERVAL_S, active=0, processed=processed, loadavg=load_average(), **SOFTWARE_INFO
+            )
         self.last_beat = time.monotonic()
 
     def beat_if_due(self) -> None:
@@ -276,11 +339,20 @@ class ReplayedWorkers:
             slot = n % len(self.dispatchers)
             dispatcher = self.dispatchers[slot]
             task_id = str(uuid.uuid4())
-            dispatcher.send("task-received", uuid=task_id, name="bench.noop", args="()", kwargs="{}",
-                            root_id=task_id, parent_id=None, retries=0, eta=None, expires=None)
+            dispatcher.send(
+                "task-received",
+                uuid=task_id,
+                name="bench.noop",
+                args="()",
+                kwargs="{}",
+                root_id=task_id,
+                parent_id=None,
+                retries=0,
+                eta=None,
+                expires=None,
+            )
             dispatcher.send("task-started", uuid=task_id)
-            dispatcher.send("task-succeeded", uuid=task_id, result="None",
-                            runtime=self.rng.uniform(0.0003, 0.002))
+            dispatcher.send("task-succeeded", uuid=task_id, result="None", runtime=self.rng.uniform(0.0003, 0.002))
             self.processed[slot] += 1
         for dispatcher in self.dispatchers:
             dispatcher.flush()
@@ -307,9 +379,20 @@ def flower_figure(run: Run, args: argparse.Namespace, api_rss: Figure) -> Figure
     queue = f"{run.namespace}-flower-mem"
     app = raw_app(run, queue)
     port = free_port()
-    flower = run.spawn("flower-mem", [str(BIN / "celery"), "-A", "bench.rawapp", "flower", f"--port={port}",
-                                      "--address=127.0.0.1", f"--max_tasks={max(n, 100_000)}"],
-                       {**run.raw_env(queue), "FLOWER_UNAUTHENTICATED_API": "true"}, url=f"http://127.0.0.1:{port}")
+    flower = run.spawn(
+        "flower-mem",
+        [
+            str(BIN / "celery"),
+            "-A",
+            "bench.rawapp",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+            f"--max_tasks={max(n, 100_000)}",
+        ],
+        {**run.raw_env(queue), "FLOWER_UNAUTHENTICATED_API": "true"},
+        url=f"http://127.0.0.1:{port}",
+    )
     wait_http(flower, "/healthcheck")
     client = Client(flower.url)
     progress = FlowerProgress(client)
@@ -347,31 +430,42 @@ def flower_figure(run: Run, args: argparse.Namespace, api_rss: Figure) -> Figure
     took = time.perf_counter() - began
     workers.close()
     flower.stop()
-    print(f"  flower: {rss:.0f} MB holding {n:,} tasks ({applied:,} task events applied) after {took:.0f}s "
-          f"(idle {base:.0f} MB)", flush=True)
+    print(
+        f"  flower: {rss:.0f} MB holding {n:,} tasks ({applied:,} task events applied) after {took:.0f}s "
+        f"(idle {base:.0f} MB)",
+        flush=True,
+    )
     label = f"{rss:.0f} MB holding {n:,} tasks" if held else f"{rss:.0f} MB (it had not caught up with all {n:,})"
     extrapolated = ""
     if n < 100_000:
         per = (rss - base) / n
-        extrapolated = (f" **Measured with {n:,} tasks (`--flower-tasks`), not 100,000; extrapolated linearly to "
-                        f"100,000: about {base + per * 100_000:.0f} MB** (an estimate, not a measurement).")
-    return Figure("Flower memory holding tasks (vs AIOS API RSS above)", api_rss.aios,
-                  f"Flower {label} (idle: {base:.0f} MB)", "-", "AIOS flat, ≤ 150 MB", api_rss.met,
-                  f"`.venv/bin/python bench/run_all.py --only inspect --flower-tasks {n}`",
-                  f"`celery flower --max_tasks={max(n, 100_000)}` on the raw Celery app; RSS of the Flower process "
-                  f"by psutil after its task list reached {n:,} entries. Flower keeps every task it learns from "
-                  f"events in memory, so its RSS grows with the task count; AIOS keeps tasks in PostgreSQL. "
-                  f"**The events were replayed by the harness, not produced by running tasks**: for {n:,} `noop` "
-                  f"tasks on two worker hostnames, the `task-received`, `task-started` and `task-succeeded` events "
-                  f"(plus `worker-online` and a `worker-heartbeat` every 2 s) in the exact format a `celery worker "
-                  f"-E` emits (same fields, published with Celery's own event dispatcher, buffered into "
-                  f"`task.multi` lists of up to 24 as the worker does), paced so Flower never had more than "
-                  f"{2 * REPLAY_CHUNK_TASKS * EVENTS_PER_TASK:,} events waiting ({took:.0f} s; {applied:,} task events "
-                  f"applied). Why: what Flower holds depends only on the events it receives, and running "
-                  f"100,000 real tasks through two workers took about 8 minutes (471 s in the run of 2026-11-25) "
-                  f"of the 20-minute budget without changing that. Checked against real runs on this machine: a "
-                  f"capture of two real `-E` workers' events has the same fields in the same order; 20,000 real "
-                  f"tasks left Flower at 157 MB, 20,000 replayed at 159 MB; 100,000 real tasks read 506 MB in a run "
-                  f"where Flower's RSS was sampled every 10 s and grew in step with the events it applied, but 633 "
-                  f"and 638 MB in two unsampled runs, so Flower's RSS after the same 100,000 tasks varies by about "
-                  f"a quarter between real runs and the replay reads the low end of that range.{extrapolated}")
+        extrapolated = (
+            f" **Measured with {n:,} tasks (`--flower-tasks`), not 100,000; extrapolated linearly to "
+            f"100,000: about {base + per * 100_000:.0f} MB** (an estimate, not a measurement)."
+        )
+    return Figure(
+        "Flower memory holding tasks (vs AIOS API RSS above)",
+        api_rss.aios,
+        f"Flower {label} (idle: {base:.0f} MB)",
+        "-",
+        "AIOS flat, ≤ 150 MB",
+        api_rss.met,
+        f"`.venv/bin/python bench/run_all.py --only inspect --flower-tasks {n}`",
+        f"`celery flower --max_tasks={max(n, 100_000)}` on the raw Celery app; RSS of the Flower process "
+        f"by psutil after its task list reached {n:,} entries. Flower keeps every task it learns from "
+        f"events in memory, so its RSS grows with the task count; AIOS keeps tasks in PostgreSQL. "
+        f"**The events were replayed by the harness, not produced by running tasks**: for {n:,} `noop` "
+        f"tasks on two worker hostnames, the `task-received`, `task-started` and `task-succeeded` events "
+        f"(plus `worker-online` and a `worker-heartbeat` every 2 s) in the exact format a `celery worker "
+        f"-E` emits (same fields, published with Celery's own event dispatcher, buffered into "
+        f"`task.multi` lists of up to 24 as the worker does), paced so Flower never had more than "
+        f"{2 * REPLAY_CHUNK_TASKS * EVENTS_PER_TASK:,} events waiting ({took:.0f} s; {applied:,} task events "
+        f"applied). Why: what Flower holds depends only on the events it receives, and running "
+        f"100,000 real tasks through two workers took about 8 minutes (471 s in the run of 2026-11-25) "
+        f"of the 20-minute budget without changing that. Checked against real runs on this machine: a "
+        f"capture of two real `-E` workers' events has the same fields in the same order; 20,000 real "
+        f"tasks left Flower at 157 MB, 20,000 replayed at 159 MB; 100,000 real tasks read 506 MB in a run "
+        f"where Flower's RSS was sampled every 10 s and grew in step with the events it applied, but 633 "
+        f"and 638 MB in two unsampled runs, so Flower's RSS after the same 100,000 tasks varies by about "
+        f"a quarter between real runs and the replay reads the low end of that range.{extrapolated}",
+    )

@@ -18,11 +18,15 @@ from bench.harness import Client, Figure, Run, raw_app, repeat, start_raw_worker
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--priority-backlog", type=int, default=10_000,
-                        help="priority-0 tasks queued (the spec's 10,000)")
-    parser.add_argument("--priority-celery-cap-s", type=float, default=10.0,
-                        help="give up waiting for raw Celery's priority-9 task after this long (its figure is then "
-                             "a lower bound)")
+    parser.add_argument(
+        "--priority-backlog", type=int, default=10_000, help="priority-0 tasks queued (the spec's 10,000)"
+    )
+    parser.add_argument(
+        "--priority-celery-cap-s",
+        type=float,
+        default=10.0,
+        help="give up waiting for raw Celery's priority-9 task after this long (its figure is then a lower bound)",
+    )
 
 
 def measure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]:
@@ -31,11 +35,12 @@ def measure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]:
     client = Client(api.url, run.headers())
     seen_backlog: list[int] = []
 
-    from aios.agents import agent_queue
+    from aios.agents.registry import agent_queue
 
     def queued() -> int:
-        return int(run.scalar("SELECT count(*) FROM tasks WHERE state = 'QUEUED' AND queue = :q",
-                              q=agent_queue(worker.url)))
+        return int(
+            run.scalar("SELECT count(*) FROM tasks WHERE state = 'QUEUED' AND queue = :q", q=agent_queue(worker.url))
+        )
 
     def aios(rep: int) -> float:
         while (missing := backlog - queued()) > 0:  # the agent drains it while it is topped up
@@ -123,36 +128,55 @@ def measure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]:
     raw_worker.stop()
     capped = len(left_at_cap)
     lower_bound = c.median >= cap
-    capped_note = (f" Raw Celery's wait is capped at {cap:g} s (`--priority-celery-cap-s`): its literal priority-9 "
-                   f"task starts only once the worker has drained the backlog ahead of it (23 s median uncapped in "
-                   f"the run of 2026-11-25, longer when the cores are busier), so each repetition would otherwise cost "
-                   f"that whole drain. In {capped} of {args.reps} repetitions it had not started at the cap, with "
-                   f"{', '.join(f'{x:,}' for x in left_at_cap)} priority-0 messages still waiting in Redis; those "
-                   f"count as {cap:g} s" + (", so that median is a lower bound." if lower_bound else
-                                   "; the median is not affected.")) if capped else ""
-    scaled = "" if backlog == 10_000 else f" **Backlog scaled down from the spec's 10,000 to {backlog:,}** " \
+    capped_note = (
+        (
+            f" Raw Celery's wait is capped at {cap:g} s (`--priority-celery-cap-s`): its literal priority-9 "
+            f"task starts only once the worker has drained the backlog ahead of it (23 s median uncapped in "
+            f"the run of 2026-11-25, longer when the cores are busier), so each repetition would otherwise cost "
+            f"that whole drain. In {capped} of {args.reps} repetitions it had not started at the cap, with "
+            f"{', '.join(f'{x:,}' for x in left_at_cap)} priority-0 messages still waiting in Redis; those "
+            f"count as {cap:g} s"
+            + (", so that median is a lower bound." if lower_bound else "; the median is not affected.")
+        )
+        if capped
+        else ""
+    )
+    scaled = (
+        ""
+        if backlog == 10_000
+        else f" **Backlog scaled down from the spec's 10,000 to {backlog:,}** "
         "(`--priority-backlog`) to keep `make bench` within its time budget."
-    return [Figure(f"Priority-9 task start under a {backlog:,}-task priority-0 backlog", a.fmt(3),
-                   "raw Celery (defaults), its most urgent level (0 over a priority-9 backlog): " + u.fmt(3)
-                   + "; literally 9 over 0: " + ("> " if lower_bound else "") + c.short(2)
-                   + (f" ({capped} of {args.reps} capped at {cap:g} s)" if capped else ""),
-                   f"{u.median / a.median:.1f}× (Celery time / AIOS time, most urgent level)" if a.median else "-",
-                   "≤ 1 s (AIOS)", a.median <= 1.0 and max(a.values) <= 1.0,
-                   f"`.venv/bin/python bench/run_all.py --only priority --priority-backlog {backlog}`",
-                   f"AIOS: one `aios worker --concurrency 2` working through priority-0 `echo` tasks, the backlog "
-                   f"topped up through `/tasks/batch` before each repetition (QUEUED in its queue at submit of the "
-                   f"priority-9 task: {', '.join(f'{x:,}' for x in seen_backlog)}); time = `POST /api/v1/tasks` with "
-                   f"`priority: 9` → its `started_at` is set in PostgreSQL (polled every 10 ms). Met means every "
-                   f"repetition ≤ 1 s. In AIOS 9 is the most urgent level on every broker (aios/priority.py maps it "
-                   f"to the transport's order). Raw Celery, Celery's default Redis transport options (no "
-                   f"`priority_steps`/`queue_order_strategy` set, prefetch multiplier 4), prefork `-c 2`: on Redis, "
-                   f"kombu serves its priority lists 0, 3, 6, 9 in that order (kombu/transport/redis.py, "
-                   f"`_brpop_start`), so to Celery 0 is the most urgent and 9 the least. The comparison is therefore "
-                   f"measured twice in this run: (1) the same intent, a backlog of `noop.apply_async(priority=9)` "
-                   f"(at each submit: {', '.join(f'{x:,}' for x in urgent_backlog)}) and then "
-                   f"`stamp.apply_async(priority=0)`, which writes its start time to Redis: the ratio column compares "
-                   f"this one; (2) the same numbers as AIOS, literally: a backlog of `noop.apply_async(priority=0)` "
-                   f"(at each submit: {', '.join(f'{x:,}' for x in celery_backlog)}) and then "
-                   f"`stamp.apply_async(priority=9)`, which to Celery is the least urgent and waits behind the whole "
-                   f"backlog. Each backlog is one real `apply_async` message copied with a fresh task id and delivery "
-                   f"tag each, LPUSHed in pipelines (bench_priority.py `top_up`).{capped_note}{scaled}")]
+    )
+    return [
+        Figure(
+            f"Priority-9 task start under a {backlog:,}-task priority-0 backlog",
+            a.fmt(3),
+            "raw Celery (defaults), its most urgent level (0 over a priority-9 backlog): "
+            + u.fmt(3)
+            + "; literally 9 over 0: "
+            + ("> " if lower_bound else "")
+            + c.short(2)
+            + (f" ({capped} of {args.reps} capped at {cap:g} s)" if capped else ""),
+            f"{u.median / a.median:.1f}× (Celery time / AIOS time, most urgent level)" if a.median else "-",
+            "≤ 1 s (AIOS)",
+            a.median <= 1.0 and max(a.values) <= 1.0,
+            f"`.venv/bin/python bench/run_all.py --only priority --priority-backlog {backlog}`",
+            f"AIOS: one `aios worker --concurrency 2` working through priority-0 `echo` tasks, the backlog "
+            f"topped up through `/tasks/batch` before each repetition (QUEUED in its queue at submit of the "
+            f"priority-9 task: {', '.join(f'{x:,}' for x in seen_backlog)}); time = `POST /api/v1/tasks` with "
+            f"`priority: 9` → its `started_at` is set in PostgreSQL (polled every 10 ms). Met means every "
+            f"repetition ≤ 1 s. In AIOS 9 is the most urgent level on every broker (aios/broker/priority.py maps it "
+            f"to the transport's order). Raw Celery, Celery's default Redis transport options (no "
+            f"`priority_steps`/`queue_order_strategy` set, prefetch multiplier 4), prefork `-c 2`: on Redis, "
+            f"kombu serves its priority lists 0, 3, 6, 9 in that order (kombu/transport/redis.py, "
+            f"`_brpop_start`), so to Celery 0 is the most urgent and 9 the least. The comparison is therefore "
+            f"measured twice in this run: (1) the same intent, a backlog of `noop.apply_async(priority=9)` "
+            f"(at each submit: {', '.join(f'{x:,}' for x in urgent_backlog)}) and then "
+            f"`stamp.apply_async(priority=0)`, which writes its start time to Redis: the ratio column compares "
+            f"this one; (2) the same numbers as AIOS, literally: a backlog of `noop.apply_async(priority=0)` "
+            f"(at each submit: {', '.join(f'{x:,}' for x in celery_backlog)}) and then "
+            f"`stamp.apply_async(priority=9)`, which to Celery is the least urgent and waits behind the whole "
+            f"backlog. Each backlog is one real `apply_async` message copied with a fresh task id and delivery "
+            f"tag each, LPUSHed in pipelines (bench_priority.py `top_up`).{capped_note}{scaled}",
+        )
+    ]

@@ -37,30 +37,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--batches-per-rep", type=int, default=2, help="batches each client posts per repetition")
-    parser.add_argument("--batch-clients", type=int, default=2,
-                        help="clients posting batches at once (default: one per API process)")
+    parser.add_argument(
+        "--batch-clients", type=int, default=2, help="clients posting batches at once (default: one per API process)"
+    )
 
 
 def start_flower(run: Run, queue: str) -> Any:
     port = free_port()
-    proc = run.spawn("flower", [str(BIN / "celery"), "-A", "bench.rawapp", "flower", f"--port={port}",
-                                "--address=127.0.0.1"],
-                     {**run.raw_env(queue), "FLOWER_UNAUTHENTICATED_API": "true"}, url=f"http://127.0.0.1:{port}")
+    proc = run.spawn(
+        "flower",
+        [str(BIN / "celery"), "-A", "bench.rawapp", "flower", f"--port={port}", "--address=127.0.0.1"],
+        {**run.raw_env(queue), "FLOWER_UNAUTHENTICATED_API": "true"},
+        url=f"http://127.0.0.1:{port}",
+    )
     wait_http(proc, "/healthcheck")
     return proc
 
 
 def start_ceiling(run: Run, queue: str) -> Any:
-    run.execute("CREATE TABLE IF NOT EXISTS bench_ceiling (id uuid PRIMARY KEY, type text NOT NULL, "
-                "parameters jsonb NOT NULL, created_at timestamptz NOT NULL DEFAULT now())")
+    run.execute(
+        "CREATE TABLE IF NOT EXISTS bench_ceiling (id uuid PRIMARY KEY, type text NOT NULL, "
+        "parameters jsonb NOT NULL, created_at timestamptz NOT NULL DEFAULT now())"
+    )
     url = run.engine().url
-    dsn = (f"host={url.host} port={url.port or 5432} dbname={url.database} user={url.username} "
-           f"{'password=' + url.password + ' ' if url.password else ''}options='-csearch_path={run.schema}'")
+    dsn = (
+        f"host={url.host} port={url.port or 5432} dbname={url.database} user={url.username} "
+        f"{'password=' + url.password + ' ' if url.password else ''}options='-csearch_path={run.schema}'"
+    )
     port = free_port()
     api = run.settings.api
-    proc = run.spawn("ceiling", [str(BIN / "gunicorn"), "-k", "gthread", "-w", str(api.workers), "--threads",
-                                 str(api.threads), "-b", f"127.0.0.1:{port}", "bench.ceiling:app"],
-                     {**run.raw_env(queue), "BENCH_DSN": dsn}, url=f"http://127.0.0.1:{port}")
+    proc = run.spawn(
+        "ceiling",
+        [
+            str(BIN / "gunicorn"),
+            "-k",
+            "gthread",
+            "-w",
+            str(api.workers),
+            "--threads",
+            str(api.threads),
+            "-b",
+            f"127.0.0.1:{port}",
+            "bench.ceiling:app",
+        ],
+        {**run.raw_env(queue), "BENCH_DSN": dsn},
+        url=f"http://127.0.0.1:{port}",
+    )
     wait_http(proc, "/")
     return proc
 
@@ -79,8 +101,15 @@ def measure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]:
 
         def one(n: int) -> float:
             aios = load(api.url, headers, "POST", "/api/v1/tasks", BODY, concurrency=c, duration_s=args.submit_seconds)
-            flow = load(flower.url, {}, "POST", "/api/task/async-apply/bench.noop", {"args": [1]}, concurrency=c,
-                        duration_s=args.submit_seconds)
+            flow = load(
+                flower.url,
+                {},
+                "POST",
+                "/api/task/async-apply/bench.noop",
+                {"args": [1]},
+                concurrency=c,
+                duration_s=args.submit_seconds,
+            )
             ceil = load(ceiling.url, {}, "POST", "/submit", BODY, concurrency=c, duration_s=args.submit_seconds)
             figures["aios"].append(aios)
             figures["flower"].append(flow)
@@ -89,8 +118,9 @@ def measure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]:
             return aios
 
         repeat(one, args.reps, "req/s", "submit")
-        states = run.scalar("SELECT string_agg(state || '=' || n, ', ') FROM "
-                            "(SELECT state, count(*) n FROM tasks GROUP BY state) s")
+        states = run.scalar(
+            "SELECT string_agg(state || '=' || n, ', ') FROM (SELECT state, count(*) n FROM tasks GROUP BY state) s"
+        )
 
         batch = {"tasks": [{"type": "echo", "parameters": {"n": n}} for n in range(args.batch_size)]}
         encoded = json.dumps(batch).encode()
@@ -128,54 +158,91 @@ def measure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]:
     per_rep_c = [x / y for x, y in zip(a.values, ce.values, strict=True)]
     ratio_f, ratio_c = a.median / f.median, a.median / ce.median
     cmd = "`.venv/bin/python bench/run_all.py --only submit`"
-    setup = (f"{c} client threads, each on one keep-alive HTTP/1.1 connection, {args.submit_seconds:g} s per "
-             f"measurement after 0.5 s of warm-up; AIOS `aios api` as shipped (gunicorn gthread, "
-             f"{run.settings.api.workers} workers × {run.settings.api.threads} threads, API key in `X-API-Key`, "
-             f"audit on); Flower {flower_version()} `celery flower` on the same Celery app and Redis "
-             f"(`FLOWER_UNAUTHENTICATED_API=true`, no auth); ceiling: bench/ceiling.py under gunicorn with the same "
-             f"worker class, processes and threads. Body `{BODY}`. The write rate limit is raised for the run "
-             f"(`AIOS_SECURITY__RATE_LIMIT_WRITE_PER_MINUTE`), otherwise the figure would be the limiter's. "
-             f"Ledger after the figure: {states}.")
-    rows = "\n".join(f"| {n + 1} | {x:,.0f} | {y:,.0f} | {z:,.0f} | {p:.2f} | {q:.2f} |"
-                     for n, (x, y, z, p, q) in enumerate(zip(a.values, f.values, ce.values, per_rep_f, per_rep_c,
-                                                               strict=True)))
-    table = ("| rep | AIOS req/s | Flower req/s | ceiling req/s | AIOS/Flower | AIOS/ceiling |\n"
-             "|---|---|---|---|---|---|\n" + rows)
-    why = ("\n\nWhy AIOS is below its targets here: a submit is the API-key check (one SELECT), the rate-limit "
-           "counter and the routing turn (one Redis round trip each), one commit (the row already QUEUED, its two "
-           "timeline events and the audit row) and one publish; the profile section below counts them. In-process "
-           "most of its time is Python (Flask, validation, SQLAlchemy, kombu's message building), and the API's "
-           "two gunicorn processes share the two cores with PostgreSQL, Redis and the load generator. Flower "
-           "stores nothing and authenticates nothing: its figure is one `apply_async` behind Tornado, faster than "
-           "the bare ceiling (one INSERT + one `apply_async` under the same gunicorn as AIOS) in this run, so "
-           "1.2× Flower would need AIOS to beat that ceiling by more than half: out of reach by construction on "
-           "this stack. What would close more of the ceiling ratio: one database connection per request instead "
-           "of two pool checkouts (each with its pre-ping), and the message built without Celery's per-call "
-           "path.") if ratio_f < 1.2 or ratio_c < 0.6 else ""
+    setup = (
+        f"{c} client threads, each on one keep-alive HTTP/1.1 connection, {args.submit_seconds:g} s per "
+        f"measurement after 0.5 s of warm-up; AIOS `aios api` as shipped (gunicorn gthread, "
+        f"{run.settings.api.workers} workers × {run.settings.api.threads} threads, API key in `X-API-Key`, "
+        f"audit on); Flower {flower_version()} `celery flower` on the same Celery app and Redis "
+        f"(`FLOWER_UNAUTHENTICATED_API=true`, no auth); ceiling: bench/ceiling.py under gunicorn with the same "
+        f"worker class, processes and threads. Body `{BODY}`. The write rate limit is raised for the run "
+        f"(`AIOS_SECURITY__RATE_LIMIT_WRITE_PER_MINUTE`), otherwise the figure would be the limiter's. "
+        f"Ledger after the figure: {states}."
+    )
+    rows = "\n".join(
+        f"| {n + 1} | {x:,.0f} | {y:,.0f} | {z:,.0f} | {p:.2f} | {q:.2f} |"
+        for n, (x, y, z, p, q) in enumerate(zip(a.values, f.values, ce.values, per_rep_f, per_rep_c, strict=True))
+    )
+    table = (
+        "| rep | AIOS req/s | Flower req/s | ceiling req/s | AIOS/Flower | AIOS/ceiling |\n"
+        "|---|---|---|---|---|---|\n" + rows
+    )
+    why = (
+        (
+            "\n\nWhy AIOS is below its targets here: a submit is the API-key check (one SELECT), the rate-limit "
+            "counter and the routing turn (one Redis round trip each), one commit (the row already QUEUED, its two "
+            "timeline events and the audit row) and one publish; the profile section below counts them. In-process "
+            "most of its time is Python (Flask, validation, SQLAlchemy, kombu's message building), and the API's "
+            "two gunicorn processes share the two cores with PostgreSQL, Redis and the load generator. Flower "
+            "stores nothing and authenticates nothing: its figure is one `apply_async` behind Tornado, faster than "
+            "the bare ceiling (one INSERT + one `apply_async` under the same gunicorn as AIOS) in this run, so "
+            "1.2× Flower would need AIOS to beat that ceiling by more than half: out of reach by construction on "
+            "this stack. What would close more of the ceiling ratio: one database connection per request instead "
+            "of two pool checkouts (each with its pre-ping), and the message built without Celery's per-call "
+            "path."
+        )
+        if ratio_f < 1.2 or ratio_c < 0.6
+        else ""
+    )
     submit_details = f"{setup}\n\n{table}{why}"
     return [
-        Figure("Submit vs Flower (req/s, c=8)", a.fmt(0), "Flower " + f.fmt(0), f"{ratio_f:.2f}×", "≥ 1.2×",
-               ratio_f >= 1.2, cmd, submit_details),
-        Figure("Submit vs bare Flask ceiling (req/s, c=8)", a.short(0), "ceiling " + ce.fmt(0), f"{ratio_c:.2f}×",
-               "≥ 0.6×", ratio_c >= 0.6, cmd, "Same run and table as the figure above."),
-        Figure(f"Batch submit ({args.batch_size:,} per request, {args.batch_clients} clients)", batch_stat.fmt(0),
-               "1 client: " + Stat(single, "tasks/s").fmt(0), "-", "≥ 5,000 tasks/s", batch_stat.median >= 5000, cmd,
-               f"{args.batch_clients} clients at once (one per API process: `api.workers` = "
-               f"{run.settings.api.workers}), each posting {args.batches_per_rep} sequential "
-               f"`POST /api/v1/tasks/batch` of {args.batch_size:,} `echo` tasks per repetition (each answered 202 "
-               f"with every task QUEUED: stored in one transaction and published to the live agent's queue); "
-               f"tasks/s = tasks / wall time. Beside it, one client alone posting {args.batches_per_rep} batches "
-               f"just before, in each repetition: one batch at a time leaves one API process idle while the other "
-               f"works and the database waits on it."
-               + ("" if batch_stat.median >= 5000 else
-                  " Missed: the profile section below shows where a batch's time goes: PostgreSQL writing 1,000 "
-                  "rows and 2,000 timeline events with their indexes (the search index included), then 1,000 "
-                  "messages built by Celery and serialised by kombu one by one (each JSON-encoded twice, the body "
-                  "base64'd into the Redis envelope; Celery's per-call send_task work is already skipped after the "
-                  "first, aios/dispatch.py `_send_in_batch`), all in Python on the two cores that also run "
-                  "PostgreSQL, Redis and the load generator. Closing it needs the messages built without kombu's "
-                  "per-message path (one Redis pipeline of ready-made envelopes) and a cheaper ledger write (one "
-                  "timeline event per task instead of two, COPY instead of INSERT).")),
+        Figure(
+            "Submit vs Flower (req/s, c=8)",
+            a.fmt(0),
+            "Flower " + f.fmt(0),
+            f"{ratio_f:.2f}×",
+            "≥ 1.2×",
+            ratio_f >= 1.2,
+            cmd,
+            submit_details,
+        ),
+        Figure(
+            "Submit vs bare Flask ceiling (req/s, c=8)",
+            a.short(0),
+            "ceiling " + ce.fmt(0),
+            f"{ratio_c:.2f}×",
+            "≥ 0.6×",
+            ratio_c >= 0.6,
+            cmd,
+            "Same run and table as the figure above.",
+        ),
+        Figure(
+            f"Batch submit ({args.batch_size:,} per request, {args.batch_clients} clients)",
+            batch_stat.fmt(0),
+            "1 client: " + Stat(single, "tasks/s").fmt(0),
+            "-",
+            "≥ 5,000 tasks/s",
+            batch_stat.median >= 5000,
+            cmd,
+            f"{args.batch_clients} clients at once (one per API process: `api.workers` = "
+            f"{run.settings.api.workers}), each posting {args.batches_per_rep} sequential "
+            f"`POST /api/v1/tasks/batch` of {args.batch_size:,} `echo` tasks per repetition (each answered 202 "
+            f"with every task QUEUED: stored in one transaction and published to the live agent's queue); "
+            f"tasks/s = tasks / wall time. Beside it, one client alone posting {args.batches_per_rep} batches "
+            f"just before, in each repetition: one batch at a time leaves one API process idle while the other "
+            f"works and the database waits on it."
+            + (
+                ""
+                if batch_stat.median >= 5000
+                else " Missed: the profile section below shows where a batch's time goes: PostgreSQL writing 1,000 "
+                "rows and 2,000 timeline events with their indexes (the search index included), then 1,000 "
+                "messages built by Celery and serialised by kombu one by one (each JSON-encoded twice, the body "
+                "base64'd into the Redis envelope; Celery's per-call send_task work is already skipped after the "
+                "first, aios/tasks/create.py `_send_in_batch`), all in Python on the two cores that also run "
+                "PostgreSQL, Redis and the load generator. Closing it needs the messages built without kombu's "
+                "per-message path (one Redis pipeline of ready-made envelopes) and a cheaper ledger write (one "
+                "timeline event per task instead of two, COPY instead of INSERT)."
+            ),
+        ),
     ]
 
 

@@ -4,7 +4,7 @@
 
 Creates a PostgreSQL schema of its own, migrates it, bulk-inserts ``--tasks`` task rows (default 100,000:
 mostly finished, some QUEUED a moment ago, some RUNNING on a live agent, some SCHEDULED for later: the
-normal state of a busy installation, which sync must leave alone), then runs :func:`aios.sync.run_sync`
+normal state of a busy installation, which sync must leave alone), then runs :func:`aios.recovery.sync.run_sync`
 a few times and reports the wall time of a run and the time spent in SQL (measured with SQLAlchemy's
 ``before_cursor_execute``/``after_cursor_execute`` events). Every SELECT a run issued is then run again
 under ``EXPLAIN ANALYZE``; a sequential scan of ``tasks`` is reported as a failure. The schema is dropped
@@ -38,8 +38,15 @@ from sqlalchemy import event, insert  # noqa: E402
 from bench.harness import machine  # noqa: E402
 
 #: Share of each state in the generated ledger (the rest of the rows are SUCCEEDED).
-MIX = {"FAILED": 0.05, "CANCELLED": 0.03, "DEAD": 0.02, "TIMED_OUT": 0.01, "QUEUED": 0.05, "RUNNING": 0.01,
-       "SCHEDULED": 0.03}
+MIX = {
+    "FAILED": 0.05,
+    "CANCELLED": 0.03,
+    "DEAD": 0.02,
+    "TIMED_OUT": 0.01,
+    "QUEUED": 0.05,
+    "RUNNING": 0.01,
+    "SCHEDULED": 0.03,
+}
 
 
 def fill(engine: sa.Engine, count: int, agent: str) -> dict[str, int]:
@@ -56,15 +63,34 @@ def fill(engine: sa.Engine, count: int, agent: str) -> dict[str, int]:
     with engine.begin() as connection:
         batch: list[dict[str, Any]] = []
         for n, state in enumerate(states):
-            created = now - timedelta(seconds=rng.uniform(0, 30 * 86_400)) if state not in ("QUEUED", "RUNNING") \
+            created = (
+                now - timedelta(seconds=rng.uniform(0, 30 * 86_400))
+                if state not in ("QUEUED", "RUNNING")
                 else now - timedelta(seconds=rng.uniform(0, 10))
+            )
             row: dict[str, Any] = {
-                "id": str(uuid.UUID(int=rng.getrandbits(128), version=4)), "type": "echo", "parameters": {"n": n},
-                "priority": rng.randint(0, 9), "queue": "default", "state": state, "result": None, "error": None,
-                "attempts": 0 if state in ("QUEUED", "SCHEDULED", "CANCELLED") else 1, "max_retries": 3,
-                "timeout_s": 3600, "dispatch_id": str(uuid.uuid4()), "agent": None, "owner": "bench",
-                "routing": "queue", "on_agent_lost": "retry", "created_at": created, "updated_at": created,
-                "queued_at": None, "started_at": None, "finished_at": None, "run_at": None,
+                "id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                "type": "echo",
+                "parameters": {"n": n},
+                "priority": rng.randint(0, 9),
+                "queue": "default",
+                "state": state,
+                "result": None,
+                "error": None,
+                "attempts": 0 if state in ("QUEUED", "SCHEDULED", "CANCELLED") else 1,
+                "max_retries": 3,
+                "timeout_s": 3600,
+                "dispatch_id": str(uuid.uuid4()),
+                "agent": None,
+                "owner": "bench",
+                "routing": "queue",
+                "on_agent_lost": "retry",
+                "created_at": created,
+                "updated_at": created,
+                "queued_at": None,
+                "started_at": None,
+                "finished_at": None,
+                "run_at": None,
             }
             if state == "SCHEDULED":
                 row.update(run_at=now + timedelta(hours=1), dispatch_id=None)
@@ -138,7 +164,7 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     args = parser.parse_args()
 
-    from aios.celery_app import create_celery_app
+    from aios.broker.celery_app import create_celery_app
     from aios.db import get_engine
     from bench.harness import create_run, destroy_run
 
@@ -154,7 +180,7 @@ def main() -> int:
         mix = fill(engine, args.tasks, agent)
         print(f"inserted {args.tasks} tasks in {time.perf_counter() - began:.1f}s: {mix}")
 
-        from aios import sync
+        from aios.recovery import sync
 
         timer = SqlTimer(engine)
         warmup = sync.run_sync(celery, settings, runner="bench-warmup")
@@ -182,8 +208,10 @@ def main() -> int:
                 failures.append(f"sequential scan of tasks in: {text[:160]}")
         wall, sql = statistics.median(walls), statistics.median(sqls)
         print("wall runs ms: " + " ".join(f"{w * 1000:.1f}" for w in walls))
-        print(f"\nsync run on {args.tasks} tasks: wall {wall * 1000:.1f} ms (median of {args.runs}), "
-              f"SQL {sql * 1000:.1f} ms in {counts[-1]} statements")
+        print(
+            f"\nsync run on {args.tasks} tasks: wall {wall * 1000:.1f} ms (median of {args.runs}), "
+            f"SQL {sql * 1000:.1f} ms in {counts[-1]} statements"
+        )
         if not args.no_write:
             write_section(args.tasks, mix, wall, sql, counts[-1], walls, sqls, plans, pg_version, failures)
     finally:
@@ -194,31 +222,46 @@ def main() -> int:
     return 1 if failures else 0
 
 
-def write_section(count: int, mix: dict[str, int], wall: float, sql: float, statements: int, walls: list[float],
-                  sqls: list[float], plans: list[tuple[str, str, bool]], pg_version: str,
-                  failures: list[str]) -> None:
+def write_section(
+    count: int,
+    mix: dict[str, int],
+    wall: float,
+    sql: float,
+    statements: int,
+    walls: list[float],
+    sqls: list[float],
+    plans: list[tuple[str, str, bool]],
+    pg_version: str,
+    failures: list[str],
+) -> None:
     path = REPO_ROOT / "BENCHMARKS.md"
     head = "" if path.exists() else "# Benchmarks\n\nFigures measured on the machine named in each section.\n"
     index_lines = []
     for text, plan, _seq in plans:
-        scans = sorted({line.strip().split(" on ")[0].lstrip("-> ").strip() + " on " +
-                        line.strip().split(" on ", 1)[1].split(" ")[0]
-                        for line in plan.splitlines() if " on " in line and "Scan" in line})
+        scans = sorted(
+            {
+                line.strip().split(" on ")[0].lstrip("-> ").strip()
+                + " on "
+                + line.strip().split(" on ", 1)[1].split(" ")[0]
+                for line in plan.splitlines()
+                if " on " in line and "Scan" in line
+            }
+        )
         label = text.split("] ", 1)[0] + "] " if text.startswith("[") else ""
         what = label + (text.split(" WHERE ", 1)[1][:110] if " WHERE " in text else text[:110])
         index_lines.append(f"| `{what}` | {', '.join(scans) or '-'} |")
     section = f"""
 ## Sync run with nothing to fix (`bench/bench_sync.py`)
 
-{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}, PostgreSQL {pg_version} (same host, over TCP).
+{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, {machine()}, PostgreSQL {pg_version} (same host, over TCP).
 
-{count:,} task rows ({', '.join(f'{n:,} {s}' for s, n in mix.items())}), one live agent (a real worker), nothing to fix.
+{count:,} task rows ({", ".join(f"{n:,} {s}" for s, n in mix.items())}), one live agent (a real worker), nothing to fix.
 Median of {len(walls)} runs after a warm-up run:
 
 | measure | value |
 |---|---|
-| wall time of `run_sync` | {wall * 1000:.1f} ms (runs: {', '.join(f'{w * 1000:.0f}' for w in walls)} ms) |
-| time in SQL (cursor events) | {sql * 1000:.1f} ms (runs: {', '.join(f'{s * 1000:.1f}' for s in sqls)} ms) |
+| wall time of `run_sync` | {wall * 1000:.1f} ms (runs: {", ".join(f"{w * 1000:.0f}" for w in walls)} ms) |
+| time in SQL (cursor events) | {sql * 1000:.1f} ms (runs: {", ".join(f"{s * 1000:.1f}" for s in sqls)} ms) |
 | SQL statements per run | {statements} |
 
 The rest of the wall time is the broker: a connection check and one `inspect active` answered by the
@@ -228,7 +271,7 @@ live agent (a real `aios worker`). Every SELECT on `tasks` a run made, under `EX
 |---|---|
 {chr(10).join(index_lines)}
 
-{'Result: every query uses an index.' if not failures else 'Problems: ' + '; '.join(failures)}
+{"Result: every query uses an index." if not failures else "Problems: " + "; ".join(failures)}
 """
     replace_section(path, head, section)
     print(f"written to {path}")

@@ -27,8 +27,10 @@ def submit() -> tuple[dict[str, str], int]:
     connection = pool.getconn()
     try:
         with connection, connection.cursor() as cursor:
-            cursor.execute("INSERT INTO bench_ceiling (id, type, parameters) VALUES (%s, %s, %s)",
-                           (task_id, body["type"], json.dumps(body.get("parameters", {}))))
+            cursor.execute(
+                "INSERT INTO bench_ceiling (id, type, parameters) VALUES (%s, %s, %s)",
+                (task_id, body["type"], json.dumps(body.get("parameters", {}))),
+            )
     finally:
         pool.putconn(connection)
     noop.apply_async(args=[task_id], task_id=task_id)

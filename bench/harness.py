@@ -40,7 +40,7 @@ BIN = Path(PYTHON).parent
 
 def driver_url(url: str) -> str:
     if url.startswith("postgresql://"):
-        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+        return "postgresql+psycopg2://" + url[len("postgresql://") :]
     return url
 
 
@@ -76,8 +76,10 @@ class Stat:
         return statistics.median(self.values)
 
     def fmt(self, digits: int = 1) -> str:
-        return (f"{self.median:,.{digits}f} {self.unit} (min {min(self.values):,.{digits}f}, "
-                f"max {max(self.values):,.{digits}f}, n={len(self.values)})")
+        return (
+            f"{self.median:,.{digits}f} {self.unit} (min {min(self.values):,.{digits}f}, "
+            f"max {max(self.values):,.{digits}f}, n={len(self.values)})"
+        )
 
     def short(self, digits: int = 1) -> str:
         return f"{self.median:,.{digits}f} {self.unit}"
@@ -190,8 +192,17 @@ class Client:
         return json.loads(payload) if payload else None
 
 
-def load(base_url: str, headers: dict[str, str], method: str, path: str, body: Any, *, concurrency: int,
-         duration_s: float, ok: tuple[int, ...] = (200, 201, 202)) -> float:
+def load(
+    base_url: str,
+    headers: dict[str, str],
+    method: str,
+    path: str,
+    body: Any,
+    *,
+    concurrency: int,
+    duration_s: float,
+    ok: tuple[int, ...] = (200, 201, 202),
+) -> float:
     """Requests per second that ``concurrency`` threads, each on its own keep-alive connection, get
     through in ``duration_s`` (after a short warm-up); any non-``ok`` answer aborts the figure."""
     stop = threading.Event()
@@ -304,7 +315,7 @@ class Run:
     @property
     def celery(self) -> Any:
         if self._celery is None:
-            from aios.celery_app import create_celery_app
+            from aios.broker.celery_app import create_celery_app
 
             self._celery = create_celery_app(self.settings)
         return self._celery
@@ -322,8 +333,13 @@ class Run:
             from aios.security.users import create_user
 
             with session_scope(self.settings.database) as session:
-                user = create_user(session, "bench-admin", f"pw-{uuid.uuid4().hex}", "admin",
-                                   bcrypt_cost=self.settings.security.bcrypt_cost)
+                user = create_user(
+                    session,
+                    "bench-admin",
+                    f"pw-{uuid.uuid4().hex}",
+                    "admin",
+                    bcrypt_cost=self.settings.security.bcrypt_cost,
+                )
                 key = api_keys.generate(session, name="bench", role="admin", owner_id=user.id, expires_at=None)
                 self._key = key.plaintext
         return self._key
@@ -334,8 +350,14 @@ class Run:
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None, url: str = "") -> Proc:
         log_path = self.tmp / f"{name}.log"
         with log_path.open("wb") as handle:
-            process = subprocess.Popen(argv, env={**self.env, **(env or {})}, stdout=handle,
-                                       stderr=subprocess.STDOUT, cwd=str(REPO_ROOT), start_new_session=True)
+            process = subprocess.Popen(
+                argv,
+                env={**self.env, **(env or {})},
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                cwd=str(REPO_ROOT),
+                start_new_session=True,
+            )
         proc = Proc(name, process, log_path, url)
         self.procs.append(proc)
         return proc
@@ -343,17 +365,23 @@ class Run:
     def start_api(self, name: str = "api", env: dict[str, str] | None = None) -> Proc:
         """``python -m aios.cli api``: gunicorn with the shipped workers/threads (config/aios.toml)."""
         port = free_port()
-        proc = self.spawn(name, [PYTHON, "-m", "aios.cli", "api"],
-                          {"AIOS_API__PORT": str(port), **(env or {})}, url=f"http://127.0.0.1:{port}")
+        proc = self.spawn(
+            name,
+            [PYTHON, "-m", "aios.cli", "api"],
+            {"AIOS_API__PORT": str(port), **(env or {})},
+            url=f"http://127.0.0.1:{port}",
+        )
         wait_http(proc, "/healthz")
         return proc
 
-    def start_worker(self, name: str, *, concurrency: int = 2, env: dict[str, str] | None = None,
-                     queues: str = "") -> Proc:
+    def start_worker(
+        self, name: str, *, concurrency: int = 2, env: dict[str, str] | None = None, queues: str = ""
+    ) -> Proc:
         return self.start_workers([name], concurrency=concurrency, env=env, queues=queues)[0]
 
-    def start_workers(self, names: list[str], *, concurrency: int = 2, env: dict[str, str] | None = None,
-                      queues: str = "") -> list[Proc]:
+    def start_workers(
+        self, names: list[str], *, concurrency: int = 2, env: dict[str, str] | None = None, queues: str = ""
+    ) -> list[Proc]:
         """``python -m aios.cli worker`` per name, all spawned before any is waited for: their start-ups
         (imports, broker connection, first heartbeat) overlap instead of adding up."""
         procs = []
@@ -366,6 +394,7 @@ class Run:
             proc.url = hostname
             procs.append(proc)
         for proc in procs:
+
             def ready(proc: Proc = proc) -> bool:
                 if not proc.alive():
                     raise RuntimeError(f"worker {proc.name} exited:\n{proc.log()[-3000:]}")
@@ -431,29 +460,39 @@ def create_run(tmp: Path) -> Run:
     namespace = f"b{token}"
     tmp.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIOS_")}
-    env.update({
-        "AIOS_CONFIG": str(REPO_ROOT / "config" / "aios.toml"),
-        "AIOS_DATABASE__URL": url,
-        "AIOS_BROKER__URL": os.environ.get("AIOS_BROKER__URL", DEFAULT_BROKER),
-        "AIOS_BROKER__KEY_PREFIX": prefix,
-        "AIOS_BROKER__NAMESPACE": namespace,
-        "AIOS_SECURITY__JWT_SECRET": f"bench-{uuid.uuid4().hex}{uuid.uuid4().hex}",
-        # A benchmark would otherwise measure the per-key rate limiter's 429s (300 writes a minute).
-        "AIOS_SECURITY__RATE_LIMIT_WRITE_PER_MINUTE": "100000000",
-        "AIOS_SECURITY__RATE_LIMIT_READ_PER_MINUTE": "100000000",
-        "AIOS_ORCHESTRATOR__MAX_AGENTS": "0",
-        "AIOS_LOGGING__LEVEL": "WARNING",
-        "AIOS_LOGGING__DIR": str(tmp / "logs"),
-        "AIOS_METRICS__MULTIPROC_DIR": str(tmp / "prometheus"),
-        "AIOS_BACKUP__DIR": str(tmp / "backups"),
-        "AIOS_BACKUP__SCHEDULE": "",
-        "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "AIOS_CONFIG": str(REPO_ROOT / "config" / "aios.toml"),
+            "AIOS_DATABASE__URL": url,
+            "AIOS_BROKER__URL": os.environ.get("AIOS_BROKER__URL", DEFAULT_BROKER),
+            "AIOS_BROKER__KEY_PREFIX": prefix,
+            "AIOS_BROKER__NAMESPACE": namespace,
+            "AIOS_SECURITY__JWT_SECRET": f"bench-{uuid.uuid4().hex}{uuid.uuid4().hex}",
+            # A benchmark would otherwise measure the per-key rate limiter's 429s (300 writes a minute).
+            "AIOS_SECURITY__RATE_LIMIT_WRITE_PER_MINUTE": "100000000",
+            "AIOS_SECURITY__RATE_LIMIT_READ_PER_MINUTE": "100000000",
+            "AIOS_ORCHESTRATOR__MAX_AGENTS": "0",
+            "AIOS_LOGGING__LEVEL": "WARNING",
+            "AIOS_LOGGING__DIR": str(tmp / "logs"),
+            "AIOS_METRICS__MULTIPROC_DIR": str(tmp / "prometheus"),
+            "AIOS_BACKUP__DIR": str(tmp / "backups"),
+            "AIOS_BACKUP__SCHEDULE": "",
+            "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     settings = load_settings(environ=env)
     migrate.upgrade(settings.database)
-    return Run(schema=schema, prefix=prefix, namespace=namespace, env=env, settings=settings, tmp=tmp,
-               admin_engine=admin, pg_version=str(pg_version))
+    return Run(
+        schema=schema,
+        prefix=prefix,
+        namespace=namespace,
+        env=env,
+        settings=settings,
+        tmp=tmp,
+        admin_engine=admin,
+        pg_version=str(pg_version),
+    )
 
 
 def destroy_run(run: Run) -> None:
@@ -468,14 +507,14 @@ def destroy_run(run: Run) -> None:
         client = run.redis()
         keys = list(client.scan_iter(match=f"{run.prefix}*", count=5000))
         for start in range(0, len(keys), 5000):
-            client.delete(*keys[start:start + 5000])
+            client.delete(*keys[start : start + 5000])
     except Exception:  # noqa: BLE001
         pass
 
 
 def iter_chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def machine() -> str:
@@ -490,8 +529,10 @@ def machine() -> str:
     import psutil
 
     mem = psutil.virtual_memory().total / 2**30
-    return (f"{platform.system()} {platform.release()}, {os.cpu_count()} CPU ({cpu}), {mem:.0f} GiB RAM, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{platform.system()} {platform.release()}, {os.cpu_count()} CPU ({cpu}), {mem:.0f} GiB RAM, "
+        f"Python {platform.python_version()}"
+    )
 
 
 # --------------------------------------------------------------------------- results
@@ -531,11 +572,27 @@ class FakeAgent:
 
         now = utcnow()
         with self.run.engine().begin() as connection:
-            connection.execute(sa.insert(Agent), [{
-                "name": self.name, "capabilities": ["echo", "sleep"], "labels": {}, "weight": 1,
-                "max_concurrency": 2, "admin_status": "ACTIVE", "status": "ONLINE", "status_reason": None,
-                "last_heartbeat_at": now, "resources": None, "active": 0, "processed": 0, "registered_at": now,
-                "updated_at": now}])
+            connection.execute(
+                sa.insert(Agent),
+                [
+                    {
+                        "name": self.name,
+                        "capabilities": ["echo", "sleep"],
+                        "labels": {},
+                        "weight": 1,
+                        "max_concurrency": 2,
+                        "admin_status": "ACTIVE",
+                        "status": "ONLINE",
+                        "status_reason": None,
+                        "last_heartbeat_at": now,
+                        "resources": None,
+                        "active": 0,
+                        "processed": 0,
+                        "registered_at": now,
+                        "updated_at": now,
+                    }
+                ],
+            )
         self.thread.start()
         return self
 
@@ -546,14 +603,15 @@ class FakeAgent:
     def __exit__(self, *exc: object) -> None:
         self.stopping.set()
         self.thread.join(timeout=5)
-        self.run.execute("UPDATE agents SET status = 'OFFLINE', admin_status = 'DISABLED' WHERE name = :n",
-                         n=self.name)
-        from aios.agents import agent_queue
+        self.run.execute("UPDATE agents SET status = 'OFFLINE', admin_status = 'DISABLED' WHERE name = :n", n=self.name)
+        from aios.agents.registry import agent_queue
 
         # Its tasks will never run: cancel them, so no later figure counts them as a backlog.
-        self.run.execute("UPDATE tasks SET state = 'CANCELLED', finished_at = now() WHERE state = 'QUEUED' "
-                         "AND queue = :q", q=agent_queue(self.name))
-        from aios.agents import forget_healthy_cache
+        self.run.execute(
+            "UPDATE tasks SET state = 'CANCELLED', finished_at = now() WHERE state = 'QUEUED' AND queue = :q",
+            q=agent_queue(self.name),
+        )
+        from aios.agents.registry import forget_healthy_cache
 
         forget_healthy_cache()
         # What was published to its queue is nobody's work: drop it so later figures start clean.
@@ -567,13 +625,30 @@ class FakeAgent:
 
 def start_raw_worker(run: Run, name: str, queue: str, *, events: bool = False, concurrency: int = 2) -> Proc:
     """``celery -A bench.rawapp worker -P prefork -c 2`` with Celery's defaults (events only if asked)."""
-    argv = [str(BIN / "celery"), "-A", "bench.rawapp", "worker", "-P", "prefork", "-c", str(concurrency), "-Q", queue,
-            "-n", f"{name}@bench", "--loglevel=INFO"]
+    argv = [
+        str(BIN / "celery"),
+        "-A",
+        "bench.rawapp",
+        "worker",
+        "-P",
+        "prefork",
+        "-c",
+        str(concurrency),
+        "-Q",
+        queue,
+        "-n",
+        f"{name}@bench",
+        "--loglevel=INFO",
+    ]
     if events:
         argv.append("-E")
     proc = run.spawn(name, argv, run.raw_env(queue))
-    wait_for(lambda: proc.alive() and " ready." in proc.log() or (not proc.alive() and _raise(proc)), 90, 0.1,
-             f"raw worker {name}")
+    wait_for(
+        lambda: proc.alive() and " ready." in proc.log() or (not proc.alive() and _raise(proc)),
+        90,
+        0.1,
+        f"raw worker {name}",
+    )
     return proc
 
 
@@ -608,8 +683,9 @@ def wait_results(run: Run, ids: list[str], prefix: str, timeout: float) -> None:
             time.sleep(0.1)
 
 
-def submit_batches(client: Client, count: int, *, priority: int | None = None, batch: int = 1000,
-                   task_type: str = "echo") -> list[str]:
+def submit_batches(
+    client: Client, count: int, *, priority: int | None = None, batch: int = 1000, task_type: str = "echo"
+) -> list[str]:
     ids: list[str] = []
     for start in range(0, count, batch):
         size = min(batch, count - start)

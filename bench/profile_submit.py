@@ -75,8 +75,9 @@ def profile(run: Run, requests: int = 30) -> str:
         with FakeAgent(run):
             batch = {"tasks": [{"type": "echo", "parameters": {"n": n}} for n in range(1000)]}
             for label, path, body, count, per in (
-                    ("`POST /api/v1/tasks`", "/api/v1/tasks", {"type": "echo", "parameters": {"n": 1}}, requests, 1),
-                    ("`POST /api/v1/tasks/batch` (1,000)", "/api/v1/tasks/batch", batch, 3, 1000)):
+                ("`POST /api/v1/tasks`", "/api/v1/tasks", {"type": "echo", "parameters": {"n": 1}}, requests, 1),
+                ("`POST /api/v1/tasks/batch` (1,000)", "/api/v1/tasks/batch", batch, 3, 1000),
+            ):
                 client.post(path, json=body)  # warm-up
                 seen.update(on=True, statements=[], checkouts=0, sql_s=0.0, publishes=0)
                 began = time.perf_counter()
@@ -87,17 +88,21 @@ def profile(run: Run, requests: int = 30) -> str:
                 seen["on"] = False
                 kinds = collections.Counter(seen["statements"])
                 top = ", ".join(f"{k} ×{v / count:.3g}" for k, v in kinds.most_common(8))
-                lines.append(f"| {label} | {wall * 1000:.1f} ms ({wall * 1000 / per:.2f} ms/task) | "
-                             f"{len(seen['statements']) / count:.1f} | {seen['checkouts'] / count:.1f} | "
-                             f"{seen['sql_s'] / count * 1000:.1f} ms | {seen['publishes'] / count:.1f} | {top} |")
+                lines.append(
+                    f"| {label} | {wall * 1000:.1f} ms ({wall * 1000 / per:.2f} ms/task) | "
+                    f"{len(seen['statements']) / count:.1f} | {seen['checkouts'] / count:.1f} | "
+                    f"{seen['sql_s'] / count * 1000:.1f} ms | {seen['publishes'] / count:.1f} | {top} |"
+                )
     finally:
         Producer.publish = original
-    return (f"{TITLE}\n\nMeasured in-process (Flask test client, no HTTP, no gunicorn) on the same PostgreSQL "
-            f"and Redis, per request, with SQLAlchemy cursor/pool events and a count of kombu publishes. The "
-            f"ceiling (bench/ceiling.py) does 1 statement, 1 transaction and 1 publish per task. Publishes "
-            f"count every kombu `Producer.publish` (task messages and any event messages sent with them).\n\n"
-            f"| request | wall | SQL statements | transactions (pool checkouts) | time in SQL | publishes | "
-            f"statements by kind |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+    return (
+        f"{TITLE}\n\nMeasured in-process (Flask test client, no HTTP, no gunicorn) on the same PostgreSQL "
+        f"and Redis, per request, with SQLAlchemy cursor/pool events and a count of kombu publishes. The "
+        f"ceiling (bench/ceiling.py) does 1 statement, 1 transaction and 1 publish per task. Publishes "
+        f"count every kombu `Producer.publish` (task messages and any event messages sent with them).\n\n"
+        f"| request | wall | SQL statements | transactions (pool checkouts) | time in SQL | publishes | "
+        f"statements by kind |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+    )
 
 
 def replace_section(path: Path, section: str) -> None:

@@ -33,8 +33,16 @@ from bench import (  # noqa: E402
 )
 from bench.harness import REPO_ROOT, Figure, create_run, destroy_run, machine, met_text  # noqa: E402
 
-MODULES = {"submit": bench_submit, "e2e": bench_e2e, "priority": bench_priority, "fairness": bench_fairness,
-           "failover": bench_failover, "sync": None, "inspect": bench_inspect, "embedded": bench_embedded}
+MODULES = {
+    "submit": bench_submit,
+    "e2e": bench_e2e,
+    "priority": bench_priority,
+    "fairness": bench_fairness,
+    "failover": bench_failover,
+    "sync": None,
+    "inspect": bench_inspect,
+    "embedded": bench_embedded,
+}
 
 
 def versions(pg_version: str) -> str:
@@ -53,11 +61,16 @@ def versions(pg_version: str) -> str:
 
 def commit() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
         # BENCHMARKS.md itself (written by an earlier run) does not make the code "uncommitted".
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!BENCHMARKS.md"], cwd=REPO_ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", ".", ":!BENCHMARKS.md"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return head + (" (with uncommitted changes)" if dirty else "")
     except Exception:  # noqa: BLE001
         return "?"
@@ -65,8 +78,15 @@ def commit() -> str:
 
 def sync_figure(args: argparse.Namespace) -> list[Figure]:
     """bench/bench_sync.py in a subprocess (it makes a schema of its own), its figure parsed."""
-    argv = [sys.executable, str(REPO_ROOT / "bench" / "bench_sync.py"), "--no-write", "--tasks", str(args.sync_tasks),
-            "--runs", str(args.reps)]
+    argv = [
+        sys.executable,
+        str(REPO_ROOT / "bench" / "bench_sync.py"),
+        "--no-write",
+        "--tasks",
+        str(args.sync_tasks),
+        "--runs",
+        str(args.reps),
+    ]
     done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     out = done.stdout
     runs_line = next((line for line in out.splitlines() if line.startswith("wall runs ms:")), "")
@@ -77,15 +97,27 @@ def sync_figure(args: argparse.Namespace) -> list[Figure]:
 
     stat = Stat([w / 1000 for w in walls], "s")
     summary = next((line for line in out.splitlines() if line.startswith("sync run on")), "")
-    return [Figure(f"Sync run, {args.sync_tasks:,} rows, nothing to fix", stat.fmt(3), "-", "-", "≤ 1 s",
-                   stat.median <= 1.0,
-                   f"`.venv/bin/python bench/bench_sync.py --no-write --tasks {args.sync_tasks} --runs {args.reps}`",
-                   f"{summary}. Every SELECT it issued was run again under EXPLAIN ANALYZE: "
-                   f"{'no sequential scan of tasks' if 'FAIL' not in done.stderr else done.stderr.strip()}. "
-                   f"The live agent is a real `aios worker`: the wall time includes the broker check and its "
-                   f"`inspect active` reply (bench_sync.py's docstring)."
-                   + ("" if stat.median <= 1.0 else " Missed: the SQL time above is the database's share; the rest "
-                      "is the broker (the connection check and the live agent's `inspect active` reply)."))]
+    return [
+        Figure(
+            f"Sync run, {args.sync_tasks:,} rows, nothing to fix",
+            stat.fmt(3),
+            "-",
+            "-",
+            "≤ 1 s",
+            stat.median <= 1.0,
+            f"`.venv/bin/python bench/bench_sync.py --no-write --tasks {args.sync_tasks} --runs {args.reps}`",
+            f"{summary}. Every SELECT it issued was run again under EXPLAIN ANALYZE: "
+            f"{'no sequential scan of tasks' if 'FAIL' not in done.stderr else done.stderr.strip()}. "
+            f"The live agent is a real `aios worker`: the wall time includes the broker check and its "
+            f"`inspect active` reply (bench_sync.py's docstring)."
+            + (
+                ""
+                if stat.median <= 1.0
+                else " Missed: the SQL time above is the database's share; the rest "
+                "is the broker (the connection check and the live agent's `inspect active` reply)."
+            ),
+        )
+    ]
 
 
 def main() -> int:
@@ -119,8 +151,18 @@ def main() -> int:
                     figures += MODULES[name].measure(run, api, args)
             except Exception as exc:  # noqa: BLE001 - one figure's failure must not hide the others
                 traceback.print_exc()
-                figures.append(Figure(name, "not measured", "-", "-", "-", None, "-",
-                                      f"Not measured: the figure failed with `{type(exc).__name__}: {exc}`"[:1500]))
+                figures.append(
+                    Figure(
+                        name,
+                        "not measured",
+                        "-",
+                        "-",
+                        "-",
+                        None,
+                        "-",
+                        f"Not measured: the figure failed with `{type(exc).__name__}: {exc}`"[:1500],
+                    )
+                )
             timings[name] = time.monotonic() - started
             print(f"== {name} took {timings[name]:.0f}s", flush=True)
     finally:
@@ -144,8 +186,15 @@ def main() -> int:
     return 0
 
 
-def write(path: Path, figures: list[Figure], header_versions: str, total: float, args: argparse.Namespace,
-          load: str, timings: dict[str, float]) -> None:
+def write(
+    path: Path,
+    figures: list[Figure],
+    header_versions: str,
+    total: float,
+    args: argparse.Namespace,
+    load: str,
+    timings: dict[str, float],
+) -> None:
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Benchmarks",
@@ -153,7 +202,8 @@ def write(path: Path, figures: list[Figure], header_versions: str, total: float,
         "Written whole by `make bench` (`.venv/bin/python bench/run_all.py`); do not edit by hand.",
         "",
         f"- Date: {date}; whole run {total / 60:.1f} min ("
-        + ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in timings.items()) + " min)",
+        + ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in timings.items())
+        + " min)",
         f"- Commit: {commit()}",
         f"- Machine: {machine()}; {load} (the two cores are shared with whatever else runs: other "
         "processes on the machine inflate every figure, AIOS's and the comparisons' alike)",

@@ -158,9 +158,7 @@ def settings_from_env(env: dict[str, str]) -> Settings:
 @pytest.fixture(scope="session")
 def stack(pg_url: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Stack:
     tmp = tmp_path_factory.mktemp("stack")
-    env = {
-        key: value for key, value in os.environ.items() if not key.startswith("AIOS_")
-    }
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AIOS_")}
     env.update(
         {
             "AIOS_CONFIG": str(REPO_ROOT / "config" / "aios.toml"),
@@ -189,7 +187,7 @@ def stack(pg_url: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture(scope="session")
 def celery_client(stack: Stack) -> Any:
-    from aios.celery_app import create_celery_app
+    from aios.broker.celery_app import create_celery_app
 
     return create_celery_app(stack.settings)
 
@@ -278,15 +276,31 @@ def start_worker(stack: Stack, celery_client: Any, tmp_path: Path) -> Iterator[C
     """Start real ``aios worker`` processes; each is stopped (SIGTERM, then SIGKILL) at teardown."""
     started: list[WorkerProcess] = []
 
-    def start(queues: list[str], *, name: str | None = None, concurrency: int = 1,
-              env: dict[str, str] | None = None, ready_timeout: float = 60.0) -> WorkerProcess:
+    def start(
+        queues: list[str],
+        *,
+        name: str | None = None,
+        concurrency: int = 1,
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 60.0,
+    ) -> WorkerProcess:
         name = name or f"w{uuid.uuid4().hex[:8]}"
         hostname = f"{name}@aios-test"
         log_path = tmp_path / f"{name}.log"
         handle = log_path.open("wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "aios.cli", "worker", "--name", hostname, "--queues", ",".join(queues),
-             "--concurrency", str(concurrency)],
+            [
+                sys.executable,
+                "-m",
+                "aios.cli",
+                "worker",
+                "--name",
+                hostname,
+                "--queues",
+                ",".join(queues),
+                "--concurrency",
+                str(concurrency),
+            ],
             env={**stack.env, **(env or {})},
             stdout=handle,
             stderr=subprocess.STDOUT,
@@ -326,8 +340,11 @@ class BeatProcess:
 #: Beat settings for tests: a short lease (fast failover) and a half-second tick.
 #: Short lease and tick; no sync run during a beat test (it would act on other tests' leftover rows
 #: in the session's schema — the sync job has tests of its own, each on a schema of its own).
-BEAT_TEST_ENV = {"AIOS_BEAT__LOCK_TTL_S": "3.0", "AIOS_BEAT__TICK_S": "0.5",
-                 "AIOS_ORCHESTRATOR__SYNC_INTERVAL_S": "86400"}
+BEAT_TEST_ENV = {
+    "AIOS_BEAT__LOCK_TTL_S": "3.0",
+    "AIOS_BEAT__TICK_S": "0.5",
+    "AIOS_ORCHESTRATOR__SYNC_INTERVAL_S": "86400",
+}
 
 
 @pytest.fixture()
@@ -339,9 +356,13 @@ def start_beat(stack: Stack, tmp_path: Path) -> Iterator[Callable[..., BeatProce
     def start(*, env: dict[str, str] | None = None) -> BeatProcess:
         log_path = tmp_path / f"beat-{len(started)}.log"
         with log_path.open("wb") as handle:
-            process = subprocess.Popen([sys.executable, "-m", "aios.cli", "beat"],
-                                       env={**stack.env, **BEAT_TEST_ENV, **(env or {})}, cwd=str(REPO_ROOT),
-                                       stdout=handle, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "aios.cli", "beat"],
+                env={**stack.env, **BEAT_TEST_ENV, **(env or {})},
+                cwd=str(REPO_ROOT),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+            )
         beat = BeatProcess(process, log_path)
         started.append(beat)
         return beat
@@ -380,12 +401,16 @@ def ledger(stack: Stack) -> Any:
 
         def events(self, task_id: str) -> list[TaskEvent]:
             with session_scope(stack.settings.database) as session:
-                return list(session.scalars(select(TaskEvent).where(TaskEvent.task_id == task_id)
-                                            .order_by(TaskEvent.id)))
+                return list(
+                    session.scalars(select(TaskEvent).where(TaskEvent.task_id == task_id).order_by(TaskEvent.id))
+                )
 
         def wait_state(self, task_id: str, *states: str, timeout: float = 30.0) -> Task:
-            return wait_for(lambda: (t := self.task(task_id)) is not None and t.state in states and t,
-                            timeout=timeout, what=f"task {task_id} to reach {states}")
+            return wait_for(
+                lambda: (t := self.task(task_id)) is not None and t.state in states and t,
+                timeout=timeout,
+                what=f"task {task_id} to reach {states}",
+            )
 
     return Ledger()
 
@@ -451,8 +476,14 @@ def start_api(stack: Stack, tmp_path: Path) -> Iterator[Callable[..., ApiProcess
     /healthz; stops each one at teardown."""
     started: list[ApiProcess] = []
 
-    def start(*, name: str | None = None, env: dict[str, str] | None = None, wait: bool = True,
-              ready_timeout: float = 60.0, tls: tuple[Path, Path] | None = None) -> ApiProcess:
+    def start(
+        *,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        ready_timeout: float = 60.0,
+        tls: tuple[Path, Path] | None = None,
+    ) -> ApiProcess:
         name = name or f"api{len(started) + 1}"
         port = free_port()
         log_path = tmp_path / f"{name}.log"
@@ -460,12 +491,25 @@ def start_api(stack: Stack, tmp_path: Path) -> Iterator[Callable[..., ApiProcess
         with log_path.open("wb") as handle:
             process = subprocess.Popen(
                 [sys.executable, "-m", "aios.cli", "api", *tls_args],
-                env={**stack.env, "AIOS_API__PORT": str(port), "AIOS_API__WORKERS": "1",
-                     "PYTHONUNBUFFERED": "1", **(env or {})},
-                stdout=handle, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT), start_new_session=True,
+                env={
+                    **stack.env,
+                    "AIOS_API__PORT": str(port),
+                    "AIOS_API__WORKERS": "1",
+                    "PYTHONUNBUFFERED": "1",
+                    **(env or {}),
+                },
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                cwd=str(REPO_ROOT),
+                start_new_session=True,
             )
-        api = ApiProcess(name=name, url=f"{'https' if tls else 'http'}://127.0.0.1:{port}", process=process,
-                         log_path=log_path, ca=tls[0] if tls else None)
+        api = ApiProcess(
+            name=name,
+            url=f"{'https' if tls else 'http'}://127.0.0.1:{port}",
+            process=process,
+            log_path=log_path,
+            ca=tls[0] if tls else None,
+        )
         started.append(api)
         return api.wait_ready(ready_timeout) if wait else api
 

@@ -8,14 +8,14 @@ from flask import Blueprint, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import select
 
-from aios import agents as agent_ledger
+from aios.agents import registry as agent_ledger
+from aios.agents.health import AgentStatus
 from aios.db import session_scope
 from aios.errors import Conflict, Forbidden, ValidationFailed
-from aios.health import AgentStatus
 from aios.models import Agent, AgentEvent, Task
 from aios.security.roles import AGENT, OPERATOR, VIEWER
-from aios.states import TaskState
-from aios.task_view import bodies_left_out
+from aios.tasks.states import TaskState
+from aios.tasks.view import bodies_left_out
 from aios.timeutil import isoformat, utcnow
 from webapi.context import ctx
 from webapi.requests import json_body, validate
@@ -48,12 +48,20 @@ class UpdateAgent(BaseModel):
 
 def agent_to_dict(agent: Agent) -> dict[str, Any]:
     return {
-        "name": agent.name, "status": agent.status, "status_reason": agent.status_reason,
-        "admin_status": agent.admin_status, "capabilities": agent.capabilities, "labels": agent.labels,
-        "weight": agent.weight, "max_concurrency": agent.max_concurrency,
-        "last_heartbeat_at": isoformat(agent.last_heartbeat_at), "resources": agent.resources,
-        "active": agent.active, "processed": agent.processed,
-        "registered_at": isoformat(agent.registered_at), "updated_at": isoformat(agent.updated_at),
+        "name": agent.name,
+        "status": agent.status,
+        "status_reason": agent.status_reason,
+        "admin_status": agent.admin_status,
+        "capabilities": agent.capabilities,
+        "labels": agent.labels,
+        "weight": agent.weight,
+        "max_concurrency": agent.max_concurrency,
+        "last_heartbeat_at": isoformat(agent.last_heartbeat_at),
+        "resources": agent.resources,
+        "active": agent.active,
+        "processed": agent.processed,
+        "registered_at": isoformat(agent.registered_at),
+        "updated_at": isoformat(agent.updated_at),
     }
 
 
@@ -61,7 +69,7 @@ def agent_to_dict(agent: Agent) -> dict[str, Any]:
 @policy(OPERATOR, AGENT, audit_action="agent.register")
 def register() -> Any:
     """Register a placeholder for an agent ahead of its first heartbeat (an `agent` key may register only
-    itself). Placeholders never take a place from an agent that starts (``aios.agents.register``)."""
+    itself). Placeholders never take a place from an agent that starts (``aios.agents.registry.register``)."""
     principal = current_principal()
     body = validate(RegisterAgent, json_body())
     set_audit(target=body.name)
@@ -69,10 +77,18 @@ def register() -> Any:
         raise Forbidden(f"an agent key of {principal.name!r} may register only agents named {principal.name}@…")
     settings = ctx().settings
     with session_scope(settings.database) as session:
-        agent, _ = agent_ledger.register(session, agent_ledger.AgentSpec(
-            name=body.name, capabilities=body.capabilities, labels=body.labels, weight=body.weight,
-            max_concurrency=body.max_concurrency,
-        ), max_agents=settings.orchestrator.max_agents, live=False)
+        agent, _ = agent_ledger.register(
+            session,
+            agent_ledger.AgentSpec(
+                name=body.name,
+                capabilities=body.capabilities,
+                labels=body.labels,
+                weight=body.weight,
+                max_concurrency=body.max_concurrency,
+            ),
+            max_agents=settings.orchestrator.max_agents,
+            live=False,
+        )
         return jsonify(agent_to_dict(agent)), 201
 
 
@@ -105,19 +121,26 @@ def read(name: str) -> Any:
     with session_scope(ctx().settings.database) as session:
         agent = agent_ledger.get_agent(session, name)
         with bodies_left_out(session):
-            active = session.scalars(select(Task).where(Task.agent == name, Task.state == TaskState.RUNNING.value)
-                                     .order_by(Task.started_at)).all()
-            recent = session.scalars(select(Task).where(Task.agent == name).order_by(Task.updated_at.desc())
-                                     .limit(20)).all()
-        events = session.scalars(select(AgentEvent).where(AgentEvent.agent == name)
-                                 .order_by(AgentEvent.id.desc()).limit(20)).all()
-        return jsonify({
-            **agent_to_dict(agent),
-            "active_tasks": list_items(session, active),
-            "recent_tasks": list_items(session, recent),
-            "events": [{"at": isoformat(e.at), "from_status": e.from_status, "to_status": e.to_status,
-                        "reason": e.reason} for e in events],
-        })
+            active = session.scalars(
+                select(Task).where(Task.agent == name, Task.state == TaskState.RUNNING.value).order_by(Task.started_at)
+            ).all()
+            recent = session.scalars(
+                select(Task).where(Task.agent == name).order_by(Task.updated_at.desc()).limit(20)
+            ).all()
+        events = session.scalars(
+            select(AgentEvent).where(AgentEvent.agent == name).order_by(AgentEvent.id.desc()).limit(20)
+        ).all()
+        return jsonify(
+            {
+                **agent_to_dict(agent),
+                "active_tasks": list_items(session, active),
+                "recent_tasks": list_items(session, recent),
+                "events": [
+                    {"at": isoformat(e.at), "from_status": e.from_status, "to_status": e.to_status, "reason": e.reason}
+                    for e in events
+                ],
+            }
+        )
 
 
 @bp.patch("/<path:name>")
@@ -144,8 +167,7 @@ def update(name: str) -> Any:
     agent_ledger.forget_healthy_cache()
     if body.status in ("DRAINING", "DISABLED"):
         # Take no new work: what waits in its queue goes to other agents (stale copies are fenced off).
-        agent_ledger.reroute(settings, ctx().celery, name, include_running=False,
-                             reason=f"agent {body.status.lower()}")
+        agent_ledger.reroute(settings, ctx().celery, name, include_running=False, reason=f"agent {body.status.lower()}")
     return jsonify(result)
 
 
@@ -156,8 +178,9 @@ def delete(name: str) -> Any:
     with session_scope(ctx().settings.database) as session:
         agent = agent_ledger.get_agent(session, name)
         if agent.status != AgentStatus.OFFLINE.value:
-            raise Conflict(f"agent {name!r} is {agent.status}; only an OFFLINE agent can be deleted",
-                           agent_status=agent.status)
+            raise Conflict(
+                f"agent {name!r} is {agent.status}; only an OFFLINE agent can be deleted", agent_status=agent.status
+            )
         session.delete(agent)
     agent_ledger.forget_healthy_cache()
     return jsonify({"deleted": name})

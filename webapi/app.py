@@ -7,10 +7,10 @@ from pathlib import Path
 from celery import Celery
 from flask import Flask
 
-from aios.celery_app import create_celery_app
+from aios.broker.celery_app import create_celery_app
 from aios.config import Settings, load_settings
 from aios.db import ensure_migrated
-from aios.log import configure_logging
+from aios.ops.log import configure_logging
 from aios.tasktypes import load_task_types
 from webapi import (
     agents,
@@ -62,9 +62,27 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None, *
     # Before authentication: text no route can handle is refused before anything reads it.
     app.before_request(refuse_unstorable_request_text)
     init_security(app, settings)
-    for blueprint in (health.bp, auth.bp, tasks.bp, agents.bp, keys.bp, users.bp, audit.bp, schedules.bp,
-                      status.bp, sync.bp, backups.bp, workers.bp, queues.bp, metrics.bp,
-                      system.bp, commands.bp, events.bp, openapi.bp, ui.bp):
+    for blueprint in (
+        health.bp,
+        auth.bp,
+        tasks.bp,
+        agents.bp,
+        keys.bp,
+        users.bp,
+        audit.bp,
+        schedules.bp,
+        status.bp,
+        sync.bp,
+        backups.bp,
+        workers.bp,
+        queues.bp,
+        metrics.bp,
+        system.bp,
+        commands.bp,
+        events.bp,
+        openapi.bp,
+        ui.bp,
+    ):
         app.register_blueprint(blueprint)
     check_every_view_declares_access(app)
     return app

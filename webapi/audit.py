@@ -31,9 +31,17 @@ class AuditQuery(BaseModel):
 
 
 def entry_to_dict(entry: AuditEntry) -> dict[str, Any]:
-    return {"id": entry.id, "at": isoformat(entry.at), "principal": entry.principal, "role": entry.role,
-            "source_ip": entry.source_ip, "action": entry.action, "target": entry.target,
-            "outcome": entry.outcome, "detail": entry.detail}
+    return {
+        "id": entry.id,
+        "at": isoformat(entry.at),
+        "principal": entry.principal,
+        "role": entry.role,
+        "source_ip": entry.source_ip,
+        "action": entry.action,
+        "target": entry.target,
+        "outcome": entry.outcome,
+        "detail": entry.detail,
+    }
 
 
 @bp.get("")
@@ -61,5 +69,9 @@ def index() -> Any:
         entries = list(session.scalars(statement))
     more = len(entries) > query.limit
     entries = entries[: query.limit]
-    return jsonify({"entries": [entry_to_dict(e) for e in entries],
-                    "next_cursor": str(entries[-1].id) if more and entries else None})
+    return jsonify(
+        {
+            "entries": [entry_to_dict(e) for e in entries],
+            "next_cursor": str(entries[-1].id) if more and entries else None,
+        }
+    )

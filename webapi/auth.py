@@ -58,8 +58,12 @@ def _tokens(user: TokenUser) -> dict[str, Any]:
     refresh = create_refresh_token(identity=str(user.id), additional_claims=claims)
     refresh_jti = decode_token(refresh)["jti"]
     access = create_access_token(identity=str(user.id), additional_claims={**claims, "rjti": refresh_jti})
-    return {"access_token": access, "refresh_token": refresh, "token_type": "Bearer",
-            "expires_in": ctx().settings.security.access_token_ttl_s}
+    return {
+        "access_token": access,
+        "refresh_token": refresh,
+        "token_type": "Bearer",
+        "expires_in": ctx().settings.security.access_token_ttl_s,
+    }
 
 
 def count_login_attempt() -> None:
@@ -79,8 +83,9 @@ def verify_login(username: str, password: str) -> TokenUser:
     store = security_store()
     locked, locked_for = store.peek(f"login-lock:{username}")
     if locked:
-        raise TooManyRequests(f"user {username!r} is locked after {security.login_max_failures} failed logins",
-                              retry_after_s=locked_for)
+        raise TooManyRequests(
+            f"user {username!r} is locked after {security.login_max_failures} failed logins", retry_after_s=locked_for
+        )
     with session_scope(ctx().settings.database) as session:
         user = session.scalars(select(User).where(User.name == username)).one_or_none()
         ok = verify_password(password, user.password_hash if user else None) and user is not None and not user.disabled
@@ -112,8 +117,9 @@ def refresh() -> Any:
     """A new access token for a valid refresh token (sent as ``Authorization: Bearer <refresh>``)."""
     user, claims = verify_token(refresh=True)
     access = create_access_token(identity=str(user.id), additional_claims={**_claims(user), "rjti": claims["jti"]})
-    return jsonify({"access_token": access, "token_type": "Bearer",
-                    "expires_in": ctx().settings.security.access_token_ttl_s})
+    return jsonify(
+        {"access_token": access, "token_type": "Bearer", "expires_in": ctx().settings.security.access_token_ttl_s}
+    )
 
 
 @bp.post("/logout")

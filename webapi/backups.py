@@ -11,7 +11,7 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field
 
-from aios.backup import create_backup, list_backups
+from aios.ops.backup import create_backup, list_backups
 from aios.security.roles import ADMIN
 from webapi.context import ctx
 from webapi.requests import validate

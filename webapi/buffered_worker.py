@@ -56,8 +56,14 @@ MAX_CHUNK_LINE_BYTES = 4096
 #: How long a refused connection lingers to read what the client still sends, so that closing it does
 #: not reset the connection before the client has read the answer (RFC 9112 section 9.6).
 LINGER_S = 2.0
-_REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
-            429: "Too Many Requests", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+_REASONS = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
 
 
 class RequestFraming:
@@ -99,11 +105,13 @@ class RequestFraming:
         if end < 0:
             self._scanned = len(data)
             if len(data) - self._start > self.max_header_bytes:
-                raise HeadersTooLarge(f"the request line and headers are larger than {self.max_header_bytes} "
-                                      "bytes; send fewer or shorter headers")
+                raise HeadersTooLarge(
+                    f"the request line and headers are larger than {self.max_header_bytes} "
+                    "bytes; send fewer or shorter headers"
+                )
             return False
         self._headers_end = self._pos = end + 4
-        head = bytes(data[self._start:end])
+        head = bytes(data[self._start : end])
         if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
             # A line gunicorn might split where we do not could hide a body length from us.
             raise BadRequest("request lines must end with CRLF; a bare LF or CR is not allowed")
@@ -125,8 +133,10 @@ class RequestFraming:
                 expect = value.lower()
         if codings:
             if lengths or codings[-1] != b"chunked":
-                raise BadRequest("a request body must be framed by Content-Length or by Transfer-Encoding: "
-                                 "chunked (last), not both and not another coding")
+                raise BadRequest(
+                    "a request body must be framed by Content-Length or by Transfer-Encoding: "
+                    "chunked (last), not both and not another coding"
+                )
             self._chunked = True
         elif len(lengths) > 1 or any(not v.isdigit() for v in lengths):
             raise BadRequest("Content-Length must be one decimal number of bytes")
@@ -149,7 +159,7 @@ class RequestFraming:
             if self._phase == "crlf":
                 if len(data) < self._pos + 2:
                     return False
-                if data[self._pos:self._pos + 2] != b"\r\n":
+                if data[self._pos : self._pos + 2] != b"\r\n":
                     raise BadRequest("a chunk of the request body does not end with CRLF")
                 self._pos += 2
                 self._phase = "size"
@@ -159,7 +169,7 @@ class RequestFraming:
                 if len(data) - self._pos > limit:
                     raise BadRequest("a chunk size line or trailer of the request body is too long")
                 return False
-            line, self._pos = bytes(data[self._pos:eol]), eol + 2
+            line, self._pos = bytes(data[self._pos : eol]), eol + 2
             if self._phase == "trailer":
                 if not line:
                     return True
@@ -174,17 +184,23 @@ class RequestFraming:
             self._phase = "data" if self._remaining else "trailer"
 
     def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"request body is larger than the limit of {self.max_body_bytes} bytes "
-                               "(api.max_body_bytes)")
+        return PayloadTooLarge(
+            f"request body is larger than the limit of {self.max_body_bytes} bytes (api.max_body_bytes)"
+        )
 
 
 def error_bytes(error: AiosError) -> bytes:
     """A whole HTTP/1.1 answer for a request refused by the poller: the app's JSON error shape."""
     body = json.dumps(error.to_dict()).encode()
-    head = [f"HTTP/1.1 {error.status} {_REASONS.get(error.status, 'Error')}", "Content-Type: application/json",
-            f"Content-Length: {len(body)}", "Connection: close", "Cache-Control: no-store",
-            "X-Content-Type-Options: nosniff",
-            *(f"{name}: {value}" for name, value in error.headers.items())]
+    head = [
+        f"HTTP/1.1 {error.status} {_REASONS.get(error.status, 'Error')}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        "Cache-Control: no-store",
+        "X-Content-Type-Options: nosniff",
+        *(f"{name}: {value}" for name, value in error.headers.items()),
+    ]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
@@ -266,8 +282,9 @@ class BufferedConn(TConn):  # type: ignore[misc]
 class _Reading:
     """The poller's state for one connection whose request is not complete yet."""
 
-    def __init__(self, framing: RequestFraming, deadline: float, *, handshaking: bool,
-                 refusal: AiosError | None = None) -> None:
+    def __init__(
+        self, framing: RequestFraming, deadline: float, *, handshaking: bool, refusal: AiosError | None = None
+    ) -> None:
         self.framing = framing
         self.deadline = deadline
         self.handshaking = handshaking
@@ -288,8 +305,12 @@ class BufferedThreadWorker(ThreadWorker):  # type: ignore[misc]
         self.max_body_bytes = api.max_body_bytes
         self.max_per_client = api.max_connections_per_client
         # gunicorn's own cap on the request line plus header fields (Request.max_buffer_headers).
-        self.max_header_bytes = (self.cfg.limit_request_line + 2 + self.cfg.limit_request_fields
-                                 * (self.cfg.limit_request_field_size + 2) + 4)
+        self.max_header_bytes = (
+            self.cfg.limit_request_line
+            + 2
+            + self.cfg.limit_request_fields * (self.cfg.limit_request_field_size + 2)
+            + 4
+        )
         self.per_client: Counter[str] = Counter()
         self.reading: set[BufferedConn] = set()
         self.buffer_budget = max(BUFFER_BUDGET_BYTES, 4 * self.max_body_bytes)
@@ -326,16 +347,19 @@ class BufferedThreadWorker(ThreadWorker):  # type: ignore[misc]
         self.nr_conns += 1
         raw.setblocking(False)
         if self.tls_context is not None:
-            raw = self.tls_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False,
-                                               suppress_ragged_eofs=self.cfg.suppress_ragged_eofs)
+            raw = self.tls_context.wrap_socket(
+                raw, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=self.cfg.suppress_ragged_eofs
+            )
         conn = BufferedConn(self.cfg, BufferedSocket(raw), client, listener.getsockname(), self.release)
         address = conn.address or ""
         self.per_client[address] += 1
         refusal = None
         if self.max_per_client and self.per_client[address] > self.max_per_client:
-            refusal = TooManyRequests(f"more than {self.max_per_client} open connections from {address} "
-                                      "(api.max_connections_per_client); reuse connections or close some",
-                                      retry_after_s=1)
+            refusal = TooManyRequests(
+                f"more than {self.max_per_client} open connections from {address} "
+                "(api.max_connections_per_client); reuse connections or close some",
+                retry_after_s=1,
+            )
         self.start_reading(conn, handshaking=self.tls_context is not None, refusal=refusal)
 
     def release(self, conn: BufferedConn) -> None:
@@ -365,11 +389,11 @@ class BufferedThreadWorker(ThreadWorker):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ the poller's reading
 
-    def start_reading(self, conn: BufferedConn, *, handshaking: bool = False,
-                      refusal: AiosError | None = None) -> None:
+    def start_reading(self, conn: BufferedConn, *, handshaking: bool = False, refusal: AiosError | None = None) -> None:
         framing = RequestFraming(max_header_bytes=self.max_header_bytes, max_body_bytes=self.max_body_bytes)
-        conn.reading = _Reading(framing, time.monotonic() + self.read_timeout_s, handshaking=handshaking,
-                                refusal=refusal)
+        conn.reading = _Reading(
+            framing, time.monotonic() + self.read_timeout_s, handshaking=handshaking, refusal=refusal
+        )
         conn.sock.setblocking(False)
         self.reading.add(conn)
         self.advance(conn)
@@ -394,8 +418,10 @@ class BufferedThreadWorker(ThreadWorker):  # type: ignore[misc]
             if state.framing.examine(conn.sock.buffer):
                 self._dispatch(conn)
             elif self.buffered_bytes > self.buffer_budget and state.counted > SMALL_REQUEST_BYTES:
-                raise ServiceUnavailable(f"this API process is receiving more than {self.buffer_budget} bytes of "
-                                         "unfinished requests; retry", headers={"Retry-After": "1"})
+                raise ServiceUnavailable(
+                    f"this API process is receiving more than {self.buffer_budget} bytes of unfinished requests; retry",
+                    headers={"Retry-After": "1"},
+                )
             elif not open_:
                 self._close(conn)
             else:
@@ -491,6 +517,10 @@ class BufferedThreadWorker(ThreadWorker):  # type: ignore[misc]
                 if state.lingering or state.handshaking or not conn.sock.buffer:
                     self._close(conn)
                 else:
-                    self.refuse(conn, RequestTimeout(
-                        f"the request was not complete within {self.read_timeout_s} s "
-                        "(api.request_read_timeout_s); send it faster or put a buffering proxy in front"))
+                    self.refuse(
+                        conn,
+                        RequestTimeout(
+                            f"the request was not complete within {self.read_timeout_s} s "
+                            "(api.request_read_timeout_s); send it faster or put a buffering proxy in front"
+                        ),
+                    )

@@ -18,15 +18,15 @@ from typing import Annotated, Any
 from flask import Blueprint, jsonify, url_for
 from pydantic import ConfigDict, Field, StringConstraints
 
-from aios.commands import COMMAND_TYPE, CommandLimits, CommandParameters, raised_limits, task_timeout_for
 from aios.config import Settings
 from aios.db import session_scope
 from aios.errors import ValidationFailed
-from aios.ledger import get_task, task_to_dict
-from aios.limits import current
+from aios.ops.limits import current
+from aios.sandbox.run import COMMAND_TYPE, CommandLimits, CommandParameters, raised_limits, task_timeout_for
 from aios.security.roles import ADMIN, OPERATOR
-from aios.states import TERMINAL
-from aios.task_view import Reader
+from aios.tasks.actions import get_task, task_to_dict
+from aios.tasks.states import TERMINAL
+from aios.tasks.view import Reader
 from webapi.context import ctx
 from webapi.holds import WAIT, hold, thread_budget
 from webapi.requests import json_body, validate
@@ -76,8 +76,9 @@ def submit() -> Any:
         raise ValidationFailed(f"{message}; a request may lower a limit, only an admin may raise it", field=field)
     task_timeout_max_s = settings.orchestrator.task_timeout_s
     if body.timeout_s is not None and body.timeout_s > task_timeout_max_s:
-        raise ValidationFailed(f"timeout_s: must be at most orchestrator.task_timeout_s ({task_timeout_max_s})",
-                               field="timeout_s")
+        raise ValidationFailed(
+            f"timeout_s: must be at most orchestrator.task_timeout_s ({task_timeout_max_s})", field="timeout_s"
+        )
     params = CommandParameters.model_validate(body.model_dump(include=PARAMETER_FIELDS))
     task_request = TaskRequest(
         type=COMMAND_TYPE,
@@ -90,8 +91,13 @@ def submit() -> Any:
     lease = release_thread = None
     if body.wait_s:
         # The per-user cap first: a 429 must come before the task is accepted, so a retry is no duplicate.
-        lease = hold(WAIT, principal, settings.api.max_waits_per_principal, body.wait_s + LEASE_SLACK_S,
-                     setting="api.max_waits_per_principal")
+        lease = hold(
+            WAIT,
+            principal,
+            settings.api.max_waits_per_principal,
+            body.wait_s + LEASE_SLACK_S,
+            setting="api.max_waits_per_principal",
+        )
     try:
         task, created = accept(spec)
         set_audit(argv0=body.argv[0][:200], wait_s=body.wait_s)  # not the whole argv: it may hold secrets

@@ -64,8 +64,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(InterfaceError)
     def _database_unavailable(exc: Exception) -> tuple[Response, int]:
         logger.error("database unavailable: %s", str(exc).splitlines()[0][:300])
-        response, status = error_response(503, "database_unavailable",
-                                          "the database is unreachable; try again shortly")
+        response, status = error_response(503, "database_unavailable", "the database is unreachable; try again shortly")
         response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_S)
         return response, status
 

@@ -6,9 +6,9 @@
   notes, then ``event: end``. The ``id:`` of each event is its ``task_events`` id.
 * ``GET /api/v1/events`` follows every change from now on (or after ``Last-Event-ID``/``?after=``):
   task events as above plus ``event: agent`` for agent status changes; filters ``types``, ``state``,
-  ``type``, ``agent`` (aios.events.FeedFilter). ``id:`` is ``<task_event_id>:<agent_event_id>``.
+  ``type``, ``agent`` (aios.tasks.events.FeedFilter). ``id:`` is ``<task_event_id>:<agent_event_id>``.
 
-Both poll the database every :data:`POLL_S` (aios.events; no connection held in between), send a
+Both poll the database every :data:`POLL_S` (aios.tasks.events; no connection held in between), send a
 comment every :data:`HEARTBEAT_S` of silence so proxies keep the connection, re-check the caller's
 credentials every :data:`REAUTH_S` (a revoked key or disabled user stops its streams), and close after
 ``api.sse_max_s``; a client reconnecting with ``Last-Event-ID`` misses nothing and gets nothing twice.
@@ -38,9 +38,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from aios.config import Settings
 from aios.db import session_scope
 from aios.errors import AiosError, ServiceUnavailable
-from aios.events import ClusterFeed, Cursor, FeedFilter, TaskFeed, latest_cursor, parse_event_id
-from aios.ledger import get_task
 from aios.security.roles import ADMIN, OPERATOR, VIEWER
+from aios.tasks.actions import get_task
+from aios.tasks.events import ClusterFeed, Cursor, FeedFilter, TaskFeed, latest_cursor, parse_event_id
 from webapi.context import ctx
 from webapi.holds import STREAM, WAIT, Lease, budget_limit, hold, thread_budget
 from webapi.security import authenticate, current_principal, policy
@@ -78,10 +78,16 @@ def take_stream_slot(settings: Settings) -> tuple[Callable[[], None], Lease]:
             f"this API process already holds {budget.held[STREAM]} event streams and {budget.held[WAIT]} "
             f"command waits, its limit (min(api.sse_max_streams, api.threads - 1) = {stream_limit(settings)} "
             f"streams, api.threads - 1 = {budget.limit} in all); retry later",
-            headers={"Retry-After": "5"})
+            headers={"Retry-After": "5"},
+        )
     try:
-        lease = hold(STREAM, current_principal(), settings.api.sse_max_streams_per_principal, LEASE_TTL_S,
-                     setting="api.sse_max_streams_per_principal")
+        lease = hold(
+            STREAM,
+            current_principal(),
+            settings.api.sse_max_streams_per_principal,
+            LEASE_TTL_S,
+            setting="api.sse_max_streams_per_principal",
+        )
     except BaseException:
         release_thread()
         raise
@@ -204,10 +210,12 @@ def task_events(task_id: str) -> Response:
 def cluster_events() -> Response:
     settings = ctx().settings
     args = request.args
-    where = FeedFilter.parse(types=args.get("types"), state=args.get("state"), type=args.get("type"),
-                             agent=args.get("agent"))
-    cursor = (Cursor.parse(request.headers.get("Last-Event-ID"), field="Last-Event-ID")
-              or Cursor.parse(args.get("after"), field="after"))
+    where = FeedFilter.parse(
+        types=args.get("types"), state=args.get("state"), type=args.get("type"), agent=args.get("agent")
+    )
+    cursor = Cursor.parse(request.headers.get("Last-Event-ID"), field="Last-Event-ID") or Cursor.parse(
+        args.get("after"), field="after"
+    )
     if cursor is None:
         with session_scope(settings.database) as session:
             cursor = latest_cursor(session)

@@ -100,5 +100,6 @@ def hold(kind: str, principal: Principal, limit: int, ttl_s: float, *, setting: 
         what = "event streams open" if kind == STREAM else "command waits under way"
         raise TooManyRequests(
             f"user {principal.name!r} already has {limit} {what}, the limit ({setting}); close one or retry later",
-            retry_after_s=min(retry_after, RETRY_AFTER_MAX_S))
+            retry_after_s=min(retry_after, RETRY_AFTER_MAX_S),
+        )
     return lease

@@ -41,12 +41,18 @@ def key_to_dict(row: ApiKey, *, owner: str | None = None) -> dict[str, Any]:
     now = utcnow()
     expires_at = as_utc(row.expires_at)
     return {
-        "id": row.id, "name": row.name, "prefix": row.prefix, "role": row.role,
+        "id": row.id,
+        "name": row.name,
+        "prefix": row.prefix,
+        "role": row.role,
         "owner": owner if owner is not None else (row.owner.name if row.owner else None),
         "state": row.state if row.state != api_keys.ACTIVE or expires_at is None or expires_at > now else "EXPIRED",
-        "expires_at": isoformat(row.expires_at), "rotated_to": row.rotated_to,
-        "created_at": isoformat(row.created_at), "revoked_at": isoformat(row.revoked_at),
-        "last_used_at": isoformat(row.last_used_at), "last_used_ip": row.last_used_ip,
+        "expires_at": isoformat(row.expires_at),
+        "rotated_to": row.rotated_to,
+        "created_at": isoformat(row.created_at),
+        "revoked_at": isoformat(row.revoked_at),
+        "last_used_at": isoformat(row.last_used_at),
+        "last_used_ip": row.last_used_ip,
     }
 
 
@@ -73,10 +79,13 @@ def create() -> Any:
         # Rate limits are per user, so more keys buy no more requests; the cap keeps the table (and
         # what an admin must review) bounded too. Admins are not capped: they can make users anyway.
         if cap and principal.role != ADMIN and api_keys.count_usable(session, principal.user_id, utcnow()) >= cap:
-            raise Conflict(f"you hold security.max_keys_per_user ({cap}) usable API keys already; "
-                           "revoke or delete one you no longer use (POST /api/v1/keys/{id}/revoke)")
-        new = api_keys.generate(session, name=body.name, role=body.role, owner_id=principal.user_id,
-                                expires_at=expires_at)
+            raise Conflict(
+                f"you hold security.max_keys_per_user ({cap}) usable API keys already; "
+                "revoke or delete one you no longer use (POST /api/v1/keys/{id}/revoke)"
+            )
+        new = api_keys.generate(
+            session, name=body.name, role=body.role, owner_id=principal.user_id, expires_at=expires_at
+        )
         set_audit(target=new.row.id, prefix=new.row.prefix)
         return jsonify({**key_to_dict(new.row, owner=principal.name), "key": new.plaintext}), 201
 
@@ -137,8 +146,7 @@ def rotate(key_id: str) -> Any:
         now = utcnow()
         if not api_keys.is_usable(old, now):
             raise Conflict("only an active, unexpired key can be rotated", state=old.state)
-        new = api_keys.generate(session, name=old.name, role=old.role, owner_id=old.owner_id,
-                                expires_at=old.expires_at)
+        new = api_keys.generate(session, name=old.name, role=old.role, owner_id=old.owner_id, expires_at=old.expires_at)
         grace_end = now + timedelta(seconds=grace_s)
         old_expiry = as_utc(old.expires_at)
         old.expires_at = grace_end if old_expiry is None or grace_end < old_expiry else old_expiry

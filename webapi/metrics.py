@@ -7,7 +7,7 @@ Two kinds of metric, served together:
   ``metrics.multiproc_dir`` (prometheus_client's multiprocess mode, set up by ``aios api`` before
   any worker starts), and a scrape adds them up, so the answer does not depend on which worker
   took the scrape.
-* **cluster metrics** (:mod:`aios.cluster_metrics`) read from the database and the broker.
+* **cluster metrics** (:mod:`aios.ops.cluster_metrics`) read from the database and the broker.
 
 ``/metrics`` needs credentials like every other route (a viewer key: Prometheus sends it with
 ``authorization: {credentials: aios_…}``). ``aios metrics`` serves the cluster metrics alone,
@@ -23,18 +23,22 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 
-from aios.cluster_metrics import ClusterCollector
+from aios.ops.cluster_metrics import ClusterCollector
 from aios.security.roles import OPERATOR, VIEWER
 from webapi.security import policy
 
 bp = Blueprint("metrics", __name__)
 
 HTTP_REQUESTS = Counter("aios_http_requests", "HTTP requests answered by the API.", ["method", "route", "status"])
-HTTP_LATENCY = Histogram("aios_http_request_duration_seconds", "Time the API took to answer, by route.",
-                         ["method", "route"],
-                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-AUTH_FAILURES = Counter("aios_auth_failures", "Requests refused for missing or bad credentials (401) or role (403).",
-                        ["reason"])
+HTTP_LATENCY = Histogram(
+    "aios_http_request_duration_seconds",
+    "Time the API took to answer, by route.",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+AUTH_FAILURES = Counter(
+    "aios_auth_failures", "Requests refused for missing or bad credentials (401) or role (403).", ["reason"]
+)
 TASKS_SUBMITTED = Counter("aios_tasks_submitted", "Tasks accepted by the API, by type.", ["type"])
 
 

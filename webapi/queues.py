@@ -1,6 +1,6 @@
 """/api/v1/queues: depth per priority level, oldest message and consumers; purge (admin).
 
-The depths are read from the broker's Redis lists at the moment of the request (``aios.queues``);
+The depths are read from the broker's Redis lists at the moment of the request (``aios.broker.queues``);
 ``queued_in_ledger`` is the database's count of QUEUED tasks for the queue, which also counts the
 messages workers have already prefetched.
 """
@@ -12,8 +12,8 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field
 
-from aios import queues
-from aios.inspect import consumers_by_queue
+from aios.broker import queues
+from aios.broker.inspection import consumers_by_queue
 from aios.security.roles import OPERATOR, VIEWER
 from webapi.context import ctx
 from webapi.requests import json_body, validate
@@ -59,7 +59,8 @@ def purge(name: str) -> Any:
     body = validate(PurgeRequest, json_body() if request.content_length else {})
     _known(name)
     principal = current_principal()
-    outcome = queues.purge(context.celery, context.settings, name, priority=body.priority,
-                           actor=f"api:{principal.name}")
+    outcome = queues.purge(
+        context.celery, context.settings, name, priority=body.priority, actor=f"api:{principal.name}"
+    )
     set_audit(target=name, **outcome.to_dict())
     return jsonify(outcome.to_dict())

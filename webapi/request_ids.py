@@ -12,7 +12,7 @@ import uuid
 
 from flask import Flask, Response, g, request
 
-from aios.log import request_id_var
+from aios.ops.log import request_id_var
 
 HEADER = "X-Request-ID"
 _ACCEPTABLE = re.compile(r"^[A-Za-z0-9._-]{8,64}$")

@@ -19,13 +19,10 @@ Model = TypeVar("Model", bound=BaseModel)
 def json_body() -> Any:
     """The request's JSON body: 415 unless it is application/json, 400 if it does not parse."""
     if not request.is_json:
-        raise UnsupportedMediaType(
-            f"send the body as application/json (got {request.mimetype or 'no content type'})"
-        )
+        raise UnsupportedMediaType(f"send the body as application/json (got {request.mimetype or 'no content type'})")
     raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
     try:
-        data = json.loads(raw or b"", parse_constant=_no_constant, parse_float=_finite_float,
-                          parse_int=_bounded_int)
+        data = json.loads(raw or b"", parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except (ValueError, RecursionError) as exc:
         # ValueError: JSONDecodeError, UnicodeDecodeError, NaN/Infinity, ints past Python's digit limit;
         # RecursionError: nesting deeper than the parser's stack. All are the client's fault, not a 500.

@@ -13,10 +13,11 @@ from sqlalchemy.exc import IntegrityError
 from aios.db import session_scope
 from aios.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from aios.models import Schedule
-from aios.schedules import first_run, new_schedule_id, parse_cron
 from aios.security.roles import ADMIN, OPERATOR, VIEWER
-from aios.task_view import redact
+from aios.tasks.view import redact
 from aios.timeutil import isoformat, utcnow
+from aios.timing.cron import parse_cron
+from aios.timing.periodic import first_run, new_schedule_id
 from webapi.context import ctx
 from webapi.requests import json_body, validate
 from webapi.security import current_principal, policy, set_audit
@@ -26,8 +27,17 @@ bp = Blueprint("schedules", __name__, url_prefix="/api/v1/schedules")
 
 ScheduleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 #: The fields of a stored task body that beat turns back into a TaskSpec.
-SPEC_FIELDS = ("type", "parameters", "priority", "max_retries", "timeout_s", "queue", "routing",
-               "pinned_agent", "on_agent_lost")
+SPEC_FIELDS = (
+    "type",
+    "parameters",
+    "priority",
+    "max_retries",
+    "timeout_s",
+    "queue",
+    "routing",
+    "pinned_agent",
+    "on_agent_lost",
+)
 
 
 class CreateSchedule(BaseModel):
@@ -66,14 +76,24 @@ def check_timing(cron: str | None, interval_s: int | None) -> None:
 
 
 def schedule_to_dict(row: Schedule) -> dict[str, Any]:
-    """The schedule as the caller may see it: a command's task body under aios.task_view's rule."""
+    """The schedule as the caller may see it: a command's task body under aios.tasks.view's rule."""
     task = redact(dict(row.task), owner=row.owner, reader=reader())
     hidden = {"redacted": True} if task.pop("redacted", False) else {}
-    return {"id": row.id, "name": row.name, "cron": row.cron, "interval_s": row.interval_s, "task": task, **hidden,
-            "enabled": row.enabled, "owner": row.owner, "last_run_at": isoformat(row.last_slot_at),
-            "next_run_at": isoformat(row.next_run_at) if row.enabled else None,
-            "last_task_id": row.last_task_id, "created_at": isoformat(row.created_at),
-            "updated_at": isoformat(row.updated_at)}
+    return {
+        "id": row.id,
+        "name": row.name,
+        "cron": row.cron,
+        "interval_s": row.interval_s,
+        "task": task,
+        **hidden,
+        "enabled": row.enabled,
+        "owner": row.owner,
+        "last_run_at": isoformat(row.last_slot_at),
+        "next_run_at": isoformat(row.next_run_at) if row.enabled else None,
+        "last_task_id": row.last_task_id,
+        "created_at": isoformat(row.created_at),
+        "updated_at": isoformat(row.updated_at),
+    }
 
 
 def _get(session: Any, schedule_id: str) -> Schedule:
@@ -99,9 +119,18 @@ def create() -> Any:
     check_timing(body.cron, body.interval_s)
     task = stored_task(body.task)
     now = utcnow()
-    row = Schedule(id=new_schedule_id(), name=body.name, cron=body.cron, interval_s=body.interval_s, task=task,
-                   enabled=body.enabled, owner=current_principal().name, created_at=now, updated_at=now,
-                   next_run_at=first_run(body.interval_s, body.cron, now))
+    row = Schedule(
+        id=new_schedule_id(),
+        name=body.name,
+        cron=body.cron,
+        interval_s=body.interval_s,
+        task=task,
+        enabled=body.enabled,
+        owner=current_principal().name,
+        created_at=now,
+        updated_at=now,
+        next_run_at=first_run(body.interval_s, body.cron, now),
+    )
     set_audit(target=row.id, name=body.name)
     try:
         with session_scope(ctx().settings.database) as session:

@@ -111,8 +111,9 @@ def public(*, audit_action: str | None = None) -> Callable[[View], View]:
     return decorate
 
 
-def set_audit(*, target: str | None = None, action: str | None = None, principal: str | None = None,
-              **detail: Any) -> None:
+def set_audit(
+    *, target: str | None = None, action: str | None = None, principal: str | None = None, **detail: Any
+) -> None:
     """Let a view refine its audit row (the object it acted on, a more exact action, extra detail)."""
     if target is not None:
         g.audit_target = target
@@ -157,11 +158,17 @@ def _authenticate_key(presented: str) -> Principal:
     # The owner's role is read on every request too: a demotion holds at once for their keys.
     role = effective_key_role(match.key_role, match.owner_role)
     if role is None:
-        logger.info("API key %s refused: its role %s is not one its owner (user id %s, now %s) may act with",
-                    match.prefix, match.key_role, match.owner_id, match.owner_role)
+        logger.info(
+            "API key %s refused: its role %s is not one its owner (user id %s, now %s) may act with",
+            match.prefix,
+            match.key_role,
+            match.owner_id,
+            match.owner_role,
+        )
         raise Unauthorized(INVALID_KEY)
-    return Principal(name=match.owner_name, role=role, user_id=match.owner_id, key_id=match.key_id,
-                     key_prefix=match.prefix)
+    return Principal(
+        name=match.owner_name, role=role, user_id=match.owner_id, key_id=match.key_id, key_prefix=match.prefix
+    )
 
 
 def verify_token(*, refresh: bool = False) -> tuple[TokenUser, dict[str, Any]]:
@@ -177,8 +184,7 @@ def verify_token(*, refresh: bool = False) -> tuple[TokenUser, dict[str, Any]]:
         user = get_current_user()
         claims = get_jwt()
     except UserLookupError as exc:
-        raise Unauthorized(f"this {what} is no longer valid (ended by a change of its account); log in again") \
-            from exc
+        raise Unauthorized(f"this {what} is no longer valid (ended by a change of its account); log in again") from exc
     except (JWTExtendedException, PyJWTError) as exc:
         raise Unauthorized(f"invalid {what}: {exc}" if str(exc) else f"invalid {what}") from exc
     return user, dict(claims)
@@ -208,8 +214,9 @@ def enforce_rate_limit(principal: Principal, view: View) -> None:
     limit = settings.rate_limit_read_per_minute if route_class == "read" else settings.rate_limit_write_per_minute
     count, retry_after = security_store().hit(f"rl:{route_class}:{principal.rate_key}", 60)
     if count > limit:
-        raise TooManyRequests(f"rate limit of {limit} {route_class} requests per minute exceeded",
-                              retry_after_s=retry_after)
+        raise TooManyRequests(
+            f"rate limit of {limit} {route_class} requests per minute exceeded", retry_after_s=retry_after
+        )
 
 
 def authenticate_request() -> Response | None:
@@ -250,9 +257,11 @@ def _write_audit(session: Session, action: str, status: int) -> None:
         action=action,
         target=_audit_target(),
         outcome=audit.outcome_for_status(status),
-        detail={**(g.get("audit_detail") or {}),
-                **({"key": principal.key_prefix} if principal and principal.key_prefix else {}),
-                "status": status},
+        detail={
+            **(g.get("audit_detail") or {}),
+            **({"key": principal.key_prefix} if principal and principal.key_prefix else {}),
+            "status": status,
+        },
     )
 
 
@@ -281,8 +290,13 @@ def audit_response(response: Response) -> Response:
         except Exception:  # noqa: BLE001 - never turn a done action into an error; but say so loudly
             logger.exception("could not write the audit row for %s", action)
     principal: Principal | None = g.get("principal")
-    logger.info("%s by %s on %s: %d", action, principal.name if principal else "anonymous", _audit_target() or "-",
-                response.status_code)
+    logger.info(
+        "%s by %s on %s: %d",
+        action,
+        principal.name if principal else "anonymous",
+        _audit_target() or "-",
+        response.status_code,
+    )
     return response
 
 
@@ -311,8 +325,9 @@ class TokenUser:
 
 def token_user(row: User) -> TokenUser:
     """What a token for ``row`` carries, its epoch as of the row read now."""
-    return TokenUser(id=row.id, name=row.name, role=row.role,
-                     epoch=token_epoch(current_app.config["JWT_SECRET_KEY"], row))
+    return TokenUser(
+        id=row.id, name=row.name, role=row.role, epoch=token_epoch(current_app.config["JWT_SECRET_KEY"], row)
+    )
 
 
 def init_security(app: Flask, settings: Settings) -> None:
@@ -367,7 +382,8 @@ def init_security(app: Flask, settings: Settings) -> None:
 def check_every_view_declares_access(app: Flask) -> None:
     """Fail at start if a route forgot its policy: access is declared per route, never defaulted."""
     missing = [
-        endpoint for endpoint, view in app.view_functions.items()
+        endpoint
+        for endpoint, view in app.view_functions.items()
         if endpoint != "static" and not getattr(view, "aios_public", False) and not hasattr(view, "aios_roles")
     ]
     if missing:

@@ -15,7 +15,7 @@ from gunicorn.glogging import Logger as GunicornLogger
 from aios.config import Settings
 from aios.db import ensure_migrated
 from aios.errors import ConfigError
-from aios.log import redact
+from aios.ops.log import redact
 
 
 class _Redacted(logging.Formatter):
@@ -82,13 +82,15 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
         # client holds a socket, not a thread (webapi/buffered_worker.py).
         self.cfg.set("worker_class", "webapi.buffered_worker.BufferedThreadWorker")
         self.cfg.set("timeout", 60)
-        # Below `aios up`'s own grace (aios/supervisor.py STOP_GRACE_S): the master must get to SIGKILL a
+        # Below `aios up`'s own grace (aios/ops/supervisor.py STOP_GRACE_S): the master must get to SIGKILL a
         # stuck worker itself before `aios up` has to kill the master, which would orphan that worker.
         self.cfg.set("graceful_timeout", 10)
         self.cfg.set("accesslog", "-")
         # gunicorn's default access line, plus the request id the app put in the response header.
-        self.cfg.set("access_log_format",
-                     '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" request=%({x-request-id}o)s')
+        self.cfg.set(
+            "access_log_format",
+            '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" request=%({x-request-id}o)s',
+        )
         self.cfg.set("logger_class", RedactingGunicornLogger)
         self.cfg.set("loglevel", self.settings.logging.level.lower())
         # Request-line and header limits: part of bounding what one client can make us do.
@@ -133,7 +135,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def register(subparsers: Any) -> Any:
-    """Entry point for ``aios.commands``: adds ``aios api``."""
+    """Entry point for ``aios.sandbox.run``: adds ``aios api``."""
     parser = subparsers.add_parser("api", help="serve the REST API (gunicorn)")
     parser.add_argument("--host", help="overrides [api] host")
     parser.add_argument("--port", type=int, help="overrides [api] port")

@@ -1,6 +1,6 @@
 """/api/v1/sync: the sync job's recent runs, and running it now (admin).
 
-The job itself (:mod:`aios.sync`) runs in the beat leader every ``orchestrator.sync_interval_s``;
+The job itself (:mod:`aios.recovery.sync`) runs in the beat leader every ``orchestrator.sync_interval_s``;
 ``POST /run`` runs the same steps at once in this API process, e.g. right after a broker outage.
 """
 
@@ -12,8 +12,8 @@ from flask import Blueprint, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field
 
 from aios.errors import ValidationFailed
+from aios.recovery.sync import list_runs, run_sync
 from aios.security.roles import OPERATOR, VIEWER
-from aios.sync import list_runs, run_sync
 from webapi.context import ctx
 from webapi.requests import validate
 from webapi.security import current_principal, policy, set_audit
@@ -51,6 +51,9 @@ def run_now() -> Any:
     optional_body(NoFields)
     context = ctx()
     result = run_sync(context.celery, context.settings, runner=f"api:{current_principal().name}")
-    set_audit(target=str(result["id"]), changed={k: v for k, v in result["changed"].items() if v},
-              errors=len(result["errors"]))
+    set_audit(
+        target=str(result["id"]),
+        changed={k: v for k, v in result["changed"].items() if v},
+        errors=len(result["errors"]),
+    )
     return jsonify(result), 200

@@ -7,10 +7,10 @@ from typing import Any
 from flask import Blueprint, jsonify
 from sqlalchemy import select
 
-from aios import limits
 from aios.db import session_scope
 from aios.models import Agent
-from aios.resources import resource_figures
+from aios.ops import limits
+from aios.ops.resources import resource_figures
 from aios.security.roles import OPERATOR, VIEWER
 from aios.timeutil import isoformat
 from webapi.context import ctx
@@ -26,19 +26,32 @@ def resources() -> Any:
     """psutil figures of the host answering this request, and each agent's from its last heartbeat."""
     settings = ctx().settings
     with session_scope(settings.database) as session:
-        rows = session.execute(select(Agent.name, Agent.status, Agent.last_heartbeat_at, Agent.resources)
-                               .order_by(Agent.name)).all()
-    return jsonify({
-        "api": resource_figures("."),
-        "agents": [{"name": row.name, "status": row.status, "last_heartbeat_at": isoformat(row.last_heartbeat_at),
-                    "resources": row.resources or {}} for row in rows],
-    })
+        rows = session.execute(
+            select(Agent.name, Agent.status, Agent.last_heartbeat_at, Agent.resources).order_by(Agent.name)
+        ).all()
+    return jsonify(
+        {
+            "api": resource_figures("."),
+            "agents": [
+                {
+                    "name": row.name,
+                    "status": row.status,
+                    "last_heartbeat_at": isoformat(row.last_heartbeat_at),
+                    "resources": row.resources or {},
+                }
+                for row in rows
+            ],
+        }
+    )
 
 
 def _limits_answer(session: Any) -> dict[str, Any]:
     settings = ctx().settings
-    return {"limits": limits.current(session, settings).model_dump(), "defaults": limits.defaults(settings),
-            "overridden": sorted(limits.overrides(session))}
+    return {
+        "limits": limits.current(session, settings).model_dump(),
+        "defaults": limits.defaults(settings),
+        "overridden": sorted(limits.overrides(session)),
+    }
 
 
 @bp.get("/limits")

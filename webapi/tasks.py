@@ -11,20 +11,20 @@ from flask import Blueprint, Response, jsonify, request, url_for
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from sqlalchemy.orm import Session
 
-from aios.bulk import BULK_DEFAULT_LIMIT, BULK_MAX, run_bulk
 from aios.config import Settings
 from aios.db import session_scope
-from aios.dispatch import TaskSpec, accept_idempotent, accept_tasks
 from aios.errors import Conflict, ValidationFailed
-from aios.ledger import cancel_task, get_task, retry_task, task_to_dict
 from aios.models import Task
-from aios.scheduled import MAX_AHEAD_S, requested_run_at
 from aios.security.roles import ADMIN, OPERATOR, VIEWER
-from aios.states import TaskState
-from aios.task_search import DEFAULT_SORT, SORTS, TaskFilter, check_q, encode_cursor, list_tasks
-from aios.task_view import BODY_FIELDS, Reader, add_previews, bodies_left_out, previews
+from aios.tasks.actions import cancel_task, get_task, retry_task, task_to_dict
+from aios.tasks.bulk import BULK_DEFAULT_LIMIT, BULK_MAX, run_bulk
+from aios.tasks.create import TaskSpec, accept_idempotent, accept_tasks
+from aios.tasks.search import DEFAULT_SORT, SORTS, TaskFilter, check_q, encode_cursor, list_tasks
+from aios.tasks.states import TaskState
+from aios.tasks.view import BODY_FIELDS, Reader, add_previews, bodies_left_out, previews
 from aios.tasktypes import get_registry
 from aios.timeutil import parse_iso
+from aios.timing.delayed import MAX_AHEAD_S, requested_run_at
 from webapi.context import ctx
 from webapi.requests import json_body, validate
 from webapi.security import audit_within, current_principal, policy, set_audit
@@ -53,7 +53,7 @@ class TaskRequest(BaseModel):
     #: A RUNNING task whose agent goes OFFLINE is retried (an attempt) or failed.
     on_agent_lost: Literal["retry", "fail"] | None = None
     #: Start at this time (ISO 8601 with Z or an offset) or this many seconds after submission; the task
-    #: waits SCHEDULED in the database until then (aios.scheduled). A time not in the future runs at once.
+    #: waits SCHEDULED in the database until then (aios.timing.delayed). A time not in the future runs at once.
     run_at: str | None = None
     delay_s: float | None = Field(None, ge=0, le=MAX_AHEAD_S, allow_inf_nan=False)
 
@@ -77,8 +77,9 @@ def to_spec(
         )
     chosen = [name for name in ("queue", "agent", "routing") if getattr(body, name) is not None]
     if len(chosen) > 1:
-        raise ValidationFailed(f"{prefix}{chosen[1]}: give only one of queue, agent and routing",
-                               field=f"{prefix}{chosen[1]}")
+        raise ValidationFailed(
+            f"{prefix}{chosen[1]}: give only one of queue, agent and routing", field=f"{prefix}{chosen[1]}"
+        )
     run_at = requested_run_at(body.run_at, body.delay_s, field_prefix=field_prefix)
     registry = get_registry()
     try:
@@ -107,7 +108,7 @@ def check_pinned(settings: Settings, spec: TaskSpec, *, field: str = "agent") ->
     """A task pinned to an agent is refused (409) unless that agent is healthy and can run it."""
     if spec.pinned_agent is None:
         return
-    from aios.agents import forget_healthy_cache, healthy_agents
+    from aios.agents.registry import forget_healthy_cache, healthy_agents
 
     forget_healthy_cache()
     for candidate in healthy_agents(settings):
@@ -132,14 +133,14 @@ def _actor() -> str:
 
 
 def reader() -> Reader:
-    """The caller, as :mod:`aios.task_view` decides what of a command it may see."""
+    """The caller, as :mod:`aios.tasks.view` decides what of a command it may see."""
     principal = current_principal()
     return Reader(principal.name, is_admin=principal.role == ADMIN)
 
 
 def list_items(session: Session, tasks: Sequence[Task], *, whole: Collection[str] = ()) -> list[dict[str, Any]]:
     """Tasks as a list shows them: the bodies in ``whole`` whole, the others as previews
-    (:mod:`aios.task_view`); load ``tasks`` within :func:`aios.task_view.bodies_left_out`."""
+    (:mod:`aios.tasks.view`); load ``tasks`` within :func:`aios.tasks.view.bodies_left_out`."""
     who = reader()
     items = [task_to_dict(task, reader=who, bodies=whole) for task in tasks]
     if len(whole) < len(BODY_FIELDS):
@@ -189,8 +190,13 @@ def accept(spec: TaskSpec, *, audit_status: int | None = None) -> tuple[dict[str
         audit_within(session, audit_status)  # type: ignore[arg-type]
 
     # Stored and dispatched in one commit; a SCHEDULED task is started by beat at its time.
-    task, created = accept_idempotent(context.celery, context.settings, spec, actor=_actor(),
-                                      before_commit=audit_new if audit_status is not None else None)
+    task, created = accept_idempotent(
+        context.celery,
+        context.settings,
+        spec,
+        actor=_actor(),
+        before_commit=audit_new if audit_status is not None else None,
+    )
     set_audit(target=task.id, type=spec.type, replayed=not created)
     if created:
         from webapi.metrics import count_submitted
@@ -212,8 +218,10 @@ def submit_batch() -> Any:
         )
     owner = current_principal().name
     specs = [
-        replace(to_spec(settings, validate(TaskRequest, item, prefix=f"tasks.{index}"), field_prefix=f"tasks.{index}"),
-                owner=owner)
+        replace(
+            to_spec(settings, validate(TaskRequest, item, prefix=f"tasks.{index}"), field_prefix=f"tasks.{index}"),
+            owner=owner,
+        )
         for index, item in enumerate(body.tasks)
     ]
     for index, spec in enumerate(specs):
@@ -229,13 +237,15 @@ def submit_batch() -> Any:
 
     count_submitted([spec.type for spec in specs])
     queued, pending = len(accepted.outcome.queued), len(accepted.outcome.pending)
-    return jsonify({
-        "ids": ids,
-        "count": len(ids),
-        "queued": queued,
-        "pending": pending,
-        "scheduled": len(ids) - queued - pending,
-    }), 202
+    return jsonify(
+        {
+            "ids": ids,
+            "count": len(ids),
+            "queued": queued,
+            "pending": pending,
+            "scheduled": len(ids) - queued - pending,
+        }
+    ), 202
 
 
 @bp.get("/types")
@@ -243,11 +253,18 @@ def submit_batch() -> Any:
 def types() -> Any:
     """The task types this API accepts, with their description and parameter JSON schema."""
     registry = get_registry()
-    return jsonify({"types": [
-        {"name": name, "description": registry.get(name).description,
-         "parameters": registry.get(name).parameters.model_json_schema()}
-        for name in registry.names()
-    ]})
+    return jsonify(
+        {
+            "types": [
+                {
+                    "name": name,
+                    "description": registry.get(name).description,
+                    "parameters": registry.get(name).parameters.model_json_schema(),
+                }
+                for name in registry.names()
+            ]
+        }
+    )
 
 
 @bp.get("/<task_id>")
@@ -269,7 +286,7 @@ class ListQuery(BaseModel):
     priority: int | None = Field(None, ge=0, le=9)
     created_after: str | None = None
     created_before: str | None = None
-    #: Case-insensitive substring of the type, parameters, result or error (aios.task_search); a
+    #: Case-insensitive substring of the type, parameters, result or error (aios.tasks.search); a
     #: command's parameters and result are not searched.
     q: str | None = None
     agent: Name | None = None
@@ -310,16 +327,20 @@ def index() -> Any:
     settings = ctx().settings
     repeated = [key for key in request.args if len(request.args.getlist(key)) > 1]
     if repeated:
-        raise ValidationFailed(f"{repeated[0]}: given more than once; use one value (state takes a comma list)",
-                               field=repeated[0])
+        raise ValidationFailed(
+            f"{repeated[0]}: given more than once; use one value (state takes a comma list)", field=repeated[0]
+        )
     raw = request.args.to_dict(flat=True)
     query = validate(ListQuery, raw, prefix="")
     if query.limit > settings.api.page_max:
         raise ValidationFailed(f"limit: at most {settings.api.page_max}", field="limit")
     whole = _fields(query.fields)
     if whole and query.limit > settings.api.page_max_with_bodies:
-        raise ValidationFailed(f"limit: at most {settings.api.page_max_with_bodies} with fields= "
-                               "(api.page_max_with_bodies); leave fields out for previews", field="limit")
+        raise ValidationFailed(
+            f"limit: at most {settings.api.page_max_with_bodies} with fields= "
+            "(api.page_max_with_bodies); leave fields out for previews",
+            field="limit",
+        )
     where = TaskFilter(
         states=_states(query.state.split(",") if query.state else [], "state"),
         type=query.type,
@@ -374,8 +395,14 @@ def cancel(task_id: str) -> Any:
 def retry(task_id: str) -> Any:
     """Run a finished (FAILED, DEAD, CANCELLED, TIMED_OUT) task again, as a new task."""
     context = ctx()
-    task = retry_task(context.celery, context.settings, task_id, actor=_actor(), only_owner=_only_owner(),
-                      owner=current_principal().name)
+    task = retry_task(
+        context.celery,
+        context.settings,
+        task_id,
+        actor=_actor(),
+        only_owner=_only_owner(),
+        owner=current_principal().name,
+    )
     set_audit(new_task=task.id)
     return _accepted(task_to_dict(task, reader=reader()))
 
@@ -396,7 +423,8 @@ class BulkFilter(BaseModel):
     created_after: str | None = None
     created_before: str | None = None
     ids: list[Annotated[str, StringConstraints(min_length=1, max_length=36)]] | None = Field(
-        None, min_length=1, max_length=BULK_MAX)
+        None, min_length=1, max_length=BULK_MAX
+    )
 
 
 class BulkRequest(BaseModel):
@@ -413,7 +441,7 @@ class BulkRequest(BaseModel):
 @bp.post("/bulk")
 @policy(OPERATOR, audit_action="task.bulk")
 def bulk() -> Any:
-    """Cancel or retry every task a filter selects (operators: only their own). See aios.bulk."""
+    """Cancel or retry every task a filter selects (operators: only their own). See aios.tasks.bulk."""
     context = ctx()
     body = validate(BulkRequest, json_body())
     given = body.filter
@@ -434,8 +462,16 @@ def bulk() -> Any:
     if given.ids:
         audit_filter["ids"] = len(where.ids)
     set_audit(operation=body.action, dry_run=body.dry_run, filter=audit_filter, limit=body.limit)
-    outcome = run_bulk(context.celery, context.settings, where, body.action, actor=_actor(),
-                       only_owner=_only_owner(), new_owner=current_principal().name, dry_run=body.dry_run,
-                       limit=body.limit)
+    outcome = run_bulk(
+        context.celery,
+        context.settings,
+        where,
+        body.action,
+        actor=_actor(),
+        only_owner=_only_owner(),
+        new_owner=current_principal().name,
+        dry_run=body.dry_run,
+        limit=body.limit,
+    )
     set_audit(matched=outcome.matched, count=outcome.done, skipped=outcome.skipped)
     return jsonify(outcome.to_dict())

@@ -19,22 +19,22 @@ from flask.sansio.blueprints import BlueprintSetupState
 from sqlalchemy import select
 from werkzeug.exceptions import HTTPException
 
-from aios import agents as agent_ledger
-from aios import queues as queue_ledger
-from aios.backup import create_backup, list_backups
+from aios.agents import registry as agent_ledger
+from aios.broker import queues as queue_ledger
+from aios.broker.inspection import consumers_by_queue
 from aios.db import session_scope
 from aios.errors import AiosError, Conflict, Forbidden, NotFound, TooManyRequests, Unauthorized, ValidationFailed
-from aios.inspect import consumers_by_queue
-from aios.ledger import cancel_task, get_task, retry_task
 from aios.models import Agent, ApiKey, AuditEntry, Schedule, User
-from aios.schedules import set_enabled
+from aios.ops.backup import create_backup, list_backups
 from aios.security import api_keys
 from aios.security.roles import ADMIN, OPERATOR, VIEWER
-from aios.states import RETRYABLE, TERMINAL, TaskState
-from aios.task_search import SORTS, TaskFilter, check_q, list_tasks
-from aios.task_view import Reader, bodies_left_out, redact
+from aios.tasks.actions import cancel_task, get_task, retry_task
+from aios.tasks.search import SORTS, TaskFilter, check_q, list_tasks
+from aios.tasks.states import RETRYABLE, TERMINAL, TaskState
+from aios.tasks.view import Reader, bodies_left_out, redact
 from aios.tasktypes import get_registry
 from aios.timeutil import isoformat, utcnow
+from aios.timing.periodic import set_enabled
 from webapi.auth import count_login_attempt, verify_login
 from webapi.context import ctx
 from webapi.security import public, set_audit
@@ -59,8 +59,10 @@ STATIC_DIR = HERE / "static" / "ui"
 PAGE_SIZE = 50
 AUDIT_PAGE_SIZE = 100
 #: The dashboard's pages may load scripts, styles and fragments from this origin only; no inline code.
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
-       "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 bp = Blueprint("ui", __name__, url_prefix="/ui", root_path=str(HERE), template_folder="templates")
 
@@ -91,14 +93,23 @@ def _pretty_json(value: Any) -> str:
 
 @bp.context_processor
 def _globals() -> dict[str, Any]:
-    return {"user": signed_in_user(), "csrf_token": csrf_token, "csrf_field": CSRF_FIELD,
-            "ADMIN": ADMIN, "OPERATOR": OPERATOR, "VIEWER": VIEWER}
+    return {
+        "user": signed_in_user(),
+        "csrf_token": csrf_token,
+        "csrf_field": CSRF_FIELD,
+        "ADMIN": ADMIN,
+        "OPERATOR": OPERATOR,
+        "VIEWER": VIEWER,
+    }
 
 
 def _error_page(status: int, title: str, message: str, headers: dict[str, str] | None = None) -> Response:
     back = _next_page(url_for("ui.overview")) if request.method == "POST" else url_for("ui.overview")
-    response = Response(render_template("ui/error.html", status=status, title=title, message=message, back=back),
-                        status=status, mimetype="text/html")
+    response = Response(
+        render_template("ui/error.html", status=status, title=title, message=message, back=back),
+        status=status,
+        mimetype="text/html",
+    )
     response.headers.update(headers or {})
     return response
 
@@ -179,8 +190,9 @@ def login() -> Any:
     except (TooManyRequests, Forbidden) as exc:
         status, error = exc.status, exc.message
     if error is not None:
-        return render_template("ui/login.html", error=error, username=username,
-                               next=request.form.get("next", "")), status
+        return render_template(
+            "ui/login.html", error=error, username=username, next=request.form.get("next", "")
+        ), status
     sign_in(found.id, password_hash)
     return redirect(_next_page(url_for("ui.overview")), code=303)
 
@@ -206,8 +218,7 @@ def overview() -> Any:
 @ui_view(*HUMAN_ROLES, fragment=True)
 def overview_fragment() -> Any:
     """The overview's figures alone, HTML, for the page's 5-second refresh (ui.js)."""
-    return render_template("ui/_overview_body.html", status=cluster_status(ctx().settings, ctx().celery),
-                           at=utcnow())
+    return render_template("ui/_overview_body.html", status=cluster_status(ctx().settings, ctx().celery), at=utcnow())
 
 
 # --------------------------------------------------------------------------- tasks
@@ -235,13 +246,30 @@ def tasks() -> Any:
     with session_scope(ctx().settings.database) as session:
         with bodies_left_out(session):  # the page shows no bodies
             rows, next_cursor = list_tasks(session, where, limit=PAGE_SIZE, cursor=args["cursor"] or None, sort=sort)
-        items = [{"id": t.id, "type": t.type, "state": t.state, "priority": t.priority, "owner": t.owner,
-                  "agent": t.agent, "created_at": t.created_at, "updated_at": t.updated_at} for t in rows]
+        items = [
+            {
+                "id": t.id,
+                "type": t.type,
+                "state": t.state,
+                "priority": t.priority,
+                "owner": t.owner,
+                "agent": t.agent,
+                "created_at": t.created_at,
+                "updated_at": t.updated_at,
+            }
+            for t in rows
+        ]
     kept = {"state": state, "type": args["type"], "q": q, "sort": sort if sort != SORTS[0] else ""}
     kept = {name: value for name, value in kept.items() if value}
     return render_template(
-        "ui/tasks.html", tasks=items, problems=problems, filters=kept, sorts=SORTS, states=list(TaskState),
-        types=get_registry().names(), paged=bool(args["cursor"]),
+        "ui/tasks.html",
+        tasks=items,
+        problems=problems,
+        filters=kept,
+        sorts=SORTS,
+        states=list(TaskState),
+        types=get_registry().names(),
+        paged=bool(args["cursor"]),
         next_url=url_for("ui.tasks", **kept, cursor=next_cursor) if next_cursor else None,
         first_url=url_for("ui.tasks", **kept),
     )
@@ -252,17 +280,45 @@ def tasks() -> Any:
 def task(task_id: str) -> Any:
     with session_scope(ctx().settings.database) as session:
         row = get_task(session, task_id, with_events=True)
-        events = [{"at": e.at, "actor": e.actor, "from_state": e.from_state, "to_state": e.to_state,
-                   "detail": e.detail} for e in row.events]
-        data = {column: getattr(row, column) for column in (
-            "id", "type", "state", "priority", "queue", "attempts", "max_retries", "timeout_s", "agent", "owner",
-            "routing", "pinned_agent", "on_agent_lost", "retry_of", "pending_reason", "parameters", "result",
-            "error", "created_at", "queued_at", "started_at", "finished_at", "run_at", "updated_at")}
+        events = [
+            {"at": e.at, "actor": e.actor, "from_state": e.from_state, "to_state": e.to_state, "detail": e.detail}
+            for e in row.events
+        ]
+        data = {
+            column: getattr(row, column)
+            for column in (
+                "id",
+                "type",
+                "state",
+                "priority",
+                "queue",
+                "attempts",
+                "max_retries",
+                "timeout_s",
+                "agent",
+                "owner",
+                "routing",
+                "pinned_agent",
+                "on_agent_lost",
+                "retry_of",
+                "pending_reason",
+                "parameters",
+                "result",
+                "error",
+                "created_at",
+                "queued_at",
+                "started_at",
+                "finished_at",
+                "run_at",
+                "updated_at",
+            )
+        }
     user = signed_in_user()
     redact(data, owner=data["owner"], reader=Reader(user.name if user else None, is_admin=bool(user and user.is_admin)))
     state = TaskState(data["state"])
-    return render_template("ui/task.html", task=data, events=events,
-                           can_cancel=state not in TERMINAL, can_retry=state in RETRYABLE)
+    return render_template(
+        "ui/task.html", task=data, events=events, can_cancel=state not in TERMINAL, can_retry=state in RETRYABLE
+    )
 
 
 def _only_owner() -> str | None:
@@ -282,8 +338,14 @@ def cancel(task_id: str) -> Any:
 def retry(task_id: str) -> Any:
     """Run a finished task again, as a new task; the page of the new task follows."""
     user = signed_in_user()
-    new = retry_task(ctx().celery, ctx().settings, task_id, actor=actor(), only_owner=_only_owner(),
-                     owner=user.name if user else None)
+    new = retry_task(
+        ctx().celery,
+        ctx().settings,
+        task_id,
+        actor=actor(),
+        only_owner=_only_owner(),
+        owner=user.name if user else None,
+    )
     set_audit(new_task=new.id)
     flash(f"Retrying as task {new.id}.", "ok")
     return redirect(url_for("ui.task", task_id=new.id), code=303)
@@ -296,11 +358,22 @@ def retry(task_id: str) -> Any:
 @ui_view(*HUMAN_ROLES)
 def agents() -> Any:
     with session_scope(ctx().settings.database) as session:
-        rows = [{"name": a.name, "status": a.status, "status_reason": a.status_reason,
-                 "admin_status": a.admin_status, "capabilities": a.capabilities or [], "weight": a.weight,
-                 "active": a.active, "max_concurrency": a.max_concurrency, "processed": a.processed,
-                 "resources": a.resources or {}, "last_heartbeat_at": a.last_heartbeat_at}
-                for a in session.scalars(select(Agent).order_by(Agent.name))]
+        rows = [
+            {
+                "name": a.name,
+                "status": a.status,
+                "status_reason": a.status_reason,
+                "admin_status": a.admin_status,
+                "capabilities": a.capabilities or [],
+                "weight": a.weight,
+                "active": a.active,
+                "max_concurrency": a.max_concurrency,
+                "processed": a.processed,
+                "resources": a.resources or {},
+                "last_heartbeat_at": a.last_heartbeat_at,
+            }
+            for a in session.scalars(select(Agent).order_by(Agent.name))
+        ]
     return render_template("ui/agents.html", agents=rows)
 
 
@@ -343,11 +416,14 @@ def purge(name: str) -> Any:
         raise ValidationFailed(f"priority: must be 0-9 (got {raw[:20]!r})", field="priority")
     context = ctx()
     queue_ledger.check_queue_known(context.settings, name, consumers_by_queue(context.celery, context.settings))
-    outcome = queue_ledger.purge(context.celery, context.settings, name, priority=int(raw) if raw else None,
-                                 actor=actor())
+    outcome = queue_ledger.purge(
+        context.celery, context.settings, name, priority=int(raw) if raw else None, actor=actor()
+    )
     set_audit(**outcome.to_dict())
-    return _done(f"Queue {name}: {outcome.purged} message(s) purged, {outcome.cancelled} task(s) cancelled.",
-                 url_for("ui.queues"))
+    return _done(
+        f"Queue {name}: {outcome.purged} message(s) purged, {outcome.cancelled} task(s) cancelled.",
+        url_for("ui.queues"),
+    )
 
 
 # --------------------------------------------------------------------------- schedules
@@ -357,10 +433,21 @@ def purge(name: str) -> Any:
 @ui_view(*HUMAN_ROLES)
 def schedules() -> Any:
     with session_scope(ctx().settings.database) as session:
-        rows = [{"id": s.id, "name": s.name, "cron": s.cron, "interval_s": s.interval_s, "type": s.task.get("type"),
-                 "enabled": s.enabled, "owner": s.owner, "last_run_at": s.last_slot_at,
-                 "next_run_at": s.next_run_at if s.enabled else None, "last_task_id": s.last_task_id}
-                for s in session.scalars(select(Schedule).order_by(Schedule.name))]
+        rows = [
+            {
+                "id": s.id,
+                "name": s.name,
+                "cron": s.cron,
+                "interval_s": s.interval_s,
+                "type": s.task.get("type"),
+                "enabled": s.enabled,
+                "owner": s.owner,
+                "last_run_at": s.last_slot_at,
+                "next_run_at": s.next_run_at if s.enabled else None,
+                "last_task_id": s.last_task_id,
+            }
+            for s in session.scalars(select(Schedule).order_by(Schedule.name))
+        ]
     return render_template("ui/schedules.html", schedules=rows)
 
 
@@ -398,12 +485,21 @@ def backup_create() -> Any:
 def keys() -> Any:
     now = utcnow()
     with session_scope(ctx().settings.database) as session:
-        rows = [{"id": k.id, "name": k.name, "prefix": k.prefix, "role": k.role,
-                 "owner": k.owner.name if k.owner else None,
-                 "state": "EXPIRED" if k.state == api_keys.ACTIVE and not api_keys.is_usable(k, now) else k.state,
-                 "expires_at": k.expires_at, "created_at": k.created_at, "last_used_at": k.last_used_at,
-                 "last_used_ip": k.last_used_ip}
-                for k in session.scalars(select(ApiKey).order_by(ApiKey.created_at.desc()))]
+        rows = [
+            {
+                "id": k.id,
+                "name": k.name,
+                "prefix": k.prefix,
+                "role": k.role,
+                "owner": k.owner.name if k.owner else None,
+                "state": "EXPIRED" if k.state == api_keys.ACTIVE and not api_keys.is_usable(k, now) else k.state,
+                "expires_at": k.expires_at,
+                "created_at": k.created_at,
+                "last_used_at": k.last_used_at,
+                "last_used_ip": k.last_used_ip,
+            }
+            for k in session.scalars(select(ApiKey).order_by(ApiKey.created_at.desc()))
+        ]
     return render_template("ui/keys.html", keys=rows, ACTIVE=api_keys.ACTIVE)
 
 
@@ -438,10 +534,22 @@ def audit() -> Any:
         statement = statement.where(AuditEntry.id < int(before))
     with session_scope(ctx().settings.database) as session:
         rows = list(session.scalars(statement.order_by(AuditEntry.id.desc()).limit(AUDIT_PAGE_SIZE + 1)))
-        entries = [{"id": e.id, "at": e.at, "principal": e.principal, "role": e.role, "source_ip": e.source_ip,
-                    "action": e.action, "target": e.target, "outcome": e.outcome, "detail": e.detail}
-                   for e in rows[:AUDIT_PAGE_SIZE]]
+        entries = [
+            {
+                "id": e.id,
+                "at": e.at,
+                "principal": e.principal,
+                "role": e.role,
+                "source_ip": e.source_ip,
+                "action": e.action,
+                "target": e.target,
+                "outcome": e.outcome,
+                "detail": e.detail,
+            }
+            for e in rows[:AUDIT_PAGE_SIZE]
+        ]
     kept = {name: value for name, value in (("principal", principal), ("action", action)) if value}
-    next_url = (url_for("ui.audit", **kept, before=entries[-1]["id"])
-                if len(rows) > AUDIT_PAGE_SIZE and entries else None)
+    next_url = (
+        url_for("ui.audit", **kept, before=entries[-1]["id"]) if len(rows) > AUDIT_PAGE_SIZE and entries else None
+    )
     return render_template("ui/audit.html", entries=entries, filters=kept, next_url=next_url)

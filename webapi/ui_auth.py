@@ -122,8 +122,13 @@ def check_csrf() -> None:
 def sign_in(user_id: int, password_hash: str) -> None:
     """Start a new session (a fresh id and CSRF token: nothing from before sign-in carries over)."""
     session.clear()
-    session.update(uid=user_id, sid=secrets.token_urlsafe(24), csrf=secrets.token_urlsafe(32),
-                   iat=int(time.time()), pwv=password_fingerprint(password_hash))
+    session.update(
+        uid=user_id,
+        sid=secrets.token_urlsafe(24),
+        csrf=secrets.token_urlsafe(32),
+        iat=int(time.time()),
+        pwv=password_fingerprint(password_hash),
+    )
 
 
 def sign_out() -> None:
@@ -150,14 +155,19 @@ def signed_in_user() -> UiUser | None:
     if not uid or not sid or not isinstance(iat, int):
         return None
     settings = ctx().settings
-    if time.time() - iat > settings.security.refresh_token_ttl_s or \
-            security_store().is_token_revoked(_revocation_key(str(sid))):
+    if time.time() - iat > settings.security.refresh_token_ttl_s or security_store().is_token_revoked(
+        _revocation_key(str(sid))
+    ):
         session.clear()
         return None
     with session_scope(settings.database) as db:
         row = db.get(User, int(uid))
-        valid = (row is not None and not row.disabled and row.role in HUMAN_ROLES
-                 and hmac.compare_digest(str(session.get("pwv", "")), password_fingerprint(row.password_hash)))
+        valid = (
+            row is not None
+            and not row.disabled
+            and row.role in HUMAN_ROLES
+            and hmac.compare_digest(str(session.get("pwv", "")), password_fingerprint(row.password_hash))
+        )
         user = UiUser(id=row.id, name=row.name, role=row.role) if valid and row is not None else None
     if user is None:
         session.clear()

@@ -23,8 +23,13 @@ bp = Blueprint("users", __name__, url_prefix="/api/v1/users")
 
 
 def user_to_dict(user: User) -> dict[str, Any]:
-    return {"name": user.name, "role": user.role, "disabled": user.disabled,
-            "created_at": isoformat(user.created_at), "updated_at": isoformat(user.updated_at)}
+    return {
+        "name": user.name,
+        "role": user.role,
+        "disabled": user.disabled,
+        "created_at": isoformat(user.created_at),
+        "updated_at": isoformat(user.updated_at),
+    }
 
 
 class CreateUser(BaseModel):
@@ -52,8 +57,14 @@ def index() -> Any:
 @policy(*ROLES)
 def me() -> Any:
     principal = current_principal()
-    return jsonify({"name": principal.name, "role": principal.role, "via": "key" if principal.key_id else "token",
-                    "key_prefix": principal.key_prefix})
+    return jsonify(
+        {
+            "name": principal.name,
+            "role": principal.role,
+            "via": "key" if principal.key_id else "token",
+            "key_prefix": principal.key_prefix,
+        }
+    )
 
 
 @bp.post("")
@@ -62,8 +73,9 @@ def create() -> Any:
     body = validate(CreateUser, json_body())
     set_audit(target=body.name, role=body.role)
     with session_scope(ctx().settings.database) as session:
-        user = create_user(session, body.name, body.password, body.role,
-                           bcrypt_cost=ctx().settings.security.bcrypt_cost)
+        user = create_user(
+            session, body.name, body.password, body.role, bcrypt_cost=ctx().settings.security.bcrypt_cost
+        )
         return jsonify(user_to_dict(user)), 201
 
 
@@ -98,7 +110,8 @@ def update(name: str) -> Any:
             select(func.count()).select_from(User).where(User.role == ADMIN, User.disabled.is_(False))
         )
         if not active_admins:
-            raise Conflict("this would leave no active admin; promote or enable another admin first",
-                           field="role" if body.role is not None else "disabled")
+            raise Conflict(
+                "this would leave no active admin; promote or enable another admin first",
+                field="role" if body.role is not None else "disabled",
+            )
         return jsonify(user_to_dict(user))
-

@@ -1,6 +1,6 @@
 """/api/v1/workers: live inspection and remote control of workers (Flower's worker API).
 
-Everything here asks the workers over the broker right now (``aios.inspect``), bounded by
+Everything here asks the workers over the broker right now (``aios.broker.inspection``), bounded by
 ``api.inspect_timeout_s``. Reading is for every role, but a viewer does not see host details
 (:func:`for_viewer`: process ids, the broker connection, the Celery ``conf``); control is for
 operators and admins, and each control call is audited as ``worker.<action>``. Worker names contain
@@ -15,8 +15,8 @@ from typing import Annotated, Any
 from flask import Blueprint, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from aios import inspect
-from aios.celery_app import RUN_TASK_NAME, queue_name
+from aios.broker import inspection as inspect
+from aios.broker.celery_app import RUN_TASK_NAME, queue_name
 from aios.errors import Forbidden, ValidationFailed
 from aios.security.roles import OPERATOR, VIEWER
 from webapi.context import ctx
@@ -88,8 +88,9 @@ def _without_pid(entry: Any) -> Any:
     if not isinstance(entry, dict):
         return entry
     # A scheduled entry wraps its task in "request".
-    return {key: _without_pid(value) if key == "request" else value
-            for key, value in entry.items() if key != "worker_pid"}
+    return {
+        key: _without_pid(value) if key == "request" else value for key, value in entry.items() if key != "worker_pid"
+    }
 
 
 def _shown(worker: dict[str, Any]) -> dict[str, Any]:
@@ -233,8 +234,9 @@ def rate_limit(name: str) -> Any:
     """Celery's per-task rate limit on this worker (all AIOS types share the task ``aios.run``)."""
     body = optional_body(RateLimit)
     limit = None if body.rate_limit in (None, "0") else body.rate_limit  # Celery: None turns it off
-    return _control(name, "rate_limit", {"task_name": body.task, "rate_limit": limit},
-                    task=body.task, rate_limit=body.rate_limit)
+    return _control(
+        name, "rate_limit", {"task_name": body.task, "rate_limit": limit}, task=body.task, rate_limit=body.rate_limit
+    )
 
 
 @bp.post("/<name>/time-limit")
@@ -243,8 +245,14 @@ def time_limit(name: str) -> Any:
     """Celery's default time limits for a task on this worker; a message's own limits (every AIOS
     task carries its ``timeout_s``) still win."""
     body = optional_body(TimeLimit)
-    return _control(name, "time_limit", {"task_name": body.task, "soft": body.soft_s, "hard": body.hard_s},
-                    task=body.task, soft_s=body.soft_s, hard_s=body.hard_s)
+    return _control(
+        name,
+        "time_limit",
+        {"task_name": body.task, "soft": body.soft_s, "hard": body.hard_s},
+        task=body.task,
+        soft_s=body.soft_s,
+        hard_s=body.hard_s,
+    )
 
 
 @bp.post("/<name>/shutdown")

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from celery import Celery
 from celery.signals import worker_process_init
 
-from aios import cgroups
-from aios.agents import agent_queue, capability_queue
-from aios.celery_app import create_celery_app, queue_name
+from aios.agents.registry import agent_queue, capability_queue
+from aios.broker.celery_app import create_celery_app, queue_name
 from aios.config import Settings
 from aios.db import dispose_engines, ensure_migrated
-from aios.sandbox import check_agent_config
+from aios.sandbox import cgroups
+from aios.sandbox.identity import check_agent_config
 from aios.tasktypes import load_task_types
 from workers import consumer, redis_transport
 from workers.heartbeat import Heartbeat, capabilities_of
@@ -68,16 +68,24 @@ def run_agent(settings: Settings, options: AgentOptions) -> None:
     hostname = hostname_for(options.name)
     # Its own queue (round robin, least loaded, pinned), its capabilities' queues (shared), and
     # any named queues (tasks submitted with an explicit queue).
-    queues = [agent_queue(hostname), *(capability_queue(c) for c in capabilities_of(settings)),
-              *(options.queues or settings.agents.queues)]
+    queues = [
+        agent_queue(hostname),
+        *(capability_queue(c) for c in capabilities_of(settings)),
+        *(options.queues or settings.agents.queues),
+    ]
     concurrency = options.concurrency or settings.agents.concurrency
     argv = [
         "worker",
-        "--hostname", hostname,
-        "--queues", ",".join(queue_name(settings, q) for q in queues),
-        "--concurrency", str(concurrency),
-        "--pool", "prefork",
-        "--loglevel", options.loglevel or settings.logging.level,
+        "--hostname",
+        hostname,
+        "--queues",
+        ",".join(queue_name(settings, q) for q in queues),
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        "prefork",
+        "--loglevel",
+        options.loglevel or settings.logging.level,
         "--task-events",
         "--without-mingle",
         "--without-gossip",

@@ -1,7 +1,7 @@
 """A run's two ledger writes, the claim and the outcome, each as one statement on PostgreSQL.
 
 Why: with no-op tasks an agent's throughput is bounded by its round trips to the database, not by
-work. Through :func:`aios.states.transition` and a pooled session a claim took six round trips (pool
+work. Through :func:`aios.tasks.states.transition` and a pooled session a claim took six round trips (pool
 ping, BEGIN, UPDATE, INSERT of the event, SELECT of the task's type and parameters, COMMIT) and an
 outcome five. Here each is one:
 
@@ -28,7 +28,7 @@ outcome five. Here each is one:
   lost-message check dispatches the task again: the at-least-once rule, as for a lost message. A
   SUCCEEDED (or any outcome) is never written this way: a lost outcome would lose a result.
 
-The legality of each move is still decided by :func:`aios.states.check_transition`. SQLite has no
+The legality of each move is still decided by :func:`aios.tasks.states.check_transition`. SQLite has no
 data-modifying CTEs: :func:`supported` is False there and the runner keeps to ``transition``.
 """
 
@@ -50,7 +50,7 @@ from sqlalchemy.exc import DBAPIError
 from aios.config import Settings
 from aios.db import get_engine
 from aios.models import Task, TaskEvent
-from aios.states import STAMPS, TaskState, check_transition
+from aios.tasks.states import STAMPS, TaskState, check_transition
 
 #: The columns a claim hands to the run (what a SELECT after the UPDATE used to read).
 CLAIM_COLUMNS = ("type", "parameters", "attempts", "max_retries")
@@ -112,31 +112,52 @@ def _discard(connection: Connection) -> None:
     connection.close()
 
 
-def _moved_and_noted(current: TaskState, target: TaskState, fixed: Mapping[str, Any],
-                     value_names: tuple[str, ...], returning: tuple[str, ...]) -> Select[Any]:
+def _moved_and_noted(
+    current: TaskState,
+    target: TaskState,
+    fixed: Mapping[str, Any],
+    value_names: tuple[str, ...],
+    returning: tuple[str, ...],
+) -> Select[Any]:
     """``WITH moved AS (UPDATE ... RETURNING ...), noted AS (INSERT INTO task_events SELECT ... FROM moved)
     SELECT ... FROM moved``; every value is a bind parameter, so the statement is built once and cached.
 
     ``fixed``: column expressions set on every such move; ``value_names``: columns bound per call."""
     check_transition(current, target)
-    values: dict[str, Any] = {"state": target.value, "updated_at": bindparam("now"), **fixed,
-                              **{name: bindparam(f"v_{name}") for name in value_names}}
+    values: dict[str, Any] = {
+        "state": target.value,
+        "updated_at": bindparam("now"),
+        **fixed,
+        **{name: bindparam(f"v_{name}") for name in value_names},
+    }
     if stamp := STAMPS.get(target):  # the timestamps transition() stamps
         values[stamp] = bindparam("now")
     moved = (
         update(_tasks)
-        .where(_tasks.c.id == bindparam("task_id"), _tasks.c.state == current.value,
-               _tasks.c.dispatch_id == bindparam("fence"))
+        .where(
+            _tasks.c.id == bindparam("task_id"),
+            _tasks.c.state == current.value,
+            _tasks.c.dispatch_id == bindparam("fence"),
+        )
         .values(**values)
         .returning(_tasks.c.id, *(_tasks.c[name] for name in returning))
         .cte("moved")
     )
-    noted = insert(_events).from_select(
-        ["task_id", "at", "actor", "from_state", "to_state", "detail"],
-        select(moved.c.id, bindparam("now", type_=_events.c.at.type), bindparam("actor", type_=_events.c.actor.type),
-               literal(current.value, _events.c.from_state.type), literal(target.value, _events.c.to_state.type),
-               bindparam("detail", type_=_events.c.detail.type)),
-    ).cte("noted")
+    noted = (
+        insert(_events)
+        .from_select(
+            ["task_id", "at", "actor", "from_state", "to_state", "detail"],
+            select(
+                moved.c.id,
+                bindparam("now", type_=_events.c.at.type),
+                bindparam("actor", type_=_events.c.actor.type),
+                literal(current.value, _events.c.from_state.type),
+                literal(target.value, _events.c.to_state.type),
+                bindparam("detail", type_=_events.c.detail.type),
+            ),
+        )
+        .cte("noted")
+    )
     return select(*moved.c).add_cte(noted)
 
 
@@ -187,8 +208,14 @@ def _fetch_one(connection: Connection, statement: Select[Any], given: Mapping[st
             cursor.execute(compiled.sql, params)
             return cursor.fetchone()  # type: ignore[no-any-return]
     except connection.dialect.loaded_dbapi.Error as error:
-        raise DBAPIError.instance(compiled.sql, params, error, connection.dialect.loaded_dbapi.Error,
-                                  hide_parameters=True, dialect=connection.dialect) from error
+        raise DBAPIError.instance(
+            compiled.sql,
+            params,
+            error,
+            connection.dialect.loaded_dbapi.Error,
+            hide_parameters=True,
+            dialect=connection.dialect,
+        ) from error
 
 
 @lru_cache(maxsize=1)
@@ -204,24 +231,56 @@ def _outcome_statement(target: TaskState, value_names: tuple[str, ...], null_nam
     return _moved_and_noted(TaskState.RUNNING, target, dict.fromkeys(null_names), value_names, ())
 
 
-def claim(settings: Settings, task_id: str, dispatch_id: str, agent: str, *, actor: str,
-          detail: Mapping[str, Any], now: datetime) -> ClaimRow | None:
+def claim(
+    settings: Settings,
+    task_id: str,
+    dispatch_id: str,
+    agent: str,
+    *,
+    actor: str,
+    detail: Mapping[str, Any],
+    now: datetime,
+) -> ClaimRow | None:
     """QUEUED → RUNNING for this dispatch, with its event; the row's CLAIM_COLUMNS, or None if it did not move.
 
     Committed without waiting for the WAL flush: the run's outcome makes it durable (module docstring)."""
     with _connection(settings, durable=False) as connection:
-        row = _fetch_one(connection, _claim_statement(), {
-            "task_id": task_id, "fence": dispatch_id, "now": now, "actor": actor[:128], "detail": dict(detail),
-            "v_agent": agent})
+        row = _fetch_one(
+            connection,
+            _claim_statement(),
+            {
+                "task_id": task_id,
+                "fence": dispatch_id,
+                "now": now,
+                "actor": actor[:128],
+                "detail": dict(detail),
+                "v_agent": agent,
+            },
+        )
     return None if row is None else ClaimRow(*row)
 
 
-def outcome(settings: Settings, task_id: str, dispatch_id: str, target: TaskState, values: Mapping[str, Any], *,
-            actor: str, detail: Mapping[str, Any], now: datetime) -> bool:
+def outcome(
+    settings: Settings,
+    task_id: str,
+    dispatch_id: str,
+    target: TaskState,
+    values: Mapping[str, Any],
+    *,
+    actor: str,
+    detail: Mapping[str, Any],
+    now: datetime,
+) -> bool:
     """RUNNING → ``target`` for this dispatch, setting ``values``, with its event; False if it did not move."""
     names = tuple(sorted(name for name, value in values.items() if value is not None))
     nulls = tuple(sorted(name for name, value in values.items() if value is None))
-    params = {"task_id": task_id, "fence": dispatch_id, "now": now, "actor": actor[:128], "detail": dict(detail),
-              **{f"v_{name}": values[name] for name in names}}
+    params = {
+        "task_id": task_id,
+        "fence": dispatch_id,
+        "now": now,
+        "actor": actor[:128],
+        "detail": dict(detail),
+        **{f"v_{name}": values[name] for name in names},
+    }
     with _connection(settings, durable=True) as connection:
         return _fetch_one(connection, _outcome_statement(target, names, nulls), params) is not None

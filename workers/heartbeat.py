@@ -2,7 +2,7 @@
 
 Each heartbeat carries psutil figures (CPU %, memory %, load average, disk % of the work dir, RSS of
 the worker and its pool) and the active and processed counts; the ledger turns them into a status
-(aios.health). The same loop sweeps for agents that stopped beating (their work is re-routed once)
+(aios.agents.health). The same loop sweeps for agents that stopped beating (their work is re-routed once)
 and, when this agent becomes routable, dispatches the tasks that were waiting for it.
 
 Celery's own heartbeats and events stay on: Flower and ``celery inspect`` keep seeing the agent.
@@ -17,14 +17,14 @@ from typing import Any
 from celery import bootsteps
 from celery.worker import state as worker_state
 
-from aios import agents
-from aios.commands import COMMAND_TYPE
+from aios.agents import registry as agents
+from aios.agents.health import ROUTABLE
 from aios.config import Settings
 from aios.db import session_scope
-from aios.dispatch import dispatch
-from aios.health import ROUTABLE
-from aios.resources import prime as prime_cpu_reading
-from aios.resources import resource_figures
+from aios.ops.resources import prime as prime_cpu_reading
+from aios.ops.resources import resource_figures
+from aios.sandbox.run import COMMAND_TYPE
+from aios.tasks.create import dispatch
 from aios.tasktypes import get_registry
 
 logger = logging.getLogger(__name__)
@@ -58,10 +58,18 @@ class Heartbeat(bootsteps.StartStopStep):
         self.worker, self.settings, self.name = worker, settings, worker.hostname
         prime_cpu_reading()
         with session_scope(settings.database) as session:
-            agents.register(session, agents.AgentSpec(
-                name=self.name, capabilities=capabilities_of(settings), labels=settings.agents.labels,
-                weight=settings.agents.weight, max_concurrency=worker.concurrency,
-            ), max_agents=settings.orchestrator.max_agents, live=True)
+            agents.register(
+                session,
+                agents.AgentSpec(
+                    name=self.name,
+                    capabilities=capabilities_of(settings),
+                    labels=settings.agents.labels,
+                    weight=settings.agents.weight,
+                    max_concurrency=worker.concurrency,
+                ),
+                max_agents=settings.orchestrator.max_agents,
+                live=True,
+            )
         self.beat()
         self.thread = threading.Thread(target=self._loop, name="aios-heartbeat", daemon=True)
         self.thread.start()
@@ -91,7 +99,8 @@ class Heartbeat(bootsteps.StartStopStep):
 
     def beat(self) -> None:
         outcome = agents.record_heartbeat(
-            self.settings, self.name,
+            self.settings,
+            self.name,
             resources=resource_figures(self.settings.agents.work_dir),
             active=len(worker_state.active_requests),
             processed=sum(worker_state.total_count.values()),

@@ -53,16 +53,16 @@ class DeferredAckQoS(kombu_redis.QoS):
 
     def _written(self, tags: list[str]) -> None:
         # Only what this write carried: an ack added meanwhile stays for the next one.
-        del self.acked[:len(tags)]
+        del self.acked[: len(tags)]
 
     def append(self, message: Any, delivery_tag: str) -> None:
         delivery = message.delivery_info
         exchange, routing_key = delivery["exchange"], delivery["routing_key"]
         with self.pipe_or_acquire() as pipe:
             tags = self._queue_removals(pipe)
-            pipe.zadd(self.unacked_index_key, {delivery_tag: kombu_redis.time()}) \
-                .hset(self.unacked_key, delivery_tag, dumps([message._raw, exchange, routing_key])) \
-                .execute()
+            pipe.zadd(self.unacked_index_key, {delivery_tag: kombu_redis.time()}).hset(
+                self.unacked_key, delivery_tag, dumps([message._raw, exchange, routing_key])
+            ).execute()
             self._written(tags)
             virtual.QoS.append(self, message, delivery_tag)
 
@@ -87,8 +87,12 @@ class DeferredAckQoS(kombu_redis.QoS):
         try:
             self.flush_acks()
         except Exception as exc:  # noqa: BLE001 - the broker is likely gone
-            logger.warning("could not write %d kept acks before restoring unacked messages (the visibility "
-                           "sweep redelivers them; the dispatch fence skips them): %s", len(self.acked), exc)
+            logger.warning(
+                "could not write %d kept acks before restoring unacked messages (the visibility "
+                "sweep redelivers them; the dispatch fence skips them): %s",
+                len(self.acked),
+                exc,
+            )
             self.acked.clear()
 
     def restore_unacked_once(self, stderr: Any = None) -> Any:
@@ -129,8 +133,9 @@ class Transport(kombu_redis.Transport):
                     qos.flush_acks()
                 except Exception as exc:  # noqa: BLE001 - retried on the next tick or delivery
                     if not self._ack_flush_failing:
-                        logger.warning("could not write %d kept acks (retrying every %g s): %s",
-                                       len(qos.acked), ACK_FLUSH_S, exc)
+                        logger.warning(
+                            "could not write %d kept acks (retrying every %g s): %s", len(qos.acked), ACK_FLUSH_S, exc
+                        )
                     self._ack_flush_failing = True
                 else:
                     self._ack_flush_failing = False

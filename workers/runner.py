@@ -26,10 +26,10 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from aios.config import Settings
 from aios.db import session_scope
-from aios.dispatch import backoff_s, dispatch
 from aios.errors import TaskFailure, TaskTimedOut, ValidationFailed
 from aios.models import Task
-from aios.states import TaskState, record_events, transition
+from aios.tasks.create import backoff_s, dispatch
+from aios.tasks.states import TaskState, record_events, transition
 from aios.tasktypes import TaskContext, get_registry
 from aios.timeutil import utcnow
 from workers import fenced_writes
@@ -59,8 +59,9 @@ def with_db_retry(write: Callable[[], _T], what: str) -> _T:
         except (OperationalError, InterfaceError) as exc:
             if time.monotonic() + delay > deadline:
                 raise
-            logger.warning("database unavailable while %s (%s); retrying in %.1fs",
-                           what, str(exc).splitlines()[0][:200], delay)
+            logger.warning(
+                "database unavailable while %s (%s); retrying in %.1fs", what, str(exc).splitlines()[0][:200], delay
+            )
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -91,15 +92,32 @@ def _claim(settings: Settings, task_id: str, dispatch_id: str, agent: str) -> Cl
     if fenced_writes.supported(settings):  # one statement: the move, its event, the run's columns
         row = fenced_writes.claim(settings, task_id, dispatch_id, agent, actor=actor, detail=detail, now=utcnow())
         if row is not None:
-            return Claim(task_id=task_id, dispatch_id=dispatch_id, agent=agent, type=row.type,
-                         parameters=row.parameters, attempt=row.attempts, max_retries=row.max_retries)
+            return Claim(
+                task_id=task_id,
+                dispatch_id=dispatch_id,
+                agent=agent,
+                type=row.type,
+                parameters=row.parameters,
+                attempt=row.attempts,
+                max_retries=row.max_retries,
+            )
         with session_scope(settings.database) as session:
             return _not_claimed(session, task_id, dispatch_id, actor)
     with session_scope(settings.database) as session:
         claimed = transition(
-            session, task_id, TaskState.QUEUED, TaskState.RUNNING, actor=actor, fence=dispatch_id,
-            values={"agent": agent, "attempts": Task.attempts + 1, "finished_at": None,
-                    "progress": None, "progress_message": None},  # progress describes the current run
+            session,
+            task_id,
+            TaskState.QUEUED,
+            TaskState.RUNNING,
+            actor=actor,
+            fence=dispatch_id,
+            values={
+                "agent": agent,
+                "attempts": Task.attempts + 1,
+                "finished_at": None,
+                "progress": None,
+                "progress_message": None,
+            },  # progress describes the current run
             detail=detail,
         )
         if not claimed:
@@ -107,8 +125,15 @@ def _claim(settings: Settings, task_id: str, dispatch_id: str, agent: str) -> Cl
         row = session.execute(
             select(Task.type, Task.parameters, Task.attempts, Task.max_retries).where(Task.id == task_id)
         ).one()
-        return Claim(task_id=task_id, dispatch_id=dispatch_id, agent=agent, type=row.type,
-                     parameters=row.parameters, attempt=row.attempts, max_retries=row.max_retries)
+        return Claim(
+            task_id=task_id,
+            dispatch_id=dispatch_id,
+            agent=agent,
+            type=row.type,
+            parameters=row.parameters,
+            attempt=row.attempts,
+            max_retries=row.max_retries,
+        )
 
 
 def _not_claimed(session: Any, task_id: str, dispatch_id: str, actor: str) -> None:
@@ -117,18 +142,28 @@ def _not_claimed(session: Any, task_id: str, dispatch_id: str, actor: str) -> No
     if row is None:
         logger.warning("delivery for unknown task %s dropped", task_id)
         return None
-    reason = "cancelled" if row.state == TaskState.CANCELLED else (
-        "duplicate delivery" if row.dispatch_id == dispatch_id else "stale dispatch")
+    reason = (
+        "cancelled"
+        if row.state == TaskState.CANCELLED
+        else ("duplicate delivery" if row.dispatch_id == dispatch_id else "stale dispatch")
+    )
     logger.info("skipping task %s: %s (state %s)", task_id, reason, row.state)
-    record_events(session, [task_id], actor=actor, from_state=None, to_state=None,
-                  detail={"note": f"delivery skipped: {reason}", "dispatch_id": dispatch_id, "state": row.state})
+    record_events(
+        session,
+        [task_id],
+        actor=actor,
+        from_state=None,
+        to_state=None,
+        detail={"note": f"delivery skipped: {reason}", "dispatch_id": dispatch_id, "state": row.state},
+    )
     return None
 
 
 def finish(settings: Settings, work: Claim, target: TaskState, **values: Any) -> bool:
     """Record the end of a run, fenced on its dispatch; a fenced-off report becomes a note."""
-    return with_db_retry(lambda: _finish(settings, work, target, **values),
-                         f"recording task {work.task_id} {target.value}")
+    return with_db_retry(
+        lambda: _finish(settings, work, target, **values), f"recording task {work.task_id} {target.value}"
+    )
 
 
 def _finish(settings: Settings, work: Claim, target: TaskState, **values: Any) -> bool:
@@ -136,14 +171,23 @@ def _finish(settings: Settings, work: Claim, target: TaskState, **values: Any) -
     if values.get("error"):
         detail["error"] = values["error"][:500]
     if fenced_writes.supported(settings):  # one statement: the fenced move and its event
-        if fenced_writes.outcome(settings, work.task_id, work.dispatch_id, target, values, actor=work.actor,
-                                 detail=detail, now=utcnow()):
+        if fenced_writes.outcome(
+            settings, work.task_id, work.dispatch_id, target, values, actor=work.actor, detail=detail, now=utcnow()
+        ):
             return True
         with session_scope(settings.database) as session:
             return _not_finished(session, work, target)
     with session_scope(settings.database) as session:
-        done = transition(session, work.task_id, TaskState.RUNNING, target, actor=work.actor,
-                          fence=work.dispatch_id, values=values, detail=detail)
+        done = transition(
+            session,
+            work.task_id,
+            TaskState.RUNNING,
+            target,
+            actor=work.actor,
+            fence=work.dispatch_id,
+            values=values,
+            detail=detail,
+        )
         return done or _not_finished(session, work, target)
 
 
@@ -152,9 +196,17 @@ def _not_finished(session: Any, work: Claim, target: TaskState) -> bool:
     row = session.execute(select(Task.state, Task.dispatch_id).where(Task.id == work.task_id)).first()
     if row is not None and row.state == target and row.dispatch_id == work.dispatch_id:
         return True  # our own earlier attempt committed, but its confirmation was lost (a retry)
-    record_events(session, [work.task_id], actor=work.actor, from_state=None, to_state=None,
-                  detail={"note": f"late report ignored: run ended {target} after the task moved on",
-                          "dispatch_id": work.dispatch_id})
+    record_events(
+        session,
+        [work.task_id],
+        actor=work.actor,
+        from_state=None,
+        to_state=None,
+        detail={
+            "note": f"late report ignored: run ended {target} after the task moved on",
+            "dispatch_id": work.dispatch_id,
+        },
+    )
     return False
 
 
@@ -167,8 +219,14 @@ def fail_or_retry(celery: Celery, settings: Settings, work: Claim, error: str) -
     if not finish(settings, work, TaskState.RETRYING, error=error):
         return TaskState.RETRYING
     delay = backoff_s(settings, work.attempt)
-    dispatch(celery, settings, [work.task_id], actor=work.actor, from_state=TaskState.RETRYING,
-             countdown_s={work.task_id: delay})
+    dispatch(
+        celery,
+        settings,
+        [work.task_id],
+        actor=work.actor,
+        from_state=TaskState.RETRYING,
+        countdown_s={work.task_id: delay},
+    )
     return TaskState.RETRYING
 
 
@@ -177,8 +235,7 @@ def execute(celery: Celery, settings: Settings, task_id: str, dispatch_id: str, 
     work = claim(settings, task_id, dispatch_id, agent)
     if work is None:
         return None
-    ctx = TaskContext(task_id=task_id, attempt=work.attempt, agent=agent, settings=settings,
-                      dispatch_id=dispatch_id)
+    ctx = TaskContext(task_id=task_id, attempt=work.attempt, agent=agent, settings=settings, dispatch_id=dispatch_id)
     try:
         task_type = get_registry().get(work.type)
         params = task_type.validate(work.parameters)
@@ -221,14 +278,29 @@ def _flush_progress(ctx: TaskContext) -> None:
 def _running_run(session: Any, task_id: str, dispatch_id: str) -> Any:
     """The task's row if it is still RUNNING under ``dispatch_id`` (else None: it moved on)."""
     row = session.execute(
-        select(Task.id, Task.state, Task.dispatch_id, Task.type, Task.parameters, Task.on_agent_lost, Task.attempts,
-               Task.max_retries).where(Task.id == task_id)
+        select(
+            Task.id,
+            Task.state,
+            Task.dispatch_id,
+            Task.type,
+            Task.parameters,
+            Task.on_agent_lost,
+            Task.attempts,
+            Task.max_retries,
+        ).where(Task.id == task_id)
     ).first()
     return row if row is not None and row.state == TaskState.RUNNING and row.dispatch_id == dispatch_id else None
 
 
-def record_lost_run(celery: Celery, settings: Settings, task_id: str, dispatch_id: str, agent: str,
-                    reason: str, target: TaskState | None = None) -> None:
+def record_lost_run(
+    celery: Celery,
+    settings: Settings,
+    task_id: str,
+    dispatch_id: str,
+    agent: str,
+    reason: str,
+    target: TaskState | None = None,
+) -> None:
     """The pool process running a task died or was killed (hard time limit, OOM, SIGKILL).
 
     Runs in the worker's main process. ``target`` TIMED_OUT records a hard timeout; otherwise the
@@ -239,8 +311,15 @@ def record_lost_run(celery: Celery, settings: Settings, task_id: str, dispatch_i
         row = _running_run(session, task_id, dispatch_id)
     if row is None:
         return
-    work = Claim(task_id=task_id, dispatch_id=dispatch_id, agent=agent, type=row.type,
-                 parameters=row.parameters, attempt=row.attempts, max_retries=row.max_retries)
+    work = Claim(
+        task_id=task_id,
+        dispatch_id=dispatch_id,
+        agent=agent,
+        type=row.type,
+        parameters=row.parameters,
+        attempt=row.attempts,
+        max_retries=row.max_retries,
+    )
     if target is TaskState.TIMED_OUT:
         finish(settings, work, TaskState.TIMED_OUT, error=reason)
     else:
@@ -257,25 +336,37 @@ def record_cancelled_run(settings: Settings, task_id: str, dispatch_id: str, age
 
     Celery counts on the broker to deliver that message again, but a Redis without persistence lost it,
     and a Redis with persistence holds it back for the whole visibility timeout. So the ledger settles
-    the run now, by the rule of a lost agent (:func:`aios.agents.settle_lost_run`): a task left to retry
+    the run now, by the rule of a lost agent (:func:`aios.agents.registry.settle_lost_run`): a task left to retry
     waits PENDING (``pending_reason`` ``connection_lost``) for the sync job to dispatch it under a new
     dispatch id once the broker answers, and a late delivery of the old message is fenced off. Runs in
     the worker's main process, which must not block on a broker that is down: nothing is published here.
     """
-    from aios.agents import settle_lost_run
+    from aios.agents.registry import settle_lost_run
 
     with session_scope(settings.database) as session:
         row = _running_run(session, task_id, dispatch_id)
         if row is None:
             return None
         actor = f"worker:{agent}"
-        outcome = settle_lost_run(session, row, agent=agent, reason="cancelled by Celery", actor=actor,
-                                  fence=dispatch_id, what=f"agent {agent} lost its broker connection")
+        outcome = settle_lost_run(
+            session,
+            row,
+            agent=agent,
+            reason="cancelled by Celery",
+            actor=actor,
+            fence=dispatch_id,
+            what=f"agent {agent} lost its broker connection",
+        )
         if outcome is TaskState.RETRYING:
-            transition(session, task_id, TaskState.RETRYING, TaskState.PENDING, actor=actor,
-                       detail={"reason": "waits for the sync job to dispatch it again"},
-                       values={"pending_reason": CANCELLED_ON_CONNECTION_LOSS})
+            transition(
+                session,
+                task_id,
+                TaskState.RETRYING,
+                TaskState.PENDING,
+                actor=actor,
+                detail={"reason": "waits for the sync job to dispatch it again"},
+                values={"pending_reason": CANCELLED_ON_CONNECTION_LOSS},
+            )
             outcome = TaskState.PENDING
-    logger.warning("run %s of task %s was cancelled on broker connection loss: now %s",
-                   dispatch_id, task_id, outcome)
+    logger.warning("run %s of task %s was cancelled on broker connection loss: now %s", dispatch_id, task_id, outcome)
     return outcome

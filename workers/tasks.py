@@ -13,10 +13,10 @@ from celery import Celery
 from celery.exceptions import WorkerLostError
 from celery.worker.request import Request
 
-from aios.celery_app import RUN_TASK_NAME
+from aios.broker.celery_app import RUN_TASK_NAME
 from aios.config import Settings
-from aios.log import task_id_var
-from aios.states import TaskState
+from aios.ops.log import task_id_var
+from aios.tasks.states import TaskState
 from workers.runner import execute, record_cancelled_run, record_lost_run
 
 logger = logging.getLogger(__name__)
@@ -70,8 +70,15 @@ class AiosRequest(Request):
 def register_tasks(app: Celery, settings: Settings) -> Any:
     """Attach ``aios.run`` to ``app``; returns the task."""
 
-    @app.task(name=RUN_TASK_NAME, bind=True, Request=AiosRequest, acks_late=True,
-              reject_on_worker_lost=True, ignore_result=True, typing=False)
+    @app.task(
+        name=RUN_TASK_NAME,
+        bind=True,
+        Request=AiosRequest,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        typing=False,
+    )
     def run(self: Any, dispatch_id: str | None = None, **_ignored: Any) -> None:
         if not dispatch_id:
             logger.warning("message for task %s carries no dispatch_id; dropped", self.request.id)

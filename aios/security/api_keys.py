@@ -55,8 +55,17 @@ def split_key(value: str) -> tuple[str, str] | None:
 def generate(session: Session, *, name: str, role: str, owner_id: int, expires_at: datetime | None) -> NewKey:
     prefix = secrets.token_hex(PREFIX_CHARS // 2)
     secret = secrets.token_urlsafe(24)  # 192 bits
-    row = ApiKey(id=str(uuid.uuid4()), name=name, prefix=prefix, secret_hash=hash_secret(secret), role=role,
-                 owner_id=owner_id, state=ACTIVE, expires_at=expires_at, created_at=utcnow())
+    row = ApiKey(
+        id=str(uuid.uuid4()),
+        name=name,
+        prefix=prefix,
+        secret_hash=hash_secret(secret),
+        role=role,
+        owner_id=owner_id,
+        state=ACTIVE,
+        expires_at=expires_at,
+        created_at=utcnow(),
+    )
     session.add(row)
     session.flush()
     return NewKey(row=row, plaintext=f"{KEY_PREFIX}_{prefix}_{secret}")
@@ -64,11 +73,18 @@ def generate(session: Session, *, name: str, role: str, owner_id: int, expires_a
 
 def count_usable(session: Session, owner_id: int, now: datetime) -> int:
     """How many of ``owner_id``'s keys work now (ACTIVE and unexpired): what ``max_keys_per_user`` caps."""
-    return int(session.scalar(
-        select(func.count()).select_from(ApiKey)
-        .where(ApiKey.owner_id == owner_id, ApiKey.state == ACTIVE,
-               or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now))
-    ) or 0)
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(ApiKey)
+            .where(
+                ApiKey.owner_id == owner_id,
+                ApiKey.state == ACTIVE,
+                or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now),
+            )
+        )
+        or 0
+    )
 
 
 def is_usable(row: Any, now: datetime) -> bool:
@@ -91,9 +107,20 @@ class KeyMatch:
 
 
 _KEY_AND_OWNER = (
-    select(ApiKey.id, ApiKey.prefix, ApiKey.secret_hash, ApiKey.role, ApiKey.state, ApiKey.expires_at,
-           ApiKey.last_used_at, ApiKey.last_used_ip, User.id.label("owner_id"), User.name.label("owner_name"),
-           User.role.label("owner_role"), User.disabled.label("owner_disabled"))
+    select(
+        ApiKey.id,
+        ApiKey.prefix,
+        ApiKey.secret_hash,
+        ApiKey.role,
+        ApiKey.state,
+        ApiKey.expires_at,
+        ApiKey.last_used_at,
+        ApiKey.last_used_ip,
+        User.id.label("owner_id"),
+        User.name.label("owner_name"),
+        User.role.label("owner_role"),
+        User.disabled.label("owner_disabled"),
+    )
     .join(User, User.id == ApiKey.owner_id)
     .where(ApiKey.prefix == bindparam("prefix"))
 )
@@ -121,8 +148,15 @@ def authenticate(connection: Connection, presented: str, *, source_ip: str | Non
     if last is None or now - last > timedelta(seconds=LAST_USED_RESOLUTION_S) or row.last_used_ip != source_ip:
         connection.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now, last_used_ip=source_ip))
         connection.commit()
-    return KeyMatch(key_id=row.id, prefix=row.prefix, key_role=row.role, owner_id=row.owner_id,
-                    owner_name=row.owner_name, owner_role=row.owner_role, owner_disabled=bool(row.owner_disabled))
+    return KeyMatch(
+        key_id=row.id,
+        prefix=row.prefix,
+        key_role=row.role,
+        owner_id=row.owner_id,
+        owner_name=row.owner_name,
+        owner_role=row.owner_role,
+        owner_disabled=bool(row.owner_disabled),
+    )
 
 
 def expire_due(session: Session, now: datetime, *, limit: int) -> list[ApiKey]:
@@ -131,13 +165,19 @@ def expire_due(session: Session, now: datetime, *, limit: int) -> list[ApiKey]:
     One conditional UPDATE per key, so a key revoked meanwhile stays REVOKED. The caller commits
     (and audits).
     """
-    due = list(session.scalars(select(ApiKey).where(ApiKey.state == ACTIVE, ApiKey.expires_at.is_not(None),
-                                                    ApiKey.expires_at <= now)
-                               .order_by(ApiKey.expires_at).limit(limit)))
+    due = list(
+        session.scalars(
+            select(ApiKey)
+            .where(ApiKey.state == ACTIVE, ApiKey.expires_at.is_not(None), ApiKey.expires_at <= now)
+            .order_by(ApiKey.expires_at)
+            .limit(limit)
+        )
+    )
     changed = []
     for row in due:
-        won = session.execute(update(ApiKey).where(ApiKey.id == row.id, ApiKey.state == ACTIVE)
-                              .values(state=EXPIRED).returning(ApiKey.id)).first()
+        won = session.execute(
+            update(ApiKey).where(ApiKey.id == row.id, ApiKey.state == ACTIVE).values(state=EXPIRED).returning(ApiKey.id)
+        ).first()
         if won is not None:
             changed.append(row)
     return changed

@@ -38,6 +38,16 @@ def record(
     detail: Mapping[str, Any] | None = None,
 ) -> None:
     """Append one audit row in the caller's transaction (a Core INSERT: no ORM object to flush)."""
-    session.execute(_INSERT, {
-        "at": utcnow(), "principal": principal[:128], "role": role, "source_ip": source_ip, "action": action,
-        "target": (target or None) and target[:255], "outcome": outcome, "detail": dict(detail) if detail else None})
+    session.execute(
+        _INSERT,
+        {
+            "at": utcnow(),
+            "principal": principal[:128],
+            "role": role,
+            "source_ip": source_ip,
+            "action": action,
+            "target": (target or None) and target[:255],
+            "outcome": outcome,
+            "detail": dict(detail) if detail else None,
+        },
+    )

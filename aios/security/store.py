@@ -122,8 +122,9 @@ class RedisStore:
 
     def take_lease(self, scope: str, lease_id: str, ttl_s: float, limit: int | None) -> tuple[bool, int]:
         try:
-            granted, retry_after = self.client.eval(_TAKE_LEASE, 1, self.prefix + scope, lease_id, ttl_s,
-                                                    -1 if limit is None else limit)
+            granted, retry_after = self.client.eval(
+                _TAKE_LEASE, 1, self.prefix + scope, lease_id, ttl_s, -1 if limit is None else limit
+            )
         except self.redis_error as exc:
             logger.warning("lease store unreachable, not counting %s: %s", scope.split(":")[1], exc)
             return True, 0
@@ -183,8 +184,9 @@ class DatabaseStore:
     def is_token_revoked(self, *jtis: str) -> bool:
         keys = [f"revoked:{jti}" for jti in jtis]
         with session_scope(self.settings.database) as session:
-            live = session.execute(select(Counter.key).where(Counter.key.in_(keys), Counter.expires_at > utcnow())
-                                   .limit(1)).first()
+            live = session.execute(
+                select(Counter.key).where(Counter.key.in_(keys), Counter.expires_at > utcnow()).limit(1)
+            ).first()
         return live is not None
 
     def take_lease(self, scope: str, lease_id: str, ttl_s: float, limit: int | None) -> tuple[bool, int]:
@@ -200,8 +202,7 @@ class DatabaseStore:
             session.execute(delete(Counter).where(in_scope, Counter.expires_at <= now))
             mine = session.get(Counter, prefix + lease_id)
             if mine is None and limit is not None:
-                count, first = session.execute(
-                    select(func.count(), func.min(Counter.expires_at)).where(in_scope)).one()
+                count, first = session.execute(select(func.count(), func.min(Counter.expires_at)).where(in_scope)).one()
                 if count >= limit:
                     return False, _seconds_left(first, now)
             expires = now + timedelta(seconds=ttl_s)

@@ -1,4 +1,4 @@
-"""The built-in ``command`` task type: run an allowlisted program under resource limits (aios.commands).
+"""The built-in ``command`` task type: run an allowlisted program under resource limits (aios.sandbox.run).
 
 An agent announces the capability ``command`` only when its ``[agents] command_allowlist`` is not
 empty, so routing never sends a command to an agent that would refuse every one. ``argv[0]`` must
@@ -16,8 +16,8 @@ How a run ends:
 * ``not_allowed``, ``limit_exceeded``, ``bad_cwd``, ``no_command_user``, ``spawn_failed`` → FAILED before
   anything ran.
 
-It runs as ``agents.command_user`` (aios.sandbox), in a fresh private directory unless ``cwd`` is
-given, in a cgroup of its own where the machine offers one (aios.cgroups); ``result.sandbox`` says
+It runs as ``agents.command_user`` (aios.sandbox.identity), in a fresh private directory unless ``cwd`` is
+given, in a cgroup of its own where the machine offers one (aios.sandbox.cgroups); ``result.sandbox`` says
 which.
 
 The task's ``error`` starts with that reason code.
@@ -30,7 +30,13 @@ from typing import Any
 
 from sqlalchemy import select
 
-from aios.commands import (
+from aios.config import Settings, load_settings
+from aios.db import session_scope
+from aios.errors import ConfigError, TaskFailure, TaskTimedOut
+from aios.models import Task, User
+from aios.ops.limits import SystemLimits, current
+from aios.sandbox.identity import check_agent_config, private_dir
+from aios.sandbox.run import (
     COMMAND_TYPE,
     CommandParameters,
     Sandbox,
@@ -39,12 +45,6 @@ from aios.commands import (
     raised_limits,
     run_command,
 )
-from aios.config import Settings, load_settings
-from aios.db import session_scope
-from aios.errors import ConfigError, TaskFailure, TaskTimedOut
-from aios.limits import SystemLimits, current
-from aios.models import Task, User
-from aios.sandbox import check_agent_config, private_dir
 from aios.security.roles import ADMIN
 from aios.tasktypes.registry import TaskContext, task_type
 
@@ -81,8 +81,11 @@ def working_dir(settings: Settings, cwd: str | None) -> str:
     return str(path.resolve())
 
 
-@task_type(COMMAND_TYPE, parameters=CommandParameters,
-           description="Runs an allowlisted program (argv, no shell) under CPU, memory, wall-time and output limits.")
+@task_type(
+    COMMAND_TYPE,
+    parameters=CommandParameters,
+    description="Runs an allowlisted program (argv, no shell) under CPU, memory, wall-time and output limits.",
+)
 def command(params: CommandParameters, ctx: TaskContext) -> dict[str, Any]:
     settings = ctx.settings or load_settings()
     argv0 = params.argv[0]
@@ -91,8 +94,9 @@ def command(params: CommandParameters, ctx: TaskContext) -> dict[str, Any]:
     system, task_timeout_s, may_exceed = _limits_for(settings, ctx.task_id)
     raised = raised_limits(params, system)
     if raised and not may_exceed:
-        raise TaskFailure("limit_exceeded: " + "; ".join(message for _, message in raised)
-                          + " (only an admin may raise a limit)")
+        raise TaskFailure(
+            "limit_exceeded: " + "; ".join(message for _, message in raised) + " (only an admin may raise a limit)"
+        )
     limits = effective_limits(params, system, task_timeout_s=task_timeout_s)
     try:  # checked at agent start too; again here, since the user may have gone since
         user = check_agent_config(settings)
@@ -107,18 +111,25 @@ def command(params: CommandParameters, ctx: TaskContext) -> dict[str, Any]:
             raise TaskFailure(f"spawn_failed: could not start {argv0[:200]!r}: {exc.strerror or exc}") from exc
     result = outcome.to_result(limits)
     if outcome.timed_out:
-        raise TaskTimedOut(f"timed_out: the command ran past its wall time of {limits.wall_s} s; "
-                           "its process group was killed", result=result)
+        raise TaskTimedOut(
+            f"timed_out: the command ran past its wall time of {limits.wall_s} s; its process group was killed",
+            result=result,
+        )
     if outcome.stopped_by == "memory_limit":
-        raise TaskFailure(f"memory_limit: the command's processes together went over its memory limit of "
-                          f"{limits.memory_mb} MiB; all of them were killed", result=result)
+        raise TaskFailure(
+            f"memory_limit: the command's processes together went over its memory limit of "
+            f"{limits.memory_mb} MiB; all of them were killed",
+            result=result,
+        )
     if outcome.stopped_by == "cpu_limit":
-        raise TaskFailure(f"cpu_limit: the command's processes together used its CPU limit of {limits.cpu_s} s; "
-                          "all of them were killed", result=result)
+        raise TaskFailure(
+            f"cpu_limit: the command's processes together used its CPU limit of {limits.cpu_s} s; "
+            "all of them were killed",
+            result=result,
+        )
     if outcome.signal is not None:
         hint = f" (it used its CPU limit of {limits.cpu_s} s)" if outcome.cpu_s >= limits.cpu_s - 0.05 else ""
         raise TaskFailure(f"signal: the command was killed by {outcome.signal}{hint}", result=result)
     if outcome.exit_code:
         raise TaskFailure(f"exit_status: the command exited with status {outcome.exit_code}", result=result)
     return result
-

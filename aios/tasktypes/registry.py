@@ -16,7 +16,7 @@ from aios.errors import UnknownTaskType, ValidationFailed
 
 if TYPE_CHECKING:
     from aios.config import Settings
-    from aios.progress import ProgressReporter
+    from aios.tasks.progress import ProgressReporter
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +54,18 @@ class TaskContext:
 
     def __post_init__(self) -> None:
         if self.settings is not None and self.dispatch_id is not None:
-            from aios.progress import ProgressReporter
+            from aios.tasks.progress import ProgressReporter
 
             reporter = ProgressReporter(self.settings, self.task_id, self.dispatch_id, actor=f"worker:{self.agent}")
             object.__setattr__(self, "_reporter", reporter)
 
     def progress(self, percent: float, message: str | None = None) -> bool:
-        """Report how far the run is (0-100) and what it is doing; see :mod:`aios.progress`.
+        """Report how far the run is (0-100) and what it is doing; see :mod:`aios.tasks.progress`.
 
         Returns False once this run no longer holds the task (cancelled, timed out, re-routed): the
         report was ignored and the handler may stop. Raises ValidationFailed for a percent outside 0..100.
         """
-        from aios.progress import check_progress
+        from aios.tasks.progress import check_progress
 
         value, text = check_progress(percent, message)
         object.__setattr__(self, "last_progress", (value, text))

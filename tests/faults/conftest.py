@@ -72,7 +72,7 @@ def term_worker(worker: WorkerProcess) -> None:
 
 def control_shutdown(celery: Any, settings: Any, name: str) -> None:
     """:attr:`Fault.CONTROL_SHUTDOWN`: the remote-control ``shutdown`` broadcast to one worker."""
-    from aios.inspect import shutdown
+    from aios.broker.inspection import shutdown
 
     shutdown(celery, settings, name)
 
@@ -110,11 +110,11 @@ class Effects:
     def params(self, sleep_s: float = 0.0, **more: Any) -> dict[str, Any]:
         return {"path": str(self.path), "sleep_s": sleep_s, **more}
 
-    def task(self, queue: str, sleep_s: float = 0.0, *, params: dict[str, Any] | None = None,
-             **fields: Any) -> dict[str, Any]:
+    def task(
+        self, queue: str, sleep_s: float = 0.0, *, params: dict[str, Any] | None = None, **fields: Any
+    ) -> dict[str, Any]:
         """A submit body for one ``test.effect`` task on ``queue`` (``params``: more parameters)."""
-        return {"type": "test.effect", "parameters": self.params(sleep_s, **(params or {})), "queue": queue,
-                **fields}
+        return {"type": "test.effect", "parameters": self.params(sleep_s, **(params or {})), "queue": queue, **fields}
 
     def counts(self) -> Counter[str]:
         """Effects per task id."""
@@ -134,10 +134,18 @@ class Effects:
         """``(task id, attempt, pid)`` of every run that started, in order."""
         return self.notes(".started")
 
-    def wait_noted(self, task_id: str, attempt: int = 1, timeout: float = 60.0, *, suffix: str = ".started",
-                   what: str | None = None) -> int:
+    def wait_noted(
+        self,
+        task_id: str,
+        attempt: int = 1,
+        timeout: float = 60.0,
+        *,
+        suffix: str = ".started",
+        what: str | None = None,
+    ) -> int:
         """Wait for the notes file ``path`` + ``suffix`` to name run ``attempt`` of ``task_id``; returns the pid
         it gives."""
+
         def found() -> int | None:
             return next((pid for t, a, pid in self.notes(suffix) if t == task_id and a == attempt), None)
 
@@ -167,17 +175,32 @@ def read_tasks(database: Any, task_ids: list[str]) -> dict[str, dict[str, Any]]:
     from aios.models import Task, TaskEvent
 
     with session_scope(database) as session:
-        rows = {row.id: row for row in session.execute(
-            select(Task.id, Task.state, Task.attempts, Task.agent).where(Task.id.in_(task_ids)))}
-        events = session.execute(select(TaskEvent.task_id, TaskEvent.to_state, TaskEvent.detail)
-                                 .where(TaskEvent.task_id.in_(task_ids)).order_by(TaskEvent.id)).all()
+        rows = {
+            row.id: row
+            for row in session.execute(
+                select(Task.id, Task.state, Task.attempts, Task.agent).where(Task.id.in_(task_ids))
+            )
+        }
+        events = session.execute(
+            select(TaskEvent.task_id, TaskEvent.to_state, TaskEvent.detail)
+            .where(TaskEvent.task_id.in_(task_ids))
+            .order_by(TaskEvent.id)
+        ).all()
     tasks: dict[str, dict[str, Any]] = {}
     for task_id, row in rows.items():
         path = [e.to_state for e in events if e.task_id == task_id and e.to_state]
-        late = sum(1 for e in events if e.task_id == task_id and not e.to_state
-                   and str((e.detail or {}).get("note", "")).startswith(LATE_REPORT))
-        tasks[task_id] = {"state": row.state, "attempts": row.attempts, "agent": row.agent, "transitions": path,
-                          "late_reports": late}
+        late = sum(
+            1
+            for e in events
+            if e.task_id == task_id and not e.to_state and str((e.detail or {}).get("note", "")).startswith(LATE_REPORT)
+        )
+        tasks[task_id] = {
+            "state": row.state,
+            "attempts": row.attempts,
+            "agent": row.agent,
+            "transitions": path,
+            "late_reports": late,
+        }
     return tasks
 
 
@@ -198,9 +221,15 @@ def wait_terminal(database: Any, task_ids: list[str], timeout: float = 90.0, wha
     return last
 
 
-def assert_nothing_lost(database: Any, effects: Effects, task_ids: list[str], *, timeout: float = 90.0,
-                        killed_after_effect: Collection[str] = (),
-                        unguarded: Collection[str] = ()) -> dict[str, dict[str, Any]]:
+def assert_nothing_lost(
+    database: Any,
+    effects: Effects,
+    task_ids: list[str],
+    *,
+    timeout: float = 90.0,
+    killed_after_effect: Collection[str] = (),
+    unguarded: Collection[str] = (),
+) -> dict[str, dict[str, Any]]:
     """The suite's common final check. Every accepted task reaches a terminal state; each SUCCEEDED
     task's effect is recorded exactly once; no task has more than one SUCCEEDED event; a task that did
     not succeed recorded no effect. Returns the tasks (:func:`read_tasks`) for scenario-specific checks.
@@ -299,8 +328,9 @@ class HttpSubmitter(Submitter):
         self.session.close()
 
 
-def submit_through_redis_outage(submitter: Submitter, redis_server: PrivateRedis, outage_s: float, *,
-                                first_runs: int) -> float:
+def submit_through_redis_outage(
+    submitter: Submitter, redis_server: PrivateRedis, outage_s: float, *, first_runs: int
+) -> float:
     """Start ``submitter``; once ``first_runs`` tasks have run, stop ``redis_server`` for ``outage_s`` and start
     it again (empty if it keeps nothing); keep submitting 3 s more, then stop the submitter. Returns the
     time (``time.time()``) Redis stopped."""
@@ -336,8 +366,17 @@ class System:
 FAST_SYNC = {"AIOS_ORCHESTRATOR__SYNC_INTERVAL_S": "2", "AIOS_ORCHESTRATOR__LOST_MESSAGE_GRACE_S": "2"}
 
 
-def start_system(stack: Any, database_url: str, queue: str, *, start_api: Any, start_worker: Any, start_beat: Any,
-                 env: dict[str, str] | None = None, agents: int = 2) -> System:
+def start_system(
+    stack: Any,
+    database_url: str,
+    queue: str,
+    *,
+    start_api: Any,
+    start_worker: Any,
+    start_beat: Any,
+    env: dict[str, str] | None = None,
+    agents: int = 2,
+) -> System:
     """A real ``aios api``, ``agents`` agents (two pool processes each) on ``queue`` and a leading ``aios beat``
     (:data:`FAST_SYNC`), all on the database at ``database_url`` (plus ``env``), and an admin's key."""
     from tests.conftest import make_user
@@ -390,8 +429,10 @@ class PrivatePostgres:
         self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres")
-        self._run([str(bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                   "--no-sync"], timeout=120)
+        self._run(
+            [str(bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"],
+            timeout=120,
+        )
 
     def _run(self, argv: list[str], timeout: float = 60.0) -> None:
         result = subprocess.run([*self._as, *argv], capture_output=True, text=True, timeout=timeout)
@@ -402,20 +443,36 @@ class PrivatePostgres:
     def start(self) -> None:
         fsync = "on" if self.fsync else "off"
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync={fsync}"
-        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_path), "-o", options,
-                   "-w", "-t", "60", "start"], timeout=90)
+        self._run(
+            [
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log_path),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+            timeout=90,
+        )
 
     def stop(self) -> None:
         """Fast shutdown: open connections are cut, as in a real outage."""
-        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop"],
-                  timeout=90)
+        self._run(
+            [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop"], timeout=90
+        )
 
     def crash(self) -> None:
         """:attr:`Fault.CRASH_POSTGRES`: immediate shutdown. Every server process quits at once (SIGQUIT),
         nothing is written or checkpointed: the next :meth:`start` runs crash recovery from the WAL, and
         what was still in the WAL buffers (commits that did not wait for their flush) is gone."""
-        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "-t", "60", "stop"],
-                  timeout=90)
+        self._run(
+            [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "-t", "60", "stop"], timeout=90
+        )
 
     def kill_postmaster(self, timeout: float = 30.0) -> None:
         """:attr:`Fault.SIGKILL_POSTGRES`: SIGKILL the postmaster. Its backends notice its death and exit
@@ -432,8 +489,9 @@ class PrivatePostgres:
     def create_database(self) -> None:
         import sqlalchemy as sa
 
-        engine = sa.create_engine(f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres",
-                                  isolation_level="AUTOCOMMIT")
+        engine = sa.create_engine(
+            f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres", isolation_level="AUTOCOMMIT"
+        )
         try:
             with engine.connect() as connection:
                 connection.execute(sa.text("CREATE DATABASE aios"))
@@ -441,8 +499,11 @@ class PrivatePostgres:
             engine.dispose()
 
     def destroy(self) -> None:
-        subprocess.run([*self._as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [*self._as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

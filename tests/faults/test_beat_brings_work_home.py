@@ -29,8 +29,15 @@ def test_after_a_redis_outage_the_running_beat_dispatches_what_the_outage_strand
 
     # Given an API, two agents and a beat (sync every 2 s) on a private Redis (no persistence) and a
     # private PostgreSQL (so the beat's sync job sees this test's tasks only)
-    system = start_system(stack, private_postgres.url, queue, start_api=start_api, start_worker=start_worker,
-                          start_beat=start_beat, env={"AIOS_BROKER__URL": private_redis.url})
+    system = start_system(
+        stack,
+        private_postgres.url,
+        queue,
+        start_api=start_api,
+        start_worker=start_worker,
+        start_beat=start_beat,
+        env={"AIOS_BROKER__URL": private_redis.url},
+    )
     database, workers, beat = system.database, system.workers, system.beat
 
     # And a stream of short tasks submitted before, during and after the outage
@@ -58,8 +65,9 @@ def test_after_a_redis_outage_the_running_beat_dispatches_what_the_outage_strand
     # And it was the beat: every sync run since Redis stopped is the beat's, and one of them dispatched
     # work (nothing else publishes a PENDING task; a run that began before Redis came back may be the one)
     with session_scope(database) as session:
-        runs = list(session.execute(select(SyncRun.runner, SyncRun.changed)
-                                    .where(SyncRun.started_at >= _utc(stopped_at))))
+        runs = list(
+            session.execute(select(SyncRun.runner, SyncRun.changed).where(SyncRun.started_at >= _utc(stopped_at)))
+        )
     assert runs and all(run.runner.startswith("beat:") for run in runs), runs
     assert any((run.changed or {}).get("dispatched") or (run.changed or {}).get("redispatched") for run in runs), runs
     assert beat.process.poll() is None and all(w.process.poll() is None for w in workers)

@@ -31,8 +31,9 @@ def fired(stack, schedule_id: str) -> list[tuple[str, float]]:
     from aios.models import Task
 
     with session_scope(stack.settings.database) as session:
-        rows = session.execute(select(Task.id, Task.created_at).where(Task.schedule_id == schedule_id)
-                               .order_by(Task.created_at)).all()
+        rows = session.execute(
+            select(Task.id, Task.created_at).where(Task.schedule_id == schedule_id).order_by(Task.created_at)
+        ).all()
     return [(row.id, row.created_at.timestamp()) for row in rows]
 
 
@@ -43,10 +44,14 @@ def test_killing_the_leading_beat_never_doubles_a_period_and_every_fired_task_ru
     start_worker([queue], concurrency=2)
     first, second = start_beat(), start_beat()
     wait_for(lambda: first.is_leader or second.is_leader, timeout=60, what="a beat leader")
-    created = client.post("/api/v1/schedules", json={
-        "name": f"faults-{uuid.uuid4().hex[:6]}", "interval_s": INTERVAL_S,
-        "task": {"type": "test.effect", "parameters": effects.params(), "queue": queue},
-    })
+    created = client.post(
+        "/api/v1/schedules",
+        json={
+            "name": f"faults-{uuid.uuid4().hex[:6]}",
+            "interval_s": INTERVAL_S,
+            "task": {"type": "test.effect", "parameters": effects.params(), "queue": queue},
+        },
+    )
     assert created.status_code == 201, created.json
     schedule_id = created.json["id"]
 
@@ -77,9 +82,14 @@ def test_killing_the_leading_beat_never_doubles_a_period_and_every_fired_task_ru
     # publish: the task waits PENDING or QUEUED without a message), every fired task ran to success and
     # recorded its effect once
     time.sleep(LOST_MESSAGE_GRACE_S + 0.5)
-    result = subprocess.run([sys.executable, "-m", "aios.cli", "sync"], cwd=str(REPO_ROOT), timeout=120,
-                            env={**stack.env, "AIOS_ORCHESTRATOR__LOST_MESSAGE_GRACE_S": str(LOST_MESSAGE_GRACE_S)},
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "aios.cli", "sync"],
+        cwd=str(REPO_ROOT),
+        timeout=120,
+        env={**stack.env, "AIOS_ORCHESTRATOR__LOST_MESSAGE_GRACE_S": str(LOST_MESSAGE_GRACE_S)},
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode in (0, 1), result.stdout + result.stderr
     tasks = assert_nothing_lost(stack.settings.database, effects, [task_id for task_id, _ in times], timeout=60)
     assert {t["state"] for t in tasks.values()} == {"SUCCEEDED"}, tasks

@@ -1,7 +1,7 @@
 """A beat SIGKILLed in the middle of a firing, then a standby beat alone brings everything home.
 
 Firing a slot commits the schedule's ``last_slot_at`` and its task in one transaction; the tasks a
-tick fired are published after the loop (:func:`aios.schedules.fire_due`). The leader here is stopped
+tick fired are published after the loop (:func:`aios.timing.periodic.fire_due`). The leader here is stopped
 mid-loop for real: a test transaction holds one schedule's row lock, so the beat has committed the
 schedules before it (tasks with no message yet) and waits on that one when it is killed. The
 standby must fire each remaining slot once and never a fired one again; its own sync job (no hand-run
@@ -31,7 +31,7 @@ LOCK_TTL_S = float(BEAT_TEST_ENV["AIOS_BEAT__LOCK_TTL_S"])
 def test_a_beat_killed_in_the_middle_of_a_firing_leaves_each_slot_fired_once_and_the_standby_brings_all_home(
     stack, start_beat, start_worker, effects, queue
 ):
-    from aios.celery_app import create_celery_app
+    from aios.broker.celery_app import create_celery_app
     from aios.db import session_scope
     from aios.models import Schedule, Task
     from aios.timeutil import utcnow
@@ -42,21 +42,30 @@ def test_a_beat_killed_in_the_middle_of_a_firing_leaves_each_slot_fired_once_and
         own = stack.override(database={"url": url}, orchestrator={"lost_message_grace_s": 1})
         own_env = {key: value for key, value in own.env.items() if stack.env.get(key) != value}
         start_worker([queue], concurrency=2, env=own_env)
-        client = authorize(create_app(own.settings, create_celery_app(own.settings)).test_client(),
-                           make_user(own, "admin").key)
+        client = authorize(
+            create_app(own.settings, create_celery_app(own.settings)).test_client(), make_user(own, "admin").key
+        )
         # and twelve hourly schedules, all due now, fired in a known order
         ids = []
         for index in range(SCHEDULES):
-            created = client.post("/api/v1/schedules", json={
-                "name": f"kill-{index}-{uuid.uuid4().hex[:6]}", "interval_s": 3600,
-                "task": {"type": "test.effect", "parameters": effects.params(), "queue": queue}})
+            created = client.post(
+                "/api/v1/schedules",
+                json={
+                    "name": f"kill-{index}-{uuid.uuid4().hex[:6]}",
+                    "interval_s": 3600,
+                    "task": {"type": "test.effect", "parameters": effects.params(), "queue": queue},
+                },
+            )
             assert created.status_code == 201, created.json
             ids.append(created.json["id"])
         base = utcnow() - timedelta(minutes=5)
         with session_scope(own.settings.database) as session:
             for index, schedule_id in enumerate(ids):
-                session.execute(sa.update(Schedule).where(Schedule.id == schedule_id)
-                                .values(next_run_at=base + timedelta(seconds=index)))
+                session.execute(
+                    sa.update(Schedule)
+                    .where(Schedule.id == schedule_id)
+                    .values(next_run_at=base + timedelta(seconds=index))
+                )
 
         def fired() -> dict[str, list[str]]:
             with session_scope(own.settings.database) as session:
@@ -75,8 +84,11 @@ def test_a_beat_killed_in_the_middle_of_a_firing_leaves_each_slot_fired_once_and
             # and a lone beat leads and starts the firing: it commits the first six and waits on the seventh
             env = {**own_env, "AIOS_ORCHESTRATOR__SYNC_INTERVAL_S": "2"}
             leader = start_beat(env=env)
-            wait_for(lambda: sum(1 for tasks in fired().values() if tasks) >= BLOCKED_AT, timeout=60,
-                     what=f"the leader to fire the first {BLOCKED_AT} schedules")
+            wait_for(
+                lambda: sum(1 for tasks in fired().values() if tasks) >= BLOCKED_AT,
+                timeout=60,
+                what=f"the leader to fire the first {BLOCKED_AT} schedules",
+            )
             wait_for(lambda: _waiting_on_lock(holder), timeout=30, what="the leader to wait on the lock")
             assert sum(1 for tasks in fired().values() if tasks) == BLOCKED_AT, fired()
 
@@ -89,8 +101,13 @@ def test_a_beat_killed_in_the_middle_of_a_firing_leaves_each_slot_fired_once_and
             engine.dispose()
         mid_firing = {schedule_id: tasks[:] for schedule_id, tasks in fired().items() if tasks}
         with session_scope(own.settings.database) as session:
-            left = dict(session.execute(sa.select(Task.id, Task.state).where(
-                Task.id.in_([task for tasks in mid_firing.values() for task in tasks]))).all())
+            left = dict(
+                session.execute(
+                    sa.select(Task.id, Task.state).where(
+                        Task.id.in_([task for tasks in mid_firing.values() for task in tasks])
+                    )
+                ).all()
+            )
         # (what it fired is committed and was never published: it waits PENDING for the sync job)
         assert set(left.values()) <= {"PENDING", "QUEUED"}, left
 
@@ -113,6 +130,7 @@ def test_a_beat_killed_in_the_middle_of_a_firing_leaves_each_slot_fired_once_and
 
 def _waiting_on_lock(holder: sa.Connection) -> bool:
     """Whether another backend waits on a lock this connection's backend holds."""
-    blocked = holder.execute(sa.text(
-        "SELECT count(*) FROM pg_stat_activity WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))")).scalar()
+    blocked = holder.execute(
+        sa.text("SELECT count(*) FROM pg_stat_activity WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))")
+    ).scalar()
     return bool(blocked)

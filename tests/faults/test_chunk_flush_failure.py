@@ -1,7 +1,7 @@
 """A publish-batch chunk whose Redis flush fails part-way counts as failed whole (docs/delivery.md, Submit = outbox).
 
 A batch submit publishes its messages through kombu's publish batch, one Redis pipeline round trip per
-:data:`aios.dispatch.PUBLISH_CHUNK` messages. The fault is a real Redis refusal, not a mock
+:data:`aios.tasks.create.PUBLISH_CHUNK` messages. The fault is a real Redis refusal, not a mock
 (:attr:`tests.faults.conftest.Fault.REDIS_OUT_OF_MEMORY`): the private ``redis-server`` gets a
 ``maxmemory`` (``noeviction``) that it reaches in the middle of the second chunk, so the first chunk
 lands whole, the second one's first messages land and the rest are refused with ``OOM``. The promise:
@@ -49,15 +49,19 @@ def messages_in_redis(client: Any) -> dict[str, list[str]]:
 
 def calibrate_chunk_bytes(celery: Any, settings: Any, client: Any, chunk: int) -> int:
     """Redis memory one chunk of ``aios.run`` messages takes: one chunk published (through the product's
-    own :func:`aios.dispatch.publish`) to a scratch queue, its list measured (``MEMORY USAGE``, the data
+    own :func:`aios.tasks.create.publish`) to a scratch queue, its list measured (``MEMORY USAGE``, the data
     alone: the connections' buffers would inflate ``used_memory``'s growth by a third), then deleted."""
-    from aios.dispatch import Dispatch, publish
+    from aios.tasks.create import Dispatch, publish
 
     scratch = f"calibrate{uuid.uuid4().hex[:8]}"
-    failures = publish(celery, settings, [
-        Dispatch(task_id=str(uuid.uuid4()), dispatch_id=str(uuid.uuid4()), queue=scratch, priority=5, timeout_s=300)
-        for _ in range(chunk)
-    ])
+    failures = publish(
+        celery,
+        settings,
+        [
+            Dispatch(task_id=str(uuid.uuid4()), dispatch_id=str(uuid.uuid4()), queue=scratch, priority=5, timeout_s=300)
+            for _ in range(chunk)
+        ],
+    )
     assert not failures, failures
     lists = [key for key in client.scan_iter(match=f"*{scratch}*") if client.type(key) == b"list"]
     assert [client.llen(key) for key in lists] == [chunk], lists
@@ -71,10 +75,10 @@ def test_a_chunk_whose_redis_flush_fails_part_way_goes_back_pending_whole_and_ea
 ):
     import redis
 
-    from aios.celery_app import create_celery_app
+    from aios.broker.celery_app import create_celery_app
     from aios.db import session_scope
-    from aios.dispatch import PUBLISH_CHUNK
     from aios.models import Task, TaskEvent
+    from aios.tasks.create import PUBLISH_CHUNK
     from webapi.app import create_app
 
     # Given an API on a private Redis and a private PostgreSQL, and no agent running yet
@@ -98,11 +102,18 @@ def test_a_chunk_whose_redis_flush_fails_part_way_goes_back_pending_whole_and_ea
     ids = response.json["ids"]
     landed_chunk, failed_chunk = ids[:PUBLISH_CHUNK], ids[PUBLISH_CHUNK:]
     with session_scope(private.settings.database) as session:
-        rows = {row.id: row for row in session.query(Task.id, Task.state, Task.dispatch_id, Task.pending_reason)
-                .filter(Task.id.in_(ids))}
-        rolled_back = {event.task_id: event for event in session.query(TaskEvent)
-                       .filter(TaskEvent.task_id.in_(failed_chunk), TaskEvent.from_state == "QUEUED",
-                               TaskEvent.to_state == "PENDING")}
+        rows = {
+            row.id: row
+            for row in session.query(Task.id, Task.state, Task.dispatch_id, Task.pending_reason).filter(
+                Task.id.in_(ids)
+            )
+        }
+        rolled_back = {
+            event.task_id: event
+            for event in session.query(TaskEvent).filter(
+                TaskEvent.task_id.in_(failed_chunk), TaskEvent.from_state == "QUEUED", TaskEvent.to_state == "PENDING"
+            )
+        }
     assert {rows[t].state for t in landed_chunk} == {"QUEUED"}
     assert {(rows[t].state, rows[t].pending_reason) for t in failed_chunk} == {("PENDING", "publish_failed")}
     assert set(rolled_back) == set(failed_chunk)
@@ -115,7 +126,7 @@ def test_a_chunk_whose_redis_flush_fails_part_way_goes_back_pending_whole_and_ea
     assert all(in_redis.get(t) == [rows[t].dispatch_id] for t in landed_chunk)
     landed_of_failed = [t for t in failed_chunk if t in in_redis]
     assert 0 < len(landed_of_failed) < PUBLISH_CHUNK, f"{len(landed_of_failed)} of the failed chunk landed"
-    assert landed_of_failed == failed_chunk[:len(landed_of_failed)], "Redis took a prefix of the pipeline"
+    assert landed_of_failed == failed_chunk[: len(landed_of_failed)], "Redis took a prefix of the pipeline"
     stale = {t: in_redis[t] for t in landed_of_failed}
     assert all(stale[t] == [rows[t].dispatch_id] for t in landed_of_failed)
     # (Redis answered OOM to each message of the failed chunk it did not take)
@@ -123,8 +134,14 @@ def test_a_chunk_whose_redis_flush_fails_part_way_goes_back_pending_whole_and_ea
 
     # When Redis is healthy again and `aios dispatch-pending` runs
     limit_redis_memory(client, 0)
-    result = subprocess.run([sys.executable, "-m", "aios.cli", "dispatch-pending"], env=private.env,
-                            cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "aios.cli", "dispatch-pending"],
+        env=private.env,
+        cwd=str(REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"queued": PUBLISH_CHUNK, "still_pending": 0}
 
@@ -134,8 +151,9 @@ def test_a_chunk_whose_redis_flush_fails_part_way_goes_back_pending_whole_and_ea
     assert all(now[t] not in stale[t] for t in landed_of_failed)
 
     # And once an agent runs, every task runs exactly once: one SUCCEEDED event and one effect each
-    worker = start_worker([queue], concurrency=2, env={"AIOS_BROKER__URL": private_redis.url,
-                                                       "AIOS_DATABASE__URL": private_postgres.url})
+    worker = start_worker(
+        [queue], concurrency=2, env={"AIOS_BROKER__URL": private_redis.url, "AIOS_DATABASE__URL": private_postgres.url}
+    )
     try:
         tasks = assert_nothing_lost(private.settings.database, effects, ids, timeout=120)
     except AssertionError as exc:
@@ -147,15 +165,22 @@ def test_a_chunk_whose_redis_flush_fails_part_way_goes_back_pending_whole_and_ea
     # message may still be on its way when its task has finished: wait for the notes)
     def skipped() -> dict[str, str]:
         with session_scope(private.settings.database) as session:
-            return {e.task_id: e.detail["dispatch_id"] for e in session.query(TaskEvent)
-                    .filter(TaskEvent.task_id.in_(landed_of_failed), TaskEvent.to_state.is_(None))
-                    if e.detail.get("note") == "delivery skipped: stale dispatch"}
+            return {
+                e.task_id: e.detail["dispatch_id"]
+                for e in session.query(TaskEvent).filter(
+                    TaskEvent.task_id.in_(landed_of_failed), TaskEvent.to_state.is_(None)
+                )
+                if e.detail.get("note") == "delivery skipped: stale dispatch"
+            }
 
     expected = {t: stale[t][0] for t in landed_of_failed}
-    wait_for(lambda: skipped() == expected, timeout=60, interval=0.5,
-             what=f"the {len(expected)} stale message(s) of the failed chunk to be skipped")
+    wait_for(
+        lambda: skipped() == expected,
+        timeout=60,
+        interval=0.5,
+        what=f"the {len(expected)} stale message(s) of the failed chunk to be skipped",
+    )
     assert messages_in_redis(client) == {}
     assert effects.counts() == {t: 1 for t in ids}
     celery.pool.force_close_all()
     client.close()
-

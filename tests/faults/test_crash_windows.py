@@ -32,8 +32,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 #: Workers that know the crash task types.
 CRASH_ENV = {"AIOS_TASKS__MODULES": json.dumps(MODULES)}
 #: Plus fast heartbeats and a short visibility timeout (as in test_worker_faults.py).
-PEER_ENV = {**CRASH_ENV, **FAST_BEATS, "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "30",
-            "AIOS_ORCHESTRATOR__TASK_TIMEOUT_S": "20"}
+PEER_ENV = {
+    **CRASH_ENV,
+    **FAST_BEATS,
+    "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "30",
+    "AIOS_ORCHESTRATOR__TASK_TIMEOUT_S": "20",
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +54,7 @@ def crash_client(crash_app: Any, admin: Any) -> Any:
 
 
 def effect_then_block(effects: Any, queue: str) -> dict[str, Any]:
-    return {"type": "test.effect_then_block", "parameters": {"path": str(effects.path), "block_s": 60},
-            "queue": queue}
+    return {"type": "test.effect_then_block", "parameters": {"path": str(effects.path), "block_s": 60}, "queue": queue}
 
 
 def assert_ran_twice_and_succeeded_once(tasks: dict[str, Any], effects: Any, victim: str) -> None:
@@ -105,8 +108,15 @@ def test_a_task_that_ignores_its_soft_time_limit_is_killed_after_the_grace_and_e
     # Given a worker, and a task with a 2 s time limit that swallows the soft limit and runs on
     timeout_s, grace_s = 2, stack.settings.orchestrator.timeout_grace_s
     worker = start_worker([queue], concurrency=1, env=CRASH_ENV)
-    victim = submit(crash_client, {"type": "test.ignore_soft_limit", "queue": queue, "timeout_s": timeout_s,
-                                   "parameters": {"path": str(effects.path), "run_s": 120}})
+    victim = submit(
+        crash_client,
+        {
+            "type": "test.ignore_soft_limit",
+            "queue": queue,
+            "timeout_s": timeout_s,
+            "parameters": {"path": str(effects.path), "run_s": 120},
+        },
+    )
     pid = effects.wait_started(victim)
     started = time.monotonic()
 
@@ -121,13 +131,19 @@ def test_a_task_that_ignores_its_soft_time_limit_is_killed_after_the_grace_and_e
     assert tasks[victim]["transitions"] == ["PENDING", "QUEUED", "RUNNING", "TIMED_OUT"]
 
     # And its pool process was killed and replaced; the worker lives on
-    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-             timeout=30, what=f"pool process {pid} to be gone")
+    wait_for(
+        lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+        timeout=30,
+        what=f"pool process {pid} to be gone",
+    )
     # (the killed one may linger a moment as a zombie until the worker reaps it: it is not the replacement)
 
     def replacements() -> list[int]:
-        return [child.pid for child in psutil.Process(worker.process.pid).children(recursive=True)
-                if child.pid != pid and child.status() != psutil.STATUS_ZOMBIE]
+        return [
+            child.pid
+            for child in psutil.Process(worker.process.pid).children(recursive=True)
+            if child.pid != pid and child.status() != psutil.STATUS_ZOMBIE
+        ]
 
     wait_for(replacements, timeout=30, what="a replacement pool process")
     assert worker.process.poll() is None
@@ -152,9 +168,15 @@ def test_an_api_killed_between_a_submits_commit_and_its_publish_has_the_task_dis
         # And an API whose broker accepts connections and never answers: every publish hangs
         black_hole.bind(("127.0.0.1", 0))
         black_hole.listen(64)
-        api = start_api(env={**own_env, "AIOS_BROKER__URL": f"redis://127.0.0.1:{black_hole.getsockname()[1]}/0",
-                             "AIOS_BROKER__PUBLISH_TIMEOUT_S": "30", "AIOS_BROKER__PUBLISH_MAX_RETRIES": "0",
-                             "AIOS_BROKER__SOCKET_TIMEOUT_S": "120"})  # the window stays open until the kill
+        api = start_api(
+            env={
+                **own_env,
+                "AIOS_BROKER__URL": f"redis://127.0.0.1:{black_hole.getsockname()[1]}/0",
+                "AIOS_BROKER__PUBLISH_TIMEOUT_S": "30",
+                "AIOS_BROKER__PUBLISH_MAX_RETRIES": "0",
+                "AIOS_BROKER__SOCKET_TIMEOUT_S": "120",
+            }
+        )  # the window stays open until the kill
 
         # When a task is submitted, its row is committed and its publish hangs
         answer: dict[str, Any] = {}
@@ -163,8 +185,9 @@ def test_an_api_killed_between_a_submits_commit_and_its_publish_has_the_task_dis
             import requests
 
             try:
-                answer["response"] = requests.post(f"{api.url}/api/v1/tasks", json=effects.task(queue),
-                                                   headers={"X-API-Key": admin.key}, timeout=120)
+                answer["response"] = requests.post(
+                    f"{api.url}/api/v1/tasks", json=effects.task(queue), headers={"X-API-Key": admin.key}, timeout=120
+                )
             except requests.RequestException as exc:
                 answer["error"] = exc
 
@@ -187,8 +210,14 @@ def test_an_api_killed_between_a_submits_commit_and_its_publish_has_the_task_dis
         time.sleep(grace_s + 0.5)  # past lost_message_grace_s: the row is now a lost message
 
         # Then a sync run (the real `aios sync`, on the real broker) finds it lost and dispatches it again
-        run = subprocess.run([sys.executable, "-m", "aios.cli", "sync"], env={**stack.env, **own_env},
-                             cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=60)
+        run = subprocess.run(
+            [sys.executable, "-m", "aios.cli", "sync"],
+            env={**stack.env, **own_env},
+            cwd=str(REPO_ROOT),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert run.returncode == 0, run.stdout + run.stderr
         report = json.loads(run.stdout.strip().splitlines()[-1])
         assert report["found"]["lost_messages"] == 1 and report["changed"]["redispatched"] == 1, report

@@ -95,8 +95,11 @@ class Namespace:
         ip("link", "set", self.ns_if, "netns", self.name)
         ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
         ip("link", "set", self.host_if, "up")
-        for args in (["addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if], ["link", "set", self.ns_if, "up"],
-                     ["link", "set", "lo", "up"]):
+        for args in (
+            ["addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if],
+            ["link", "set", self.ns_if, "up"],
+            ["link", "set", "lo", "up"],
+        ):
             ip("netns", "exec", self.name, "ip", *args)
 
     def cut(self) -> None:
@@ -139,22 +142,49 @@ def test_an_agent_cut_off_for_20s_goes_offline_its_run_moves_and_it_records_no_s
 ):
     # Given an agent in its own namespace reaching PostgreSQL and Redis only over the veth link
     pg, redis = urlsplit(PG_URL), urlsplit(REDIS_URL)
-    forwarders = [Forwarder((namespace.host_ip, 0), (pg.hostname, pg.port or 5432)),
-                  Forwarder((namespace.host_ip, 0), (redis.hostname, redis.port or 6379))]
-    env = {**stack.env, **FAST_BEATS,
-           "AIOS_DATABASE__URL": via(stack.env["AIOS_DATABASE__URL"], namespace.host_ip, forwarders[0].port),
-           "AIOS_BROKER__URL": via(REDIS_URL, namespace.host_ip, forwarders[1].port)}
+    forwarders = [
+        Forwarder((namespace.host_ip, 0), (pg.hostname, pg.port or 5432)),
+        Forwarder((namespace.host_ip, 0), (redis.hostname, redis.port or 6379)),
+    ]
+    env = {
+        **stack.env,
+        **FAST_BEATS,
+        "AIOS_DATABASE__URL": via(stack.env["AIOS_DATABASE__URL"], namespace.host_ip, forwarders[0].port),
+        "AIOS_BROKER__URL": via(REDIS_URL, namespace.host_ip, forwarders[1].port),
+    }
     name = f"net{uuid.uuid4().hex[:6]}"
     log_path = tmp_path / f"{name}.log"
     with log_path.open("wb") as handle:
         process = subprocess.Popen(
-            ["ip", "netns", "exec", namespace.name, sys.executable, "-m", "aios.cli", "worker",
-             "--name", f"{name}@aios-test", "--queues", queue, "--concurrency", "1"],
-            env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT))
+            [
+                "ip",
+                "netns",
+                "exec",
+                namespace.name,
+                sys.executable,
+                "-m",
+                "aios.cli",
+                "worker",
+                "--name",
+                f"{name}@aios-test",
+                "--queues",
+                queue,
+                "--concurrency",
+                "1",
+            ],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO_ROOT),
+        )
     cut_off = WorkerProcess(name=name, hostname=f"{name}@aios-test", process=process, log_path=log_path)
     try:
-        wait_for(lambda: " ready." in cut_off.log() or process.poll() is not None, timeout=90, interval=0.2,
-                 what="the namespaced worker to be ready")
+        wait_for(
+            lambda: " ready." in cut_off.log() or process.poll() is not None,
+            timeout=90,
+            interval=0.2,
+            what="the namespaced worker to be ready",
+        )
         assert process.poll() is None, cut_off.log()[-3000:]
 
         # And a task running on it that checks its fence before its effect (as an idempotent task does)
@@ -169,18 +199,29 @@ def test_an_agent_cut_off_for_20s_goes_offline_its_run_moves_and_it_records_no_s
         cut_at = time.monotonic()
         try:
             # Then its peer marks it OFFLINE, and the run moves to the peer and succeeds there
-            agent = wait_for(lambda: (a := client.get(f"/api/v1/agents/{cut_off.hostname}").json)["status"]
-                             == "OFFLINE" and a, timeout=CUT_S - 2, interval=0.2, what="the agent to go OFFLINE")
+            agent = wait_for(
+                lambda: (a := client.get(f"/api/v1/agents/{cut_off.hostname}").json)["status"] == "OFFLINE" and a,
+                timeout=CUT_S - 2,
+                interval=0.2,
+                what="the agent to go OFFLINE",
+            )
             assert "no heartbeat" in agent["status_reason"]
-            wait_for(lambda: read_tasks(stack.settings.database, [task_id])[task_id]["state"] == "SUCCEEDED",
-                     timeout=max(1.0, CUT_S - (time.monotonic() - cut_at)), what="the moved run to succeed")
+            wait_for(
+                lambda: read_tasks(stack.settings.database, [task_id])[task_id]["state"] == "SUCCEEDED",
+                timeout=max(1.0, CUT_S - (time.monotonic() - cut_at)),
+                what="the moved run to succeed",
+            )
             time.sleep(max(0.0, CUT_S - (time.monotonic() - cut_at)))
         finally:
             namespace.restore()
 
         # When it comes back and its own run ends: it finds itself fenced off and records nothing
-        wait_for(lambda: any("late report" in str(e["detail"]) for e in events(stack, task_id)),
-                 timeout=90, interval=0.5, what="the cut-off run to end and report late")
+        wait_for(
+            lambda: any("late report" in str(e["detail"]) for e in events(stack, task_id)),
+            timeout=90,
+            interval=0.5,
+            what="the cut-off run to end and report late",
+        )
         tasks = assert_nothing_lost(stack.settings.database, effects, [task_id], timeout=30)
         task = tasks[task_id]
         assert task["state"] == "SUCCEEDED" and task["agent"] == peer.hostname, task
@@ -203,4 +244,3 @@ def events(stack, task_id: str) -> list[dict]:
     with session_scope(stack.settings.database) as session:
         rows = session.scalars(select(TaskEvent).where(TaskEvent.task_id == task_id)).all()
         return [{"to": r.to_state, "detail": r.detail} for r in rows]
-

@@ -50,8 +50,9 @@ def test_a_poison_task_that_kills_its_process_every_time_ends_dead_after_its_ret
 ):
     # Given a worker with one pool process, and a task that SIGKILLs its own process (two retries allowed)
     worker = start_worker([queue], concurrency=1)
-    poison = submit(client, {"type": "test.poison", "parameters": {"path": str(effects.path)}, "queue": queue,
-                             "max_retries": 2})
+    poison = submit(
+        client, {"type": "test.poison", "parameters": {"path": str(effects.path)}, "queue": queue, "max_retries": 2}
+    )
     # And an ordinary task behind it
     after = submit(client, effects.task(queue))
 

@@ -46,8 +46,9 @@ def test_a_postgres_crash_with_claims_and_outcomes_in_flight_loses_no_accepted_t
     from aios.models import SyncRun, Task
 
     # Given an API, two agents (two pool processes each) and a beat on a private PostgreSQL with fsync on
-    system = start_system(stack, durable_postgres.url, queue, start_api=start_api, start_worker=start_worker,
-                          start_beat=start_beat)
+    system = start_system(
+        stack, durable_postgres.url, queue, start_api=start_api, start_worker=start_worker, start_beat=start_beat
+    )
     database = system.database
 
     # And a steady stream of short tasks (0.3 s), about four a second, running as they come
@@ -83,7 +84,8 @@ def test_a_postgres_crash_with_claims_and_outcomes_in_flight_loses_no_accepted_t
     unguarded = {task_id for task_id, params in parameters.items() if not params.get("check_fence")}
     tasks = assert_nothing_lost(database, effects, stored, timeout=75, unguarded=unguarded)
     assert {t["state"] for t in tasks.values()} == {"SUCCEEDED"}, {
-        k: v for k, v in tasks.items() if v["state"] != "SUCCEEDED"}
+        k: v for k, v in tasks.items() if v["state"] != "SUCCEEDED"
+    }
 
     # And nothing was restarted: the API, both agents and the beat reconnected by themselves
     assert all(p.poll() is None for p in system.processes), [p.returncode for p in system.processes]
@@ -93,9 +95,11 @@ def test_a_postgres_crash_with_claims_and_outcomes_in_flight_loses_no_accepted_t
 
     late = {k: v["late_reports"] for k, v in tasks.items() if v["late_reports"]}
     counts = effects.counts()
-    print(f"\n{fault.name}: {len(stored)} tasks ({len(accepted)} answered 202, {len(submitter.refused)} refused); "
-          f"{len(late)} run(s) fenced off by a lost claim {sorted(late)}; "
-          f"unguarded tasks that acted twice: {sorted(k for k in late if counts[k] > 1)}")
+    print(
+        f"\n{fault.name}: {len(stored)} tasks ({len(accepted)} answered 202, {len(submitter.refused)} refused); "
+        f"{len(late)} run(s) fenced off by a lost claim {sorted(late)}; "
+        f"unguarded tasks that acted twice: {sorted(k for k in late if counts[k] > 1)}"
+    )
 
 
 def _utc(epoch_s: float) -> Any:

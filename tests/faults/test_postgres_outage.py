@@ -25,7 +25,7 @@ OUTAGE_S = 10.0
 def test_a_10s_postgres_outage_answers_503_meanwhile_and_every_task_finishes_once_when_it_returns(
     private_postgres, stack, start_worker, effects, queue
 ):
-    from aios.celery_app import create_celery_app
+    from aios.broker.celery_app import create_celery_app
     from webapi.app import create_app
 
     # Given an API and a worker (three pool processes) whose database is a private PostgreSQL
@@ -59,8 +59,14 @@ def test_a_10s_postgres_outage_answers_503_meanwhile_and_every_task_finishes_onc
     assert client.get(f"/api/v1/tasks/{task_ids[0]}").status_code == 200
 
     # And after the next sync run, nothing is stuck RUNNING: every task finished, each effect once
-    result = subprocess.run([sys.executable, "-m", "aios.cli", "sync"], env=private.env, cwd=str(REPO_ROOT),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "aios.cli", "sync"],
+        env=private.env,
+        cwd=str(REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])
     tasks = assert_nothing_lost(private.settings.database, effects, task_ids, timeout=90)

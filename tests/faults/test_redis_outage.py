@@ -48,16 +48,16 @@ class ClientSubmitter(Submitter):
 def test_every_task_accepted_around_a_20s_redis_outage_finishes_once_and_workers_resume_without_a_restart(
     private_redis, stack, admin, start_worker, effects, queue
 ):
-    from aios.celery_app import create_celery_app
+    from aios.broker.celery_app import create_celery_app
     from webapi.app import create_app
 
     # Given an API and two workers whose broker is a private Redis
-    private = stack.override(broker={"url": private_redis.url},
-                             orchestrator={"lost_message_grace_s": LOST_MESSAGE_GRACE_S})
+    private = stack.override(
+        broker={"url": private_redis.url}, orchestrator={"lost_message_grace_s": LOST_MESSAGE_GRACE_S}
+    )
     celery = create_celery_app(private.settings)
     client = authorize(create_app(private.settings, celery).test_client(), admin.key)
-    workers = [start_worker([queue], concurrency=2, env={"AIOS_BROKER__URL": private_redis.url})
-               for _ in range(2)]
+    workers = [start_worker([queue], concurrency=2, env={"AIOS_BROKER__URL": private_redis.url}) for _ in range(2)]
     pids = [w.process.pid for w in workers]
 
     # And a stream of submissions, about two and a half a second, running as they come
@@ -75,8 +75,14 @@ def test_every_task_accepted_around_a_20s_redis_outage_finishes_once_and_workers
     last: dict[str, str] = {}
 
     def synced_and_finished() -> bool:
-        result = subprocess.run([sys.executable, "-m", "aios.cli", "sync"], env=private.env, cwd=str(REPO_ROOT),
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "aios.cli", "sync"],
+            env=private.env,
+            cwd=str(REPO_ROOT),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode in (0, 1), result.stdout + result.stderr
         last["sync"] = result.stdout[-2000:]
         try:
@@ -87,15 +93,20 @@ def test_every_task_accepted_around_a_20s_redis_outage_finishes_once_and_workers
             return False
 
     try:
-        wait_for(synced_and_finished, timeout=120, interval=LOST_MESSAGE_GRACE_S,
-                 what="every accepted task to finish after sync runs")
+        wait_for(
+            synced_and_finished,
+            timeout=120,
+            interval=LOST_MESSAGE_GRACE_S,
+            what="every accepted task to finish after sync runs",
+        )
     except AssertionError as exc:
         # What a flaky run needs to be understood: the stuck tasks, the last sync run, the workers' logs.
         logs = "\n".join(f"--- worker {w.hostname} (exit {w.process.poll()}):\n{w.log()[-3000:]}" for w in workers)
         raise AssertionError(f"{exc}\n{last.get('stuck', '')}\nlast sync: {last.get('sync', '')}\n{logs}") from None
     tasks = assert_nothing_lost(private.settings.database, effects, accepted, timeout=10)
-    assert {t["state"] for t in tasks.values()} == {"SUCCEEDED"}, {k: v for k, v in tasks.items()
-                                                                   if v["state"] != "SUCCEEDED"}
+    assert {t["state"] for t in tasks.values()} == {"SUCCEEDED"}, {
+        k: v for k, v in tasks.items() if v["state"] != "SUCCEEDED"
+    }
 
     # And the workers resumed by themselves: the same processes, reconnected to the restarted Redis
     # (a worker that had nothing to do may still be in Celery's reconnect backoff, 2 s more per try, when
@@ -103,8 +114,12 @@ def test_every_task_accepted_around_a_20s_redis_outage_finishes_once_and_workers
     for worker, pid in zip(workers, pids, strict=True):
         assert worker.process.poll() is None and worker.process.pid == pid
         try:
-            wait_for(lambda w=worker: w.log().count("Connected to redis://") >= 2, timeout=RECONNECT_WAIT_S,
-                     interval=0.5, what=f"worker {worker.hostname} to reconnect")
+            wait_for(
+                lambda w=worker: w.log().count("Connected to redis://") >= 2,
+                timeout=RECONNECT_WAIT_S,
+                interval=0.5,
+                what=f"worker {worker.hostname} to reconnect",
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{worker.log()[-3000:]}") from None
     began = time.monotonic()
@@ -124,8 +139,9 @@ def test_a_run_celery_cancels_when_redis_goes_away_is_settled_at_once_and_runs_a
     from webapi.app import create_app
 
     # Given an agent on a private Redis (no persistence) running a long task
-    private = stack.override(broker={"url": private_redis.url},
-                             orchestrator={"lost_message_grace_s": LOST_MESSAGE_GRACE_S})
+    private = stack.override(
+        broker={"url": private_redis.url}, orchestrator={"lost_message_grace_s": LOST_MESSAGE_GRACE_S}
+    )
     client = authorize(create_app(private.settings).test_client(), admin.key)
     worker = start_worker([queue], concurrency=1, env={"AIOS_BROKER__URL": private_redis.url})
     accepted = client.post("/api/v1/tasks", json=effects.task(queue, sleep_s=60, params={"retry_sleep_s": 0}))
@@ -141,6 +157,7 @@ def test_a_run_celery_cancels_when_redis_goes_away_is_settled_at_once_and_runs_a
         with session_scope(private.settings.database) as session:
             row = session.get(Task, task_id)
             return row.state == "PENDING" and row.pending_reason == "connection_lost" and row
+
     try:
         wait_for(parked, timeout=30, what="the cancelled run to be put back PENDING (connection_lost)")
     except AssertionError as exc:
@@ -151,14 +168,28 @@ def test_a_run_celery_cancels_when_redis_goes_away_is_settled_at_once_and_runs_a
     private_redis.start()
 
     def synced() -> bool:
-        result = subprocess.run([sys.executable, "-m", "aios.cli", "sync"], env=private.env, cwd=str(REPO_ROOT),
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "aios.cli", "sync"],
+            env=private.env,
+            cwd=str(REPO_ROOT),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode in (0, 1), result.stdout + result.stderr
-        return read_tasks(private.settings.database, [task_id])[task_id]["state"] in ("QUEUED", "RUNNING",
-                                                                                      "SUCCEEDED")
+        return read_tasks(private.settings.database, [task_id])[task_id]["state"] in ("QUEUED", "RUNNING", "SUCCEEDED")
+
     wait_for(synced, timeout=60, interval=1, what="a sync run to dispatch the task again")
     tasks = assert_nothing_lost(private.settings.database, effects, [task_id], timeout=60)
     assert tasks[task_id]["state"] == "SUCCEEDED" and tasks[task_id]["attempts"] == 2, tasks
-    assert tasks[task_id]["transitions"] == ["PENDING", "QUEUED", "RUNNING", "RETRYING", "PENDING", "QUEUED",
-                                             "RUNNING", "SUCCEEDED"], tasks
+    assert tasks[task_id]["transitions"] == [
+        "PENDING",
+        "QUEUED",
+        "RUNNING",
+        "RETRYING",
+        "PENDING",
+        "QUEUED",
+        "RUNNING",
+        "SUCCEEDED",
+    ], tasks
     assert worker.process.poll() is None

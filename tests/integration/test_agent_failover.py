@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from aios.agents import agent_queue
+from aios.agents.registry import agent_queue
 from tests.conftest import wait_for
 from tests.support.agent_helpers import (
     FAST_BEATS,
@@ -64,8 +64,9 @@ def test_an_agent_killed_while_holding_queued_and_running_tasks_is_detected_by_i
     # retried when its agent is lost, one to fail instead, and one with no retries left
     assert client.patch(f"/api/v1/agents/{b.hostname}", json={"status": "DISABLED"}).status_code == 200
     retried = submit(client, {"type": "sleep", "parameters": {"seconds": LONG_S}, "max_retries": 1})
-    failed = submit(client, {"type": "sleep", "parameters": {"seconds": LONG_S}, "max_retries": 3,
-                             "on_agent_lost": "fail"})
+    failed = submit(
+        client, {"type": "sleep", "parameters": {"seconds": LONG_S}, "max_retries": 3, "on_agent_lost": "fail"}
+    )
     dead = submit(client, {"type": "sleep", "parameters": {"seconds": LONG_S}, "max_retries": 0})
     long_ids = [retried, failed, dead]
     for task_id in long_ids:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from aios.agents import agent_queue
+from aios.agents.registry import agent_queue
 from tests.conftest import authorize, make_user, wait_for
 from tests.support.agent_helpers import (
     FAST_BEATS,
@@ -97,9 +97,15 @@ def test_a_draining_agent_finishes_its_running_task_takes_no_new_ones_and_takes_
     assert task["attempts"] == 1
     assert get_agent(client, drained)["active_tasks"] == []
     # (the stale copy of the moved echo, still in its queue, reaches it afterwards and is skipped)
-    skipped = wait_for(lambda: [e for e in read_task(client, behind)["events"]
-                                if (e["detail"] or {}).get("note") == "delivery skipped: stale dispatch"],
-                       timeout=10, what="the stale delivery to be skipped")
+    skipped = wait_for(
+        lambda: [
+            e
+            for e in read_task(client, behind)["events"]
+            if (e["detail"] or {}).get("note") == "delivery skipped: stale dispatch"
+        ],
+        timeout=10,
+        what="the stale delivery to be skipped",
+    )
     assert skipped[0]["actor"] == f"worker:{drained}"
     assert read_task(client, behind)["state"] == "SUCCEEDED"
     # (and its next heartbeat reports it idle)
@@ -148,9 +154,7 @@ def test_an_agent_over_its_memory_threshold_is_degraded_and_least_loaded_routing
     # Then the second is DEGRADED, and the reason names the figure and the threshold
     memory = agent["resources"]["memory_pct"]
     assert memory > 1
-    assert agent["status_reason"] == (
-        f"memory {memory:.0f}% is above the threshold agents.memory_degraded_pct = 1%"
-    )
+    assert agent["status_reason"] == (f"memory {memory:.0f}% is above the threshold agents.memory_degraded_pct = 1%")
     assert agent["events"][0]["to_status"] == "DEGRADED"
     assert agent["events"][0]["reason"].startswith("memory ")
 
@@ -169,8 +173,9 @@ def test_the_agents_api_registers_lists_shows_updates_and_deletes_agents(client,
 
     # When an operator registers an agent ahead of its first heartbeat
     ahead = f"{unique('ahead')}@elsewhere"
-    response = client.post("/api/v1/agents", json={"name": ahead, "capabilities": ["gpu", "echo"],
-                                                   "labels": {"zone": "b"}, "weight": 2})
+    response = client.post(
+        "/api/v1/agents", json={"name": ahead, "capabilities": ["gpu", "echo"], "labels": {"zone": "b"}, "weight": 2}
+    )
 
     # Then it is created, OFFLINE until it beats; the same name again is a conflict
     assert response.status_code == 201, response.json
@@ -300,8 +305,9 @@ def test_placeholders_filling_max_agents_never_stop_a_real_agent_but_one_real_ag
             # And a real agent beyond max_agents heartbeating agents is refused, naming the setting
             with pytest.raises(AssertionError) as refused:
                 start_worker([queue], name=third, env=limits)
-            assert "orchestrator.max_agents (2) agents have sent heartbeats already" in str(refused.value), \
-                str(refused.value)[-3000:]
+            assert "orchestrator.max_agents (2) agents have sent heartbeats already" in str(refused.value), str(
+                refused.value
+            )[-3000:]
             assert admin.get(f"/api/v1/agents/{third}@aios-test").status_code == 404
         finally:
             for worker in workers:

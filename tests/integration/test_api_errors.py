@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import func, select
 
 from aios.db import session_scope
-from aios.dispatch import TaskSpec, create_tasks
 from aios.models import Task, TaskEvent
-from aios.states import TaskState, transition
+from aios.tasks.create import TaskSpec, create_tasks
+from aios.tasks.states import TaskState, transition
 from aios.timeutil import isoformat, utcnow
 
 pytestmark = pytest.mark.integration
@@ -313,13 +313,15 @@ def test_retrying_a_succeeded_task_is_a_409(client, stack, queue):
 def test_reusing_an_idempotency_key_for_a_different_request_is_a_409(client, stack, queue):
     # Given a task submitted with an Idempotency-Key
     key = f"k-{uuid.uuid4()}"
-    first = client.post(TASKS, json={"type": "echo", "parameters": {"a": 1}, "queue": queue},
-                        headers={"Idempotency-Key": key})
+    first = client.post(
+        TASKS, json={"type": "echo", "parameters": {"a": 1}, "queue": queue}, headers={"Idempotency-Key": key}
+    )
     assert first.status_code == 202
     before = row_counts(stack)
     # When the same key comes with a different request
-    second = client.post(TASKS, json={"type": "echo", "parameters": {"a": 2}, "queue": queue},
-                         headers={"Idempotency-Key": key})
+    second = client.post(
+        TASKS, json={"type": "echo", "parameters": {"a": 2}, "queue": queue}, headers={"Idempotency-Key": key}
+    )
     # Then 409 naming the header, and nothing new is stored
     assert_error(second, 409, "conflict", field="Idempotency-Key")
     assert row_counts(stack) == before
@@ -430,8 +432,10 @@ def test_a_bad_idempotency_key_is_a_422(client, unchanged, key):
         ("fields=bogus", "fields"),
         ("fields=result,bogus", "fields"),
         ("fields=,", "fields"),
-        (f"cursor={base64.urlsafe_b64encode(json.dumps(['2024-01-01T00:00:00Z', 'a' + chr(0)]).encode()).decode()}",
-         "cursor"),
+        (
+            f"cursor={base64.urlsafe_b64encode(json.dumps(['2024-01-01T00:00:00Z', 'a' + chr(0)]).encode()).decode()}",
+            "cursor",
+        ),
     ],
 )
 def test_a_bad_list_query_is_a_422_naming_the_parameter(client, unchanged, query, field):

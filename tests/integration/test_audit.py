@@ -69,14 +69,20 @@ class World:
         answer = self.client(who).open(path, method=method, **kwargs)
         rows = audit_rows_after(self.stack, before)
         assert len(rows) == 1, f"{method} {path} wrote {len(rows)} audit rows: " + repr(
-            [(row.action, row.principal, row.outcome) for row in rows])
+            [(row.action, row.principal, row.outcome) for row in rows]
+        )
         assert rows[0].source_ip == self.ip
         return answer, rows[0]
 
 
 def person(stack: Any, credentials: Credentials, role: str) -> Person:
-    return Person(role=role, name=credentials.user, password=credentials.password, key=credentials.key,
-                  id=user_id(stack, credentials.user))
+    return Person(
+        role=role,
+        name=credentials.user,
+        password=credentials.password,
+        key=credentials.key,
+        id=user_id(stack, credentials.user),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +93,31 @@ def world(stack: Any, api_app: Any) -> World:
 
 
 def fields(row: AuditEntry) -> dict[str, Any]:
-    return {"action": row.action, "principal": row.principal, "role": row.role, "outcome": row.outcome,
-            "target": row.target}
+    return {
+        "action": row.action,
+        "principal": row.principal,
+        "role": row.role,
+        "outcome": row.outcome,
+        "target": row.target,
+    }
 
 
-def expect(action: str, who: Person | None, outcome: str, target: str | None, *, principal: str | None = None,
-           role: str | None = None) -> dict[str, Any]:
-    return {"action": action, "principal": principal or (who.name if who else "anonymous"),
-            "role": role if who is None else who.role, "outcome": outcome, "target": target}
+def expect(
+    action: str,
+    who: Person | None,
+    outcome: str,
+    target: str | None,
+    *,
+    principal: str | None = None,
+    role: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "action": action,
+        "principal": principal or (who.name if who else "anonymous"),
+        "role": role if who is None else who.role,
+        "outcome": outcome,
+        "target": target,
+    }
 
 
 # --------------------------------------------------------------------------- tasks
@@ -150,8 +173,9 @@ def test_an_invalid_submit_writes_one_failure_row(world):
 def test_a_batch_submit_writes_one_row_for_the_whole_batch(world):
     # When an operator submits a batch of three tasks
     operator = world.people[OPERATOR]
-    answer, row = world.audited(operator, "POST", "/api/v1/tasks/batch",
-                                json={"tasks": [{"type": "echo", "queue": world.queue}] * 3})
+    answer, row = world.audited(
+        operator, "POST", "/api/v1/tasks/batch", json={"tasks": [{"type": "echo", "queue": world.queue}] * 3}
+    )
 
     # Then one row (not three): task.submit_batch, success, counting the tasks
     assert answer.status_code == 202, answer.get_json()
@@ -254,11 +278,14 @@ def test_a_key_create_above_the_callers_role_writes_one_denied_row(world):
     assert row.detail["role"] == OPERATOR
 
 
-@pytest.mark.parametrize(("action", "suffix", "body", "status"), [
-    ("key.revoke", "/revoke", None, 200),
-    ("key.rotate", "/rotate", {"grace_s": 60}, 201),
-    ("key.delete", "", None, 200),
-])
+@pytest.mark.parametrize(
+    ("action", "suffix", "body", "status"),
+    [
+        ("key.revoke", "/revoke", None, 200),
+        ("key.rotate", "/rotate", {"grace_s": 60}, 201),
+        ("key.delete", "", None, 200),
+    ],
+)
 def test_a_key_change_by_its_owner_writes_one_success_row_naming_the_key(world, action, suffix, body, status):
     # Given an active key of an operator
     operator = world.people[OPERATOR]
@@ -311,8 +338,9 @@ def test_a_user_create_writes_one_success_row_naming_the_user(world):
     # When an admin creates a user
     admin = world.people[ADMIN]
     name = f"made-{uuid.uuid4().hex[:8]}"
-    answer, row = world.audited(admin, "POST", "/api/v1/users",
-                                json={"name": name, "password": f"pw-{uuid.uuid4().hex}", "role": VIEWER})
+    answer, row = world.audited(
+        admin, "POST", "/api/v1/users", json={"name": name, "password": f"pw-{uuid.uuid4().hex}", "role": VIEWER}
+    )
 
     # Then one row: user.create, success, on that name; the password is nowhere in the row
     assert answer.status_code == 201, answer.get_json()
@@ -323,20 +351,27 @@ def test_a_user_create_writes_one_success_row_naming_the_user(world):
 def test_a_user_create_by_an_operator_writes_one_denied_row(world):
     # When an operator tries to create a user
     operator = world.people[OPERATOR]
-    answer, row = world.audited(operator, "POST", "/api/v1/users",
-                                json={"name": f"nope-{uuid.uuid4().hex[:8]}", "password": "pw-12345678", "role": ADMIN})
+    answer, row = world.audited(
+        operator,
+        "POST",
+        "/api/v1/users",
+        json={"name": f"nope-{uuid.uuid4().hex[:8]}", "password": "pw-12345678", "role": ADMIN},
+    )
 
     # Then it is a 403, logged as denied
     assert answer.status_code == 403
     assert fields(row) == expect("user.create", operator, "denied", None)
 
 
-@pytest.mark.parametrize(("body", "action"), [
-    ({"disabled": True}, "user.disable"),
-    ({"disabled": False}, "user.enable"),
-    ({"role": OPERATOR}, "user.role_change"),
-    ({"password": "a-new-password-123"}, "user.password_change"),
-])
+@pytest.mark.parametrize(
+    ("body", "action"),
+    [
+        ({"disabled": True}, "user.disable"),
+        ({"disabled": False}, "user.enable"),
+        ({"role": OPERATOR}, "user.role_change"),
+        ({"password": "a-new-password-123"}, "user.password_change"),
+    ],
+)
 def test_a_user_change_writes_one_success_row_with_its_exact_action(world, body, action):
     # Given a user
     admin = world.people[ADMIN]
@@ -372,8 +407,9 @@ def test_a_role_change_by_an_operator_writes_one_denied_row_on_that_user(world):
 def test_a_login_writes_one_success_row_for_the_username(world):
     # When an operator logs in with its password
     operator = world.people[OPERATOR]
-    answer, row = world.audited(None, "POST", "/api/v1/auth/token",
-                                json={"username": operator.name, "password": operator.password})
+    answer, row = world.audited(
+        None, "POST", "/api/v1/auth/token", json={"username": operator.name, "password": operator.password}
+    )
 
     # Then one row: auth.login by that username, success; the password is nowhere in the row
     assert answer.status_code == 200, answer.get_json()
@@ -387,8 +423,9 @@ def test_a_failed_login_writes_one_denied_row_for_the_username(world, known):
     username = world.people[VIEWER].name if known else f"ghost-{uuid.uuid4().hex[:8]}"
 
     # When someone logs in with them
-    answer, row = world.audited(None, "POST", "/api/v1/auth/token",
-                                json={"username": username, "password": "wrong-password-1"})
+    answer, row = world.audited(
+        None, "POST", "/api/v1/auth/token", json={"username": username, "password": "wrong-password-1"}
+    )
 
     # Then it is a 401, logged as denied for that username, without the password
     assert answer.status_code == 401
@@ -417,10 +454,17 @@ def test_reads_write_no_audit_row_whether_allowed_or_refused(world):
     admin, operator, viewer = world.people[ADMIN], world.people[OPERATOR], world.people[VIEWER]
     task_id = make_task(world.stack, owner=operator.name, queue=world.queue, state="SUCCEEDED")
     reads = [
-        (viewer, "/api/v1/tasks"), (viewer, f"/api/v1/tasks/{task_id}"), (operator, "/api/v1/keys"),
-        (viewer, "/api/v1/users/me"), (admin, "/api/v1/users"), (admin, "/api/v1/audit?limit=5"),
-        (viewer, "/api/v1/users"), (operator, "/api/v1/audit"), (viewer, "/api/v1/tasks/no-such-task"),
-        (None, "/api/v1/tasks"), (None, "/healthz"),
+        (viewer, "/api/v1/tasks"),
+        (viewer, f"/api/v1/tasks/{task_id}"),
+        (operator, "/api/v1/keys"),
+        (viewer, "/api/v1/users/me"),
+        (admin, "/api/v1/users"),
+        (admin, "/api/v1/audit?limit=5"),
+        (viewer, "/api/v1/users"),
+        (operator, "/api/v1/audit"),
+        (viewer, "/api/v1/tasks/no-such-task"),
+        (None, "/api/v1/tasks"),
+        (None, "/healthz"),
     ]
     before = last_audit_id(world.stack)
 

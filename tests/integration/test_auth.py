@@ -141,10 +141,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_cli(args: list[str], env: dict[str, str], stdin: str | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "aios.cli", *args], env=env, cwd=REPO_ROOT, input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
+def run_cli(
+    args: list[str], env: dict[str, str], stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aios.cli", *args],
+        env=env,
+        cwd=REPO_ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def settings_with_security(stack: Any, **changes: Any) -> Any:
@@ -212,7 +220,8 @@ def test_only_login_refresh_and_the_openapi_document_are_public_under_api_v1(api
     # Given the views of the real app
     # When the ones under /api/v1 that need no credentials are listed
     public = {
-        rule.rule for rule in api_app.url_map.iter_rules()
+        rule.rule
+        for rule in api_app.url_map.iter_rules()
         if rule.rule.startswith("/api/") and getattr(api_app.view_functions[rule.endpoint], "aios_public", False)
     }
     # Then they are exactly login, refresh and the document (anything else public must be a deliberate change)
@@ -504,8 +513,12 @@ def test_a_missing_jwt_secret_stops_the_api_at_start(stack, celery_client):
 def test_the_api_command_with_a_31_byte_secret_exits_2_naming_the_setting(stack):
     # Given `aios api` with the session's database and broker, a free port, and a 31-byte key
     secret = "k" * 31
-    env = {**stack.env, "AIOS_SECURITY__JWT_SECRET": secret, "AIOS_API__PORT": str(free_port()),
-           "AIOS_API__WORKERS": "1"}
+    env = {
+        **stack.env,
+        "AIOS_SECURITY__JWT_SECRET": secret,
+        "AIOS_API__PORT": str(free_port()),
+        "AIOS_API__WORKERS": "1",
+    }
     # When it starts
     started = time.monotonic()
     result = run_cli(["api"], env, timeout=60)
@@ -700,8 +713,7 @@ ACCOUNT_CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 
 @pytest.mark.parametrize("change", sorted(ACCOUNT_CHANGES))
-def test_a_password_change_disable_or_role_change_ends_the_users_access_and_refresh_tokens(stack, client, web,
-                                                                                            change):
+def test_a_password_change_disable_or_role_change_ends_the_users_access_and_refresh_tokens(stack, client, web, change):
     # Given an operator with a working access token and refresh token
     operator = make_user(stack, "operator")
     access, refresh = tokens_for(web, operator.user, operator.password)
@@ -737,13 +749,16 @@ def test_a_password_change_ends_the_old_tokens_on_another_api_process_too(stack,
     # When the password is changed through this process
     assert client.patch(f"{USERS}/{operator.user}", json={"password": "another-password-2"}).status_code == 200
     # Then the other process refuses both old tokens at once, with the JSON error shape
-    for response in (requests.get(f"{other.url}{TASKS}", headers=bearer(access), timeout=10),
-                     requests.post(f"{other.url}{REFRESH}", headers=bearer(refresh), timeout=10)):
+    for response in (
+        requests.get(f"{other.url}{TASKS}", headers=bearer(access), timeout=10),
+        requests.post(f"{other.url}{REFRESH}", headers=bearer(refresh), timeout=10),
+    ):
         assert response.status_code == 401, response.text
         assert response.json()["error"] == "unauthorized"
     # And a login with the new password works there
-    fresh = requests.post(f"{other.url}{TOKEN}", json={"username": operator.user, "password": "another-password-2"},
-                          timeout=30)
+    fresh = requests.post(
+        f"{other.url}{TOKEN}", json={"username": operator.user, "password": "another-password-2"}, timeout=30
+    )
     assert fresh.status_code == 200, fresh.text
 
 
@@ -874,11 +889,13 @@ def test_security_headers_are_on_every_answer(client, anonymous, who, method, pa
 @pytest.mark.parametrize("method", ["GET", "OPTIONS"])
 def test_no_cors_headers_are_sent_by_default(client, method):
     # Given the default settings (security.cors_origins empty) and a browser request from another origin
-    response = client.open(TASKS, method=method, headers={
-        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    response = client.open(
+        TASKS, method=method, headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
     # Then no Access-Control-* header grants it anything
-    assert not [name for name in response.headers.keys() if name.lower().startswith("access-control-")], \
-        dict(response.headers)
+    assert not [name for name in response.headers.keys() if name.lower().startswith("access-control-")], dict(
+        response.headers
+    )
 
 
 def test_a_too_many_requests_answer_carries_the_security_headers(stack, app_with):
@@ -899,8 +916,11 @@ def test_the_last_active_admin_cannot_be_demoted_or_disabled(stack, api_app, cli
 
     target = make_user(stack, "admin")
     with session_scope(stack.settings.database) as session:
-        others = list(session.scalars(select(User.name).where(User.role == "admin", User.disabled.is_(False),
-                                                              User.name != target.user)))
+        others = list(
+            session.scalars(
+                select(User.name).where(User.role == "admin", User.disabled.is_(False), User.name != target.user)
+            )
+        )
         session.execute(update(User).where(User.name.in_(others)).values(disabled=True))
     try:
         own = authorize(api_app.test_client(), target.key)

@@ -26,14 +26,14 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.pool import NullPool
 
 from aios import migrate
-from aios.backup import create_backup, list_backups, restore_backup, sha256_path, verify_backup
-from aios.cluster_metrics import ClusterCollector
 from aios.config import Settings, load_settings
 from aios.db import session_scope
-from aios.dispatch import TaskSpec, create_tasks
 from aios.errors import BackupFailed, BackupInvalid, Conflict
 from aios.models import Backup, Task, TaskEvent
-from aios.states import TaskState, transition_many
+from aios.ops.backup import create_backup, list_backups, restore_backup, sha256_path, verify_backup
+from aios.ops.cluster_metrics import ClusterCollector
+from aios.tasks.create import TaskSpec, create_tasks
+from aios.tasks.states import TaskState, transition_many
 from tests.conftest import PG_URL, REPO_ROOT, Stack, authorize, make_user
 
 pytestmark = pytest.mark.integration
@@ -46,13 +46,23 @@ TASKS = 1000
 
 def add_tasks(settings: Settings, count: int, tag: str) -> list[str]:
     """``count`` tasks, each with its creation event; half of them also move to QUEUED (a second event)."""
-    specs = [TaskSpec(type="echo", parameters={"tag": tag, "i": i, "text": f"héllo {i}"}, priority=i % 10,
-                      max_retries=i % 4, timeout_s=60, queue="backup-test") for i in range(count)]
+    specs = [
+        TaskSpec(
+            type="echo",
+            parameters={"tag": tag, "i": i, "text": f"héllo {i}"},
+            priority=i % 10,
+            max_retries=i % 4,
+            timeout_s=60,
+            queue="backup-test",
+        )
+        for i in range(count)
+    ]
     with session_scope(settings.database) as session:
         ids = [task.id for task in create_tasks(session, specs, actor="test-backup")]
     with session_scope(settings.database) as session:
-        transition_many(session, ids[::2], TaskState.PENDING, TaskState.QUEUED, actor="test-backup",
-                        detail={"why": "round trip"})
+        transition_many(
+            session, ids[::2], TaskState.PENDING, TaskState.QUEUED, actor="test-backup", detail={"why": "round trip"}
+        )
     return ids
 
 
@@ -63,8 +73,9 @@ def snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
         with engine.connect() as connection:
             return {
                 "tasks": [tuple(row) for row in connection.execute(sa.select(Task.__table__).order_by(Task.id))],
-                "task_events": [tuple(row) for row in
-                                connection.execute(sa.select(TaskEvent.__table__).order_by(TaskEvent.id))],
+                "task_events": [
+                    tuple(row) for row in connection.execute(sa.select(TaskEvent.__table__).order_by(TaskEvent.id))
+                ],
             }
     finally:
         engine.dispose()
@@ -80,8 +91,14 @@ def flip_byte(source: Path, destination: Path) -> Path:
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "aios.cli", "backup", *args], env=env, cwd=str(REPO_ROOT),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "aios.cli", "backup", *args],
+        env=env,
+        cwd=str(REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def failed_count(settings: Any) -> float:
@@ -122,17 +139,22 @@ def empty_database() -> Iterator[Any]:
 
 
 def sqlite_settings(tmp_path: Path, name: str, **backup: Any) -> Settings:
-    return load_settings(environ={"AIOS_CONFIG": str(REPO_ROOT / "config" / "aios.toml"),
-                                  "AIOS_DATABASE__URL": f"sqlite:///{tmp_path / name}"},
-                         overrides={"backup": {"dir": str(tmp_path / "backups"), **backup}})
+    return load_settings(
+        environ={
+            "AIOS_CONFIG": str(REPO_ROOT / "config" / "aios.toml"),
+            "AIOS_DATABASE__URL": f"sqlite:///{tmp_path / name}",
+        },
+        overrides={"backup": {"dir": str(tmp_path / "backups"), **backup}},
+    )
 
 
 # --------------------------------------------------------------------------- PostgreSQL round trip
 
 
 @pytest.mark.parametrize("target_schema", ["same", "renamed", "none"])
-def test_postgresql_round_trip_restores_every_task_and_event(backup_stack: Stack, empty_database: Any,
-                                                              target_schema: str) -> None:
+def test_postgresql_round_trip_restores_every_task_and_event(
+    backup_stack: Stack, empty_database: Any, target_schema: str
+) -> None:
     # Given 1,000 tasks with events in the session's schema, and a backup of it
     tag = uuid.uuid4().hex
     ids = add_tasks(backup_stack.settings, TASKS, tag)
@@ -221,8 +243,10 @@ def test_verify_detects_a_flipped_byte_on_postgresql_and_sqlite(backup_stack: St
         good = Path(row["path"])
         assert verify_backup(good, settings)["sha256"] == row["sha256"]
         # sha256sum can check it without AIOS
-        assert subprocess.run(["sha256sum", "--check", "--status", sha256_path(good).name],
-                              cwd=good.parent).returncode == 0
+        assert (
+            subprocess.run(["sha256sum", "--check", "--status", sha256_path(good).name], cwd=good.parent).returncode
+            == 0
+        )
         bad = flip_byte(good, tmp_path / f"flipped-{good.name}")
         with pytest.raises(BackupInvalid, match="sha256 .* damaged"):
             verify_backup(bad, settings)
@@ -262,16 +286,18 @@ def test_retention_keeps_exactly_keep_files(backup_stack: Stack, tmp_path: Path)
     assert sorted(p.name for p in directory.glob("*.sha256")) == sorted(r["file"] + ".sha256" for r in rows[2:])
     assert not list(directory.glob(".*"))  # no temporary files left behind
     with session_scope(settings.database) as session:
-        status = {b.id: b.status for b in session.scalars(sa.select(Backup).where(
-            Backup.id.in_([r["id"] for r in rows])))}
+        status = {
+            b.id: b.status for b in session.scalars(sa.select(Backup).where(Backup.id.in_([r["id"] for r in rows])))
+        }
     assert [status[r["id"]] for r in rows] == ["deleted", "deleted", "ok", "ok", "ok"]
 
 
 # --------------------------------------------------------------------------- failures are loud
 
 
-def test_a_failed_backup_is_a_row_an_error_log_and_a_metric(backup_stack: Stack, tmp_path: Path,
-                                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failed_backup_is_a_row_an_error_log_and_a_metric(
+    backup_stack: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     cases = {
@@ -279,12 +305,15 @@ def test_a_failed_backup_is_a_row_an_error_log_and_a_metric(backup_stack: Stack,
         "pg_dump missing": backup_stack.override(backup={"pg_dump": str(tmp_path / "no-such-pg_dump")}).settings,
         "dir unusable": backup_stack.override(backup={"dir": str(blocker / "backups")}).settings,
     }
-    expected = {"pg_dump fails": "false exited with status 1", "pg_dump missing": "not found: install",
-                "dir unusable": "NotADirectoryError"}
+    expected = {
+        "pg_dump fails": "false exited with status 1",
+        "pg_dump missing": "not found: install",
+        "dir unusable": "NotADirectoryError",
+    }
     for case, settings in cases.items():
         counted = failed_count(settings)
         caplog.clear()
-        with caplog.at_level(logging.ERROR, logger="aios.backup"), pytest.raises(BackupFailed) as raised:
+        with caplog.at_level(logging.ERROR, logger="aios.ops.backup"), pytest.raises(BackupFailed) as raised:
             create_backup(settings)
         assert expected[case] in raised.value.message, case
         row = raised.value.extra["backup"]
@@ -351,8 +380,9 @@ def test_api_creates_and_lists_backups_for_admins_only(backup_stack: Stack, cele
     assert app.test_client().get("/api/v1/backups").status_code == 401
 
 
-def test_api_answers_a_failed_backup_with_500_and_its_row(backup_stack: Stack, celery_client: Any,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_api_answers_a_failed_backup_with_500_and_its_row(
+    backup_stack: Stack, celery_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     from webapi.app import create_app
 
     settings = backup_stack.override(backup={"pg_dump": "/bin/false"}).settings
@@ -367,4 +397,4 @@ def test_api_answers_a_failed_backup_with_500_and_its_row(backup_stack: Stack, c
     assert body["backup"]["status"] == "failed" and body["backup"]["error"]
     assert admin.get("/api/v1/backups").json["backups"][0]["id"] == body["backup"]["id"]
     assert failed_count(settings) == counted + 1
-    assert any(r.name == "aios.backup" and r.levelno == logging.ERROR for r in caplog.records)
+    assert any(r.name == "aios.ops.backup" and r.levelno == logging.ERROR for r in caplog.records)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from aios.celery_app import queue_name
+from aios.broker.celery_app import queue_name
 from aios.db import session_scope
 from aios.models import Task, TaskEvent
 from tests.conftest import authorize, wait_for
@@ -29,9 +29,7 @@ def count_tasks(stack: Any) -> int:
 def states_of(stack: Any, task_ids: list[str]) -> dict[str, int]:
     """How many of ``task_ids`` are in each state."""
     with session_scope(stack.settings.database) as session:
-        rows = session.execute(
-            select(Task.state, func.count()).where(Task.id.in_(task_ids)).group_by(Task.state)
-        ).all()
+        rows = session.execute(select(Task.state, func.count()).where(Task.id.in_(task_ids)).group_by(Task.state)).all()
     return {state: count for state, count in rows}
 
 
@@ -69,8 +67,12 @@ def test_five_hundred_echo_tasks_submitted_in_one_batch_all_succeed_each_exactly
     def all_succeeded() -> bool:
         return states_of(stack, ids) == {"SUCCEEDED": BATCH_SIZE}
 
-    wait_for(all_succeeded, timeout=120, interval=0.5,
-             what=f"{BATCH_SIZE} batch tasks to succeed (states now {states_of(stack, ids)})")
+    wait_for(
+        all_succeeded,
+        timeout=120,
+        interval=0.5,
+        what=f"{BATCH_SIZE} batch tasks to succeed (states now {states_of(stack, ids)})",
+    )
 
     # And each one was claimed exactly once: one RUNNING event per task, no more, no less
     running = running_events_per_task(stack, ids)
@@ -132,14 +134,14 @@ def test_a_batch_over_the_size_limit_is_refused_and_nothing_is_stored(stack, cel
 
 
 def test_messages_published_within_a_batch_equal_what_send_task_publishes(stack, celery_client, queue, monkeypatch):
-    """aios.dispatch publishes the first message of a batch through ``send_task`` and the rest through
+    """aios.tasks.create publishes the first message of a batch through ``send_task`` and the rest through
     ``_send_in_batch``; what reaches kombu's ``Producer.publish`` must be the same message apart from
     the task's own ids and time (and the retry wrapper, which a batch's buffered publish has no use for)."""
     import uuid
 
     from kombu import Producer
 
-    from aios.dispatch import PUBLISHED_AT_HEADER, Dispatch, publish
+    from aios.tasks.create import PUBLISHED_AT_HEADER, Dispatch, publish
 
     published: list[tuple[Any, dict[str, Any]]] = []
     original = Producer.publish
@@ -149,8 +151,10 @@ def test_messages_published_within_a_batch_equal_what_send_task_publishes(stack,
         return original(self, body, **kwargs)
 
     monkeypatch.setattr(Producer, "publish", recording)
-    dispatches = [Dispatch(task_id=str(uuid.uuid4()), dispatch_id=str(uuid.uuid4()), queue=queue, priority=7,
-                           timeout_s=120) for _ in range(3)]
+    dispatches = [
+        Dispatch(task_id=str(uuid.uuid4()), dispatch_id=str(uuid.uuid4()), queue=queue, priority=7, timeout_s=120)
+        for _ in range(3)
+    ]
     assert publish(celery_client, stack.settings, dispatches) == {}
     assert len(published) == 3
 
@@ -163,8 +167,11 @@ def test_messages_published_within_a_batch_equal_what_send_task_publishes(stack,
         assert headers.pop("id") == headers.pop("root_id") == kwargs["correlation_id"] == item.task_id
         assert headers.pop("kwargsrepr") == kwargs["kwargsrepr"] == f"{{'dispatch_id': '{item.dispatch_id}'}}"
         headers.pop(PUBLISHED_AT_HEADER)
-        rest = {key: value for key, value in kwargs.items()
-                if key not in {"headers", "correlation_id", "kwargsrepr", "retry", "declare"}}
+        rest = {
+            key: value
+            for key, value in kwargs.items()
+            if key not in {"headers", "correlation_id", "kwargsrepr", "retry", "declare"}
+        }
         assert [q.name for q in kwargs["declare"]] == [queue_name(stack.settings, queue)]
         return (args, embed), {**rest, "headers": headers}
 

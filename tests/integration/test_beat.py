@@ -22,16 +22,21 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def fired(stack: Any, schedule_id: str) -> list[float]:
     """Creation times (epoch seconds) of the tasks a schedule fired, oldest first."""
     with session_scope(stack.settings.database) as session:
-        rows = session.scalars(select(Task.created_at).where(Task.schedule_id == schedule_id)
-                               .order_by(Task.created_at)).all()
+        rows = session.scalars(
+            select(Task.created_at).where(Task.schedule_id == schedule_id).order_by(Task.created_at)
+        ).all()
     return [row.timestamp() for row in rows]
 
 
 def create_schedule(client: Any, queue: str, interval_s: int) -> dict[str, Any]:
-    response = client.post("/api/v1/schedules", json={
-        "name": f"every-{interval_s}s-{uuid.uuid4().hex[:6]}", "interval_s": interval_s,
-        "task": {"type": "echo", "parameters": {"from": "schedule"}, "queue": queue},
-    })
+    response = client.post(
+        "/api/v1/schedules",
+        json={
+            "name": f"every-{interval_s}s-{uuid.uuid4().hex[:6]}",
+            "interval_s": interval_s,
+            "task": {"type": "echo", "parameters": {"from": "schedule"}, "queue": queue},
+        },
+    )
     assert response.status_code == 201, response.json
     return response.json
 

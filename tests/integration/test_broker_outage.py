@@ -43,7 +43,7 @@ def outage(
 
     Requests ``private_redis`` before ``start_worker`` so the worker is stopped before Redis is killed.
     """
-    from aios.celery_app import create_celery_app
+    from aios.broker.celery_app import create_celery_app
     from webapi.app import create_app
 
     private = stack.override(broker={"url": private_redis.url})
@@ -60,16 +60,25 @@ def outage(
         def dispatch_pending(self) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
                 [sys.executable, "-m", "aios.cli", "dispatch-pending"],
-                env=self.env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=60,
+                env=self.env,
+                cwd=str(REPO_ROOT),
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
 
         def wait_all_succeeded(self, task_ids: list[str], *, what: str) -> None:
             try:
-                wait_for(lambda: set(ledger.states(task_ids).values()) == {"SUCCEEDED"},
-                         timeout=RECOVERY_TIMEOUT_S, interval=0.5, what=f"{what} to succeed")
+                wait_for(
+                    lambda: set(ledger.states(task_ids).values()) == {"SUCCEEDED"},
+                    timeout=RECOVERY_TIMEOUT_S,
+                    interval=0.5,
+                    what=f"{what} to succeed",
+                )
             except AssertionError as exc:
-                raise AssertionError(f"{exc}; states {ledger.states(task_ids)}; worker log:\n"
-                                     f"{worker.log()[-3000:]}") from None
+                raise AssertionError(
+                    f"{exc}; states {ledger.states(task_ids)}; worker log:\n{worker.log()[-3000:]}"
+                ) from None
 
     yield Outage()
     celery.pool.force_close_all()
@@ -103,8 +112,9 @@ def test_while_redis_is_down_a_submit_answers_202_pending_fast_and_dispatch_pend
     outage, ledger, queue
 ):
     # Given the API and a worker on a private Redis, and a task that ran before the outage
-    before = outage.client.post("/api/v1/tasks", json={"type": "echo", "parameters": {"phase": "before"},
-                                                       "queue": queue})
+    before = outage.client.post(
+        "/api/v1/tasks", json={"type": "echo", "parameters": {"phase": "before"}, "queue": queue}
+    )
     assert before.status_code == 202 and before.json["state"] == "QUEUED", before.json
     ledger.wait_state(before.json["id"], "SUCCEEDED", timeout=30)
 
@@ -114,8 +124,9 @@ def test_while_redis_is_down_a_submit_answers_202_pending_fast_and_dispatch_pend
     # Then every submit still answers 202 PENDING within the budget, and is stored PENDING
     accepted: list[str] = []
     for n in range(4):
-        response, took = timed_post(outage.client, "/api/v1/tasks",
-                                    {"type": "echo", "parameters": {"n": n}, "queue": queue})
+        response, took = timed_post(
+            outage.client, "/api/v1/tasks", {"type": "echo", "parameters": {"n": n}, "queue": queue}
+        )
         assert response.status_code == 202, response.json
         assert response.json["state"] == "PENDING"
         assert took < SUBMIT_BUDGET_S, f"submit {n} took {took:.2f}s with the broker down"
@@ -156,15 +167,12 @@ def test_while_redis_is_down_a_submit_answers_202_pending_fast_and_dispatch_pend
 
     # And the API publishes again: readiness is back and a new submit is queued and runs
     assert outage.client.get("/readyz").status_code == 200
-    after = outage.client.post("/api/v1/tasks", json={"type": "echo", "parameters": {"phase": "after"},
-                                                      "queue": queue})
+    after = outage.client.post("/api/v1/tasks", json={"type": "echo", "parameters": {"phase": "after"}, "queue": queue})
     assert after.status_code == 202 and after.json["state"] == "QUEUED", after.json
     assert ledger.wait_state(after.json["id"], "SUCCEEDED", timeout=30).result == {"phase": "after"}
 
 
-def test_while_redis_is_down_a_batch_is_accepted_all_pending_and_runs_after_dispatch_pending(
-    outage, ledger, queue
-):
+def test_while_redis_is_down_a_batch_is_accepted_all_pending_and_runs_after_dispatch_pending(outage, ledger, queue):
     # Given the API and a worker on a private Redis, and Redis stopped
     outage.redis.stop()
 

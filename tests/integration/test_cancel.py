@@ -46,8 +46,9 @@ def test_a_cancelled_queued_task_never_runs_even_on_a_worker_started_after_the_c
 ):
     # Given a test.touch task QUEUED on a queue no worker consumes yet
     marker = tmp_path / "runs.txt"
-    submitted = client.post("/api/v1/tasks", json={"type": "test.touch", "parameters": {"path": str(marker)},
-                                                   "queue": queue})
+    submitted = client.post(
+        "/api/v1/tasks", json={"type": "test.touch", "parameters": {"path": str(marker)}, "queue": queue}
+    )
     assert submitted.status_code == 202, submitted.json
     task_id = submitted.json["id"]
     assert submitted.json["state"] == "QUEUED"
@@ -63,8 +64,11 @@ def test_a_cancelled_queued_task_never_runs_even_on_a_worker_started_after_the_c
 
     # And when a worker then starts on that queue, it receives the message and skips it
     start_worker([queue])
-    wait_for(lambda: "delivery skipped: cancelled" in notes(ledger, task_id), timeout=30,
-             what="the worker to skip the cancelled task")
+    wait_for(
+        lambda: "delivery skipped: cancelled" in notes(ledger, task_id),
+        timeout=30,
+        what="the worker to skip the cancelled task",
+    )
     time.sleep(1)  # (would a run still start, it would have by now)
     assert not marker.exists()
     task = ledger.task(task_id)
@@ -107,9 +111,7 @@ def test_a_running_task_is_cancelled_and_stopped_within_five_seconds_and_the_wor
     # and the cancelled task stayed CANCELLED: the killed run left no later report behind
     task = ledger.task(task_id)
     assert task.state == "CANCELLED"
-    assert [e.to_state for e in ledger.events(task_id) if e.to_state] == [
-        "PENDING", "QUEUED", "RUNNING", "CANCELLED"
-    ]
+    assert [e.to_state for e in ledger.events(task_id) if e.to_state] == ["PENDING", "QUEUED", "RUNNING", "CANCELLED"]
     assert "Terminating" in worker.log()
 
 

@@ -30,8 +30,15 @@ def live(stack, start_api, start_worker, queue, tmp_path):
         env.update({"AIOS_URL": api.url, "XDG_CONFIG_HOME": str(home), "PYTHONPATH": str(REPO_ROOT)})
         if key:
             env["AIOS_API_KEY"] = key
-        return subprocess.run([sys.executable, "-m", "aios.cli", *args], env=env, input=stdin, text=True,
-                              capture_output=True, timeout=120, cwd=REPO_ROOT)
+        return subprocess.run(
+            [sys.executable, "-m", "aios.cli", *args],
+            env=env,
+            input=stdin,
+            text=True,
+            capture_output=True,
+            timeout=120,
+            cwd=REPO_ROOT,
+        )
 
     class Live:
         pass
@@ -42,23 +49,37 @@ def live(stack, start_api, start_worker, queue, tmp_path):
 
 
 def test_submit_with_wait_prints_the_result_and_exits_0(live: Any):
-    done = live.aios("--json", "submit", "echo", "-p", "x=1", "-p", "name=ada", "--queue", live.queue, "--wait",
-                     "--wait-timeout", "60")
+    done = live.aios(
+        "--json",
+        "submit",
+        "echo",
+        "-p",
+        "x=1",
+        "-p",
+        "name=ada",
+        "--queue",
+        live.queue,
+        "--wait",
+        "--wait-timeout",
+        "60",
+    )
     assert done.returncode == 0, done.stderr
     task = json.loads(done.stdout)
     assert task["state"] == "SUCCEEDED" and task["result"] == {"x": 1, "name": "ada"}
 
 
 def test_a_failed_task_with_wait_exits_1_and_a_table_is_printed_for_people(live: Any):
-    failed = live.aios("submit", "test.always_fail", "--queue", live.queue, "--max-retries", "0", "--wait",
-                       "--wait-timeout", "60")
+    failed = live.aios(
+        "submit", "test.always_fail", "--queue", live.queue, "--max-retries", "0", "--wait", "--wait-timeout", "60"
+    )
     assert failed.returncode == 1, failed.stderr
     assert "FAILED" in failed.stdout or "DEAD" in failed.stdout
 
 
 def test_json_output_parses_and_tasks_ls_show_cancel_retry_work(live: Any):
-    created = json.loads(live.aios("--json", "submit", "echo", "--queue", "nobody-consumes-this",
-                                   "--priority", "9").stdout)
+    created = json.loads(
+        live.aios("--json", "submit", "echo", "--queue", "nobody-consumes-this", "--priority", "9").stdout
+    )
     listed = live.aios("--json", "tasks", "ls", "--limit", "5")
     assert listed.returncode == 0 and any(row["id"] == created["id"] for row in json.loads(listed.stdout))
     shown = json.loads(live.aios("--json", "tasks", "show", created["id"]).stdout)
@@ -98,7 +119,7 @@ def test_login_stores_a_token_readable_by_the_user_only_and_later_commands_use_i
 
 
 def test_the_client_command_list_in_aios_cli_is_the_click_groups(live: Any):
-    from aios.cli_client import COMMANDS
+    from aios_client.commands import COMMANDS
 
     assert CLIENT_COMMANDS == COMMANDS
     helped = live.aios("--help", key=None)

@@ -1,4 +1,4 @@
-"""The Python client (aios.client) against a real ``aios api`` process and a real worker.
+"""The Python client (aios_client.client) against a real ``aios api`` process and a real worker.
 
 Proves what a user of the client relies on: ``wait``/``result`` return what the worker computed,
 ``list`` walks every page, the API's errors arrive as typed exceptions, a token session renews an
@@ -13,7 +13,7 @@ import uuid
 import pytest
 import requests
 
-from aios.client import (
+from aios_client.client import (
     Client,
     Conflict,
     Forbidden,
@@ -122,8 +122,9 @@ def test_keys_schedules_agents_cancel_and_retry_work_through_the_client(stack, s
                 revoked.status()
 
         # Schedules: create, read, change, delete
-        schedule = aios.create_schedule(f"s-{uuid.uuid4().hex[:6]}", {"type": "echo", "queue": queue},
-                                        interval_s=3600, enabled=False)
+        schedule = aios.create_schedule(
+            f"s-{uuid.uuid4().hex[:6]}", {"type": "echo", "queue": queue}, interval_s=3600, enabled=False
+        )
         assert schedule["id"] in {s["id"] for s in aios.schedules()}
         assert aios.update_schedule(schedule["id"], interval_s=7200)["interval_s"] == 7200
         aios.delete_schedule(schedule["id"])
@@ -151,14 +152,24 @@ def test_run_command_waits_for_the_command_and_events_replay_and_follow_a_task_t
     # Given a real API whose event streams are closed after 2 s (so a stream must be resumed), and an
     # agent allowed to run echo
     api = start_api(env={"AIOS_API__SSE_MAX_S": "2"})
-    worker = start_worker([queue], env={"AIOS_AGENTS__COMMAND_ALLOWLIST": '["echo"]',
-                                        "AIOS_AGENTS__COMMAND_USER": ensure_command_user(),
-                                        "AIOS_AGENTS__HEARTBEAT_INTERVAL_S": "1.0"})
+    worker = start_worker(
+        [queue],
+        env={
+            "AIOS_AGENTS__COMMAND_ALLOWLIST": '["echo"]',
+            "AIOS_AGENTS__COMMAND_USER": ensure_command_user(),
+            "AIOS_AGENTS__HEARTBEAT_INTERVAL_S": "1.0",
+        },
+    )
     operator = make_user(stack, "operator")
     with Client(api.url, api_key=operator.key) as aios:
-        wait_for(lambda: worker.hostname in {a["name"] for a in aios.agents(capability="command")
-                                             if a["status"] in ("ONLINE", "BUSY")},
-                 timeout=60, what="the command agent to be routable")
+        wait_for(
+            lambda: (
+                worker.hostname
+                in {a["name"] for a in aios.agents(capability="command") if a["status"] in ("ONLINE", "BUSY")}
+            ),
+            timeout=60,
+            what="the command agent to be routable",
+        )
         # When it runs echo and lets the API wait for it
         done = aios.run_command(["echo", "hi"], wait_s=60)
         # Then the one call returns the finished task with the command's output
@@ -191,8 +202,7 @@ def test_a_token_session_renews_an_expired_access_token_and_close_revokes_it(sta
     assert "version" in aios.status()
     # When the access token has expired
     time.sleep(32)
-    expired = requests.get(f"{api.url}/api/v1/status", headers={"Authorization": f"Bearer {first_token}"},
-                           timeout=10)
+    expired = requests.get(f"{api.url}/api/v1/status", headers={"Authorization": f"Bearer {first_token}"}, timeout=10)
     assert expired.status_code == 401
     # Then the client's next call still works: it refreshed the token and sent the request again
     assert "version" in aios.status()
@@ -200,8 +210,7 @@ def test_a_token_session_renews_an_expired_access_token_and_close_revokes_it(sta
     assert renewed_token and renewed_token != first_token
     # When the client is closed, its session is logged out: the renewed token is refused too
     aios.close()
-    after = requests.get(f"{api.url}/api/v1/status", headers={"Authorization": f"Bearer {renewed_token}"},
-                         timeout=10)
+    after = requests.get(f"{api.url}/api/v1/status", headers={"Authorization": f"Bearer {renewed_token}"}, timeout=10)
     assert after.status_code == 401, after.text
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 import pytest
 
-from aios.backup import create_backup
+from aios.ops.backup import create_backup
 from aios.security.secrets import ensure_secret_file
 from tests.conftest import (
     REPO_ROOT,
@@ -47,11 +47,16 @@ MARKER = f"agent-only-{uuid.uuid4().hex}"
 
 @pytest.fixture(scope="module")
 def agent(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    worker = launch(stack, tmp_path_factory.mktemp("sandbox"), f"sbx-{uuid.uuid4().hex[:6]}", {
-        "AIOS_AGENTS__COMMAND_ALLOWLIST": json.dumps(ALLOWLIST),
-        "AIOS_AGENTS__COMMAND_USER": ensure_command_user(),
-        "AIOS_TEST_MARKER": MARKER,
-    })
+    worker = launch(
+        stack,
+        tmp_path_factory.mktemp("sandbox"),
+        f"sbx-{uuid.uuid4().hex[:6]}",
+        {
+            "AIOS_AGENTS__COMMAND_ALLOWLIST": json.dumps(ALLOWLIST),
+            "AIOS_AGENTS__COMMAND_USER": ensure_command_user(),
+            "AIOS_TEST_MARKER": MARKER,
+        },
+    )
     try:
         yield worker
     finally:
@@ -136,8 +141,14 @@ def test_an_agent_with_an_allowlist_refuses_to_start_running_commands_as_root_as
     if user in given:
         env["AIOS_AGENTS__COMMAND_USER"] = given[user]
     # When it starts / Then it stops at once with exit status 2 and a message naming the key and the fix
-    done = subprocess.run([sys.executable, "-m", "aios.cli", "worker", "--name", f"refuse-{user}@aios-test"],
-                          env=env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "aios.cli", "worker", "--name", f"refuse-{user}@aios-test"],
+        env=env,
+        cwd=str(REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "agents.command_user" in done.stderr and "useradd --system" in done.stderr, done.stderr[-2000:]
 
@@ -150,24 +161,23 @@ def test_five_children_of_70_mb_under_memory_mb_150_are_stopped_together(agent, 
     child = "import time; b = bytearray(70 << 20); print('held', flush=True); time.sleep(30)"
     script = f'for i in 1 2 3 4 5; do python3 -c "{child}" & done; wait'
     # When they run as one command
-    task = with_cgroup(run(op, ledger, {"argv": ["sh", "-c", script], "timeout_s": 60,
-                                        "limits": {"memory_mb": 150}}))
+    task = with_cgroup(run(op, ledger, {"argv": ["sh", "-c", script], "timeout_s": 60, "limits": {"memory_mb": 150}}))
     # Then the command's memory limit stopped all of them, well before the wall time
     assert task["state"] == "FAILED", task
     assert task["error"].startswith("memory_limit"), task["error"]
     assert task["result"]["stopped_by"] == "memory_limit" and task["result"]["stdout"].count("held") < 5
     assert task["result"]["wall_s"] < 30
     # And one such child alone runs to its end: it is the sum that was refused
-    alone = run(op, ledger, {"argv": ["python3", "-c", child.replace("time.sleep(30)", "pass")],
-                             "limits": {"memory_mb": 150}})
+    alone = run(
+        op, ledger, {"argv": ["python3", "-c", child.replace("time.sleep(30)", "pass")], "limits": {"memory_mb": 150}}
+    )
     assert alone["state"] == "SUCCEEDED", alone
 
 
 def test_three_busy_children_under_cpu_s_2_are_stopped_near_2_cpu_seconds_of_the_group(agent, op, ledger):
     # Given three busy children: RLIMIT_CPU alone would let each use 2 s (6 s together)
     script = 'for i in 1 2 3; do python3 -c "while True: pass" & done; wait'
-    task = with_cgroup(run(op, ledger, {"argv": ["sh", "-c", script], "timeout_s": 120,
-                                        "limits": {"cpu_s": 2}}))
+    task = with_cgroup(run(op, ledger, {"argv": ["sh", "-c", script], "timeout_s": 120, "limits": {"cpu_s": 2}}))
     # Then the group was stopped at its CPU limit (generous bounds: the machine is shared)
     assert task["state"] == "FAILED", task
     assert task["error"].startswith("cpu_limit"), task["error"]
@@ -176,10 +186,12 @@ def test_three_busy_children_under_cpu_s_2_are_stopped_near_2_cpu_seconds_of_the
 
 def test_a_setsid_child_does_not_outlive_its_command_s_wall_time(agent, op, ledger):
     # Given a command whose child leaves its session and process group, then outlives the wall time
-    script = ("import os, sys, time\n"
-              "pid = os.fork()\n"
-              "if pid == 0:\n    os.setsid(); time.sleep(300); sys.exit()\n"
-              "print(pid, flush=True); time.sleep(300)\n")
+    script = (
+        "import os, sys, time\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n    os.setsid(); time.sleep(300); sys.exit()\n"
+        "print(pid, flush=True); time.sleep(300)\n"
+    )
     started = time.monotonic()
     task = with_cgroup(run(op, ledger, {"argv": ["python3", "-c", script], "timeout_s": 3}))
     # Then the task ended at its wall time and the child is gone with it
@@ -196,8 +208,9 @@ def test_nothing_is_left_of_a_command_s_cgroup_after_it_ends(agent, op, ledger):
     names = {name for name in names if name.startswith("aios-cmd-")}
     assert len(names) == 1, task["result"]["stdout"]
     # Then, once it ended, no directory of that group is left in any hierarchy
-    leftovers = [os.path.join(root, name) for root, dirs, _ in os.walk("/sys/fs/cgroup") for name in dirs
-                 if name in names]
+    leftovers = [
+        os.path.join(root, name) for root, dirs, _ in os.walk("/sys/fs/cgroup") for name in dirs if name in names
+    ]
     assert leftovers == []
 
 

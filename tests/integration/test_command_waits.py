@@ -28,8 +28,12 @@ ANSWER_S = 30
 
 
 def post_wait(api_url: str, key: str, wait_s: float = 60) -> requests.Response:
-    return requests.post(f"{api_url}/api/v1/commands", json={"argv": ["sleep", "300"], "wait_s": wait_s},
-                         headers={"X-API-Key": key, "Idempotency-Key": str(uuid.uuid4())}, timeout=wait_s + 60)
+    return requests.post(
+        f"{api_url}/api/v1/commands",
+        json={"argv": ["sleep", "300"], "wait_s": wait_s},
+        headers={"X-API-Key": key, "Idempotency-Key": str(uuid.uuid4())},
+        timeout=wait_s + 60,
+    )
 
 
 class Waits:
@@ -62,15 +66,23 @@ class Waits:
 def cancel_all(api_url: str, admin_key: str, *owners: str) -> None:
     """Cancel every command of ``owners``: the waits still held end at their next ledger read."""
     for owner in owners:
-        listed = requests.get(f"{api_url}/api/v1/tasks", params={"owner": owner, "type": "command", "limit": 50},
-                              headers={"X-API-Key": admin_key}, timeout=30)
+        listed = requests.get(
+            f"{api_url}/api/v1/tasks",
+            params={"owner": owner, "type": "command", "limit": 50},
+            headers={"X-API-Key": admin_key},
+            timeout=30,
+        )
         for task in listed.json()["tasks"]:
             requests.delete(f"{api_url}/api/v1/tasks/{task['id']}", headers={"X-API-Key": admin_key}, timeout=30)
 
 
 def commands_of(api_url: str, admin_key: str, owner: str) -> int:
-    listed = requests.get(f"{api_url}/api/v1/tasks", params={"owner": owner, "type": "command", "limit": 50},
-                          headers={"X-API-Key": admin_key}, timeout=30)
+    listed = requests.get(
+        f"{api_url}/api/v1/tasks",
+        params={"owner": owner, "type": "command", "limit": 50},
+        headers={"X-API-Key": admin_key},
+        timeout=30,
+    )
     return len(listed.json()["tasks"])
 
 
@@ -95,8 +107,12 @@ def test_eight_concurrent_waits_of_60_s_leave_healthz_and_reads_answering_and_th
         assert all(elapsed < ANSWER_S for _, elapsed in early)
         # And while the other 3 still wait, /healthz and an ordinary read are answered
         assert requests.get(f"{api.url}/healthz", timeout=ANSWER_S).status_code == 200
-        assert requests.get(f"{api.url}/api/v1/tasks/types", headers={"X-API-Key": operators[0].key},
-                            timeout=ANSWER_S).status_code == 200
+        assert (
+            requests.get(
+                f"{api.url}/api/v1/tasks/types", headers={"X-API-Key": operators[0].key}, timeout=ANSWER_S
+            ).status_code
+            == 200
+        )
         assert waits.count() == 5, "3 waits hold their threads (threads - 1)"
         # And all 8 commands were accepted
         assert sum(commands_of(api.url, admin.key, o.user) for o in operators) == 8
@@ -119,8 +135,12 @@ def test_a_user_past_max_waits_per_principal_gets_429_on_any_api_process_and_not
     waits.start(first.url, operator.key)
     waits.start(second.url, operator.key)
     try:
-        wait_for(lambda: commands_of(first.url, admin.key, operator.user) == 2, timeout=ANSWER_S, interval=0.2,
-                 what="both waits to be accepted")
+        wait_for(
+            lambda: commands_of(first.url, admin.key, operator.user) == 2,
+            timeout=ANSWER_S,
+            interval=0.2,
+            what="both waits to be accepted",
+        )
 
         # When the same user asks for a third wait, on either process
         refused = [post_wait(api.url, operator.key) for api in (first, second)]
@@ -133,12 +153,20 @@ def test_a_user_past_max_waits_per_principal_gets_429_on_any_api_process_and_not
             assert 1 <= int(response.headers["Retry-After"]) <= 30
         assert commands_of(first.url, admin.key, operator.user) == 2
         # But a command without wait_s is still accepted, and another user may wait
-        quick = requests.post(f"{first.url}/api/v1/commands", json={"argv": ["sleep", "300"]},
-                              headers={"X-API-Key": operator.key}, timeout=ANSWER_S)
+        quick = requests.post(
+            f"{first.url}/api/v1/commands",
+            json={"argv": ["sleep", "300"]},
+            headers={"X-API-Key": operator.key},
+            timeout=ANSWER_S,
+        )
         assert quick.status_code == 202, quick.text
         waits.start(first.url, other.key)
-        wait_for(lambda: commands_of(first.url, admin.key, other.user) == 1, timeout=ANSWER_S, interval=0.2,
-                 what="the other user's wait to be accepted")
+        wait_for(
+            lambda: commands_of(first.url, admin.key, other.user) == 1,
+            timeout=ANSWER_S,
+            interval=0.2,
+            what="the other user's wait to be accepted",
+        )
         assert waits.count() == 0
     finally:
         cancel_all(first.url, admin.key, operator.user, other.user)
@@ -204,8 +232,12 @@ def test_a_lease_left_by_a_killed_process_expires_by_itself(stack, kind):
     assert store.take_lease(scope, "killed", 1, None)[0]
 
     # Then once the forgotten lease's time to live is over, the next one is granted
-    wait_for(lambda: store.take_lease(scope, "next", 60, 1)[0], timeout=ANSWER_S, interval=0.3,
-             what="the forgotten lease to expire")
+    wait_for(
+        lambda: store.take_lease(scope, "next", 60, 1)[0],
+        timeout=ANSWER_S,
+        interval=0.3,
+        what="the forgotten lease to expire",
+    )
     store.drop_lease(scope, "next")
     assert store.take_lease(scope, "third", 60, 1)[0]
     store.drop_lease(scope, "third")

@@ -41,9 +41,22 @@ def launch(stack: Stack, directory: Path, name: str, env: dict[str, str]) -> Wor
     log_path = directory / f"{name}.log"
     with log_path.open("wb") as handle:
         process = subprocess.Popen(
-            [sys.executable, "-m", "aios.cli", "worker", "--name", hostname, "--queues", f"q{name}",
-             "--concurrency", "2"],
-            env={**stack.env, **AGENT_ENV, **env}, stdout=handle, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
+            [
+                sys.executable,
+                "-m",
+                "aios.cli",
+                "worker",
+                "--name",
+                hostname,
+                "--queues",
+                f"q{name}",
+                "--concurrency",
+                "2",
+            ],
+            env={**stack.env, **AGENT_ENV, **env},
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO_ROOT),
         )
     worker = WorkerProcess(name=name, hostname=hostname, process=process, log_path=log_path)
 
@@ -64,9 +77,15 @@ def agents(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     directory = tmp_path_factory.mktemp("commands")
     started: dict[str, WorkerProcess] = {}
     try:
-        started["runner"] = launch(stack, directory, f"cmd-{tag}",
-                                   {"AIOS_AGENTS__COMMAND_ALLOWLIST": json.dumps(ALLOWLIST),
-                                    "AIOS_AGENTS__COMMAND_USER": ensure_command_user()})
+        started["runner"] = launch(
+            stack,
+            directory,
+            f"cmd-{tag}",
+            {
+                "AIOS_AGENTS__COMMAND_ALLOWLIST": json.dumps(ALLOWLIST),
+                "AIOS_AGENTS__COMMAND_USER": ensure_command_user(),
+            },
+        )
         started["closed"] = launch(stack, directory, f"nocmd-{tag}", {})
         yield started
     finally:
@@ -178,8 +197,7 @@ def test_shell_metacharacters_are_literal_arguments(agents, op, ledger, tmp_path
 
 def test_a_cpu_bound_command_is_killed_by_its_cpu_limit(agents, op, ledger):
     # When an endless loop runs with cpu_s 1 (and a wall time far away)
-    task = run(op, ledger, {"argv": ["python3", "-c", "while True: pass"], "timeout_s": 120,
-                            "limits": {"cpu_s": 1}})
+    task = run(op, ledger, {"argv": ["python3", "-c", "while True: pass"], "timeout_s": 120, "limits": {"cpu_s": 1}})
     # Then its cgroup's CPU limit (or, without a cgroup, RLIMIT_CPU's signal) ended it after about one CPU second
     assert task["state"] == "FAILED", task
     result = task["result"]
@@ -197,8 +215,9 @@ def test_a_command_allocating_1_gib_with_memory_mb_200_fails_and_a_smaller_one_s
     assert big["result"]["exit_code"] == 1 and "MemoryError" in big["result"]["stderr"]
     assert big["error"].startswith("exit_status")
     # And 50 MiB under the same limit is fine: it is the limit that refused the big one
-    small = run(op, ledger, {"argv": ["python3", "-c", "b = bytearray(50 << 20); print(len(b))"],
-                             "limits": {"memory_mb": 200}})
+    small = run(
+        op, ledger, {"argv": ["python3", "-c", "b = bytearray(50 << 20); print(len(b))"], "limits": {"memory_mb": 200}}
+    )
     assert small["state"] == "SUCCEEDED", small
     assert small["result"]["stdout"] == f"{50 << 20}\n"
 
@@ -238,8 +257,12 @@ def test_yes_with_output_kb_64_returns_64_kib_and_a_truncation_flag(agents, op, 
 
 
 def test_output_past_the_limit_of_a_command_that_ends_is_cut_and_counted(agents, op, ledger):
-    task = run(op, ledger, {"argv": ["sh", "-c", "yes | head -c 1000000"], "limits": {"output_kb": 64},
-                            "wait_s": 60}, expect_status=200)
+    task = run(
+        op,
+        ledger,
+        {"argv": ["sh", "-c", "yes | head -c 1000000"], "limits": {"output_kb": 64}, "wait_s": 60},
+        expect_status=200,
+    )
     assert task["state"] == "SUCCEEDED"
     assert len(task["result"]["stdout"]) == 65536 and task["result"]["stdout_truncated"] is True
     assert task["result"]["stdout_bytes"] == 1_000_000
@@ -254,8 +277,15 @@ def test_a_non_zero_exit_fails_with_its_output_and_exit_code_stored(agents, op, 
 
 
 def test_env_and_cwd_reach_the_command_and_nothing_else_of_the_agent_s_environment(agents, op, ledger, tmp_path):
-    task = run(op, ledger, {"argv": ["sh", "-c", 'echo "$GREETING|$(pwd)|${AIOS_DATABASE__URL:-unset}"'],
-                            "env": {"GREETING": "hello"}, "cwd": str(tmp_path)})
+    task = run(
+        op,
+        ledger,
+        {
+            "argv": ["sh", "-c", 'echo "$GREETING|$(pwd)|${AIOS_DATABASE__URL:-unset}"'],
+            "env": {"GREETING": "hello"},
+            "cwd": str(tmp_path),
+        },
+    )
     assert task["state"] == "SUCCEEDED", task
     assert task["result"]["stdout"] == f"hello|{tmp_path.resolve()}|unset\n"
 
@@ -287,8 +317,10 @@ def test_an_operator_may_lower_limits_but_not_raise_them_and_an_admin_may(agents
 
 def test_an_operator_cannot_raise_a_limit_through_post_tasks_either(agents, op, ledger):
     # When an operator submits a command task through the generic endpoint with a raised limit
-    answer = op.post("/api/v1/tasks", json={"type": "command", "parameters": {
-        "argv": ["echo", "x"], "limits": {"memory_mb": 1_000_000}}})
+    answer = op.post(
+        "/api/v1/tasks",
+        json={"type": "command", "parameters": {"argv": ["echo", "x"], "limits": {"memory_mb": 1_000_000}}},
+    )
     assert answer.status_code == 202, answer.json
     # Then the agent refuses to run it
     task = ledger.wait_state(answer.json["id"], *TERMINAL, timeout=FINISH_S)
@@ -353,9 +385,18 @@ def test_cancelling_a_running_command_kills_its_whole_group(agents, op, ledger, 
     assert answer.status_code == 202, answer.json
     task_id = answer.json["id"]
     ledger.wait_state(task_id, "RUNNING", timeout=FINISH_S)
-    pgid = wait_for(lambda: next((p.pid for p in psutil.process_iter(["cmdline"])
-                                  if p.info["cmdline"] == ["sh", "-c", "sleep 120 & sleep 120"]), None),
-                    timeout=30, what="the command's shell to start")
+    pgid = wait_for(
+        lambda: next(
+            (
+                p.pid
+                for p in psutil.process_iter(["cmdline"])
+                if p.info["cmdline"] == ["sh", "-c", "sleep 120 & sleep 120"]
+            ),
+            None,
+        ),
+        timeout=30,
+        what="the command's shell to start",
+    )
     assert len(group_members(pgid)) >= 2
     # When its owner cancels it
     cancelled = op.delete(f"/api/v1/tasks/{task_id}")
@@ -367,8 +408,10 @@ def test_cancelling_a_running_command_kills_its_whole_group(agents, op, ledger, 
 
 def test_a_command_task_s_own_time_limit_also_ends_it_timed_out_with_its_group_killed(agents, op, ledger):
     # Given a command task submitted through POST /tasks with a task timeout of 3 s and no wall time
-    answer = op.post("/api/v1/tasks", json={"type": "command", "timeout_s": 3,
-                                            "parameters": {"argv": ["sh", "-c", "sleep 60 & sleep 60"]}})
+    answer = op.post(
+        "/api/v1/tasks",
+        json={"type": "command", "timeout_s": 3, "parameters": {"argv": ["sh", "-c", "sleep 60 & sleep 60"]}},
+    )
     assert answer.status_code == 202, answer.json
     # Then the wall time is the task's time limit: TIMED_OUT, and nothing of its group is left
     task = ledger.wait_state(answer.json["id"], *TERMINAL, timeout=FINISH_S)

@@ -16,7 +16,7 @@ import pytest
 import redis
 from kombu import Connection
 
-from aios.celery_app import queue_name
+from aios.broker.celery_app import queue_name
 from tests.conftest import REDIS_URL, wait_for
 
 pytestmark = pytest.mark.integration
@@ -31,8 +31,10 @@ def prefix(redis_prefix: str) -> str:
 
 def unacked_tags(client: redis.Redis, prefix: str) -> tuple[set[str], set[str]]:
     """The delivery tags in the unacked hash and in its index."""
-    return ({tag.decode() for tag in client.hkeys(f"{prefix}unacked")},
-            {tag.decode() for tag in client.zrange(f"{prefix}unacked_index", 0, -1)})
+    return (
+        {tag.decode() for tag in client.hkeys(f"{prefix}unacked")},
+        {tag.decode() for tag in client.zrange(f"{prefix}unacked_index", 0, -1)},
+    )
 
 
 def filled_queue(connection: Connection, count: int) -> Any:
@@ -83,11 +85,14 @@ def test_closing_the_channel_gives_back_only_what_was_not_acked(prefix):
     assert client.llen(f"{prefix}work") == 0
 
 
-def test_an_agent_that_finished_its_tasks_leaves_none_of_their_messages_unacked(client, stack, queue,
-                                                                                  start_worker, ledger):
+def test_an_agent_that_finished_its_tasks_leaves_none_of_their_messages_unacked(
+    client, stack, queue, start_worker, ledger
+):
     start_worker([queue], concurrency=2)
-    ids = client.post("/api/v1/tasks/batch", json={"tasks": [{"type": "echo", "parameters": {"n": n}, "queue": queue}
-                                                             for n in range(20)]}).get_json()["ids"]
+    ids = client.post(
+        "/api/v1/tasks/batch",
+        json={"tasks": [{"type": "echo", "parameters": {"n": n}, "queue": queue} for n in range(20)]},
+    ).get_json()["ids"]
     for task_id in ids:
         ledger.wait_state(task_id, "SUCCEEDED")
     broker = redis.Redis.from_url(REDIS_URL)
@@ -103,9 +108,12 @@ def test_an_agent_that_finished_its_tasks_leaves_none_of_their_messages_unacked(
 
 
 def test_an_agent_process_names_its_broker_redis_and_uses_this_transport():
-    code = ("from workers import redis_transport; redis_transport.install(); from kombu import Connection; "
-            f"c = Connection({REDIS_URL!r}); print(type(c.transport).__module__, c.as_uri())")
-    module, uri = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                 check=True).stdout.split()
+    code = (
+        "from workers import redis_transport; redis_transport.install(); from kombu import Connection; "
+        f"c = Connection({REDIS_URL!r}); print(type(c.transport).__module__, c.as_uri())"
+    )
+    module, uri = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert module == "workers.redis_transport"
     assert uri.startswith("redis://")  # what the worker logs ("Connected to redis://...") and reports

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from aios.celery_app import RUN_TASK_NAME, queue_name
+from aios.broker.celery_app import RUN_TASK_NAME, queue_name
 from aios.db import session_scope
-from aios.dispatch import TaskSpec, create_tasks
 from aios.models import Task
-from aios.states import TaskState, transition
+from aios.tasks.create import TaskSpec, create_tasks
+from aios.tasks.states import TaskState, transition
 from tests.conftest import authorize, make_user, wait_for
 
 pytestmark = pytest.mark.integration
@@ -46,13 +46,14 @@ def count_tasks_with_key(stack: Any, key: str) -> int:
 
 def skip_notes(ledger: Any, task_id: str) -> list[Any]:
     return [
-        e for e in ledger.events(task_id)
+        e
+        for e in ledger.events(task_id)
         if e.to_state is None and str((e.detail or {}).get("note", "")).startswith("delivery skipped")
     ]
 
 
 def publish_by_hand(celery_client: Any, stack: Any, task_id: str, dispatch_id: str, queue: str, **options: Any) -> None:
-    """Publish an ``aios.run`` message the way :func:`aios.dispatch.publish` does, but by hand."""
+    """Publish an ``aios.run`` message the way :func:`aios.tasks.create.publish` does, but by hand."""
     celery_client.send_task(
         RUN_TASK_NAME,
         kwargs={"dispatch_id": dispatch_id, **options.pop("extra_kwargs", {})},
@@ -63,8 +64,10 @@ def publish_by_hand(celery_client: Any, stack: Any, task_id: str, dispatch_id: s
 
 
 def submit_touch(client: Any, queue: str, path: Path) -> str:
-    response = client.post("/api/v1/tasks", json={"type": "test.touch", "parameters": {"path": str(path)},
-                                                  "queue": queue, "max_retries": 0})
+    response = client.post(
+        "/api/v1/tasks",
+        json={"type": "test.touch", "parameters": {"path": str(path)}, "queue": queue, "max_retries": 0},
+    )
     assert response.status_code == 202, response.json
     return response.json["id"]
 
@@ -148,19 +151,22 @@ def test_a_pickle_serialized_message_pushed_into_the_queue_by_hand_is_rejected_a
     # (created straight in the ledger, so no JSON copy exists that could run instead)
     marker = tmp_path / "runs.txt"
     dispatch_id = str(uuid.uuid4())
-    spec = TaskSpec(type="test.touch", parameters={"path": str(marker)}, priority=5, max_retries=0,
-                    timeout_s=60, queue=queue)
+    spec = TaskSpec(
+        type="test.touch", parameters={"path": str(marker)}, priority=5, max_retries=0, timeout_s=60, queue=queue
+    )
     with session_scope(stack.settings.database) as session:
         (task,) = create_tasks(session, [spec], actor="test")
         task_id = task.id
-        assert transition(session, task_id, TaskState.PENDING, TaskState.QUEUED, actor="test",
-                          values={"dispatch_id": dispatch_id})
+        assert transition(
+            session, task_id, TaskState.PENDING, TaskState.QUEUED, actor="test", values={"dispatch_id": dispatch_id}
+        )
 
     # When a pickle-serialized aios.run message for it is pushed into its queue by hand, carrying
     # an object whose unpickling would leave a canary directory behind
     canary = tmp_path / "canary"
-    publish_by_hand(celery_client, stack, task_id, dispatch_id, queue, serializer="pickle",
-                    extra_kwargs={"canary": Canary(canary)})
+    publish_by_hand(
+        celery_client, stack, task_id, dispatch_id, queue, serializer="pickle", extra_kwargs={"canary": Canary(canary)}
+    )
     # and a worker starts on that queue
     worker = start_worker([queue])
 
@@ -266,13 +272,15 @@ def test_a_second_user_sending_the_same_idempotency_key_gets_a_task_of_their_own
 def test_the_same_idempotency_key_with_a_different_body_is_a_conflict(client, stack, queue):
     # Given a task submitted with an Idempotency-Key
     key = f"key-{uuid.uuid4()}"
-    first = client.post("/api/v1/tasks", json={"type": "echo", "parameters": {"n": 1}, "queue": queue},
-                        headers={"Idempotency-Key": key})
+    first = client.post(
+        "/api/v1/tasks", json={"type": "echo", "parameters": {"n": 1}, "queue": queue}, headers={"Idempotency-Key": key}
+    )
     assert first.status_code == 202, first.json
 
     # When the key is reused for a different request
-    second = client.post("/api/v1/tasks", json={"type": "echo", "parameters": {"n": 2}, "queue": queue},
-                         headers={"Idempotency-Key": key})
+    second = client.post(
+        "/api/v1/tasks", json={"type": "echo", "parameters": {"n": 2}, "queue": queue}, headers={"Idempotency-Key": key}
+    )
 
     # Then it is refused with 409 in the JSON error shape, naming the task that holds the key
     assert second.status_code == 409, second.json

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aios import lease
+from aios.timing import lease
 from tests.conftest import REPO_ROOT, wait_for
 
 pytestmark = pytest.mark.integration
@@ -41,10 +41,15 @@ def test_the_worker_healthcheck_passes_for_a_live_agent_and_fails_for_another_na
     name = f"probe-{uuid.uuid4().hex[:8]}"
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "aios.cli", "worker", "--name", name, "--queues", queue,
-                                    "--concurrency", "1"], env=stack.env, cwd=REPO_ROOT, stdout=log,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "aios.cli", "worker", "--name", name, "--queues", queue, "--concurrency", "1"],
+            env=stack.env,
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
+
         def ready() -> bool:
             assert process.poll() is None, log_path.read_text()[-3000:]
             return " ready." in log_path.read_text(errors="replace")

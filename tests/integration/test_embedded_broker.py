@@ -1,4 +1,4 @@
-"""The embedded default's broker (``sqlite:///var/broker.db``, :mod:`aios.sqlite_transport`) with real
+"""The embedded default's broker (``sqlite:///var/broker.db``, :mod:`aios.broker.sqlite_transport`) with real
 processes in an empty folder and no PostgreSQL or Redis: what ``make run`` gives a newcomer.
 
 * 30 tasks of mixed priorities submitted while the only agent is busy start 9 first, FIFO within a
@@ -61,8 +61,14 @@ class Embedded:
 
     def start(self, *args: str, log: str) -> subprocess.Popen[bytes]:
         with (self.cwd / log).open("ab") as out:
-            process = subprocess.Popen([sys.executable, "-m", "aios.cli", *args], cwd=self.cwd, env=self.env,
-                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "aios.cli", *args],
+                cwd=self.cwd,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.processes.append(process)
         return process
 
@@ -78,8 +84,9 @@ class Embedded:
                 return False
 
         wait_for(answered, timeout=90, interval=0.25, what="the API to answer /healthz")
-        token = requests.post(f"{self.url}/api/v1/auth/token", data={"username": "admin", "password": ADMIN_PASSWORD},
-                              timeout=10)
+        token = requests.post(
+            f"{self.url}/api/v1/auth/token", data={"username": "admin", "password": ADMIN_PASSWORD}, timeout=10
+        )
         assert token.status_code == 200, token.text
         self.http.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
 
@@ -100,12 +107,20 @@ class Embedded:
         return dict(self.ledger(f"SELECT id, state FROM tasks WHERE id IN ({marks})", *task_ids))
 
     def wait_states(self, task_ids: list[str], *wanted: str, timeout: float = 60) -> None:
-        wait_for(lambda: set(self.states(task_ids).values()) <= set(wanted) and len(self.states(task_ids))
-                 == len(task_ids), timeout=timeout, interval=0.2, what=f"{len(task_ids)} task(s) to be {wanted}")
+        wait_for(
+            lambda: set(self.states(task_ids).values()) <= set(wanted) and len(self.states(task_ids)) == len(task_ids),
+            timeout=timeout,
+            interval=0.2,
+            what=f"{len(task_ids)} task(s) to be {wanted}",
+        )
 
     def transitions(self, task_id: str) -> list[str]:
-        return [row[0] for row in self.ledger(
-            "SELECT to_state FROM task_events WHERE task_id = ? AND to_state IS NOT NULL ORDER BY id", task_id)]
+        return [
+            row[0]
+            for row in self.ledger(
+                "SELECT to_state FROM task_events WHERE task_id = ? AND to_state IS NOT NULL ORDER BY id", task_id
+            )
+        ]
 
     def stop(self) -> None:
         for process in self.processes:
@@ -124,8 +139,9 @@ class Embedded:
 def make_embedded(folder: Path, **extra: str) -> Embedded:
     folder.mkdir()
     port = free_port()
-    return Embedded(cwd=folder, url=f"http://127.0.0.1:{port}",
-                    env=clean_env(AIOS_API__PORT=str(port), **SMALL_TIMEOUTS, **extra))
+    return Embedded(
+        cwd=folder, url=f"http://127.0.0.1:{port}", env=clean_env(AIOS_API__PORT=str(port), **SMALL_TIMEOUTS, **extra)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +177,10 @@ def test_thirty_waiting_tasks_start_nine_first_fifo_within_a_level_and_the_queue
     # When 30 echo tasks of priorities 0-9 (three per level) are submitted in shuffled order
     priorities = [level for level in range(10) for _ in range(PER_LEVEL)]
     random.Random(20240611).shuffle(priorities)
-    submitted = [(up.submit({"type": "echo", "parameters": {"index": i}, "queue": "default", "priority": p}), p)
-                 for i, p in enumerate(priorities)]
+    submitted = [
+        (up.submit({"type": "echo", "parameters": {"index": i}, "queue": "default", "priority": p}), p)
+        for i, p in enumerate(priorities)
+    ]
     # Then /api/v1/queues shows them waiting, three at each level, with the age of the oldest
     queue = up.call("GET", "/api/v1/queues/default").json()
     assert up.states([blocker])[blocker] == "RUNNING", "blocker finished before the tasks were all waiting"
@@ -173,8 +191,12 @@ def test_thirty_waiting_tasks_start_nine_first_fifo_within_a_level_and_the_queue
     up.wait_states(ids, "SUCCEEDED", timeout=120)
     # And they started highest priority first, in submit order within a level
     marks = ",".join("?" * len(ids))
-    started = [row[0] for row in up.ledger(
-        f"SELECT task_id FROM task_events WHERE to_state = 'RUNNING' AND task_id IN ({marks}) ORDER BY id", *ids)]
+    started = [
+        row[0]
+        for row in up.ledger(
+            f"SELECT task_id FROM task_events WHERE to_state = 'RUNNING' AND task_id IN ({marks}) ORDER BY id", *ids
+        )
+    ]
     expected = [task_id for task_id, _ in sorted(submitted, key=lambda item: (-item[1], ids.index(item[0])))]
     priority_of = dict(submitted)
     assert [priority_of[t] for t in started] == [priority_of[t] for t in expected], "not in priority order"
@@ -199,8 +221,14 @@ def test_purging_one_level_cancels_its_waiting_tasks_and_leaves_the_others_to_ru
 
 def test_celery_inspect_ping_and_the_workers_route_answer_on_the_embedded_broker(up):
     # When `celery inspect ping` runs against the embedded default (what Flower and operators use)
-    done = subprocess.run([sys.executable, "-m", "celery", "-A", "aios.celery_app", "inspect", "ping", "--timeout",
-                           "10"], cwd=up.cwd, env=up.env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "aios.broker.celery_app", "inspect", "ping", "--timeout", "10"],
+        cwd=up.cwd,
+        env=up.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     # Then the agent answers (the broadcast reached it through the file, its reply came back)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "pong" in done.stdout and "1 node online" in done.stdout, done.stdout
@@ -214,10 +242,23 @@ def separate(tmp_path: Path) -> Iterator[Embedded]:
     """The API, and agents started by the test, as separate processes on one embedded folder (``aios up``
     would stop everything when its agent dies)."""
     stack = make_embedded(tmp_path / "separate", AIOS_SECURITY__JWT_SECRET="x" * 48)
-    subprocess.run([sys.executable, "-m", "aios.cli", "db", "upgrade"], cwd=stack.cwd, env=stack.env, check=True,
-                   capture_output=True, timeout=120)
-    subprocess.run([sys.executable, "-m", "aios.cli", "users", "create", "admin", "--role", "admin"], cwd=stack.cwd,
-                   env=stack.env, input=f"{ADMIN_PASSWORD}\n".encode(), check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "aios.cli", "db", "upgrade"],
+        cwd=stack.cwd,
+        env=stack.env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "aios.cli", "users", "create", "admin", "--role", "admin"],
+        cwd=stack.cwd,
+        env=stack.env,
+        input=f"{ADMIN_PASSWORD}\n".encode(),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     stack.start("api", log="api.log")
     try:
         stack.login()
@@ -235,8 +276,9 @@ def start_agent(stack: Embedded, name: str) -> subprocess.Popen[bytes]:
 def taken_messages(stack: Embedded) -> list[tuple[str, float]]:
     """(holder's delivery tag, when it waits again) of each message of the default queue an agent holds."""
     with sqlite3.connect(stack.cwd / "var" / "broker.db", timeout=15) as conn:
-        return conn.execute("SELECT taken_by, visible_at FROM messages WHERE taken_by IS NOT NULL "
-                            "AND queue = 'aios.default'").fetchall()
+        return conn.execute(
+            "SELECT taken_by, visible_at FROM messages WHERE taken_by IS NOT NULL AND queue = 'aios.default'"
+        ).fetchall()
 
 
 def test_a_message_taken_by_an_agent_that_is_sigkilled_is_delivered_again_after_the_visibility_timeout_and_runs_once(
@@ -250,8 +292,9 @@ def test_a_message_taken_by_an_agent_that_is_sigkilled_is_delivered_again_after_
         child.send_signal(signal.SIGSTOP)
     # And a task whose message A has taken from the broker (held, not acked)
     task_id = separate.submit({"type": "echo", "parameters": {"n": 1}, "queue": "default", "priority": 5})
-    ((_tag, visible_at),) = wait_for(lambda: taken_messages(separate), timeout=30, interval=0.1,
-                                     what="agent A to take the message")
+    ((_tag, visible_at),) = wait_for(
+        lambda: taken_messages(separate), timeout=30, interval=0.1, what="agent A to take the message"
+    )
     assert separate.states([task_id])[task_id] == "QUEUED"
 
     # When A is SIGKILLed with its pool, and agent B starts

@@ -172,16 +172,21 @@ def test_aios_up_runs_an_echo_task_on_the_embedded_default_and_stops_cleanly_on_
     assert (up.cwd / "var" / "aios.db").is_file()
 
     # And it created the first admin and printed its one-time password
-    match = wait_for(lambda: re.search(r"its password \(shown once\): (\S+)", up.log()), timeout=10,
-                     what="the one-time admin password")
+    match = wait_for(
+        lambda: re.search(r"its password \(shown once\): (\S+)", up.log()),
+        timeout=10,
+        what="the one-time admin password",
+    )
     # When the admin logs in (form body, as in the README) and posts an echo task
-    login = requests.post(f"{up.url}/api/v1/auth/token", data={"username": "admin", "password": match.group(1)},
-                          timeout=10)
+    login = requests.post(
+        f"{up.url}/api/v1/auth/token", data={"username": "admin", "password": match.group(1)}, timeout=10
+    )
     assert login.status_code == 200, login.text
     auth = {"Authorization": f"Bearer {login.json()['access_token']}"}
     assert requests.get(f"{up.url}/api/v1/tasks", timeout=5).status_code == 401
-    response = requests.post(f"{up.url}/api/v1/tasks", json={"type": "echo", "parameters": {"x": 1}}, timeout=10,
-                             headers=auth)
+    response = requests.post(
+        f"{up.url}/api/v1/tasks", json={"type": "echo", "parameters": {"x": 1}}, timeout=10, headers=auth
+    )
     # Then it is accepted
     assert response.status_code == 202, response.text
     task_id = response.json()["id"]

@@ -45,8 +45,9 @@ def test_a_task_stream_delivers_progress_10_to_100_in_order_then_the_final_state
     api = start_api()
     start_worker([queue])
     operator, viewer = make_user(stack, "operator"), make_user(stack, "viewer")
-    task_id = submit(api.url, operator.key, {"type": "test.progress", "queue": queue,
-                                             "parameters": {"steps": 10, "sleep_s": 0.3}})
+    task_id = submit(
+        api.url, operator.key, {"type": "test.progress", "queue": queue, "parameters": {"steps": 10, "sleep_s": 0.3}}
+    )
 
     # When the viewer opens the task's event stream and reads it until the server closes it
     stream = open_stream(f"{api.url}/api/v1/tasks/{task_id}/events", key=viewer.key)
@@ -88,8 +89,9 @@ def test_a_reconnect_with_last_event_id_resumes_without_duplicates(stack, start_
     api = start_api()
     start_worker([queue])
     operator = make_user(stack, "operator")
-    task_id = submit(api.url, operator.key, {"type": "test.progress", "queue": queue,
-                                             "parameters": {"steps": 10, "sleep_s": 0.5}})
+    task_id = submit(
+        api.url, operator.key, {"type": "test.progress", "queue": queue, "parameters": {"steps": 10, "sleep_s": 0.5}}
+    )
     url = f"{api.url}/api/v1/tasks/{task_id}/events"
     first = open_stream(url, key=operator.key)
     seen: list[Message] = []
@@ -140,12 +142,14 @@ def test_a_stream_refuses_an_unknown_task_bad_cursor_missing_credentials_and_the
     assert forbidden.status_code == 403 and forbidden.is_json
     assert agent.get("/api/v1/events").status_code == 403
 
-    for path, headers in [(f"/api/v1/tasks/{task_id}/events?after=abc", {}),
-                          (f"/api/v1/tasks/{task_id}/events", {"Last-Event-ID": "-1"}),
-                          ("/api/v1/events?after=12", {}),
-                          ("/api/v1/events", {"Last-Event-ID": "1:x"}),
-                          ("/api/v1/events?types=task,jobs", {}),
-                          ("/api/v1/events?state=RUNNING,SLEEPING", {})]:
+    for path, headers in [
+        (f"/api/v1/tasks/{task_id}/events?after=abc", {}),
+        (f"/api/v1/tasks/{task_id}/events", {"Last-Event-ID": "-1"}),
+        ("/api/v1/events?after=12", {}),
+        ("/api/v1/events", {"Last-Event-ID": "1:x"}),
+        ("/api/v1/events?types=task,jobs", {}),
+        ("/api/v1/events?state=RUNNING,SLEEPING", {}),
+    ]:
         refused = viewer.get(path, headers=headers)
         assert refused.status_code == 422 and refused.is_json, (path, refused.status_code)
 
@@ -165,14 +169,20 @@ def test_progress_from_a_run_that_was_fenced_off_is_ignored(stack, client, ledge
     dispatch_id = ledger.wait_state(task_id, "QUEUED").dispatch_id
     work = runner.claim(stack.settings, task_id, dispatch_id, "fenced@test")
     assert work is not None
-    run = TaskContext(task_id=task_id, attempt=work.attempt, agent="fenced@test", settings=stack.settings,
-                      dispatch_id=dispatch_id)
+    run = TaskContext(
+        task_id=task_id, attempt=work.attempt, agent="fenced@test", settings=stack.settings, dispatch_id=dispatch_id
+    )
     assert run.progress(10, "started") is True
     assert (ledger.task(task_id).progress, ledger.task(task_id).progress_message) == (10.0, "started")
 
     # And a stale run of the same task (an older dispatch) that also reports
-    stale = TaskContext(task_id=task_id, attempt=work.attempt, agent="stale@test", settings=stack.settings,
-                        dispatch_id="00000000-0000-0000-0000-000000000000")
+    stale = TaskContext(
+        task_id=task_id,
+        attempt=work.attempt,
+        agent="stale@test",
+        settings=stack.settings,
+        dispatch_id="00000000-0000-0000-0000-000000000000",
+    )
     assert stale.progress(90, "stale") is False
 
     # When the task is cancelled, and the run reports again (100 is never rate-limited)
@@ -195,8 +205,7 @@ def test_progress_reports_in_a_tight_loop_are_rate_limited_and_the_last_one_is_w
     task_id = client.post("/api/v1/tasks", json={"type": "test.progress", "queue": "nobody-serves-this"}).json["id"]
     dispatch_id = ledger.wait_state(task_id, "QUEUED").dispatch_id
     assert runner.claim(stack.settings, task_id, dispatch_id, "busy@test") is not None
-    run = TaskContext(task_id=task_id, attempt=1, agent="busy@test", settings=stack.settings,
-                      dispatch_id=dispatch_id)
+    run = TaskContext(task_id=task_id, attempt=1, agent="busy@test", settings=stack.settings, dispatch_id=dispatch_id)
 
     # When it reports 1..50 as fast as it can
     for percent in range(1, 51):
@@ -228,15 +237,18 @@ def test_the_cluster_stream_shows_a_task_lifecycle_and_an_agent_status_change_wi
     api = start_api()
     worker = start_worker([queue])
     operator, viewer = make_user(stack, "operator"), make_user(stack, "viewer")
-    tasks_only = open_stream(f"{api.url}/api/v1/events", key=viewer.key,
-                             params={"types": "task", "type": "test.progress"})
-    agent_only = open_stream(f"{api.url}/api/v1/events", key=viewer.key,
-                             params={"types": "agent", "agent": worker.hostname})
+    tasks_only = open_stream(
+        f"{api.url}/api/v1/events", key=viewer.key, params={"types": "task", "type": "test.progress"}
+    )
+    agent_only = open_stream(
+        f"{api.url}/api/v1/events", key=viewer.key, params={"types": "agent", "agent": worker.hostname}
+    )
     assert tasks_only.response.status_code == 200 and agent_only.response.status_code == 200
 
     # When a task runs to its end, and the agent is then drained
-    task_id = submit(api.url, operator.key, {"type": "test.progress", "queue": queue,
-                                             "parameters": {"steps": 3, "sleep_s": 0.2}})
+    task_id = submit(
+        api.url, operator.key, {"type": "test.progress", "queue": queue, "parameters": {"steps": 3, "sleep_s": 0.2}}
+    )
     task_messages: list[Message] = []
     for message in tasks_only:
         assert message.event in ("state", "progress", "note") and message.data["type"] == "test.progress"
@@ -244,8 +256,12 @@ def test_the_cluster_stream_shows_a_task_lifecycle_and_an_agent_status_change_wi
             task_messages.append(message)
             if message.data["to_state"] == "SUCCEEDED":
                 break
-    patched = requests.patch(f"{api.url}/api/v1/agents/{worker.hostname}", json={"status": "DRAINING"},
-                             headers={"X-API-Key": operator.key}, timeout=30)
+    patched = requests.patch(
+        f"{api.url}/api/v1/agents/{worker.hostname}",
+        json={"status": "DRAINING"},
+        headers={"X-API-Key": operator.key},
+        timeout=30,
+    )
     assert patched.status_code == 200, patched.text
     agent_messages: list[Message] = []
     for message in agent_only:
@@ -270,8 +286,12 @@ def test_the_cluster_stream_shows_a_task_lifecycle_and_an_agent_status_change_wi
     running = next(m for m in task_messages if m.data["to_state"] == "RUNNING")
     tasks_only.close()
     agent_only.close()
-    resumed = open_stream(f"{api.url}/api/v1/events", key=viewer.key,
-                          headers={"Last-Event-ID": running.id}, params={"types": "task", "type": "test.progress"})
+    resumed = open_stream(
+        f"{api.url}/api/v1/events",
+        key=viewer.key,
+        headers={"Last-Event-ID": running.id},
+        params={"types": "task", "type": "test.progress"},
+    )
     replayed: list[Message] = []
     for message in resumed:
         if message.data["task_id"] == task_id:
@@ -281,12 +301,16 @@ def test_the_cluster_stream_shows_a_task_lifecycle_and_an_agent_status_change_wi
     resumed.close()
 
     # Then it delivers what followed that event, and nothing before it
-    after_running = task_messages[task_messages.index(running) + 1:]
+    after_running = task_messages[task_messages.index(running) + 1 :]
     assert [(m.id, m.event) for m in replayed] == [(m.id, m.event) for m in after_running]
 
     # Finally, the agent takes work again
-    requests.patch(f"{api.url}/api/v1/agents/{worker.hostname}", json={"status": "ONLINE"},
-                   headers={"X-API-Key": operator.key}, timeout=30)
+    requests.patch(
+        f"{api.url}/api/v1/agents/{worker.hostname}",
+        json={"status": "ONLINE"},
+        headers={"X-API-Key": operator.key},
+        timeout=30,
+    )
 
 
 def test_streams_beyond_a_process_limit_get_503_and_a_closed_stream_frees_its_slot(stack, start_api):
@@ -301,15 +325,15 @@ def test_streams_beyond_a_process_limit_get_503_and_a_closed_stream_frees_its_sl
     assert second.status_code == 503 and second.json()["error"] == "service_unavailable", second.text
     assert second.headers["Retry-After"]
     # And ordinary requests are still answered while the stream is open
-    assert requests.get(f"{api.url}/api/v1/tasks/types", headers={"X-API-Key": viewer.key},
-                        timeout=30).status_code == 200
+    assert (
+        requests.get(f"{api.url}/api/v1/tasks/types", headers={"X-API-Key": viewer.key}, timeout=30).status_code == 200
+    )
 
     # When the first client goes away, its slot is free again soon (not only at the next heartbeat)
     first.close()
 
     def accepted() -> bool:
-        response = requests.get(f"{api.url}/api/v1/events", headers={"X-API-Key": viewer.key}, stream=True,
-                                timeout=30)
+        response = requests.get(f"{api.url}/api/v1/events", headers={"X-API-Key": viewer.key}, stream=True, timeout=30)
         try:
             return response.status_code == 200
         finally:

@@ -75,7 +75,7 @@ def test_a_submit_whose_audit_row_cannot_be_written_answers_an_error_and_commits
 ):
     import redis
 
-    from aios.celery_app import create_celery_app
+    from aios.broker.celery_app import create_celery_app
     from aios.db import session_scope
     from aios.models import AuditEntry, Task
     from webapi.app import create_app
@@ -92,8 +92,9 @@ def test_a_submit_whose_audit_row_cannot_be_written_answers_an_error_and_commits
         # And a real agent on it, so a committed task would be QUEUED and published at once
         own_env = {key: value for key, value in own.env.items() if stack.env.get(key) != value}
         start_worker([queue], concurrency=1, env=own_env)
-        client = authorize(create_app(own.settings, create_celery_app(own.settings)).test_client(),
-                           make_user(own, "admin").key)
+        client = authorize(
+            create_app(own.settings, create_celery_app(own.settings)).test_client(), make_user(own, "admin").key
+        )
 
         # When a task is submitted
         response = client.post("/api/v1/tasks", json={"type": "echo", "parameters": {"n": 1}, "queue": queue})

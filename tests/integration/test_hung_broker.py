@@ -28,8 +28,13 @@ def test_a_submit_to_a_broker_that_stopped_answering_is_accepted_pending_within_
     with running_private_redis(tmp_path / "redis-server.log") as server:
         # Given an API on a private Redis, its connection to it open from a first submit
         operator = make_user(stack, "operator")
-        api = start_api(env={"AIOS_BROKER__URL": server.url, "AIOS_BROKER__SOCKET_TIMEOUT_S": "1",
-                             "AIOS_BROKER__PUBLISH_MAX_RETRIES": "1"})
+        api = start_api(
+            env={
+                "AIOS_BROKER__URL": server.url,
+                "AIOS_BROKER__SOCKET_TIMEOUT_S": "1",
+                "AIOS_BROKER__PUBLISH_MAX_RETRIES": "1",
+            }
+        )
         task = {"type": "echo", "parameters": {"x": 1}, "queue": "hung-broker"}  # no agent: it waits QUEUED
         headers = {"X-API-Key": operator.key}
         first = requests.post(f"{api.url}/api/v1/tasks", json=task, headers=headers, timeout=60)

@@ -14,7 +14,7 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from aios.celery_app import queue_name
+from aios.broker.celery_app import queue_name
 from aios.db import session_scope
 from aios.models import AuditEntry, TaskEvent
 from tests.conftest import REDIS_URL, authorize, make_user, wait_for
@@ -103,12 +103,18 @@ def test_pool_restart_grow_and_shrink_change_the_workers_pool(client, start_work
     # Then its pool process is replaced by a new one, and the worker still runs tasks
     assert restarted.status_code == 200, restarted.json
     assert restarted.json["ok"] == "reload started"
-    wait_for(lambda: (now := pool_when_it_answers(client, worker.hostname)) and len(now) == 1 and now != before,
-             timeout=30, what="a new pool process")
+    wait_for(
+        lambda: (now := pool_when_it_answers(client, worker.hostname)) and len(now) == 1 and now != before,
+        timeout=30,
+        what="a new pool process",
+    )
     task = client.post("/api/v1/tasks", json={"type": "echo", "parameters": {"x": 1}, "queue": queue})
     assert task.status_code == 202, task.json
-    wait_for(lambda: client.get(f"/api/v1/tasks/{task.json['id']}").json["state"] == "SUCCEEDED", timeout=30,
-             what="the task to succeed after the pool restart")
+    wait_for(
+        lambda: client.get(f"/api/v1/tasks/{task.json['id']}").json["state"] == "SUCCEEDED",
+        timeout=30,
+        what="the task to succeed after the pool restart",
+    )
 
     # When the pool grows by 2
     grown = client.post(f"/api/v1/workers/{worker.hostname}/pool/grow", json={"n": 2})
@@ -176,18 +182,27 @@ def test_add_and_cancel_consumer_change_the_queues_a_worker_consumes_and_it_then
 
     # Then its active queues include it, and the waiting task runs
     assert added.status_code == 200, added.json
-    wait_for(lambda: queue_name(stack.settings, extra) in consumed(client, worker.hostname), timeout=20,
-             what="the worker to consume the extra queue")
-    wait_for(lambda: client.get(f"/api/v1/tasks/{waiting.json['id']}").json["state"] == "SUCCEEDED", timeout=30,
-             what="the task of the extra queue to run")
+    wait_for(
+        lambda: queue_name(stack.settings, extra) in consumed(client, worker.hostname),
+        timeout=20,
+        what="the worker to consume the extra queue",
+    )
+    wait_for(
+        lambda: client.get(f"/api/v1/tasks/{waiting.json['id']}").json["state"] == "SUCCEEDED",
+        timeout=30,
+        what="the task of the extra queue to run",
+    )
 
     # When it is told to stop consuming it
     cancelled = client.post(f"/api/v1/workers/{worker.hostname}/queues/cancel-consumer", json={"queue": extra})
 
     # Then the queue is gone from its active queues, and the first queue is still there
     assert cancelled.status_code == 200, cancelled.json
-    wait_for(lambda: queue_name(stack.settings, extra) not in consumed(client, worker.hostname), timeout=20,
-             what="the worker to stop consuming the extra queue")
+    wait_for(
+        lambda: queue_name(stack.settings, extra) not in consumed(client, worker.hostname),
+        timeout=20,
+        what="the worker to stop consuming the extra queue",
+    )
     assert queue_name(stack.settings, queue) in consumed(client, worker.hostname)
 
     # And a malformed queue name is refused
@@ -203,16 +218,16 @@ def test_rate_and_time_limits_are_set_on_the_worker_and_read_back_from_its_regis
 
     # When a rate limit and time limits are set for aios.run
     rated = client.post(f"/api/v1/workers/{worker.hostname}/rate-limit", json={"rate_limit": "10/m"})
-    timed = client.post(f"/api/v1/workers/{worker.hostname}/time-limit",
-                        json={"task": "aios.run", "soft_s": 30, "hard_s": 40})
+    timed = client.post(
+        f"/api/v1/workers/{worker.hostname}/time-limit", json={"task": "aios.run", "soft_s": 30, "hard_s": 40}
+    )
 
     # Then the worker confirms both, and its registered task shows them
     assert rated.status_code == 200, rated.json
     assert rated.json["ok"] == "new rate limit set successfully"
     assert timed.status_code == 200, timed.json
     assert timed.json["ok"] == "time limits set successfully"
-    (entry,) = [e for e in worker_info(client, worker.hostname, "registered")["registered"]
-                if e.startswith("aios.run")]
+    (entry,) = [e for e in worker_info(client, worker.hostname, "registered")["registered"] if e.startswith("aios.run")]
     assert "rate_limit=10/m" in entry
     assert "soft_time_limit=30" in entry and "time_limit=40" in entry
 
@@ -222,8 +237,9 @@ def test_rate_and_time_limits_are_set_on_the_worker_and_read_back_from_its_regis
     assert cleared.json["ok"] == "rate limit disabled successfully"
 
     # And an unknown task is refused by the worker (409), a malformed rate before sending (422)
-    unknown = client.post(f"/api/v1/workers/{worker.hostname}/rate-limit",
-                          json={"task": "no.such.task", "rate_limit": "1/s"})
+    unknown = client.post(
+        f"/api/v1/workers/{worker.hostname}/rate-limit", json={"task": "no.such.task", "rate_limit": "1/s"}
+    )
     assert unknown.status_code == 409, unknown.json
     assert "unknown task" in unknown.json["message"]
     malformed = client.post(f"/api/v1/workers/{worker.hostname}/rate-limit", json={"rate_limit": "fast"})
@@ -244,7 +260,8 @@ def test_shutdown_stops_the_worker_process(client, start_worker, queue, stack):
     assert client.get(f"/api/v1/workers/{worker.hostname}").status_code == 404
     with session_scope(stack.settings.database) as session:
         assert session.scalars(select(AuditEntry.action).where(AuditEntry.target == worker.hostname)).all() == [
-            "worker.shutdown"]
+            "worker.shutdown"
+        ]
 
 
 def test_a_viewer_reads_workers_and_queues_but_cannot_control_or_purge_and_an_operator_cannot_purge(
@@ -261,10 +278,17 @@ def test_a_viewer_reads_workers_and_queues_but_cannot_control_or_purge_and_an_op
     assert viewer.get("/api/v1/queues").status_code == 200
 
     # But every control call is 403 for the viewer, and the worker's pool is untouched
-    for path, body in [("pool/grow", {"n": 1}), ("pool/shrink", {"n": 1}), ("pool/restart", None),
-                       ("pool/autoscale", {"max": 2, "min": 1}), ("queues/add-consumer", {"queue": "x"}),
-                       ("queues/cancel-consumer", {"queue": "x"}), ("rate-limit", {"rate_limit": "1/s"}),
-                       ("time-limit", {"soft_s": 1}), ("shutdown", None)]:
+    for path, body in [
+        ("pool/grow", {"n": 1}),
+        ("pool/shrink", {"n": 1}),
+        ("pool/restart", None),
+        ("pool/autoscale", {"max": 2, "min": 1}),
+        ("queues/add-consumer", {"queue": "x"}),
+        ("queues/cancel-consumer", {"queue": "x"}),
+        ("rate-limit", {"rate_limit": "1/s"}),
+        ("time-limit", {"soft_s": 1}),
+        ("shutdown", None),
+    ]:
         response = viewer.post(f"/api/v1/workers/{worker.hostname}/{path}", json=body)
         assert response.status_code == 403, (path, response.json)
     assert worker.process.poll() is None
@@ -274,14 +298,18 @@ def test_a_viewer_reads_workers_and_queues_but_cannot_control_or_purge_and_an_op
     assert viewer.post(f"/api/v1/queues/{queue}/purge").status_code == 403
     assert operator.post(f"/api/v1/queues/{queue}/purge").status_code == 403
     # (the operator may control)
-    assert operator.post(f"/api/v1/workers/{worker.hostname}/rate-limit",
-                         json={"rate_limit": "5/s"}).status_code == 200
+    assert operator.post(f"/api/v1/workers/{worker.hostname}/rate-limit", json={"rate_limit": "5/s"}).status_code == 200
 
 
 def submit(client: Any, queue: str, priority: int, count: int) -> list[str]:
-    response = client.post("/api/v1/tasks/batch", json={"tasks": [
-        {"type": "echo", "parameters": {"i": i}, "queue": queue, "priority": priority} for i in range(count)
-    ]})
+    response = client.post(
+        "/api/v1/tasks/batch",
+        json={
+            "tasks": [
+                {"type": "echo", "parameters": {"i": i}, "queue": queue, "priority": priority} for i in range(count)
+            ]
+        },
+    )
     assert response.status_code == 202, response.json
     assert response.json["queued"] == count
     return response.json["ids"]
@@ -316,13 +344,13 @@ def test_queue_depths_per_priority_and_purging_one_level_cancels_exactly_its_tas
 
     # Then exactly the 50 tasks of level 2 are CANCELLED (reason "purged"), the 10 still QUEUED
     assert purged.status_code == 200, purged.json
-    assert purged.json == {"queue": queue, "priority": 2, "purged": 50, "cancelled": 50, "dropped": 0,
-                           "unreadable": 0}
+    assert purged.json == {"queue": queue, "priority": 2, "purged": 50, "cancelled": 50, "dropped": 0, "unreadable": 0}
     assert set(ledger.states(low).values()) == {"CANCELLED"}
     assert set(ledger.states(high).values()) == {"QUEUED"}
     with session_scope(stack.settings.database) as session:
-        reasons = session.scalars(select(TaskEvent.detail).where(TaskEvent.task_id.in_(low),
-                                                                 TaskEvent.to_state == "CANCELLED")).all()
+        reasons = session.scalars(
+            select(TaskEvent.detail).where(TaskEvent.task_id.in_(low), TaskEvent.to_state == "CANCELLED")
+        ).all()
     assert len(reasons) == 50 and all(r["reason"] == "purged" for r in reasons)
 
     # And the broker agrees: level 2 is empty, the 10 messages of level 8 are still in Redis
@@ -340,8 +368,9 @@ def test_queue_depths_per_priority_and_purging_one_level_cancels_exactly_its_tas
     assert set(ledger.states(high).values()) == {"CANCELLED"}
     assert raw.llen(key) == 0
     with session_scope(stack.settings.database) as session:
-        audited = session.scalars(select(AuditEntry).where(AuditEntry.target == queue,
-                                                         AuditEntry.action == "queue.purge")).all()
+        audited = session.scalars(
+            select(AuditEntry).where(AuditEntry.target == queue, AuditEntry.action == "queue.purge")
+        ).all()
     assert len(audited) == 2
 
 
@@ -355,9 +384,7 @@ def test_purging_an_unknown_queue_is_404_and_a_bad_priority_is_422(client, queue
     assert client.get(f"/api/v1/queues/{queue}").json["depth"] == 1
 
 
-def test_a_purged_message_of_a_task_already_cancelled_is_dropped_without_touching_the_ledger(
-    client, ledger, queue
-):
+def test_a_purged_message_of_a_task_already_cancelled_is_dropped_without_touching_the_ledger(client, ledger, queue):
     # Given two waiting tasks, one of them cancelled through the API (its message is still queued)
     first, second = submit(client, queue, 5, 2)
     assert client.delete(f"/api/v1/tasks/{first}").status_code == 200
@@ -381,8 +408,9 @@ def test_the_task_types_are_listed_with_their_parameter_schemas(client):
     assert "seconds" in by_name["sleep"]["parameters"]["properties"]
 
 
-def test_a_viewer_sees_no_pids_broker_or_conf_of_a_worker_and_an_operator_sees_them(api_app, start_worker, stack,
-                                                                                   queue):
+def test_a_viewer_sees_no_pids_broker_or_conf_of_a_worker_and_an_operator_sees_them(
+    api_app, start_worker, stack, queue
+):
     # Given a worker, a viewer and an operator
     worker = start_worker([queue], concurrency=1)
     viewer = authorize(api_app.test_client(), make_user(stack, "viewer").key)
@@ -398,7 +426,8 @@ def test_a_viewer_sees_no_pids_broker_or_conf_of_a_worker_and_an_operator_sees_t
     listed = viewer.get("/api/v1/workers")
     assert listed.status_code == 200, listed.json
     for shown in [w for w in listed.json["workers"] if w["name"] == worker.hostname] + [
-            viewer.get(f"/api/v1/workers/{worker.hostname}").json]:
+        viewer.get(f"/api/v1/workers/{worker.hostname}").json
+    ]:
         assert "conf" not in shown
         assert "pid" not in shown["stats"] and "broker" not in shown["stats"]
         assert "processes" not in shown["stats"]["pool"]

@@ -77,8 +77,9 @@ def dump_schema(url: str) -> str:
 
 def http(api: Any, method: str, path: str, key: str, **kwargs: Any) -> requests.Response:
     """One request to a real API process, on a fresh connection (no keep-alive held at shutdown)."""
-    return requests.request(method, f"{api.url}{path}", headers={"X-API-Key": key, "Connection": "close"},
-                            timeout=10, **kwargs)
+    return requests.request(
+        method, f"{api.url}{path}", headers={"X-API-Key": key, "Connection": "close"}, timeout=10, **kwargs
+    )
 
 
 # --------------------------------------------------------------------------- created keys
@@ -93,7 +94,8 @@ def test_a_created_key_authenticates_as_x_api_key_and_as_bearer_and_only_a_hash_
 
     # When it creates an operator key that expires in 30 days
     created = as_client(api_app, operator.key).post(
-        "/api/v1/keys", json={"name": "ci-deploy", "role": "operator", "expires_in_days": 30})
+        "/api/v1/keys", json={"name": "ci-deploy", "role": "operator", "expires_in_days": 30}
+    )
 
     # Then the answer is 201 with the key, formatted aios_<prefix>_<secret>, the secret at least 128 bits
     assert created.status_code == 201, created.json
@@ -103,8 +105,12 @@ def test_a_created_key_authenticates_as_x_api_key_and_as_bearer_and_only_a_hash_
     assert body["prefix"] == prefix
     assert len(secret) * 6 >= 128, f"secret of {len(secret)} base64url characters is under 128 bits"
     assert len(secret) >= 32  # 192 bits as documented
-    assert (body["name"], body["role"], body["owner"], body["state"]) == ("ci-deploy", "operator",
-                                                                          operator.user, "ACTIVE")
+    assert (body["name"], body["role"], body["owner"], body["state"]) == (
+        "ci-deploy",
+        "operator",
+        operator.user,
+        "ACTIVE",
+    )
     expires_at = datetime.fromisoformat(body["expires_at"])
     assert abs(expires_at - (before + timedelta(days=30))) < timedelta(minutes=1)
     assert "secret_hash" not in body
@@ -244,8 +250,9 @@ def test_an_expired_key_is_refused_at_once_by_every_api_process(stack, start_api
     # Given two real API processes, and an operator key that works on both
     a, b = start_api(name="api-a"), start_api(name="api-b")
     operator = make_user(stack, "operator")
-    created = http(a, "POST", "/api/v1/keys", operator.key,
-                   json={"name": "expiring", "role": "operator", "expires_in_days": 1})
+    created = http(
+        a, "POST", "/api/v1/keys", operator.key, json={"name": "expiring", "role": "operator", "expires_in_days": 1}
+    )
     assert created.status_code == 201, created.text
     key_id, key = created.json()["id"], created.json()["key"]
     assert http(a, "GET", "/api/v1/keys", key).status_code == 200
@@ -431,11 +438,20 @@ def test_a_key_never_has_a_role_its_creator_may_not_grant(stack, api_app, client
     # a viewer creates viewer keys only; an operator viewer and operator keys; only an admin creates
     # admin and agent keys; an agent manages no keys at all
     expected = {
-        ("viewer", "viewer"): 201, ("viewer", "operator"): 403, ("viewer", "admin"): 403, ("viewer", "agent"): 403,
-        ("operator", "viewer"): 201, ("operator", "operator"): 201, ("operator", "admin"): 403,
+        ("viewer", "viewer"): 201,
+        ("viewer", "operator"): 403,
+        ("viewer", "admin"): 403,
+        ("viewer", "agent"): 403,
+        ("operator", "viewer"): 201,
+        ("operator", "operator"): 201,
+        ("operator", "admin"): 403,
         ("operator", "agent"): 403,
-        ("admin", "viewer"): 201, ("admin", "operator"): 201, ("admin", "admin"): 201, ("admin", "agent"): 201,
-        ("agent", "viewer"): 403, ("agent", "agent"): 403,
+        ("admin", "viewer"): 201,
+        ("admin", "operator"): 201,
+        ("admin", "admin"): 201,
+        ("admin", "agent"): 201,
+        ("agent", "viewer"): 403,
+        ("agent", "agent"): 403,
     }
 
     # When each creates a key of each role

@@ -21,7 +21,7 @@ import pytest
 import requests
 from sqlalchemy.engine import make_url
 
-from aios.log import redact
+from aios.ops.log import redact
 from tests.conftest import REPO_ROOT, TEST_JWT_SECRET, wait_for
 
 pytestmark = pytest.mark.integration
@@ -94,7 +94,9 @@ class Api:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "aios.cli", "api"],
             env={**env, "AIOS_API__PORT": str(self.port), "AIOS_API__WORKERS": "1"},
-            cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
         def up() -> bool:
@@ -149,8 +151,9 @@ def test_a_full_test_runs_logs_contain_none_of_the_test_secrets(
         secrets.update({"the user's password": password, "the user's new password": new_password})
 
         # When an admin creates a user through the API
-        created = api.call("POST", "/api/v1/users", headers=as_admin,
-                           json={"name": name, "password": password, "role": "operator"})
+        created = api.call(
+            "POST", "/api/v1/users", headers=as_admin, json={"name": name, "password": password, "role": "operator"}
+        )
         assert created.status_code == 201, created.text
 
         # And the user logs in (JSON and form), and uses the access token
@@ -162,9 +165,14 @@ def test_a_full_test_runs_logs_contain_none_of_the_test_secrets(
         token = {"Authorization": f"Bearer {access}"}
         assert api.call("GET", "/api/v1/tasks", headers=token).status_code == 200
         assert api.call("GET", "/api/v1/users/me", headers=token).json()["name"] == name
-        secrets.update({"an access token": access, "a refresh token": refresh,
-                        "a form-login access token": form.json()["access_token"],
-                        "a form-login refresh token": form.json()["refresh_token"]})
+        secrets.update(
+            {
+                "an access token": access,
+                "a refresh token": refresh,
+                "a form-login access token": form.json()["access_token"],
+                "a form-login refresh token": form.json()["refresh_token"],
+            }
+        )
 
         # And creates an API key, and uses it both ways (X-API-Key and Bearer aios_…)
         made = api.call("POST", "/api/v1/keys", headers=token, json={"name": "log-test", "role": "operator"})
@@ -175,12 +183,24 @@ def test_a_full_test_runs_logs_contain_none_of_the_test_secrets(
 
         # And submits tasks that the worker runs (one succeeds, one fails with a traceback)
         submitted = [
-            api.call("POST", "/api/v1/tasks", headers=by_header,
-                     json={"type": "echo", "parameters": {"n": 1}, "queue": queue}),
-            api.call("POST", "/api/v1/tasks", headers=by_bearer,
-                     json={"type": "echo", "parameters": {"n": 2}, "queue": queue}),
-            api.call("POST", "/api/v1/tasks", headers=token,
-                     json={"type": "test.always_fail", "max_retries": 0, "queue": queue}),
+            api.call(
+                "POST",
+                "/api/v1/tasks",
+                headers=by_header,
+                json={"type": "echo", "parameters": {"n": 1}, "queue": queue},
+            ),
+            api.call(
+                "POST",
+                "/api/v1/tasks",
+                headers=by_bearer,
+                json={"type": "echo", "parameters": {"n": 2}, "queue": queue},
+            ),
+            api.call(
+                "POST",
+                "/api/v1/tasks",
+                headers=token,
+                json={"type": "test.always_fail", "max_retries": 0, "queue": queue},
+            ),
         ]
         assert [r.status_code for r in submitted] == [202, 202, 202], [r.text for r in submitted]
         ids = [r.json()["id"] for r in submitted]
@@ -197,8 +217,12 @@ def test_a_full_test_runs_logs_contain_none_of_the_test_secrets(
         renewed = api.call("POST", "/api/v1/auth/refresh", headers={"Authorization": f"Bearer {refresh}"})
         assert renewed.status_code == 200, renewed.text
         secrets["a refreshed access token"] = renewed.json()["access_token"]
-        assert api.call("GET", "/api/v1/tasks",
-                        headers={"Authorization": f"Bearer {renewed.json()['access_token']}"}).status_code == 200
+        assert (
+            api.call(
+                "GET", "/api/v1/tasks", headers={"Authorization": f"Bearer {renewed.json()['access_token']}"}
+            ).status_code
+            == 200
+        )
         rotated = api.call("POST", f"/api/v1/keys/{made.json()['id']}/rotate", headers=by_header, json={})
         assert rotated.status_code == 201, rotated.text
         secrets["a rotated API key"] = rotated.json()["key"]
@@ -211,8 +235,9 @@ def test_a_full_test_runs_logs_contain_none_of_the_test_secrets(
         relogin = api.call("POST", "/api/v1/auth/token", json={"username": name, "password": new_password})
         assert relogin.status_code == 200, relogin.text
         access, refresh = relogin.json()["access_token"], relogin.json()["refresh_token"]
-        secrets.update({"an access token after the password change": access,
-                        "a refresh token after the password change": refresh})
+        secrets.update(
+            {"an access token after the password change": access, "a refresh token after the password change": refresh}
+        )
         token = {"Authorization": f"Bearer {access}"}
 
         # And credentials are misused: a wrong password, an unknown user, a bad key, a bad token,
@@ -221,8 +246,14 @@ def test_a_full_test_runs_logs_contain_none_of_the_test_secrets(
         ghost_password = f"ghost-{uuid.uuid4().hex}"
         bad_key = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
         bad_token = tamper(access)
-        secrets.update({"a wrong password": wrong_password, "an unknown user's password": ghost_password,
-                        "a bad API key": bad_key, "a tampered token": bad_token})
+        secrets.update(
+            {
+                "a wrong password": wrong_password,
+                "an unknown user's password": ghost_password,
+                "a bad API key": bad_key,
+                "a tampered token": bad_token,
+            }
+        )
         basic = base64.b64encode(f"{name}:{new_password}".encode()).decode()
         refused = [
             api.call("POST", "/api/v1/auth/token", json={"username": name, "password": wrong_password}),
@@ -241,8 +272,9 @@ def test_a_full_test_runs_logs_contain_none_of_the_test_secrets(
         # And the user logs out: both tokens are refused afterwards
         assert api.call("POST", "/api/v1/auth/logout", headers=token).status_code == 200
         assert api.call("GET", "/api/v1/tasks", headers=token).status_code == 401
-        assert api.call("POST", "/api/v1/auth/refresh",
-                        headers={"Authorization": f"Bearer {refresh}"}).status_code == 401
+        assert (
+            api.call("POST", "/api/v1/auth/refresh", headers={"Authorization": f"Bearer {refresh}"}).status_code == 401
+        )
     finally:
         api.stop()
         worker.stop()
@@ -267,12 +299,15 @@ def test_a_full_test_runs_logs_contain_none_of_the_test_secrets(
 
 def test_aios_config_prints_no_database_broker_or_jwt_password(stack):
     # Given passwords in the database and broker URLs and the JWT signing key in the environment
-    env = {**stack.env,
-           "AIOS_BROKER__URL": "redis://user:s3cretpw@127.0.0.1:6379/0",
-           "AIOS_DATABASE__URL": "postgresql+psycopg2://aios:dbs3cretpw@127.0.0.1:5432/aios"}
+    env = {
+        **stack.env,
+        "AIOS_BROKER__URL": "redis://user:s3cretpw@127.0.0.1:6379/0",
+        "AIOS_DATABASE__URL": "postgresql+psycopg2://aios:dbs3cretpw@127.0.0.1:5432/aios",
+    }
     # When `aios config` prints the effective configuration
-    result = subprocess.run([sys.executable, "-m", "aios.cli", "config"], env=env, cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "aios.cli", "config"], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
     # Then it succeeds and shows where things are, but none of the secrets
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
@@ -287,8 +322,10 @@ def test_aios_config_prints_no_database_broker_or_jwt_password(stack):
 
 
 KEY = "aios_0123456789_" + "Zx9-_" * 6 + "ab"
-JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxIiwidHlwZSI6ImFjY2VzcyJ9."
-       "mG3v4bF0yq7m3X1e2c9Yk0pQb6lS5dTq8wN2rJ4hV7s")
+JWT = (
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxIiwidHlwZSI6ImFjY2VzcyJ9."
+    "mG3v4bF0yq7m3X1e2c9Yk0pQb6lS5dTq8wN2rJ4hV7s"
+)
 
 
 @pytest.mark.parametrize(
@@ -335,7 +372,7 @@ def test_the_running_log_handler_redacts(tmp_path):
     # Given the formatter every AIOS process logs through
     import logging
 
-    from aios.log import RedactingFormatter
+    from aios.ops.log import RedactingFormatter
 
     path = tmp_path / "handler.log"
     handler = logging.FileHandler(path)

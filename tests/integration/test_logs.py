@@ -14,8 +14,9 @@ from tests.conftest import make_user, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_the_api_stamps_a_request_id_on_the_response_and_on_its_log_lines_in_both_files(stack, start_api,
-                                                                                          tmp_path, queue):
+def test_the_api_stamps_a_request_id_on_the_response_and_on_its_log_lines_in_both_files(
+    stack, start_api, tmp_path, queue
+):
     # Given the API under gunicorn, logging JSON to its own folder
     logs = tmp_path / "logs"
     api = start_api(env={"AIOS_LOGGING__DIR": str(logs), "AIOS_LOGGING__FORMAT": "json"})
@@ -23,10 +24,18 @@ def test_the_api_stamps_a_request_id_on_the_response_and_on_its_log_lines_in_bot
 
     # When a task is submitted, once with an id of the client's and once with a header that is not one
     mine = f"client-{uuid.uuid4().hex[:12]}"
-    given = requests.post(f"{api.url}/api/v1/tasks", json={"type": "echo", "queue": queue},
-                          headers={**headers, "X-Request-ID": mine}, timeout=10)
-    forged = requests.post(f"{api.url}/api/v1/tasks", json={"type": "echo", "queue": queue},
-                           headers={**headers, "X-Request-ID": "x\" injected=1"}, timeout=10)
+    given = requests.post(
+        f"{api.url}/api/v1/tasks",
+        json={"type": "echo", "queue": queue},
+        headers={**headers, "X-Request-ID": mine},
+        timeout=10,
+    )
+    forged = requests.post(
+        f"{api.url}/api/v1/tasks",
+        json={"type": "echo", "queue": queue},
+        headers={**headers, "X-Request-ID": 'x" injected=1'},
+        timeout=10,
+    )
     missing = requests.get(f"{api.url}/api/v1/nothing-here", headers=headers, timeout=10)
 
     # Then each response carries a request id: the client's when it is a plain token, else a new one
@@ -59,8 +68,9 @@ def test_an_agent_log_line_about_a_task_carries_the_task_id(client, start_worker
     worker = start_worker([queue], env={"AIOS_LOGGING__DIR": str(logs)})
 
     # When it runs a task that fails (the runner logs the failure)
-    task_id = client.post("/api/v1/tasks", json={"type": "test.always_fail", "queue": queue,
-                                                 "max_retries": 0}).json["id"]
+    task_id = client.post("/api/v1/tasks", json={"type": "test.always_fail", "queue": queue, "max_retries": 0}).json[
+        "id"
+    ]
     ledger.wait_state(task_id, "FAILED", "DEAD")
 
     # Then the agent's log lines about that run name the task
@@ -68,5 +78,8 @@ def test_an_agent_log_line_about_a_task_carries_the_task_id(client, start_worker
         path = logs / "aios.log"
         return [line for line in path.read_text().splitlines() if task_id in line] if path.exists() else []
 
-    wait_for(lambda: any(f"[task={task_id}]" in line for line in lines()), timeout=10,
-             what=f"an agent log line tagged with task {task_id}:\n{worker.log()[-2000:]}")
+    wait_for(
+        lambda: any(f"[task={task_id}]" in line for line in lines()),
+        timeout=10,
+        what=f"an agent log line tagged with task {task_id}:\n{worker.log()[-2000:]}",
+    )

@@ -12,15 +12,18 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from aios.task_stats import rollup
+from aios.tasks.stats import rollup
 from tests.conftest import authorize, make_user, require_program, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(text: str, name: str, **labels: str) -> float:
@@ -40,11 +43,21 @@ def test_metrics_needs_a_viewer_and_answers_in_the_prometheus_text_format(api_ap
     assert answer.status_code == 200
     assert answer.headers["Content-Type"].startswith("text/plain; version=")
     names = {family.name for family in text_string_to_metric_families(answer.get_data(as_text=True))}
-    for expected in ("aios_http_requests", "aios_http_request_duration_seconds", "aios_auth_failures",
-                     "aios_tasks_finished", "aios_task_run_seconds", "aios_task_queue_wait_seconds",
-                     "aios_queue_depth", "aios_queue_oldest_message_age_seconds", "aios_agents",
-                     "aios_sync_runs", "aios_sync_last_success_timestamp_seconds", "aios_backups",
-                     "aios_last_good_backup_timestamp_seconds"):
+    for expected in (
+        "aios_http_requests",
+        "aios_http_request_duration_seconds",
+        "aios_auth_failures",
+        "aios_tasks_finished",
+        "aios_task_run_seconds",
+        "aios_task_queue_wait_seconds",
+        "aios_queue_depth",
+        "aios_queue_oldest_message_age_seconds",
+        "aios_agents",
+        "aios_sync_runs",
+        "aios_sync_last_success_timestamp_seconds",
+        "aios_backups",
+        "aios_last_good_backup_timestamp_seconds",
+    ):
         assert expected in names, (expected, sorted(names))
 
 
@@ -64,18 +77,25 @@ def test_finished_tasks_run_time_and_queue_wait_come_from_the_ledger_and_never_l
     text = client.get("/metrics").get_data(as_text=True)
 
     # Then the totals grew by exactly three, with a run time and a queue wait for each
-    grew = {name: value(text, name, **labels) - value(before, name, **labels) for name, labels in [
-        ("aios_tasks_finished_total", {"type": "echo", "state": "SUCCEEDED"}),
-        ("aios_task_run_seconds_count", {"type": "echo"}),
-        ("aios_task_queue_wait_seconds_count", {"type": "echo"}),
-    ]}
-    assert grew == {"aios_tasks_finished_total": 3, "aios_task_run_seconds_count": 3,
-                    "aios_task_queue_wait_seconds_count": 3}
+    grew = {
+        name: value(text, name, **labels) - value(before, name, **labels)
+        for name, labels in [
+            ("aios_tasks_finished_total", {"type": "echo", "state": "SUCCEEDED"}),
+            ("aios_task_run_seconds_count", {"type": "echo"}),
+            ("aios_task_queue_wait_seconds_count", {"type": "echo"}),
+        ]
+    }
+    assert grew == {
+        "aios_tasks_finished_total": 3,
+        "aios_task_run_seconds_count": 3,
+        "aios_task_queue_wait_seconds_count": 3,
+    }
     # And a second roll-up counts nothing twice
     rollup(stack.settings, settle_s=0)
     again = client.get("/metrics").get_data(as_text=True)
     assert value(again, "aios_tasks_finished_total", type="echo", state="SUCCEEDED") == value(
-        text, "aios_tasks_finished_total", type="echo", state="SUCCEEDED")
+        text, "aios_tasks_finished_total", type="echo", state="SUCCEEDED"
+    )
     # And no label value is a task id or a user name
     for task_id in ids:
         assert task_id not in text
@@ -100,16 +120,20 @@ def test_counters_add_up_over_two_gunicorn_workers(stack, start_api, queue, tmp_
 
     # When 10 tasks are submitted, concurrently so that both workers take some
     def submit(_: int) -> int:
-        return requests.post(f"{api.url}/api/v1/tasks", json={"type": "echo", "queue": queue}, headers=headers,
-                             timeout=10).status_code
+        return requests.post(
+            f"{api.url}/api/v1/tasks", json={"type": "echo", "queue": queue}, headers=headers, timeout=10
+        ).status_code
 
     with ThreadPoolExecutor(max_workers=10) as pool:
         assert list(pool.map(submit, range(10))) == [202] * 10
 
     # Then both workers wrote metrics, and every scrape (whichever worker answers) says 10
     files = {path.name for path in Path(metrics_dir).rglob("counter_*.db")}
-    wait_for(lambda: len(files | {p.name for p in Path(metrics_dir).rglob("counter_*.db")}) >= 2, timeout=5,
-             what="two gunicorn workers to write metric files")
+    wait_for(
+        lambda: len(files | {p.name for p in Path(metrics_dir).rglob("counter_*.db")}) >= 2,
+        timeout=5,
+        what="two gunicorn workers to write metric files",
+    )
     for _ in range(6):
         text = requests.get(f"{api.url}/metrics", headers=headers, timeout=10).text
         assert value(text, "aios_tasks_submitted_total", type="echo") == 10
@@ -135,7 +159,8 @@ def test_the_shipped_alert_rules_and_dashboard_read_only_metrics_aios_exports(cl
     rules = (config / "prometheus" / "aios-alerts.yml").read_text()
     dashboard = json.loads((config / "grafana" / "aios-dashboard.json").read_text())
     expressions = re.findall(r"expr: (.+)", rules) + [
-        target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+        target["expr"] for panel in dashboard["panels"] for target in panel["targets"]
+    ]
     assert len(expressions) > 20
     for expression in expressions:
         missing = {name for name in metric_names_in(expression) if name not in exported}

@@ -28,17 +28,17 @@ pytestmark = pytest.mark.integration
 UNSTORABLE = ("%00", "a%00b", "%00%00%00", "x" * 300 + "%00")
 #: Values a route must handle itself: as text, as a number, as a cursor.
 ODD = (
-    "%C2%B2",            # "²": a digit to str.isdigit(), not to int()
-    "%ED%A0%80",         # a UTF-8-encoded surrogate (decoded as replacement characters)
-    "%FF%FE",            # not UTF-8 at all
-    "9" * 5000,          # past Python's integer-conversion limit, and every bigint
+    "%C2%B2",  # "²": a digit to str.isdigit(), not to int()
+    "%ED%A0%80",  # a UTF-8-encoded surrogate (decoded as replacement characters)
+    "%FF%FE",  # not UTF-8 at all
+    "9" * 5000,  # past Python's integer-conversion limit, and every bigint
     "-1",
     "1e309",
     "%25",
     "..%2F..%2Fetc%2Fpasswd",
     "%E2%80%AE" + "z" * 2000,  # right-to-left override, then length
     "[]",
-    "ZHVtbXk",           # base64 of a non-cursor
+    "ZHVtbXk",  # base64 of a non-cursor
     "WyIyMDI2LTAxLTAxVDAwOjAwOjAwWiIsIlx1ZDgwMCJd",  # base64 of ["2026-01-01T00:00:00Z", "\ud800"]
 )
 #: Endpoints that stream until the client leaves: their path parameters are fuzzed, their queries not.
@@ -58,8 +58,9 @@ def _query_names() -> dict[str, list[str]]:
         elif isinstance(query, dict):
             names[endpoint] = list(query)
     source = (REPO_ROOT / "webapi" / "ui.py").read_text()
-    ui_names = sorted({name for line in source.splitlines() if "request.args" in line
-                       for name in re.findall(r'"([a-z_]+)"', line)})
+    ui_names = sorted(
+        {name for line in source.splitlines() if "request.args" in line for name in re.findall(r'"([a-z_]+)"', line)}
+    )
     assert {"state", "cursor", "before", "principal"} <= set(ui_names), ui_names
     names["ui.*"] = ui_names
     return names
@@ -144,5 +145,3 @@ def test_the_query_names_cover_each_api_list(odd_world):
     names = _query_names()
     for endpoint in ("tasks.index", "audit.index", "agents.index"):
         assert names.get(endpoint), endpoint
-
-

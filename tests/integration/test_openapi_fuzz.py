@@ -66,8 +66,14 @@ def test_every_operation_answers_as_documented_and_never_with_a_5xx(
     operation = api_schema.find_operation_by_id(operation_id)
 
     @given(case=_strategy(operation))
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, phases=[Phase.explicit, Phase.generate],
-              suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+        database=None,
+    )
     def fuzz(case: Any) -> None:
         if operation_id == "commands.submit" and isinstance(case.body, dict):
             wait_s = case.body.get("wait_s")

@@ -26,11 +26,13 @@ BLOCKER_SECONDS = 4.0
 def claim_order(stack: Any, task_ids: list[str]) -> list[str]:
     """Task ids in the order workers claimed them (the id order of their RUNNING events)."""
     with session_scope(stack.settings.database) as session:
-        return list(session.scalars(
-            select(TaskEvent.task_id)
-            .where(TaskEvent.task_id.in_(task_ids), TaskEvent.to_state == "RUNNING")
-            .order_by(TaskEvent.id)
-        ))
+        return list(
+            session.scalars(
+                select(TaskEvent.task_id)
+                .where(TaskEvent.task_id.in_(task_ids), TaskEvent.to_state == "RUNNING")
+                .order_by(TaskEvent.id)
+            )
+        )
 
 
 def test_waiting_tasks_start_in_priority_order_nine_first_and_in_submit_order_within_a_priority(
@@ -38,9 +40,15 @@ def test_waiting_tasks_start_in_priority_order_nine_first_and_in_submit_order_wi
 ):
     # Given one worker with a single pool process, busy with a sleeping task
     start_worker([queue], concurrency=1)
-    blocker = client.post("/api/v1/tasks", json={
-        "type": "sleep", "parameters": {"seconds": BLOCKER_SECONDS}, "queue": queue, "priority": 0,
-    })
+    blocker = client.post(
+        "/api/v1/tasks",
+        json={
+            "type": "sleep",
+            "parameters": {"seconds": BLOCKER_SECONDS},
+            "queue": queue,
+            "priority": 0,
+        },
+    )
     assert blocker.status_code == 202, blocker.json
     ledger.wait_state(blocker.json["id"], "RUNNING", timeout=30)
 
@@ -49,9 +57,15 @@ def test_waiting_tasks_start_in_priority_order_nine_first_and_in_submit_order_wi
     random.Random(20240611).shuffle(priorities)
     submitted: list[tuple[str, int]] = []  # (task id, priority) in submit order
     for index, priority in enumerate(priorities):
-        response = client.post("/api/v1/tasks", json={
-            "type": "echo", "parameters": {"index": index}, "queue": queue, "priority": priority,
-        })
+        response = client.post(
+            "/api/v1/tasks",
+            json={
+                "type": "echo",
+                "parameters": {"index": index},
+                "queue": queue,
+                "priority": priority,
+            },
+        )
         assert response.status_code == 202, response.json
         assert response.json["state"] == "QUEUED"
         submitted.append((response.json["id"], priority))
@@ -60,16 +74,18 @@ def test_waiting_tasks_start_in_priority_order_nine_first_and_in_submit_order_wi
 
     # Then all of them succeed
     ids = [task_id for task_id, _ in submitted]
-    wait_for(lambda: set(ledger.states(ids).values()) == {"SUCCEEDED"}, timeout=60, interval=0.2,
-             what="the 30 prioritised tasks to succeed")
+    wait_for(
+        lambda: set(ledger.states(ids).values()) == {"SUCCEEDED"},
+        timeout=60,
+        interval=0.2,
+        what="the 30 prioritised tasks to succeed",
+    )
     assert ledger.task(blocker.json["id"]).state == "SUCCEEDED"
 
     # And they started highest priority first, and in submit order within one priority
     started = claim_order(stack, ids)
     assert len(started) == len(ids)
-    expected = [task_id for task_id, _ in sorted(
-        submitted, key=lambda item: (-item[1], ids.index(item[0]))
-    )]
+    expected = [task_id for task_id, _ in sorted(submitted, key=lambda item: (-item[1], ids.index(item[0])))]
     priority_of = dict(submitted)
     assert [priority_of[t] for t in started] == [priority_of[t] for t in expected], "not in priority order"
     assert started == expected, "not first-in-first-out within a priority"
@@ -80,9 +96,7 @@ def test_waiting_tasks_start_in_priority_order_nine_first_and_in_submit_order_wi
 
 
 @pytest.mark.parametrize("priority", [10, -1, 12])
-def test_a_priority_outside_zero_to_nine_is_refused_at_submit_naming_the_priority_field(
-    client, stack, queue, priority
-):
+def test_a_priority_outside_zero_to_nine_is_refused_at_submit_naming_the_priority_field(client, stack, queue, priority):
     # Given a task with a priority outside 0-9
     body = {"type": "echo", "parameters": {}, "queue": queue, "priority": priority}
 

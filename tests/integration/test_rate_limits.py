@@ -25,13 +25,18 @@ READS_PER_MINUTE = 8
 
 def submit(api: Any, key: str, queue: str, n: int) -> requests.Response:
     """POST /api/v1/tasks to a real API process (an echo task on a queue nobody consumes)."""
-    return requests.post(f"{api.url}/api/v1/tasks", json={"type": "echo", "parameters": {"n": n}, "queue": queue},
-                         headers={"X-API-Key": key, "Connection": "close"}, timeout=10)
+    return requests.post(
+        f"{api.url}/api/v1/tasks",
+        json={"type": "echo", "parameters": {"n": n}, "queue": queue},
+        headers={"X-API-Key": key, "Connection": "close"},
+        timeout=10,
+    )
 
 
 def read(api: Any, key: str) -> requests.Response:
-    return requests.get(f"{api.url}/api/v1/tasks", params={"limit": 1},
-                        headers={"X-API-Key": key, "Connection": "close"}, timeout=10)
+    return requests.get(
+        f"{api.url}/api/v1/tasks", params={"limit": 1}, headers={"X-API-Key": key, "Connection": "close"}, timeout=10
+    )
 
 
 def assert_too_many(response: Any, json_body: dict[str, Any], limit: int, route_class: str) -> int:
@@ -51,8 +56,10 @@ def test_the_write_limit_is_shared_by_two_api_processes_through_redis_and_the_ne
     stack, start_api, queue
 ):
     # Given two real API processes, each allowing 5 writes and 8 reads per principal per minute
-    limits = {"AIOS_SECURITY__RATE_LIMIT_WRITE_PER_MINUTE": str(WRITES_PER_MINUTE),
-              "AIOS_SECURITY__RATE_LIMIT_READ_PER_MINUTE": str(READS_PER_MINUTE)}
+    limits = {
+        "AIOS_SECURITY__RATE_LIMIT_WRITE_PER_MINUTE": str(WRITES_PER_MINUTE),
+        "AIOS_SECURITY__RATE_LIMIT_READ_PER_MINUTE": str(READS_PER_MINUTE),
+    }
     a, b = start_api(name="api-a", env=limits), start_api(name="api-b", env=limits)
     pat, quinn = make_user(stack, "operator"), make_user(stack, "operator")
 
@@ -106,24 +113,28 @@ def test_on_the_embedded_default_two_apps_share_the_rate_limit_through_the_datab
 
     # Given the embedded default: a migrated SQLite file, the filesystem broker, no Redis, small limits
     url = f"sqlite:///{tmp_path / 'a.db'}"
-    settings = load_settings(environ={
-        "AIOS_CONFIG": str(REPO_ROOT / "config" / "aios.toml"),
-        "AIOS_DATABASE__URL": url,
-        "AIOS_BROKER__URL": "filesystem://localhost/",
-        "AIOS_BROKER__DATA_DIR": str(tmp_path / "broker"),
-        "AIOS_SECURITY__JWT_SECRET": uuid.uuid4().hex + uuid.uuid4().hex[:8],
-        "AIOS_SECURITY__RATE_LIMIT_WRITE_PER_MINUTE": "3",
-        "AIOS_SECURITY__RATE_LIMIT_READ_PER_MINUTE": "4",
-    })
+    settings = load_settings(
+        environ={
+            "AIOS_CONFIG": str(REPO_ROOT / "config" / "aios.toml"),
+            "AIOS_DATABASE__URL": url,
+            "AIOS_BROKER__URL": "filesystem://localhost/",
+            "AIOS_BROKER__DATA_DIR": str(tmp_path / "broker"),
+            "AIOS_SECURITY__JWT_SECRET": uuid.uuid4().hex + uuid.uuid4().hex[:8],
+            "AIOS_SECURITY__RATE_LIMIT_WRITE_PER_MINUTE": "3",
+            "AIOS_SECURITY__RATE_LIMIT_READ_PER_MINUTE": "4",
+        }
+    )
     assert settings.database.is_sqlite and not settings.broker.is_redis
     migrate.upgrade(settings.database)
 
     def principal(name: str) -> str:
         with session_scope(settings.database) as session:
-            user = create_user(session, name, f"pw-{uuid.uuid4().hex}", "operator",
-                               bcrypt_cost=settings.security.bcrypt_cost)
-            return api_keys.generate(session, name=f"{name}-key", role="operator", owner_id=user.id,
-                                     expires_at=None).plaintext
+            user = create_user(
+                session, name, f"pw-{uuid.uuid4().hex}", "operator", bcrypt_cost=settings.security.bcrypt_cost
+            )
+            return api_keys.generate(
+                session, name=f"{name}-key", role="operator", owner_id=user.id, expires_at=None
+            ).plaintext
 
     try:
         pat, quinn = principal("pat"), principal("quinn")
@@ -163,9 +174,7 @@ def test_on_the_embedded_default_two_apps_share_the_rate_limit_through_the_datab
         dispose_engines()  # close this test's SQLite connections (other engines are made again on use)
 
 
-def test_a_user_with_three_keys_gets_429_after_the_write_limit_summed_over_all_their_keys(
-    stack, celery_client, queue
-):
+def test_a_user_with_three_keys_gets_429_after_the_write_limit_summed_over_all_their_keys(stack, celery_client, queue):
     from webapi.app import create_app
 
     # Given an API allowing 6 writes per minute, and an operator who makes two more keys (2 writes)
@@ -173,15 +182,18 @@ def test_a_user_with_three_keys_gets_429_after_the_write_limit_summed_over_all_t
     pat, quinn = make_user(stack, "operator"), make_user(stack, "operator")
     keys = [pat.key]
     for n in range(2):
-        made = authorize(app.test_client(), pat.key).post("/api/v1/keys", json={"name": f"extra-{n}",
-                                                                                "role": "operator"})
+        made = authorize(app.test_client(), pat.key).post(
+            "/api/v1/keys", json={"name": f"extra-{n}", "role": "operator"}
+        )
         assert made.status_code == 201, made.json
         keys.append(made.json["key"])
     clients = [authorize(app.test_client(), key) for key in keys]
 
     # When the user submits round the three keys
-    answers = [clients[n % 3].post("/api/v1/tasks", json={"type": "echo", "parameters": {"n": n}, "queue": queue})
-               for n in range(5)]
+    answers = [
+        clients[n % 3].post("/api/v1/tasks", json={"type": "echo", "parameters": {"n": n}, "queue": queue})
+        for n in range(5)
+    ]
 
     # Then the 4 writes left of the 6 pass, and the 5th is a 429 although each key sent at most 2
     assert [a.status_code for a in answers] == [202] * 4 + [429], [a.json for a in answers]
@@ -191,8 +203,9 @@ def test_a_user_with_three_keys_gets_429_after_the_write_limit_summed_over_all_t
         assert client.post("/api/v1/tasks", json={"type": "echo", "queue": queue}).status_code == 429
     login = app.test_client().post("/api/v1/auth/token", json={"username": pat.user, "password": pat.password})
     token = {"Authorization": f"Bearer {login.json['access_token']}"}
-    assert app.test_client().post("/api/v1/tasks", json={"type": "echo", "queue": queue},
-                                  headers=token).status_code == 429
+    assert (
+        app.test_client().post("/api/v1/tasks", json={"type": "echo", "queue": queue}, headers=token).status_code == 429
+    )
     # And another user is not limited
     other = authorize(app.test_client(), quinn.key)
     assert other.post("/api/v1/tasks", json={"type": "echo", "queue": queue}).status_code == 202

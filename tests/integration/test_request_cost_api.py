@@ -33,8 +33,8 @@ def test_amplification_bodies_without_login_leave_worker_memory_within_50_mb(sta
     before = _worker_rss(api)
     bodies = [
         json.dumps({"k" * 100_000: [0] * 10_000}).encode(),  # the probe's 120 KB body (1 GB before)
-        _amplifier(230_000),                                  # the probe's 230 KB body (3 GB before)
-        _amplifier(LIMIT),                                    # the worst at the body limit (~128 GiB before)
+        _amplifier(230_000),  # the probe's 230 KB body (3 GB before)
+        _amplifier(LIMIT),  # the worst at the body limit (~128 GiB before)
     ]
     for body in bodies * 3:
         answer = requests.post(url, data=body, headers=headers, timeout=60)

@@ -31,8 +31,7 @@ def submit(client: Any, body: dict[str, Any]) -> str:
 def test_a_flaky_task_that_fails_twice_succeeds_on_its_third_attempt(client, start_worker, ledger, queue):
     # Given a worker, and a task that fails on its first two attempts and may be retried three times
     start_worker([queue])
-    task_id = submit(client, {"type": "test.flaky", "parameters": {"fail_times": 2}, "max_retries": 3,
-                              "queue": queue})
+    task_id = submit(client, {"type": "test.flaky", "parameters": {"fail_times": 2}, "max_retries": 3, "queue": queue})
 
     # When it runs
     task = ledger.wait_state(task_id, "SUCCEEDED", "DEAD", "FAILED", timeout=60)
@@ -43,10 +42,16 @@ def test_a_flaky_task_that_fails_twice_succeeds_on_its_third_attempt(client, sta
     assert task.result == {"attempt": 3}
     assert task.error is None
     assert transitions(ledger, task_id) == [
-        "PENDING", "QUEUED",
-        "RUNNING", "RETRYING", "QUEUED",
-        "RUNNING", "RETRYING", "QUEUED",
-        "RUNNING", "SUCCEEDED",
+        "PENDING",
+        "QUEUED",
+        "RUNNING",
+        "RETRYING",
+        "QUEUED",
+        "RUNNING",
+        "RETRYING",
+        "QUEUED",
+        "RUNNING",
+        "SUCCEEDED",
     ]
     retry_errors = [e.detail["error"] for e in ledger.events(task_id) if e.to_state == "RETRYING"]
     assert retry_errors == ["RuntimeError: planned failure on attempt 1", "RuntimeError: planned failure on attempt 2"]

@@ -75,8 +75,13 @@ class World:
 
 
 def person(stack: Any, credentials: Credentials, role: str) -> Person:
-    return Person(role=role, name=credentials.user, password=credentials.password, key=credentials.key,
-                  id=user_id(stack, credentials.user))
+    return Person(
+        role=role,
+        name=credentials.user,
+        password=credentials.password,
+        key=credentials.key,
+        id=user_id(stack, credentials.user),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +138,19 @@ def _logout(w: World, p: Person) -> Call:
 
 
 def _submit(w: World, p: Person) -> Call:
-    return Call("/api/v1/tasks", json={"type": "echo", "parameters": {"by": p.name}, "queue": w.queue},
-                unchanged=lambda: count_tasks(w.stack, p.name))
+    return Call(
+        "/api/v1/tasks",
+        json={"type": "echo", "parameters": {"by": p.name}, "queue": w.queue},
+        unchanged=lambda: count_tasks(w.stack, p.name),
+    )
 
 
 def _batch(w: World, p: Person) -> Call:
-    return Call("/api/v1/tasks/batch", json={"tasks": [{"type": "echo", "queue": w.queue}] * 2},
-                unchanged=lambda: count_tasks(w.stack, p.name))
+    return Call(
+        "/api/v1/tasks/batch",
+        json={"tasks": [{"type": "echo", "queue": w.queue}] * 2},
+        unchanged=lambda: count_tasks(w.stack, p.name),
+    )
 
 
 def _read_task(w: World, p: Person) -> Call:
@@ -159,8 +170,9 @@ def _retry(w: World, p: Person) -> Call:
 
 def _create_key(w: World, p: Person) -> Call:
     role = VIEWER if p.role == AGENT else p.role  # a role the caller could grant, were it allowed at all
-    return Call("/api/v1/keys", json={"name": "from-the-table", "role": role},
-                unchanged=lambda: count_keys(w.stack, p.id))
+    return Call(
+        "/api/v1/keys", json={"name": "from-the-table", "role": role}, unchanged=lambda: count_keys(w.stack, p.id)
+    )
 
 
 def _key_route(suffix: str, *, revoked: bool = False, body: Any = None) -> Prepare:
@@ -173,8 +185,11 @@ def _key_route(suffix: str, *, revoked: bool = False, body: Any = None) -> Prepa
 
 def _create_user(w: World, p: Person) -> Call:
     name = f"new-{uuid.uuid4().hex[:8]}"
-    return Call("/api/v1/users", json={"name": name, "password": f"pw-{uuid.uuid4().hex}", "role": VIEWER},
-                unchanged=lambda: user_snapshot(w.stack, name))
+    return Call(
+        "/api/v1/users",
+        json={"name": name, "password": f"pw-{uuid.uuid4().hex}", "role": VIEWER},
+        unchanged=lambda: user_snapshot(w.stack, name),
+    )
 
 
 def _update_user(w: World, p: Person) -> Call:
@@ -191,8 +206,16 @@ def _agent_snapshot(stack: Any, name: str) -> dict[str, Any] | None:
 
     with session_scope(stack.settings.database) as session:
         agent = session.get(Agent, name)
-        return None if agent is None else {"weight": agent.weight, "status": agent.status,
-                                           "admin_status": agent.admin_status, "updated_at": agent.updated_at}
+        return (
+            None
+            if agent is None
+            else {
+                "weight": agent.weight,
+                "status": agent.status,
+                "admin_status": agent.admin_status,
+                "updated_at": agent.updated_at,
+            }
+        )
 
 
 def _forget_agent(stack: Any, name: str) -> Callable[[], None]:
@@ -207,8 +230,12 @@ def _forget_agent(stack: Any, name: str) -> Callable[[], None]:
 
 def _register_agent(w: World, p: Person) -> Call:
     name = f"{p.name}@roles-{uuid.uuid4().hex[:8]}"  # an agent key may register only agents named after its user
-    return Call("/api/v1/agents", json={"name": name, "capabilities": ["echo"]},
-                unchanged=lambda: _agent_snapshot(w.stack, name), cleanup=_forget_agent(w.stack, name))
+    return Call(
+        "/api/v1/agents",
+        json={"name": name, "capabilities": ["echo"]},
+        unchanged=lambda: _agent_snapshot(w.stack, name),
+        cleanup=_forget_agent(w.stack, name),
+    )
 
 
 def _agent_route(body: Any = None) -> Prepare:
@@ -219,10 +246,23 @@ def _agent_route(body: Any = None) -> Prepare:
 
         name = f"roles-{uuid.uuid4().hex[:8]}@test"
         with session_scope(w.stack.settings.database) as session:
-            session.add(Agent(name=name, capabilities=["echo"], labels={}, status="OFFLINE", admin_status="ACTIVE",
-                              registered_at=utcnow(), updated_at=utcnow()))
-        return Call(f"/api/v1/agents/{name}", json=body, unchanged=lambda: _agent_snapshot(w.stack, name),
-                    cleanup=_forget_agent(w.stack, name))
+            session.add(
+                Agent(
+                    name=name,
+                    capabilities=["echo"],
+                    labels={},
+                    status="OFFLINE",
+                    admin_status="ACTIVE",
+                    registered_at=utcnow(),
+                    updated_at=utcnow(),
+                )
+            )
+        return Call(
+            f"/api/v1/agents/{name}",
+            json=body,
+            unchanged=lambda: _agent_snapshot(w.stack, name),
+            cleanup=_forget_agent(w.stack, name),
+        )
 
     return prepare
 
@@ -232,8 +272,11 @@ def _schedule_snapshot(stack: Any, schedule_id: str) -> dict[str, Any] | None:
 
     with session_scope(stack.settings.database) as session:
         row = session.get(Schedule, schedule_id)
-        return None if row is None else {"interval_s": row.interval_s, "enabled": row.enabled,
-                                         "updated_at": row.updated_at}
+        return (
+            None
+            if row is None
+            else {"interval_s": row.interval_s, "enabled": row.enabled, "updated_at": row.updated_at}
+        )
 
 
 def _create_schedule(w: World, p: Person) -> Call:
@@ -245,8 +288,11 @@ def _create_schedule(w: World, p: Person) -> Call:
         with session_scope(w.stack.settings.database) as session:
             return len(session.query(Schedule).filter(Schedule.name == name).all())
 
-    return Call("/api/v1/schedules", json={"name": name, "interval_s": 3600, "enabled": False,
-                                           "task": {"type": "echo", "queue": w.queue}}, unchanged=count)
+    return Call(
+        "/api/v1/schedules",
+        json={"name": name, "interval_s": 3600, "enabled": False, "task": {"type": "echo", "queue": w.queue}},
+        unchanged=count,
+    )
 
 
 def _schedule_route(body: Any = None) -> Prepare:
@@ -257,11 +303,21 @@ def _schedule_route(body: Any = None) -> Prepare:
 
         schedule_id = str(uuid.uuid4())
         with session_scope(w.stack.settings.database) as session:
-            session.add(Schedule(id=schedule_id, name=f"roles-{schedule_id[:8]}", interval_s=3600, enabled=False,
-                                 task={"type": "echo", "parameters": {}, "queue": w.queue}, owner=p.name,
-                                 created_at=utcnow(), updated_at=utcnow()))
-        return Call(f"/api/v1/schedules/{schedule_id}", json=body,
-                    unchanged=lambda: _schedule_snapshot(w.stack, schedule_id))
+            session.add(
+                Schedule(
+                    id=schedule_id,
+                    name=f"roles-{schedule_id[:8]}",
+                    interval_s=3600,
+                    enabled=False,
+                    task={"type": "echo", "parameters": {}, "queue": w.queue},
+                    owner=p.name,
+                    created_at=utcnow(),
+                    updated_at=utcnow(),
+                )
+            )
+        return Call(
+            f"/api/v1/schedules/{schedule_id}", json=body, unchanged=lambda: _schedule_snapshot(w.stack, schedule_id)
+        )
 
     return prepare
 
@@ -310,8 +366,11 @@ def _sync_now(w: World, p: Person) -> Call:
 
 def _bulk(w: World, p: Person) -> Call:
     task_id = make_task(w.stack, owner=p.name, queue=w.queue, state="QUEUED")
-    return Call("/api/v1/tasks/bulk", json={"action": "cancel", "filter": {"ids": [task_id]}},
-                unchanged=lambda: task_snapshot(w.stack, task_id))
+    return Call(
+        "/api/v1/tasks/bulk",
+        json={"action": "cancel", "filter": {"ids": [task_id]}},
+        unchanged=lambda: task_snapshot(w.stack, task_id),
+    )
 
 
 def _task_events(w: World, p: Person) -> Call:
@@ -326,9 +385,14 @@ TABLE: tuple[Route, ...] = (
     Route("POST", "/api/v1/tasks", frozenset({ADMIN, OPERATOR}), _submit),
     Route("POST", "/api/v1/tasks/batch", frozenset({ADMIN, OPERATOR}), _batch),
     Route("POST", "/api/v1/tasks/bulk", frozenset({ADMIN, OPERATOR}), _bulk),
-    Route("POST", "/api/v1/commands", frozenset({ADMIN, OPERATOR}),
-          lambda w, p: Call("/api/v1/commands", json={"argv": ["echo", "roles"]},
-                            unchanged=lambda: count_tasks(w.stack, p.name))),
+    Route(
+        "POST",
+        "/api/v1/commands",
+        frozenset({ADMIN, OPERATOR}),
+        lambda w, p: Call(
+            "/api/v1/commands", json={"argv": ["echo", "roles"]}, unchanged=lambda: count_tasks(w.stack, p.name)
+        ),
+    ),
     Route("GET", "/api/v1/tasks", frozenset({ADMIN, OPERATOR, VIEWER}), _get("/api/v1/tasks?limit=1")),
     Route("GET", "/api/v1/tasks/<task_id>", frozenset({ADMIN, OPERATOR, VIEWER}), _read_task),
     Route("GET", "/api/v1/tasks/<task_id>/events", frozenset({ADMIN, OPERATOR, VIEWER}), _task_events),
@@ -339,8 +403,12 @@ TABLE: tuple[Route, ...] = (
     Route("GET", "/api/v1/keys", frozenset({ADMIN, OPERATOR, VIEWER}), _get("/api/v1/keys")),
     Route("POST", "/api/v1/keys/<key_id>/revoke", frozenset({ADMIN, OPERATOR, VIEWER}), _key_route("/revoke")),
     Route("POST", "/api/v1/keys/<key_id>/activate", frozenset({ADMIN}), _key_route("/activate", revoked=True)),
-    Route("POST", "/api/v1/keys/<key_id>/rotate", frozenset({ADMIN, OPERATOR, VIEWER}),
-          _key_route("/rotate", body={"grace_s": 0})),
+    Route(
+        "POST",
+        "/api/v1/keys/<key_id>/rotate",
+        frozenset({ADMIN, OPERATOR, VIEWER}),
+        _key_route("/rotate", body={"grace_s": 0}),
+    ),
     Route("DELETE", "/api/v1/keys/<key_id>", frozenset({ADMIN, OPERATOR, VIEWER}), _key_route("")),
     Route("GET", "/api/v1/users", frozenset({ADMIN}), _get("/api/v1/users")),
     Route("GET", "/api/v1/users/me", ALL, _get("/api/v1/users/me")),
@@ -355,8 +423,9 @@ TABLE: tuple[Route, ...] = (
     Route("POST", "/api/v1/schedules", frozenset({ADMIN, OPERATOR}), _create_schedule),
     Route("GET", "/api/v1/schedules", frozenset({ADMIN, OPERATOR, VIEWER}), _get("/api/v1/schedules")),
     Route("GET", "/api/v1/schedules/<schedule_id>", frozenset({ADMIN, OPERATOR, VIEWER}), _schedule_route()),
-    Route("PATCH", "/api/v1/schedules/<schedule_id>", frozenset({ADMIN, OPERATOR}),
-          _schedule_route({"interval_s": 7200})),
+    Route(
+        "PATCH", "/api/v1/schedules/<schedule_id>", frozenset({ADMIN, OPERATOR}), _schedule_route({"interval_s": 7200})
+    ),
     Route("DELETE", "/api/v1/schedules/<schedule_id>", frozenset({ADMIN, OPERATOR}), _schedule_route()),
     Route("GET", "/api/v1/status", frozenset({ADMIN, OPERATOR, VIEWER}), _get("/api/v1/status")),
     Route("GET", "/api/v1/sync/runs", frozenset({ADMIN, OPERATOR, VIEWER}), _get("/api/v1/sync/runs?limit=1")),
@@ -365,33 +434,87 @@ TABLE: tuple[Route, ...] = (
     Route("GET", "/api/v1/backups", frozenset({ADMIN}), _get("/api/v1/backups")),
     Route("GET", "/api/v1/tasks/types", frozenset({ADMIN, OPERATOR, VIEWER}), _get("/api/v1/tasks/types")),
     Route("GET", "/api/v1/workers", frozenset({ADMIN, OPERATOR, VIEWER}), _get("/api/v1/workers")),
-    Route("GET", "/api/v1/workers/<name>", frozenset({ADMIN, OPERATOR, VIEWER}), _worker_control(""),
-          allowed_status=ABSENT),
-    Route("POST", "/api/v1/workers/<name>/pool/grow", frozenset({ADMIN, OPERATOR}),
-          _worker_control("/pool/grow", {"n": 1}), allowed_status=ABSENT),
-    Route("POST", "/api/v1/workers/<name>/pool/shrink", frozenset({ADMIN, OPERATOR}),
-          _worker_control("/pool/shrink", {"n": 1}), allowed_status=ABSENT),
-    Route("POST", "/api/v1/workers/<name>/pool/autoscale", frozenset({ADMIN, OPERATOR}),
-          _worker_control("/pool/autoscale", {"max": 3, "min": 1}), allowed_status=ABSENT),
-    Route("POST", "/api/v1/workers/<name>/pool/restart", frozenset({ADMIN, OPERATOR}),
-          _worker_control("/pool/restart"), allowed_status=ABSENT),
-    Route("POST", "/api/v1/workers/<name>/queues/add-consumer", frozenset({ADMIN, OPERATOR}),
-          _worker_control("/queues/add-consumer", {"queue": "roles"}), allowed_status=ABSENT),
-    Route("POST", "/api/v1/workers/<name>/queues/cancel-consumer", frozenset({ADMIN, OPERATOR}),
-          _worker_control("/queues/cancel-consumer", {"queue": "roles"}), allowed_status=ABSENT),
-    Route("POST", "/api/v1/workers/<name>/rate-limit", frozenset({ADMIN, OPERATOR}),
-          _worker_control("/rate-limit", {"rate_limit": "10/m"}), allowed_status=ABSENT),
-    Route("POST", "/api/v1/workers/<name>/time-limit", frozenset({ADMIN, OPERATOR}),
-          _worker_control("/time-limit", {"soft_s": 10, "hard_s": 20}), allowed_status=ABSENT),
-    Route("POST", "/api/v1/workers/<name>/shutdown", frozenset({ADMIN, OPERATOR}),
-          _worker_control("/shutdown"), allowed_status=ABSENT),
+    Route(
+        "GET",
+        "/api/v1/workers/<name>",
+        frozenset({ADMIN, OPERATOR, VIEWER}),
+        _worker_control(""),
+        allowed_status=ABSENT,
+    ),
+    Route(
+        "POST",
+        "/api/v1/workers/<name>/pool/grow",
+        frozenset({ADMIN, OPERATOR}),
+        _worker_control("/pool/grow", {"n": 1}),
+        allowed_status=ABSENT,
+    ),
+    Route(
+        "POST",
+        "/api/v1/workers/<name>/pool/shrink",
+        frozenset({ADMIN, OPERATOR}),
+        _worker_control("/pool/shrink", {"n": 1}),
+        allowed_status=ABSENT,
+    ),
+    Route(
+        "POST",
+        "/api/v1/workers/<name>/pool/autoscale",
+        frozenset({ADMIN, OPERATOR}),
+        _worker_control("/pool/autoscale", {"max": 3, "min": 1}),
+        allowed_status=ABSENT,
+    ),
+    Route(
+        "POST",
+        "/api/v1/workers/<name>/pool/restart",
+        frozenset({ADMIN, OPERATOR}),
+        _worker_control("/pool/restart"),
+        allowed_status=ABSENT,
+    ),
+    Route(
+        "POST",
+        "/api/v1/workers/<name>/queues/add-consumer",
+        frozenset({ADMIN, OPERATOR}),
+        _worker_control("/queues/add-consumer", {"queue": "roles"}),
+        allowed_status=ABSENT,
+    ),
+    Route(
+        "POST",
+        "/api/v1/workers/<name>/queues/cancel-consumer",
+        frozenset({ADMIN, OPERATOR}),
+        _worker_control("/queues/cancel-consumer", {"queue": "roles"}),
+        allowed_status=ABSENT,
+    ),
+    Route(
+        "POST",
+        "/api/v1/workers/<name>/rate-limit",
+        frozenset({ADMIN, OPERATOR}),
+        _worker_control("/rate-limit", {"rate_limit": "10/m"}),
+        allowed_status=ABSENT,
+    ),
+    Route(
+        "POST",
+        "/api/v1/workers/<name>/time-limit",
+        frozenset({ADMIN, OPERATOR}),
+        _worker_control("/time-limit", {"soft_s": 10, "hard_s": 20}),
+        allowed_status=ABSENT,
+    ),
+    Route(
+        "POST",
+        "/api/v1/workers/<name>/shutdown",
+        frozenset({ADMIN, OPERATOR}),
+        _worker_control("/shutdown"),
+        allowed_status=ABSENT,
+    ),
     Route("GET", "/api/v1/queues", frozenset({ADMIN, OPERATOR, VIEWER}), _get("/api/v1/queues")),
     Route("GET", "/api/v1/queues/<name>", frozenset({ADMIN, OPERATOR, VIEWER}), _queue_route()),
     Route("POST", "/api/v1/queues/<name>/purge", frozenset({ADMIN}), _queue_route("/purge")),
     Route("GET", "/api/v1/system/resources", frozenset({ADMIN, OPERATOR, VIEWER}), _get("/api/v1/system/resources")),
     Route("GET", "/api/v1/system/limits", frozenset({ADMIN, OPERATOR, VIEWER}), _get("/api/v1/system/limits")),
-    Route("PUT", "/api/v1/system/limits", frozenset({ADMIN}),
-          lambda w, p: Call("/api/v1/system/limits", json={"command_output_kb": None})),
+    Route(
+        "PUT",
+        "/api/v1/system/limits",
+        frozenset({ADMIN}),
+        lambda w, p: Call("/api/v1/system/limits", json={"command_output_kb": None}),
+    ),
 )
 
 
@@ -418,8 +541,11 @@ def test_every_api_route_has_exactly_one_row_in_the_role_table(api_app):
 
 def test_only_login_and_refresh_answer_without_credentials_under_api_v1(api_app):
     # Given every route under /api/
-    public = {rule.rule for rule in api_app.url_map.iter_rules()
-              if rule.rule.startswith("/api/") and getattr(api_app.view_functions[rule.endpoint], "aios_public", False)}
+    public = {
+        rule.rule
+        for rule in api_app.url_map.iter_rules()
+        if rule.rule.startswith("/api/") and getattr(api_app.view_functions[rule.endpoint], "aios_public", False)
+    }
 
     # Then only the two routes that hand out credentials are public
     assert public == PUBLIC_ROUTES
@@ -430,17 +556,25 @@ def test_the_roles_declared_on_each_view_are_exactly_the_roles_in_the_table(api_
     endpoints = served_routes(api_app)
 
     # When the roles declared with @policy on each view are read
-    declared = {(route.method, route.rule): api_app.view_functions[endpoints[(route.method, route.rule)]].aios_roles
-                for route in TABLE}
+    declared = {
+        (route.method, route.rule): api_app.view_functions[endpoints[(route.method, route.rule)]].aios_roles
+        for route in TABLE
+    }
 
     # Then they equal the table's (drift in either the code or the table fails here)
-    drift = {str(route): (sorted(declared[(route.method, route.rule)]), sorted(route.roles)) for route in TABLE
-             if declared[(route.method, route.rule)] != route.roles}
+    drift = {
+        str(route): (sorted(declared[(route.method, route.rule)]), sorted(route.roles))
+        for route in TABLE
+        if declared[(route.method, route.rule)] != route.roles
+    }
     assert drift == {}, "route: (declared by @policy, in TABLE)"
 
 
-@pytest.mark.parametrize(("route", "role"), [(route, role) for route in TABLE for role in ROLES],
-                         ids=[f"{route} as {role}" for route in TABLE for role in ROLES])
+@pytest.mark.parametrize(
+    ("route", "role"),
+    [(route, role) for route in TABLE for role in ROLES],
+    ids=[f"{route} as {role}" for route in TABLE for role in ROLES],
+)
 def test_each_role_gets_2xx_on_the_routes_it_may_call_and_403_on_the_others(world, route, role):
     # Given a user with this role, and what the call needs (owned by that same user)
     caller = world.people[role]
@@ -450,8 +584,7 @@ def test_each_role_gets_2xx_on_the_routes_it_may_call_and_403_on_the_others(worl
     # When they call the route
     client = world.client(caller if call.with_key else None)
     try:
-        answer = client.open(call.path, method=route.method, json=call.json, headers=call.headers,
-                             buffered=False)
+        answer = client.open(call.path, method=route.method, json=call.json, headers=call.headers, buffered=False)
         if route.endless and answer.status_code == 200:
             answer.close()
             assert role in route.roles
@@ -534,8 +667,9 @@ def test_a_viewer_cannot_submit_a_task_or_a_batch_and_nothing_is_stored(world):
     answers = [
         world.client(viewer).post("/api/v1/tasks", json={"type": "echo", "queue": world.queue}),
         world.client(viewer).post("/api/v1/tasks/batch", json={"tasks": [{"type": "echo", "queue": world.queue}]}),
-        world.client().post("/api/v1/tasks", json={"type": "echo", "queue": world.queue},
-                            headers={"Authorization": f"Bearer {token}"}),
+        world.client().post(
+            "/api/v1/tasks", json={"type": "echo", "queue": world.queue}, headers={"Authorization": f"Bearer {token}"}
+        ),
     ]
 
     # Then each is a 403 and no task of the viewer exists
@@ -553,8 +687,9 @@ def test_a_submitted_task_is_owned_by_the_user_who_submitted_it_through_a_key_or
     # When it submits a task through each, and a batch
     via_key = world.client(operator).post("/api/v1/tasks", json={"type": "echo", "queue": world.queue})
     via_token = world.client().post("/api/v1/tasks", json={"type": "echo", "queue": world.queue}, headers=by_token)
-    batch = world.client(operator).post("/api/v1/tasks/batch",
-                                        json={"tasks": [{"type": "echo", "queue": world.queue}] * 2})
+    batch = world.client(operator).post(
+        "/api/v1/tasks/batch", json={"tasks": [{"type": "echo", "queue": world.queue}] * 2}
+    )
     assert (via_key.status_code, via_token.status_code, batch.status_code) == (202, 202, 202)
 
     # Then every one of them reads back (as a viewer too) with owner = the operator's name
@@ -566,10 +701,17 @@ def test_a_submitted_task_is_owned_by_the_user_who_submitted_it_through_a_key_or
         assert read.get_json()["owner"] == operator.name
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("state", "SUCCEEDED"), ("owner", "someone-else"), ("attempts", 7), ("role", "admin"),
-    ("result", {"forged": True}), ("id", "00000000-0000-0000-0000-000000000000"),
-])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("state", "SUCCEEDED"),
+        ("owner", "someone-else"),
+        ("attempts", 7),
+        ("role", "admin"),
+        ("result", {"forged": True}),
+        ("id", "00000000-0000-0000-0000-000000000000"),
+    ],
+)
 def test_a_submit_body_that_sets_a_server_side_field_is_refused_with_422_naming_it(world, name, value):
     # Given an operator
     operator = world.people[OPERATOR]
@@ -589,10 +731,17 @@ def test_a_submit_body_that_sets_a_server_side_field_is_refused_with_422_naming_
     assert count_tasks(world.stack, operator.name) == before
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("owner_id", 1), ("owner", "someone-else"), ("state", "ACTIVE"), ("secret_hash", "0" * 64),
-    ("prefix", "abcdef0123"), ("id", "00000000-0000-0000-0000-000000000000"),
-])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("owner_id", 1),
+        ("owner", "someone-else"),
+        ("state", "ACTIVE"),
+        ("secret_hash", "0" * 64),
+        ("prefix", "abcdef0123"),
+        ("id", "00000000-0000-0000-0000-000000000000"),
+    ],
+)
 def test_a_key_create_body_that_sets_a_server_side_field_is_refused_with_422_naming_it(world, name, value):
     # Given an operator
     operator = world.people[OPERATOR]
@@ -608,9 +757,16 @@ def test_a_key_create_body_that_sets_a_server_side_field_is_refused_with_422_nam
     assert count_keys(world.stack, operator.id) == before
 
 
-@pytest.mark.parametrize(("role", "asked"), [
-    (VIEWER, OPERATOR), (VIEWER, ADMIN), (VIEWER, AGENT), (OPERATOR, ADMIN), (OPERATOR, AGENT),
-])
+@pytest.mark.parametrize(
+    ("role", "asked"),
+    [
+        (VIEWER, OPERATOR),
+        (VIEWER, ADMIN),
+        (VIEWER, AGENT),
+        (OPERATOR, ADMIN),
+        (OPERATOR, AGENT),
+    ],
+)
 def test_a_key_create_body_cannot_ask_for_a_role_above_the_callers(world, role, asked):
     # Given a viewer or an operator ("role" is a field of a key, but never above its creator's)
     caller = world.people[role]
@@ -625,10 +781,15 @@ def test_a_key_create_body_cannot_ask_for_a_role_above_the_callers(world, role, 
     assert count_keys(world.stack, caller.id) == before
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("name", "renamed-user"), ("id", 1), ("password_hash", "$2b$12$" + "a" * 53),
-    ("created_at", "2020-01-01T00:00:00Z"),
-])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("name", "renamed-user"),
+        ("id", 1),
+        ("password_hash", "$2b$12$" + "a" * 53),
+        ("created_at", "2020-01-01T00:00:00Z"),
+    ],
+)
 def test_a_user_patch_that_renames_or_sets_a_server_side_field_is_refused_with_422_naming_it(world, name, value):
     # Given a user
     target = make_plain_user(world.stack, VIEWER)

@@ -1,4 +1,4 @@
-"""The shared routing rotation in Redis (aios.rotation): concurrent submitters never share a turn."""
+"""The shared routing rotation in Redis (aios.agents.rotation): concurrent submitters never share a turn."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_sixteen_threads_taking_turns_at_once_never_get_the_same_turn_and_share_the_rotation_exactly(stack):
-    from aios import routing
-    from aios.rotation import with_state
+    from aios.agents import routing
+    from aios.agents.rotation import with_state
 
     names = ["a@host", "b@host", "c@host"]
     key = f"rr:test-{uuid.uuid4().hex[:8]}"
@@ -22,6 +22,7 @@ def test_sixteen_threads_taking_turns_at_once_never_get_the_same_turn_and_share_
 
     def take_turns() -> None:
         for _ in range(30):
+
             def turn(state: dict) -> tuple[list[str], dict]:
                 chosen, last = routing.round_robin(names, state.get("last"), 1)
                 return chosen, {"last": last}

@@ -24,10 +24,10 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from aios.agents import agent_queue, forget_healthy_cache, healthy_agents
+from aios.agents.registry import agent_queue, forget_healthy_cache, healthy_agents
+from aios.agents.routing import capable
 from aios.db import session_scope
 from aios.models import AgentEvent, Task
-from aios.routing import capable
 from tests.conftest import REPO_ROOT, Credentials, Stack, WorkerProcess, authorize, make_user, wait_for
 from tests.support.task_types_extra import MODULES
 
@@ -72,8 +72,9 @@ def api(app: Any, operator: Credentials) -> Any:
     return authorize(app.test_client(), operator.key)
 
 
-def launch(stack: Stack, directory: Path, names: list[str], *, concurrency: int,
-           env: dict[str, str]) -> list[WorkerProcess]:
+def launch(
+    stack: Stack, directory: Path, names: list[str], *, concurrency: int, env: dict[str, str]
+) -> list[WorkerProcess]:
     """Start several real agents at once (the same command as the start_worker fixture) and wait
     until every one logged ``ready``."""
     workers = []
@@ -82,12 +83,26 @@ def launch(stack: Stack, directory: Path, names: list[str], *, concurrency: int,
         log_path = directory / f"{name}.log"
         with log_path.open("wb") as handle:
             process = subprocess.Popen(
-                [sys.executable, "-m", "aios.cli", "worker", "--name", hostname, "--queues", f"q{name}",
-                 "--concurrency", str(concurrency)],
-                env={**stack.env, **env}, stdout=handle, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
+                [
+                    sys.executable,
+                    "-m",
+                    "aios.cli",
+                    "worker",
+                    "--name",
+                    hostname,
+                    "--queues",
+                    f"q{name}",
+                    "--concurrency",
+                    str(concurrency),
+                ],
+                env={**stack.env, **env},
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                cwd=str(REPO_ROOT),
             )
         workers.append(WorkerProcess(name=name, hostname=hostname, process=process, log_path=log_path))
     for worker in workers:
+
         def ready(worker: WorkerProcess = worker) -> bool:
             if worker.process.poll() is not None:
                 raise AssertionError(f"agent {worker.name} exited:\n{worker.log()[-3000:]}")
@@ -101,8 +116,9 @@ def launch(stack: Stack, directory: Path, names: list[str], *, concurrency: int,
 def trio(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[WorkerProcess]]:
     """Three agents of weight 1 and concurrency 2, shared by the tests of this module."""
     tag = uuid.uuid4().hex[:6]
-    workers = launch(stack, tmp_path_factory.mktemp("trio"), [f"rr-{tag}-{x}" for x in "abc"],
-                     concurrency=2, env=AGENT_ENV)
+    workers = launch(
+        stack, tmp_path_factory.mktemp("trio"), [f"rr-{tag}-{x}" for x in "abc"], concurrency=2, env=AGENT_ENV
+    )
     yield workers
     for worker in workers:
         worker.stop()
@@ -110,8 +126,11 @@ def trio(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[lis
 
 def wait_online(api: Any, workers: list[WorkerProcess]) -> None:
     for worker in workers:
-        wait_for(lambda worker=worker: api.get(f"/api/v1/agents/{worker.hostname}").json.get("status")
-                 in ("ONLINE", "BUSY"), timeout=20, what=f"agent {worker.hostname} to be ONLINE")
+        wait_for(
+            lambda worker=worker: api.get(f"/api/v1/agents/{worker.hostname}").json.get("status") in ("ONLINE", "BUSY"),
+            timeout=20,
+            what=f"agent {worker.hostname} to be ONLINE",
+        )
 
 
 def routable_for(settings: Any, capability: str) -> set[str]:
@@ -123,12 +142,17 @@ def wait_only_routable(settings: Any, capability: str, workers: list[WorkerProce
     """Wait until exactly ``workers`` are the healthy agents for ``capability`` (agents of earlier
     tests that were killed rather than stopped drop out once their heartbeat is older than 3 s)."""
     expected = {w.hostname for w in workers}
-    wait_for(lambda: routable_for(settings, capability) == expected, timeout=30, interval=0.2,
-             what=f"exactly {sorted(expected)} to be routable for {capability}")
+    wait_for(
+        lambda: routable_for(settings, capability) == expected,
+        timeout=30,
+        interval=0.2,
+        what=f"exactly {sorted(expected)} to be routable for {capability}",
+    )
 
 
 def finished(stack: Stack, ids: list[str], *, timeout: float = 90) -> dict[str, str]:
     """Wait until every task SUCCEEDED; returns task id → the agent that ran it."""
+
     def done() -> bool:
         with session_scope(stack.settings.database) as session:
             states = Counter(session.scalars(select(Task.state).where(Task.id.in_(ids))))
@@ -140,8 +164,9 @@ def finished(stack: Stack, ids: list[str], *, timeout: float = 90) -> dict[str, 
     with session_scope(stack.settings.database) as session:
         rows = session.execute(select(Task.id, Task.agent, Task.queue).where(Task.id.in_(ids))).all()
     # Each task ran on the agent it was placed on: nothing was re-routed along the way
-    assert all(row.queue == agent_queue(row.agent) for row in rows), [r for r in rows
-                                                                       if r.queue != agent_queue(r.agent)]
+    assert all(row.queue == agent_queue(row.agent) for row in rows), [
+        r for r in rows if r.queue != agent_queue(r.agent)
+    ]
     return {row.id: row.agent for row in rows}
 
 
@@ -163,8 +188,12 @@ def test_weighted_round_robin_with_weights_one_two_three_gives_each_agent_its_sh
     weights = {}
     workers = []
     for weight in (1, 2, 3):
-        worker = start_worker([f"q{tag}"], name=f"wrr-{tag}-{weight}", concurrency=2,
-                              env={**EXTRA_ENV, "AIOS_AGENTS__WEIGHT": str(weight)})
+        worker = start_worker(
+            [f"q{tag}"],
+            name=f"wrr-{tag}-{weight}",
+            concurrency=2,
+            env={**EXTRA_ENV, "AIOS_AGENTS__WEIGHT": str(weight)},
+        )
         workers.append(worker)
         weights[worker.hostname] = weight
     wait_online(api, workers)
@@ -174,8 +203,10 @@ def test_weighted_round_robin_with_weights_one_two_three_gives_each_agent_its_sh
     # When 300 tasks with routing weighted_round_robin are submitted, in batches of different sizes
     ids: list[str] = []
     for size in (1, 2, 5, 10, 32, 50, 100, 100):
-        items = [{"type": "test.special", "parameters": {"n": len(ids) + i}, "routing": "weighted_round_robin"}
-                 for i in range(size)]
+        items = [
+            {"type": "test.special", "parameters": {"n": len(ids) + i}, "routing": "weighted_round_robin"}
+            for i in range(size)
+        ]
         response = api.post("/api/v1/tasks/batch", json={"tasks": items})
         assert response.status_code == 202, response.json
         assert response.json["queued"] == size, response.json
@@ -205,7 +236,7 @@ def test_three_agents_each_run_a_third_of_300_tasks_submitted_one_by_one_under_t
     assert all(abs(count - 100) <= 1 for count in ran.values()), ran
     # And the agents took their turns in rotation: any three consecutive tasks went to three agents
     sequence = [agent_of[task_id] for task_id in ids]
-    assert all(len(set(sequence[i:i + 3])) == 3 for i in range(len(sequence) - 2)), sequence[:30]
+    assert all(len(set(sequence[i : i + 3])) == 3 for i in range(len(sequence) - 2)), sequence[:30]
 
 
 def test_two_api_processes_submitting_alternately_share_one_rotation(
@@ -224,8 +255,9 @@ def test_two_api_processes_submitting_alternately_share_one_rotation(
         http.headers["X-API-Key"] = operator.key
         for n in range(300):
             target = (first, second)[n % 2]
-            response = http.post(f"{target.url}/api/v1/tasks", json={"type": "echo", "parameters": {"n": n}},
-                                 timeout=10)
+            response = http.post(
+                f"{target.url}/api/v1/tasks", json={"type": "echo", "parameters": {"n": n}}, timeout=10
+            )
             assert response.status_code == 202, response.text
             ids.append(response.json()["id"])
 
@@ -236,13 +268,14 @@ def test_two_api_processes_submitting_alternately_share_one_rotation(
     assert all(abs(count - 100) <= 1 for count in ran.values()), ran
     # And no agent got two turns in a row although consecutive turns were taken by different processes
     sequence = [agent_of[task_id] for task_id in ids]
-    assert all(len(set(sequence[i:i + 3])) == 3 for i in range(len(sequence) - 2)), sequence[:30]
+    assert all(len(set(sequence[i : i + 3])) == 3 for i in range(len(sequence) - 2)), sequence[:30]
 
 
 def test_a_task_type_only_one_agent_has_always_runs_on_that_agent(api, routing_stack, stack, trio, start_worker):
     # Given the three echo agents and one more agent, the only one that has the task type test.special
-    special = start_worker([f"q{uuid.uuid4().hex[:8]}"], name=f"special-{uuid.uuid4().hex[:6]}", concurrency=2,
-                           env=EXTRA_ENV)
+    special = start_worker(
+        [f"q{uuid.uuid4().hex[:8]}"], name=f"special-{uuid.uuid4().hex[:6]}", concurrency=2, env=EXTRA_ENV
+    )
     wait_online(api, [*trio, special])
     assert all("test.special" not in api.get(f"/api/v1/agents/{w.hostname}").json["capabilities"] for w in trio)
     assert "test.special" in api.get(f"/api/v1/agents/{special.hostname}").json["capabilities"]
@@ -260,8 +293,11 @@ def test_a_task_no_healthy_agent_can_run_waits_pending_and_runs_within_two_heart
     api, routing_stack, stack, start_worker
 ):
     # Given no healthy agent can run test.rare
-    wait_for(lambda: not routable_for(routing_stack.settings, "test.rare"), timeout=30,
-             what="no agent to be routable for test.rare")
+    wait_for(
+        lambda: not routable_for(routing_stack.settings, "test.rare"),
+        timeout=30,
+        what="no agent to be routable for test.rare",
+    )
 
     # When a test.rare task is submitted
     task_id = submit(api, {"type": "test.rare", "parameters": {}})
@@ -275,18 +311,28 @@ def test_a_task_no_healthy_agent_can_run_waits_pending_and_runs_within_two_heart
     rare = start_worker([f"q{uuid.uuid4().hex[:8]}"], name=f"rare-{uuid.uuid4().hex[:6]}", env=EXTRA_ENV)
 
     # Then the task runs on it, after the agent became ONLINE (soon after: the bound is the wait's) ...
-    done = wait_for(lambda: (body := api.get(f"/api/v1/tasks/{task_id}").json)["state"] == "SUCCEEDED" and body,
-                    timeout=10 * HEARTBEAT_S, interval=0.05, what="the waiting task to succeed")
+    done = wait_for(
+        lambda: (body := api.get(f"/api/v1/tasks/{task_id}").json)["state"] == "SUCCEEDED" and body,
+        timeout=10 * HEARTBEAT_S,
+        interval=0.05,
+        what="the waiting task to succeed",
+    )
     assert done["agent"] == rare.hostname and done["pending_reason"] is None
     with session_scope(stack.settings.database) as session:
-        online_at = session.scalar(select(AgentEvent.at).where(AgentEvent.agent == rare.hostname,
-                                                               AgentEvent.to_status == "ONLINE")
-                                   .order_by(AgentEvent.id).limit(1))
+        online_at = session.scalar(
+            select(AgentEvent.at)
+            .where(AgentEvent.agent == rare.hostname, AgentEvent.to_status == "ONLINE")
+            .order_by(AgentEvent.id)
+            .limit(1)
+        )
         task = session.get(Task, task_id)
         # ... measured in the ledger: from the agent's first ONLINE to the task's end
         assert online_at is not None
-        assert timedelta(0) <= task.finished_at - online_at <= timedelta(seconds=10 * HEARTBEAT_S), \
-            (online_at, task.queued_at, task.finished_at)
+        assert timedelta(0) <= task.finished_at - online_at <= timedelta(seconds=10 * HEARTBEAT_S), (
+            online_at,
+            task.queued_at,
+            task.finished_at,
+        )
 
 
 # --------------------------------------------------------------------------- pinning
@@ -300,8 +346,10 @@ def test_a_task_pinned_to_an_agent_runs_on_that_agent_and_only_there(api, routin
 
     # When ten echo tasks are pinned to the middle one, one by one and in a batch
     ids = [submit(api, {"type": "echo", "parameters": {"n": n}, "agent": target.hostname}) for n in range(5)]
-    response = api.post("/api/v1/tasks/batch", json={"tasks": [
-        {"type": "echo", "parameters": {"n": n}, "agent": target.hostname} for n in range(5)]})
+    response = api.post(
+        "/api/v1/tasks/batch",
+        json={"tasks": [{"type": "echo", "parameters": {"n": n}, "agent": target.hostname} for n in range(5)]},
+    )
     assert response.status_code == 202, response.json
     ids += response.json["ids"]
 
@@ -334,8 +382,9 @@ def test_pinning_to_an_unknown_an_offline_or_an_incapable_agent_is_refused_with_
             assert response.status_code == 409, response.json
             assert message in response.json["message"] and response.json["field"] == "agent"
         # And in a batch the field names the item; the whole batch is refused
-        response = api.post("/api/v1/tasks/batch", json={"tasks": [{"type": "echo"},
-                                                                    {"type": "echo", "agent": offline}]})
+        response = api.post(
+            "/api/v1/tasks/batch", json={"tasks": [{"type": "echo"}, {"type": "echo", "agent": offline}]}
+        )
         assert response.status_code == 409, response.json
         assert response.json["field"] == "tasks.1.agent"
         # And nothing was stored
@@ -361,8 +410,10 @@ def test_registering_one_agent_more_than_max_agents_is_refused_with_409(routing_
     # Given max_agents set to ten (or, in a long session, two more than are registered now)
     registered = _agent_count(api)
     limit = max(10, registered + 2)
-    limited = authorize(create_app(routing_stack.override(orchestrator={"max_agents": limit}).settings,
-                                   celery_client).test_client(), operator.key)
+    limited = authorize(
+        create_app(routing_stack.override(orchestrator={"max_agents": limit}).settings, celery_client).test_client(),
+        operator.key,
+    )
     tag = uuid.uuid4().hex[:6]
     names = []
     try:
@@ -424,8 +475,12 @@ def test_celery_inspect_ping_answers_pong_for_every_running_agent(stack, trio, a
     wait_online(api, trio)
     # When Celery's own CLI pings the workers
     result = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "aios.celery_app", "inspect", "ping", "--timeout", "5"],
-        env=stack.env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "celery", "-A", "aios.broker.celery_app", "inspect", "ping", "--timeout", "5"],
+        env=stack.env,
+        cwd=str(REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     # Then every agent answers pong under its agent name
     output = result.stdout + result.stderr

@@ -17,12 +17,12 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from aios.celery_app import queue_name
+from aios.broker.celery_app import queue_name
 from aios.db import session_scope
-from aios.dispatch import TaskSpec, create_tasks, dispatch
 from aios.models import Task
-from aios.scheduled import dispatch_due
+from aios.tasks.create import TaskSpec, create_tasks, dispatch
 from aios.timeutil import utcnow
+from aios.timing.delayed import dispatch_due
 from tests.conftest import REDIS_URL, wait_for
 
 pytestmark = pytest.mark.integration
@@ -47,6 +47,7 @@ class BrokerProbe:
         pipe.hvals(f"{self.prefix}unacked")
         needle = task_id.encode()
         return any(needle in item for result in pipe.execute() if isinstance(result, list) for item in result)
+
 
 #: How late a start may be on a loaded 2-core machine and still pass: order is the test, speed the benchmark's.
 SLACK_S = 10.0
@@ -83,8 +84,9 @@ def test_a_task_delayed_3s_starts_3_to_4s_after_submission_and_is_not_in_the_bro
     probe = BrokerProbe(stack, queue)
 
     # When a 1 s sleep is submitted with delay_s=3
-    response = client.post("/api/v1/tasks", json={"type": "sleep", "parameters": {"seconds": 1.0}, "queue": queue,
-                                                  "delay_s": 3})
+    response = client.post(
+        "/api/v1/tasks", json={"type": "sleep", "parameters": {"seconds": 1.0}, "queue": queue, "delay_s": 3}
+    )
 
     # Then it is accepted SCHEDULED, with its run_at, and nothing queued
     assert response.status_code == 202, response.json
@@ -134,8 +136,10 @@ def test_a_cancelled_scheduled_task_is_never_dispatched_even_after_its_time(
     marker, control_marker = tmp_path / "cancelled.txt", tmp_path / "control.txt"
     ids = []
     for path in (marker, control_marker):
-        response = client.post("/api/v1/tasks", json={"type": "test.touch", "parameters": {"path": str(path)},
-                                                      "queue": queue, "delay_s": 2})
+        response = client.post(
+            "/api/v1/tasks",
+            json={"type": "test.touch", "parameters": {"path": str(path)}, "queue": queue, "delay_s": 2},
+        )
         assert response.status_code == 202 and response.json["state"] == "SCHEDULED", response.json
         ids.append(response.json["id"])
     task_id, control_id = ids
@@ -170,11 +174,16 @@ def test_scheduling_through_the_api_stores_scheduled_tasks_and_lists_them(client
     # When a task is submitted with run_at in +02:00, another with a past run_at, and a batch mixing both
     timed = client.post("/api/v1/tasks", json={"type": "echo", "queue": queue, "run_at": local})
     past = client.post("/api/v1/tasks", json={"type": "echo", "queue": queue, "run_at": "2001-01-01T00:00:00Z"})
-    batch = client.post("/api/v1/tasks/batch", json={"tasks": [
-        {"type": "echo", "queue": queue, "delay_s": 3600},
-        {"type": "echo", "queue": queue, "delay_s": 0},
-        {"type": "echo", "queue": queue},
-    ]})
+    batch = client.post(
+        "/api/v1/tasks/batch",
+        json={
+            "tasks": [
+                {"type": "echo", "queue": queue, "delay_s": 3600},
+                {"type": "echo", "queue": queue, "delay_s": 0},
+                {"type": "echo", "queue": queue},
+            ]
+        },
+    )
 
     # Then the future one is SCHEDULED with run_at shown in UTC, and nothing of it was dispatched
     assert timed.status_code == 202, timed.json
@@ -225,8 +234,17 @@ def test_scheduling_through_the_api_stores_scheduled_tasks_and_lists_them(client
         ({"delay_s": True}, "delay_s", "number"),
         ({"run_at": "2999-01-01T00:00:00Z"}, "run_at", "366 days"),
     ],
-    ids=["naive", "garbage", "number-run-at", "both", "negative", "too-far", "string-delay", "bool-delay",
-         "run-at-too-far"],
+    ids=[
+        "naive",
+        "garbage",
+        "number-run-at",
+        "both",
+        "negative",
+        "too-far",
+        "string-delay",
+        "bool-delay",
+        "run-at-too-far",
+    ],
 )
 def test_bad_timing_is_a_422_naming_the_field_and_stores_nothing(client, stack, queue, fields, field, words):
     # Given a task body with bad timing, alone and as the second item of a batch
@@ -244,8 +262,19 @@ def test_bad_timing_is_a_422_naming_the_field_and_stores_nothing(client, stack, 
 
 def test_two_concurrent_dispatch_due_calls_never_both_take_a_task(stack, celery_client, queue, ledger):
     # Given 40 tasks scheduled 0.5 s ahead
-    specs = [TaskSpec(type="echo", parameters={"n": n}, priority=5, max_retries=0, timeout_s=60, queue=queue,
-                      routing="queue", delay_s=0.5) for n in range(40)]
+    specs = [
+        TaskSpec(
+            type="echo",
+            parameters={"n": n},
+            priority=5,
+            max_retries=0,
+            timeout_s=60,
+            queue=queue,
+            routing="queue",
+            delay_s=0.5,
+        )
+        for n in range(40)
+    ]
     with session_scope(stack.settings.database) as session:
         ids = [task.id for task in create_tasks(session, specs, actor="test")]
     assert set(ledger.states(ids).values()) == {"SCHEDULED"}
@@ -289,14 +318,23 @@ def test_with_a_10s_visibility_timeout_a_task_scheduled_30s_ahead_runs_exactly_o
     marker, control_marker = tmp_path / "scheduled.txt", tmp_path / "countdown.txt"
 
     # When a test.touch task is submitted with delay_s=30
-    response = client.post("/api/v1/tasks", json={"type": "test.touch", "parameters": {"path": str(marker)},
-                                                  "queue": queue, "timeout_s": 5, "delay_s": 30})
+    response = client.post(
+        "/api/v1/tasks",
+        json={"type": "test.touch", "parameters": {"path": str(marker)}, "queue": queue, "timeout_s": 5, "delay_s": 30},
+    )
     assert response.status_code == 202 and response.json["state"] == "SCHEDULED", response.json
     task_id = response.json["id"]
     # (and, as a control, the same kind of task is published now with a 30 s Celery countdown, which
     # Redis keeps unacknowledged on the worker and hands out again every visibility timeout: kombu#337)
-    control = TaskSpec(type="test.touch", parameters={"path": str(control_marker)}, priority=5, max_retries=0,
-                       timeout_s=5, queue=queue, routing="queue")
+    control = TaskSpec(
+        type="test.touch",
+        parameters={"path": str(control_marker)},
+        priority=5,
+        max_retries=0,
+        timeout_s=5,
+        queue=queue,
+        routing="queue",
+    )
     with session_scope(stack.settings.database) as session:
         (control_task,) = create_tasks(session, [control], actor="test")
     dispatch(celery_client, stack.settings, [control_task.id], actor="test", countdown_s={control_task.id: 30})

@@ -10,16 +10,15 @@ from sqlalchemy import func, select
 
 from aios.db import session_scope
 from aios.models import Schedule
-from aios.schedules import fire_due
 from aios.timeutil import utcnow
+from aios.timing.periodic import fire_due
 from tests.conftest import authorize, make_user
 
 pytestmark = pytest.mark.integration
 
 
 def body(queue: str, **fields):
-    return {"name": f"s-{uuid.uuid4().hex[:8]}", "interval_s": 60, "task": {"type": "echo", "queue": queue},
-            **fields}
+    return {"name": f"s-{uuid.uuid4().hex[:8]}", "interval_s": 60, "task": {"type": "echo", "queue": queue}, **fields}
 
 
 def count_schedules(stack) -> int:
@@ -41,8 +40,7 @@ def count_schedules(stack) -> int:
         ({"owner": "someone"}, "owner"),
     ],
 )
-def test_a_bad_schedule_is_refused_with_422_naming_the_field_and_nothing_is_stored(client, stack, queue, change,
-                                                                                      field):
+def test_a_bad_schedule_is_refused_with_422_naming_the_field_and_nothing_is_stored(client, stack, queue, change, field):
     # Given a schedule body with one thing wrong
     data = {k: v for k, v in {**body(queue), **change}.items() if v is not None}
     before = count_schedules(stack)
@@ -58,7 +56,7 @@ def test_a_bad_schedule_is_refused_with_422_naming_the_field_and_nothing_is_stor
 
 
 def test_a_schedule_shows_its_next_run_and_after_firing_its_last_run_and_task(client, stack, queue, celery_client):
-    from aios.beat import spec_for
+    from aios.timing.beat import spec_for
 
     # Given a cron schedule
     created = client.post("/api/v1/schedules", json=body(queue, interval_s=None, cron="*/5 * * * *"))
@@ -112,7 +110,7 @@ def test_a_missing_schedule_is_a_404(client):
 
 
 def test_a_disabled_schedule_does_not_fire_and_reenabling_counts_from_now(client, stack, queue, celery_client):
-    from aios.beat import spec_for
+    from aios.timing.beat import spec_for
 
     # Given a schedule every second, disabled
     created = client.post("/api/v1/schedules", json=body(queue, interval_s=1)).json

@@ -20,7 +20,7 @@ from aios import migrate
 from aios.config import DatabaseSettings
 from aios.db import get_engine, session_scope
 from aios.models import Task
-from aios.task_search import SEARCH_INDEX, TaskFilter, _window_words, index_words, list_tasks, search_sample
+from aios.tasks.search import SEARCH_INDEX, TaskFilter, _window_words, index_words, list_tasks, search_sample
 from tests.support.schemas import private_schema
 
 pytestmark = pytest.mark.integration
@@ -56,9 +56,36 @@ SPECIAL = [
     {"type": "echo", "error": "boom", "parameters": {"customer": "customer-2424"}},
     {"type": "needle.special", "parameters": {}},
 ]
-QUERIES = ["50%off", "%off", "a_b", "_b", "C:\\temp", "\\", '"hi"', '"', "it's", "'", "zürich", "ZÜRICH",
-           "日本", "line1\nline2", "\n", "\nline2", "echo\x1fboom", "tab\there", "\t", "needle", "customer-2424",
-           "CUSTOMER-2424", "customer-2424 x", "upstream host-4", "no-such-text", "ec", "42", "Zürich customer"]
+QUERIES = [
+    "50%off",
+    "%off",
+    "a_b",
+    "_b",
+    "C:\\temp",
+    "\\",
+    '"hi"',
+    '"',
+    "it's",
+    "'",
+    "zürich",
+    "ZÜRICH",
+    "日本",
+    "line1\nline2",
+    "\n",
+    "\nline2",
+    "echo\x1fboom",
+    "tab\there",
+    "\t",
+    "needle",
+    "customer-2424",
+    "CUSTOMER-2424",
+    "customer-2424 x",
+    "upstream host-4",
+    "no-such-text",
+    "ec",
+    "42",
+    "Zürich customer",
+]
 
 
 @contextmanager
@@ -71,11 +98,24 @@ def own_schema(filled: bool) -> Iterator[DatabaseSettings]:
             with get_engine(settings).begin() as connection:
                 connection.execute(sa.text(FILL))
                 for n, row in enumerate(SPECIAL):
-                    connection.execute(sa.insert(Task).values(
-                        id=f"00000000-0000-4000-9000-{n:012d}", type=row.get("type", "echo"),
-                        parameters=row["parameters"], priority=5, queue="default", state="FAILED",
-                        result=row.get("result"), error=row.get("error"), attempts=1, max_retries=3,
-                        timeout_s=60, on_agent_lost="retry", created_at=func.now(), updated_at=func.now()))
+                    connection.execute(
+                        sa.insert(Task).values(
+                            id=f"00000000-0000-4000-9000-{n:012d}",
+                            type=row.get("type", "echo"),
+                            parameters=row["parameters"],
+                            priority=5,
+                            queue="default",
+                            state="FAILED",
+                            result=row.get("result"),
+                            error=row.get("error"),
+                            attempts=1,
+                            max_retries=3,
+                            timeout_s=60,
+                            on_agent_lost="retry",
+                            created_at=func.now(),
+                            updated_at=func.now(),
+                        )
+                    )
                 connection.execute(sa.text("ANALYZE tasks"))
         yield settings
 
@@ -126,9 +166,12 @@ def per_field(q: str) -> Any:
         return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
     plain, as_json = like(q), like(json.dumps(q, ensure_ascii=False)[1:-1])
-    return or_(Task.type.ilike(plain, escape="\\"), func.coalesce(Task.error, "").ilike(plain, escape="\\"),
-               cast(Task.parameters, Text).ilike(as_json, escape="\\"),
-               func.coalesce(cast(Task.result, Text), "").ilike(as_json, escape="\\"))
+    return or_(
+        Task.type.ilike(plain, escape="\\"),
+        func.coalesce(Task.error, "").ilike(plain, escape="\\"),
+        cast(Task.parameters, Text).ilike(as_json, escape="\\"),
+        func.coalesce(cast(Task.result, Text), "").ilike(as_json, escape="\\"),
+    )
 
 
 def listed_ids(settings: DatabaseSettings, q: str, limit: int = 50, states: tuple[str, ...] = ()) -> list[str]:
@@ -189,9 +232,12 @@ def test_the_migration_builds_a_trigram_index_over_the_searched_text_and_downgra
 
         def index() -> str | None:
             with get_engine(settings).connect() as connection:
-                return connection.scalar(sa.text(
-                    "SELECT indexdef FROM pg_indexes WHERE schemaname = current_schema() AND indexname = :name"),
-                    {"name": SEARCH_INDEX})
+                return connection.scalar(
+                    sa.text(
+                        "SELECT indexdef FROM pg_indexes WHERE schemaname = current_schema() AND indexname = :name"
+                    ),
+                    {"name": SEARCH_INDEX},
+                )
 
         # Given a database migrated to head where pg_trgm may be created (the test role is a superuser)
         definition = index()
@@ -233,8 +279,9 @@ def test_a_common_text_walks_the_newest_rows_instead_of_collecting_every_match(l
 def test_search_results_are_those_of_the_per_field_search_it_replaces(ledger, q):
     # Given rows with wildcards, quotes, backslashes, non-ASCII letters, newlines and tabs
     with session_scope(ledger) as session:
-        expected = list(session.scalars(
-            select(Task.id).where(per_field(q)).order_by(Task.created_at.desc(), Task.id.desc())))
+        expected = list(
+            session.scalars(select(Task.id).where(per_field(q)).order_by(Task.created_at.desc(), Task.id.desc()))
+        )
     # When searched through the list (index, newest first, paged) / Then the same rows in the same order
     assert listed_ids(ledger, q) == expected
 
@@ -266,10 +313,22 @@ def test_the_search_statistics_keep_a_sample_of_a_thousand_search_texts(ledger):
     assert 0.003 < share < 0.03
 
 
-@pytest.mark.parametrize(("q", "limit"), [
-    ("upstream", 50), ("upstream", 7), ("upstream host-4", 7), ("customer-42", 50), ("customer-2424", 3),
-    ("needle", 50), ("noop", 50), ("true", 50), ("it's", 50), ("no-such-text", 50), ("ZÜRICH", 2),
-])
+@pytest.mark.parametrize(
+    ("q", "limit"),
+    [
+        ("upstream", 50),
+        ("upstream", 7),
+        ("upstream host-4", 7),
+        ("customer-42", 50),
+        ("customer-2424", 3),
+        ("needle", 50),
+        ("noop", 50),
+        ("true", 50),
+        ("it's", 50),
+        ("no-such-text", 50),
+        ("ZÜRICH", 2),
+    ],
+)
 def test_a_search_across_the_gap_lists_the_rows_and_order_of_the_per_field_search(gapped, q, limit):
     # Given matches only in the rows older than a gap of GAP newest rows (or only in the gap)
     # When every page is listed (windows, probes and index lookups, cursors across their edges)
@@ -280,7 +339,8 @@ def test_a_search_across_the_gap_lists_the_rows_and_order_of_the_per_field_searc
 def test_a_search_with_a_state_filter_across_the_gap_lists_what_the_per_field_search_does(gapped):
     assert listed_ids(gapped, "upstream", 50, ("FAILED",)) == reference_ids(gapped, "upstream", ("FAILED",))
     assert listed_ids(gapped, "customer-42", 20, ("SUCCEEDED", "FAILED")) == reference_ids(
-        gapped, "customer-42", ("SUCCEEDED", "FAILED"))
+        gapped, "customer-42", ("SUCCEEDED", "FAILED")
+    )
 
 
 def test_a_window_looks_up_a_short_piece_of_the_text_only_if_the_sample_holds_it_hardly_more_often():
@@ -317,9 +377,16 @@ def spread() -> Iterator[DatabaseSettings]:
 
 def index_columns(settings: DatabaseSettings) -> list[str]:
     with get_engine(settings).connect() as connection:
-        return list(connection.scalars(sa.text(
-            "SELECT pg_get_indexdef(i.indexrelid, k, true) FROM pg_index i, generate_series(1, i.indnkeyatts) AS k "
-            "WHERE i.indexrelid = to_regclass(:name) ORDER BY k"), {"name": SEARCH_INDEX}))
+        return list(
+            connection.scalars(
+                sa.text(
+                    "SELECT pg_get_indexdef(i.indexrelid, k, true) "
+                    "FROM pg_index i, generate_series(1, i.indnkeyatts) AS k "
+                    "WHERE i.indexrelid = to_regclass(:name) ORDER BY k"
+                ),
+                {"name": SEARCH_INDEX},
+            )
+        )
 
 
 def test_the_search_index_is_keyed_by_creation_hour_and_downgrade_restores_the_text_only_index():
@@ -330,13 +397,17 @@ def test_the_search_index_is_keyed_by_creation_hour_and_downgrade_restores_the_t
         assert hour.startswith("date_bin('01:00:00'::interval, created_at, '2000-01-01 00:00:00+00'")
         assert "parameters" in search_text and "error" in search_text
         with get_engine(settings).connect() as connection:
-            definition = connection.scalar(sa.text("SELECT pg_get_indexdef(to_regclass(:name))"),
-                                           {"name": SEARCH_INDEX})
+            definition = connection.scalar(
+                sa.text("SELECT pg_get_indexdef(to_regclass(:name))"), {"name": SEARCH_INDEX}
+            )
         assert "USING gin" in definition and "gin_trgm_ops" in definition
         with get_engine(settings).connect() as connection:
-            targets = connection.execute(sa.text(
-                "SELECT attnum, attstattarget FROM pg_attribute WHERE attrelid = to_regclass(:name) ORDER BY 1"),
-                {"name": SEARCH_INDEX}).all()
+            targets = connection.execute(
+                sa.text(
+                    "SELECT attnum, attstattarget FROM pg_attribute WHERE attrelid = to_regclass(:name) ORDER BY 1"
+                ),
+                {"name": SEARCH_INDEX},
+            ).all()
         assert [tuple(row) for row in targets][1] == (2, 1000)
         # When downgraded one step / Then the index is 0007's again, over the text alone
         migrate.downgrade(settings, "0008_search_statistics")
@@ -349,25 +420,38 @@ def test_the_search_index_is_keyed_by_creation_hour_and_downgrade_restores_the_t
 def test_hour_keys_are_the_utc_hours_a_window_touches():
     from datetime import UTC, datetime, timedelta, timezone
 
-    from aios.task_search import HOUR_KEYS_MAX, hour_keys
+    from aios.tasks.search import HOUR_KEYS_MAX, hour_keys
 
     plus_half = timezone(timedelta(hours=5, minutes=30))
     # 00:10 at UTC+5:30 is 18:40 UTC the day before: its hour, and the two up to 20:59 UTC
     assert hour_keys(datetime(2026, 3, 2, 0, 10, tzinfo=plus_half), datetime(2026, 3, 1, 20, 59, tzinfo=UTC)) == [
-        datetime(2026, 3, 1, 18, tzinfo=UTC), datetime(2026, 3, 1, 19, tzinfo=UTC),
-        datetime(2026, 3, 1, 20, tzinfo=UTC)]
+        datetime(2026, 3, 1, 18, tzinfo=UTC),
+        datetime(2026, 3, 1, 19, tzinfo=UTC),
+        datetime(2026, 3, 1, 20, tzinfo=UTC),
+    ]
     # hi is excluded, but the hour it starts is listed (a key more costs little; one less would lose rows)
     assert hour_keys(datetime(2026, 3, 2, 5, 59, tzinfo=UTC), datetime(2026, 3, 2, 6, tzinfo=UTC)) == [
-        datetime(2026, 3, 2, 5, tzinfo=UTC), datetime(2026, 3, 2, 6, tzinfo=UTC)]
+        datetime(2026, 3, 2, 5, tzinfo=UTC),
+        datetime(2026, 3, 2, 6, tzinfo=UTC),
+    ]
     start = datetime(2026, 1, 1, tzinfo=UTC)
     assert len(hour_keys(start, start + timedelta(hours=HOUR_KEYS_MAX - 1)) or []) == HOUR_KEYS_MAX
     assert hour_keys(start, start + timedelta(hours=HOUR_KEYS_MAX)) is None
 
 
-@pytest.mark.parametrize(("q", "limit"), [
-    ("upstream", 50), ("upstream", 7), ("upstream host-4", 20), ("customer-42", 50), ("customer-2424", 3),
-    ("needle", 50), ("noop", 50), ("it's", 50),
-])
+@pytest.mark.parametrize(
+    ("q", "limit"),
+    [
+        ("upstream", 50),
+        ("upstream", 7),
+        ("upstream host-4", 20),
+        ("customer-42", 50),
+        ("customer-2424", 3),
+        ("needle", 50),
+        ("noop", 50),
+        ("it's", 50),
+    ],
+)
 def test_a_search_over_weeks_lists_the_rows_and_order_of_the_per_field_search(spread, q, limit):
     # Given matches spread over three weeks, older than a gap of GAP newest rows
     # When every page is listed (windows looked up by their hours or ranges, walks, cursors across their edges)
@@ -377,8 +461,12 @@ def test_a_search_over_weeks_lists_the_rows_and_order_of_the_per_field_search(sp
 
 def test_a_window_looks_up_its_hours_in_the_index_not_a_created_at_range(spread):
     # Given "upstream" in one row in ten, none of them among the newest rows
-    statements = [statement for page in sent_statements(spread, "upstream", pages=2, limit=50)
-                  for statement in page if "MATERIALIZED" in statement[0]]
+    statements = [
+        statement
+        for page in sent_statements(spread, "upstream", pages=2, limit=50)
+        for statement in page
+        if "MATERIALIZED" in statement[0]
+    ]
     # When its windows are explained
     assert statements
     for plan in explain(spread, statements):
@@ -389,7 +477,7 @@ def test_a_window_looks_up_its_hours_in_the_index_not_a_created_at_range(spread)
 
 
 def test_without_hour_keys_a_search_over_weeks_still_lists_what_the_per_field_search_does():
-    from aios import task_search
+    from aios.tasks import search as task_search
 
     with spread_schema() as settings:
         # Given the index of migration 0007/0008 (text only), as where btree_gin may not be created

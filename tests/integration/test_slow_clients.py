@@ -25,8 +25,10 @@ from tests.integration.test_tls import certificate  # noqa: F401 - the fixture, 
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SLOW_HEAD = (b"POST /api/v1/auth/token HTTP/1.1\r\nHost: aios\r\nContent-Type: application/json\r\n"
-             b"Content-Length: 100000\r\n\r\n")
+SLOW_HEAD = (
+    b"POST /api/v1/auth/token HTTP/1.1\r\nHost: aios\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 100000\r\n\r\n"
+)
 
 
 def connect(url: str) -> socket.socket:
@@ -174,8 +176,10 @@ def test_a_body_announced_over_the_limit_is_answered_413_before_it_is_sent(start
     limit = stack.settings.api.max_body_bytes
     # When a client announces a larger body and waits for 100 Continue
     with connect(api.url) as sock:
-        sock.sendall(b"POST /api/v1/tasks HTTP/1.1\r\nHost: aios\r\nContent-Type: application/json\r\n"
-                     b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % (limit + 1))
+        sock.sendall(
+            b"POST /api/v1/tasks HTTP/1.1\r\nHost: aios\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % (limit + 1)
+        )
         status, _headers, body = read_answer(sock)
     # Then 413 payload_too_large, naming the limit, without the body ever being sent
     assert status == 413
@@ -184,7 +188,8 @@ def test_a_body_announced_over_the_limit_is_answered_413_before_it_is_sent(start
 
 
 def test_unfinished_large_bodies_past_the_process_budget_are_answered_503_and_small_requests_still_served(
-        start_api, stack):
+    start_api, stack
+):
     from webapi.buffered_worker import BUFFER_BUDGET_BYTES
 
     # Given an API process and 48 clients that each send all but the last byte of a body at the limit
@@ -220,8 +225,10 @@ def test_unfinished_large_bodies_past_the_process_budget_are_answered_503_and_sm
 def test_chunked_pipelined_and_kept_alive_requests_with_bodies_are_still_served(start_api, admin, queue):
     api = start_api()
     body = json.dumps({"type": "echo", "parameters": {"n": 1}, "queue": queue}).encode()
-    head = (b"POST /api/v1/tasks HTTP/1.1\r\nHost: aios\r\nContent-Type: application/json\r\n"
-            b"X-API-Key: " + admin.key.encode() + b"\r\n")
+    head = (
+        b"POST /api/v1/tasks HTTP/1.1\r\nHost: aios\r\nContent-Type: application/json\r\n"
+        b"X-API-Key: " + admin.key.encode() + b"\r\n"
+    )
     with connect(api.url) as sock:
         # Given a chunked body sent in two chunks, a byte apart in time
         sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (10, body[:10]))
@@ -231,8 +238,9 @@ def test_chunked_pipelined_and_kept_alive_requests_with_bodies_are_still_served(
         status, _headers, answer = read_answer(sock)
         assert status == 202, answer
         # Given two requests in one write on the same kept-alive connection, the first with a body
-        sock.sendall(head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-                     + b"GET /healthz HTTP/1.1\r\nHost: aios\r\n\r\n")
+        sock.sendall(
+            head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body) + b"GET /healthz HTTP/1.1\r\nHost: aios\r\n\r\n"
+        )
         # Then both are answered, in order
         assert read_answer(sock)[0] == 202
         assert read_answer(sock)[0] == 200
@@ -246,8 +254,12 @@ def test_chunked_pipelined_and_kept_alive_requests_with_bodies_are_still_served(
     # And an ordinary client on a keep-alive session is served as before
     with requests.Session() as session:
         for _ in range(3):
-            answer = session.post(f"{api.url}/api/v1/tasks", data=body, timeout=10,
-                                  headers={"X-API-Key": admin.key, "Content-Type": "application/json"})
+            answer = session.post(
+                f"{api.url}/api/v1/tasks",
+                data=body,
+                timeout=10,
+                headers={"X-API-Key": admin.key, "Content-Type": "application/json"},
+            )
             assert answer.status_code == 202, answer.text
 
 
@@ -257,8 +269,10 @@ def test_gunicorns_request_line_and_header_limits_still_apply(start_api):
     api = start_api()
     cases = {
         "a request line over 8190 bytes": (b"GET /healthz?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: aios\r\n\r\n", 414),
-        "101 header fields": (b"GET /healthz HTTP/1.1\r\nHost: aios\r\n"
-                              + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n", 431),
+        "101 header fields": (
+            b"GET /healthz HTTP/1.1\r\nHost: aios\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n",
+            431,
+        ),
         "an endless header block": (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"b" * 900_000, 431),
     }
     for what, (request, expected) in cases.items():
@@ -271,8 +285,7 @@ def test_gunicorns_request_line_and_header_limits_still_apply(start_api):
             assert (headers.get("content-type") == "application/json") == (what == "an endless header block"), what
 
 
-def test_stalled_tls_handshakes_and_trickling_tls_bodies_leave_https_answering(
-        start_api, certificate, admin, queue):  # noqa: F811 - the fixture imported above
+def test_stalled_tls_handshakes_and_trickling_tls_bodies_leave_https_answering(start_api, certificate, admin, queue):  # noqa: F811 - the fixture imported above
     # Given the API serving HTTPS (the poller does the TLS handshake too)
     cert, _key = certificate
     api = start_api(name="api-tls", env={"AIOS_API__REQUEST_READ_TIMEOUT_S": "120"}, tls=certificate)
@@ -299,10 +312,14 @@ def test_stalled_tls_handshakes_and_trickling_tls_bodies_leave_https_answering(
         body = json.dumps({"type": "echo", "parameters": {"n": 1}, "queue": queue})
         with requests.Session() as session:
             for _ in range(3):
-                answer = session.post(f"{api.url}/api/v1/tasks", data=body, verify=str(cert), timeout=10,
-                                      headers={"X-API-Key": admin.key, "Content-Type": "application/json"})
+                answer = session.post(
+                    f"{api.url}/api/v1/tasks",
+                    data=body,
+                    verify=str(cert),
+                    timeout=10,
+                    headers={"X-API-Key": admin.key, "Content-Type": "application/json"},
+                )
                 assert answer.status_code == 202, answer.text
     finally:
         for sock in [*stalled, *slow]:
             sock.close()
-

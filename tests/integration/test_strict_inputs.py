@@ -26,14 +26,17 @@ def test_post_backups_and_sync_run_refuse_an_unknown_field_with_422_before_doing
     assert client.post(path, json=[1]).status_code == 422
 
 
-@pytest.mark.parametrize("path", [
-    f"/api/v1/sync/runs?limit={HUGE}",
-    f"/api/v1/sync/runs?before={HUGE}",
-    f"/api/v1/backups?limit={HUGE}",
-    f"/api/v1/backups?limit=-{HUGE}",
-    f"/api/v1/events?after={HUGE}:1",
-    f"/api/v1/tasks/t/events?after={HUGE}",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/api/v1/sync/runs?limit={HUGE}",
+        f"/api/v1/sync/runs?before={HUGE}",
+        f"/api/v1/backups?limit={HUGE}",
+        f"/api/v1/backups?limit=-{HUGE}",
+        f"/api/v1/events?after={HUGE}:1",
+        f"/api/v1/tasks/t/events?after={HUGE}",
+    ],
+)
 def test_a_5000_digit_integer_in_a_query_is_a_4xx_without_python_s_hint(client, path):
     answer = client.get(path)
     assert 400 <= answer.status_code < 500 and answer.is_json, (answer.status_code, answer.data[:200])
@@ -50,7 +53,8 @@ def test_a_5000_digit_last_event_id_is_a_422_without_python_s_hint(client):
 
 def test_a_5000_digit_integer_in_a_body_is_a_400_without_python_s_hint(api_app, stack):
     operator = authorize(api_app.test_client(), make_user(stack, "operator").key)
-    answer = operator.post("/api/v1/commands", data=f'{{"argv": ["echo"], "wait_s": {HUGE}}}',
-                           content_type="application/json")
+    answer = operator.post(
+        "/api/v1/commands", data=f'{{"argv": ["echo"], "wait_s": {HUGE}}}', content_type="application/json"
+    )
     assert answer.status_code == 400, answer.json
     assert "set_int_max_str_digits" not in answer.json["message"]

@@ -1,4 +1,4 @@
-"""The sync job (aios.sync) against real PostgreSQL, real Redis and real agent processes.
+"""The sync job (aios.recovery.sync) against real PostgreSQL, real Redis and real agent processes.
 
 Each test runs on a PostgreSQL schema of its own (tests.support.schemas): the session schema holds
 other tests' leftovers (QUEUED rows without messages, stale agents), which a sync run would rightly
@@ -47,7 +47,7 @@ class Synced:
         return self.stack.settings
 
     def sync(self) -> dict[str, Any]:
-        from aios.sync import run_sync
+        from aios.recovery.sync import run_sync
 
         return run_sync(self.celery, self.settings, runner="test")
 
@@ -73,8 +73,11 @@ class Synced:
             return list(session.scalars(select(TaskEvent).where(TaskEvent.task_id == task_id).order_by(TaskEvent.id)))
 
     def wait_state(self, task_id: str, *states: str, timeout: float = 30.0) -> Any:
-        return wait_for(lambda: (t := self.task(task_id)) is not None and t.state in states and t,
-                        timeout=timeout, what=f"task {task_id} to reach {states}")
+        return wait_for(
+            lambda: (t := self.task(task_id)) is not None and t.state in states and t,
+            timeout=timeout,
+            what=f"task {task_id} to reach {states}",
+        )
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:
         response = self.client.post("/api/v1/tasks", json=body)
@@ -83,7 +86,7 @@ class Synced:
 
 
 def build_synced(stack: Stack, **sections: dict[str, Any]) -> Iterator[Synced]:
-    from aios.celery_app import create_celery_app
+    from aios.broker.celery_app import create_celery_app
     from webapi.app import create_app
 
     own = stack.override(**sections)
@@ -110,8 +113,11 @@ def synced(stack: Stack) -> Iterator[Synced]:
 def fast_synced(stack: Stack) -> Iterator[Synced]:
     """Like ``synced``, where (as for its agents) a heartbeat is overdue after 3 s instead of 15 s."""
     with private_schema("sync") as url:
-        yield from build_synced(stack, database={"url": url},
-                                agents={"heartbeat_interval_s": float(FAST_BEATS["AIOS_AGENTS__HEARTBEAT_INTERVAL_S"])})
+        yield from build_synced(
+            stack,
+            database={"url": url},
+            agents={"heartbeat_interval_s": float(FAST_BEATS["AIOS_AGENTS__HEARTBEAT_INTERVAL_S"])},
+        )
 
 
 @pytest.fixture()
@@ -188,8 +194,10 @@ def test_sync_routes_let_viewers_read_runs_and_only_admins_run_it(synced):
     from aios.models import AuditEntry
 
     with session_scope(synced.settings.database) as session:
-        actions = [(a.action, a.outcome) for a in session.scalars(
-            select(AuditEntry).where(AuditEntry.action == "sync.run").order_by(AuditEntry.id))]
+        actions = [
+            (a.action, a.outcome)
+            for a in session.scalars(select(AuditEntry).where(AuditEntry.action == "sync.run").order_by(AuditEntry.id))
+        ]
     assert actions == [("sync.run", "denied"), ("sync.run", "denied"), ("sync.run", "success")]
 
 
@@ -198,8 +206,14 @@ def test_aios_sync_prints_the_run_and_exits_nonzero_only_when_a_step_failed(sync
     env = {**synced.stack.env, "AIOS_BROKER__URL": private_redis.url}
 
     def cli() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "aios.cli", "sync"], env=env, cwd=str(REPO_ROOT),
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "aios.cli", "sync"],
+            env=env,
+            cwd=str(REPO_ROOT),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     ok = cli()
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -250,8 +264,12 @@ def test_100_tasks_accepted_while_redis_is_down_are_dispatched_by_the_next_sync_
             # Then that run dispatched all 100, and they all finish, each run once
             assert run["errors"] == [], run["errors"]
             assert run["found"]["pending"] == 100 and run["changed"]["dispatched"] == 100
-            wait_for(lambda: set(synced.states(ids).values()) == {"SUCCEEDED"}, timeout=90, interval=0.5,
-                     what="the 100 tasks to succeed")
+            wait_for(
+                lambda: set(synced.states(ids).values()) == {"SUCCEEDED"},
+                timeout=90,
+                interval=0.5,
+                what="the 100 tasks to succeed",
+            )
             for n, task_id in enumerate(ids):
                 task = synced.task(task_id)
                 assert task.result == {"n": n} and task.attempts == 1
@@ -277,9 +295,7 @@ def message_key(synced: Synced, queue: str) -> tuple[Any, str]:
     return client, keys[0]
 
 
-def test_a_queued_task_whose_message_vanished_is_redispatched_after_the_grace_and_runs_once(
-    stack, start_worker, queue
-):
+def test_a_queued_task_whose_message_vanished_is_redispatched_after_the_grace_and_runs_once(stack, start_worker, queue):
     grace_s = 2
     with private_schema("sync") as url:
         gen = build_synced(stack, database={"url": url}, orchestrator={"lost_message_grace_s": grace_s})
@@ -317,8 +333,14 @@ def test_a_queued_task_whose_message_vanished_is_redispatched_after_the_grace_an
 
             # Then the task runs exactly once, from the new dispatch; the late original is only noted
             synced.wait_state(task["id"], "SUCCEEDED", timeout=30)
-            wait_for(lambda: any((e.detail or {}).get("dispatch_id") == old_dispatch and e.to_state is None
-                                 for e in synced.events(task["id"])), timeout=15, what="the stale delivery's note")
+            wait_for(
+                lambda: any(
+                    (e.detail or {}).get("dispatch_id") == old_dispatch and e.to_state is None
+                    for e in synced.events(task["id"])
+                ),
+                timeout=15,
+                what="the stale delivery's note",
+            )
             runs = running_events(synced, task["id"])
             assert len(runs) == 1 and runs[0].detail["dispatch_id"] == row.dispatch_id
             skipped = [e for e in synced.events(task["id"]) if e.to_state is None]
@@ -346,13 +368,17 @@ def test_a_task_running_past_its_timeout_on_a_dead_agent_is_timed_out_by_sync(sy
     assert early["found"]["overdue"] == 0 and synced.task(task["id"]).state == "RUNNING"
 
     # When sync runs after it (the agent's heartbeat is not even overdue yet: 15 s by default)
-    from aios.sync import overdue_after_s
+    from aios.recovery.sync import overdue_after_s
 
     limit_s = overdue_after_s(synced.settings, 4)
     from aios.timeutil import utcnow
 
-    wait_for(lambda: started + timedelta(seconds=limit_s + 0.2) < utcnow(), timeout=30, interval=0.2,
-             what="the timeout and twice the grace to pass")
+    wait_for(
+        lambda: started + timedelta(seconds=limit_s + 0.2) < utcnow(),
+        timeout=30,
+        interval=0.2,
+        what="the timeout and twice the grace to pass",
+    )
     run = synced.sync()
 
     # Then it is TIMED_OUT by sync, once
@@ -365,8 +391,7 @@ def test_a_task_running_past_its_timeout_on_a_dead_agent_is_timed_out_by_sync(sy
     assert synced.sync()["changed"]["timed_out"] == 0
 
 
-def test_a_task_running_on_an_agent_that_died_is_retried_by_sync_on_another_agent(fast_synced, start_worker,
-                                                                                   queue):
+def test_a_task_running_on_an_agent_that_died_is_retried_by_sync_on_another_agent(fast_synced, start_worker, queue):
     synced = fast_synced
     # Given a task RUNNING on agent A (fast heartbeats), which is then killed outright
     worker_a = start_worker([queue], concurrency=1, env={**synced.env, **FAST_BEATS})
@@ -395,18 +420,34 @@ def test_a_task_running_on_an_agent_that_died_is_retried_by_sync_on_another_agen
 def craft_running(synced: Synced, *, agent: str, queue: str, max_retries: int, on_agent_lost: str) -> str:
     """A task RUNNING on ``agent`` (attempt 1), moved there through the state machine, nothing published."""
     from aios.db import session_scope
-    from aios.dispatch import TaskSpec, create_tasks
-    from aios.states import TaskState, transition
+    from aios.tasks.create import TaskSpec, create_tasks
+    from aios.tasks.states import TaskState, transition
 
-    spec = TaskSpec(type="echo", parameters={"agent": agent}, priority=5, max_retries=max_retries, timeout_s=600,
-                    queue=queue, routing="queue", on_agent_lost=on_agent_lost)
+    spec = TaskSpec(
+        type="echo",
+        parameters={"agent": agent},
+        priority=5,
+        max_retries=max_retries,
+        timeout_s=600,
+        queue=queue,
+        routing="queue",
+        on_agent_lost=on_agent_lost,
+    )
     with session_scope(synced.settings.database) as session:
         (task,) = create_tasks(session, [spec], actor="test")
         dispatch_id = str(uuid.uuid4())
-        assert transition(session, task.id, TaskState.PENDING, TaskState.QUEUED, actor="test",
-                          values={"dispatch_id": dispatch_id})
-        assert transition(session, task.id, TaskState.QUEUED, TaskState.RUNNING, actor="test", fence=dispatch_id,
-                          values={"agent": agent, "attempts": 1})
+        assert transition(
+            session, task.id, TaskState.PENDING, TaskState.QUEUED, actor="test", values={"dispatch_id": dispatch_id}
+        )
+        assert transition(
+            session,
+            task.id,
+            TaskState.QUEUED,
+            TaskState.RUNNING,
+            actor="test",
+            fence=dispatch_id,
+            values={"agent": agent, "attempts": 1},
+        )
         return task.id
 
 
@@ -420,9 +461,22 @@ def test_running_tasks_whose_agent_is_offline_or_unknown_are_retried_failed_or_d
     # Given an agent that is OFFLINE in the ledger (its process is long gone) and one nobody knows
     gone, unknown = f"gone-{uuid.uuid4().hex[:6]}@nowhere", f"ghost-{uuid.uuid4().hex[:6]}@nowhere"
     with session_scope(synced.settings.database) as session:
-        session.add(Agent(name=gone, capabilities=["echo"], labels={}, weight=1, max_concurrency=1,
-                          admin_status="ACTIVE", status="OFFLINE", status_reason="test", active=0, processed=0,
-                          registered_at=utcnow(), updated_at=utcnow()))
+        session.add(
+            Agent(
+                name=gone,
+                capabilities=["echo"],
+                labels={},
+                weight=1,
+                max_concurrency=1,
+                admin_status="ACTIVE",
+                status="OFFLINE",
+                status_reason="test",
+                active=0,
+                processed=0,
+                registered_at=utcnow(),
+                updated_at=utcnow(),
+            )
+        )
     # and tasks RUNNING on them: one with retries left, one asking to fail, one out of retries
     retry = craft_running(synced, agent=gone, queue=queue, max_retries=1, on_agent_lost="retry")
     fail = craft_running(synced, agent=unknown, queue=queue, max_retries=3, on_agent_lost="fail")
@@ -481,7 +535,7 @@ def test_a_running_task_its_live_agent_no_longer_holds_is_retried_and_one_it_sti
 def test_a_retry_decided_but_never_published_is_dispatched_by_the_next_run(synced, start_worker, queue):
     from aios.db import session_scope
     from aios.models import Task
-    from aios.states import TaskState, transition
+    from aios.tasks.states import TaskState, transition
     from aios.timeutil import utcnow
 
     # Given a task a process moved to RETRYING and then died before publishing it
@@ -507,9 +561,9 @@ def test_a_task_running_on_two_agents_is_noted_once_and_the_fenced_off_run_repor
     synced, start_worker, queue
 ):
     from aios.db import session_scope
-    from aios.dispatch import dispatch
     from aios.models import Agent
-    from aios.states import TaskState, transition
+    from aios.tasks.create import dispatch
+    from aios.tasks.states import TaskState, transition
 
     # Given two agents on one queue, and a task RUNNING on one of them
     # (slow heartbeats: nothing but this test changes what the ledger says about them)
@@ -533,8 +587,9 @@ def test_a_task_running_on_two_agents_is_noted_once_and_the_fenced_off_run_repor
 
     # When the task is nevertheless dispatched again meanwhile (the other agent takes it)
     with session_scope(synced.settings.database) as session:
-        assert transition(session, task["id"], TaskState.RUNNING, TaskState.RETRYING, actor="test",
-                          fence=running.dispatch_id)
+        assert transition(
+            session, task["id"], TaskState.RUNNING, TaskState.RETRYING, actor="test", fence=running.dispatch_id
+        )
     dispatch(synced.celery, synced.settings, [task["id"]], actor="test", from_state=TaskState.RETRYING)
     other = synced.wait_state(task["id"], "RUNNING", timeout=30)
     assert other.agent != holder and other.dispatch_id != running.dispatch_id
@@ -550,8 +605,11 @@ def test_a_task_running_on_two_agents_is_noted_once_and_the_fenced_off_run_repor
     # And the fenced-off run's report is recorded as a note and ignored; the live one decides
     done = synced.wait_state(task["id"], "SUCCEEDED", timeout=30)
     assert done.agent == other.agent and done.attempts == 2
-    wait_for(lambda: any("late report ignored" in (e.detail or {}).get("note", "") for e in synced.events(task["id"])),
-             timeout=15, what="the fenced-off run's late report")
+    wait_for(
+        lambda: any("late report ignored" in (e.detail or {}).get("note", "") for e in synced.events(task["id"])),
+        timeout=15,
+        what="the fenced-off run's late report",
+    )
     late = [e for e in synced.events(task["id"]) if "late report ignored" in (e.detail or {}).get("note", "")]
     assert len(late) == 1 and late[0].detail["dispatch_id"] == running.dispatch_id
     assert synced.task(task["id"]).state == "SUCCEEDED"
@@ -571,12 +629,15 @@ def test_keys_past_their_expiry_or_rotation_grace_are_marked_expired_and_audited
     owner = make_user(synced.stack, "operator")
     uid = user_id(synced.stack, owner.user)
     with session_scope(synced.settings.database) as session:
-        past = api_keys.generate(session, name="past", role="operator", owner_id=uid,
-                                 expires_at=utcnow() - timedelta(seconds=1)).row.id
-        future = api_keys.generate(session, name="future", role="operator", owner_id=uid,
-                                   expires_at=utcnow() + timedelta(days=1)).row.id
-        revoked = api_keys.generate(session, name="revoked", role="operator", owner_id=uid,
-                                    expires_at=utcnow() - timedelta(seconds=1))
+        past = api_keys.generate(
+            session, name="past", role="operator", owner_id=uid, expires_at=utcnow() - timedelta(seconds=1)
+        ).row.id
+        future = api_keys.generate(
+            session, name="future", role="operator", owner_id=uid, expires_at=utcnow() + timedelta(days=1)
+        ).row.id
+        revoked = api_keys.generate(
+            session, name="revoked", role="operator", owner_id=uid, expires_at=utcnow() - timedelta(seconds=1)
+        )
         revoked.row.state = api_keys.REVOKED
         revoked = revoked.row.id
 
@@ -588,8 +649,9 @@ def test_keys_past_their_expiry_or_rotation_grace_are_marked_expired_and_audited
     assert run["found"]["keys_expired"] == 1 and run["changed"]["keys_expired"] == 1, run
     assert again["changed"]["keys_expired"] == 0
     with session_scope(synced.settings.database) as session:
-        states = dict(session.execute(select(ApiKey.id, ApiKey.state)
-                                      .where(ApiKey.id.in_([past, future, revoked]))).all())
+        states = dict(
+            session.execute(select(ApiKey.id, ApiKey.state).where(ApiKey.id.in_([past, future, revoked]))).all()
+        )
         audits = list(session.scalars(select(AuditEntry).where(AuditEntry.action == "key.expire")))
     assert states == {past: "EXPIRED", future: "ACTIVE", revoked: "REVOKED"}
     assert [(a.principal, a.target, a.outcome) for a in audits] == [("sync", past, "success")]

@@ -27,8 +27,16 @@ def test_a_lower_memory_threshold_makes_an_agent_degraded_within_two_heartbeats_
 ):
     # Given an agent beating every second, ONLINE, with its memory use reported
     worker = start_worker([queue], env={"AIOS_AGENTS__HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S)})
-    reported = wait_for(lambda: (a := agent_row(stack, worker.hostname)) and a.status == "ONLINE"
-                        and (a.resources or {}).get("memory_pct") and a, timeout=20, what="an ONLINE agent")
+    reported = wait_for(
+        lambda: (
+            (a := agent_row(stack, worker.hostname))
+            and a.status == "ONLINE"
+            and (a.resources or {}).get("memory_pct")
+            and a
+        ),
+        timeout=20,
+        what="an ONLINE agent",
+    )
     memory_pct = reported.resources["memory_pct"]
     try:
         # When an admin sets the memory threshold below what the agent uses
@@ -38,8 +46,12 @@ def test_a_lower_memory_threshold_makes_an_agent_degraded_within_two_heartbeats_
         assert "memory_degraded_pct" in answer.json["overridden"]
 
         # Then the agent turns DEGRADED at its next heartbeats, saying why
-        degraded = wait_for(lambda: (a := agent_row(stack, worker.hostname)) and a.status == "DEGRADED" and a,
-                            timeout=2 * HEARTBEAT_S + 20, interval=0.1, what="the agent to turn DEGRADED")
+        degraded = wait_for(
+            lambda: (a := agent_row(stack, worker.hostname)) and a.status == "DEGRADED" and a,
+            timeout=2 * HEARTBEAT_S + 20,
+            interval=0.1,
+            what="the agent to turn DEGRADED",
+        )
         assert "memory" in degraded.status_reason
     finally:
         # When the override is cleared (back to the config's default)
@@ -48,21 +60,36 @@ def test_a_lower_memory_threshold_makes_an_agent_degraded_within_two_heartbeats_
     assert cleared.json["limits"]["memory_degraded_pct"] == stack.settings.agents.memory_degraded_pct
 
     # Then it is ONLINE again at its next heartbeats
-    wait_for(lambda: agent_row(stack, worker.hostname).status == "ONLINE", timeout=2 * HEARTBEAT_S + 20, interval=0.1,
-             what="the agent to be ONLINE again")
+    wait_for(
+        lambda: agent_row(stack, worker.hostname).status == "ONLINE",
+        timeout=2 * HEARTBEAT_S + 20,
+        interval=0.1,
+        what="the agent to be ONLINE again",
+    )
 
 
 def test_limits_are_read_by_viewers_changed_by_admins_only_and_checked(api_app, stack, client):
     viewer = authorize(api_app.test_client(), make_user(stack, "viewer").key)
     operator = authorize(api_app.test_client(), make_user(stack, "operator").key)
     shown = viewer.get("/api/v1/system/limits").json
-    assert set(shown["limits"]) == {"cpu_degraded_pct", "memory_degraded_pct", "disk_degraded_pct",
-                                    "command_cpu_s", "command_memory_mb", "command_wall_s", "command_output_kb",
-                                    "command_pids", "command_file_size_mb"}
+    assert set(shown["limits"]) == {
+        "cpu_degraded_pct",
+        "memory_degraded_pct",
+        "disk_degraded_pct",
+        "command_cpu_s",
+        "command_memory_mb",
+        "command_wall_s",
+        "command_output_kb",
+        "command_pids",
+        "command_file_size_mb",
+    }
     assert operator.put("/api/v1/system/limits", json={"command_cpu_s": 5}).status_code == 403
-    for bad, field in [({"memory_degraded_pct": 0}, "memory_degraded_pct"),
-                       ({"memory_degraded_pct": 101}, "memory_degraded_pct"),
-                       ({"command_cpu_s": "5"}, "command_cpu_s"), ({"nonsense": 1}, "nonsense")]:
+    for bad, field in [
+        ({"memory_degraded_pct": 0}, "memory_degraded_pct"),
+        ({"memory_degraded_pct": 101}, "memory_degraded_pct"),
+        ({"command_cpu_s": "5"}, "command_cpu_s"),
+        ({"nonsense": 1}, "nonsense"),
+    ]:
         answer = client.put("/api/v1/system/limits", json=bad)
         assert answer.status_code == 422 and answer.json["field"] == field, answer.json
     assert viewer.get("/api/v1/system/limits").json == shown  # nothing changed

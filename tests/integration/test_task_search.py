@@ -117,12 +117,13 @@ def test_several_states_are_listed_at_once(client, queue):
 
 
 def test_the_schedule_filter_lists_the_tasks_a_schedule_created(client, stack, celery_client, queue):
-    from aios.beat import spec_for
-    from aios.schedules import fire_due
+    from aios.timing.beat import spec_for
+    from aios.timing.periodic import fire_due
 
     # Given a schedule that has fired twice, and another task on its queue
-    created = client.post("/api/v1/schedules", json={"name": f"s-{token()}", "interval_s": 60,
-                                                      "task": {"type": "echo", "queue": queue}})
+    created = client.post(
+        "/api/v1/schedules", json={"name": f"s-{token()}", "interval_s": 60, "task": {"type": "echo", "queue": queue}}
+    )
     assert created.status_code == 201, created.json
     schedule_id = created.json["id"]
     try:
@@ -146,8 +147,9 @@ def test_the_schedule_filter_lists_the_tasks_a_schedule_created(client, stack, c
 def test_sorting_by_priority_pages_through_every_task_once_in_order(client, queue, sort):
     # Given 13 tasks with priorities 0-3 (many ties)
     mark = token()
-    created = [submit(client, type="echo", parameters={"m": mark, "i": i}, priority=i % 4, queue=queue)
-               for i in range(13)]
+    created = [
+        submit(client, type="echo", parameters={"m": mark, "i": i}, priority=i % 4, queue=queue) for i in range(13)
+    ]
     # When read 3 at a time in priority order
     seen = listed(client, q=mark, sort=sort, limit=3)
     # Then every task once (no duplicates, no gaps), by priority, ties newest first (or oldest for ascending)
@@ -165,8 +167,9 @@ def test_a_cursor_cannot_be_followed_in_another_sort_order(client, queue):
         submit(client, type="echo", parameters={"m": mark, "i": i}, queue=queue)
     first = client.get(TASKS, query_string={"q": mark, "sort": "-priority", "limit": 1}).json
     assert first["next_cursor"]
-    other = client.get(TASKS, query_string={"q": mark, "sort": "updated_at", "limit": 1,
-                                            "cursor": first["next_cursor"]})
+    other = client.get(
+        TASKS, query_string={"q": mark, "sort": "updated_at", "limit": 1, "cursor": first["next_cursor"]}
+    )
     assert other.status_code == 422 and other.json["field"] == "cursor"
     assert "sort=-priority" in other.json["message"]
 
@@ -235,8 +238,10 @@ def test_a_dry_run_counts_what_the_real_run_then_cancels_and_changes_nothing(cli
     assert client.post(BULK, json=request).json["matched"] == 0
     # And each request left an audit row with what it did
     rows = audit_rows(stack, mark)
-    assert [(r.principal, r.outcome, r.detail["operation"], r.detail["dry_run"], r.detail["matched"],
-             r.detail["count"]) for r in rows] == [
+    assert [
+        (r.principal, r.outcome, r.detail["operation"], r.detail["dry_run"], r.detail["matched"], r.detail["count"])
+        for r in rows
+    ] == [
         (admin.user, "success", "cancel", True, 5, 0),
         (admin.user, "success", "cancel", False, 5, 5),
         (admin.user, "success", "cancel", False, 0, 0),
@@ -259,8 +264,10 @@ def test_bulk_retry_of_failed_tasks_creates_new_tasks_pointing_back(client, star
     assert answer.status_code == 200, answer.json
     assert answer.json["matched"] == answer.json["done"] == 3
     with session_scope(stack.settings.database) as session:
-        retries = {row.retry_of: row.id for row in session.execute(
-            select(Task.id, Task.retry_of).where(Task.retry_of.in_(failed)))}
+        retries = {
+            row.retry_of: row.id
+            for row in session.execute(select(Task.id, Task.retry_of).where(Task.retry_of.in_(failed)))
+        }
     assert set(retries) == set(failed)
     for new_id in retries.values():
         ledger.wait_state(new_id, "FAILED", timeout=60)
@@ -289,8 +296,10 @@ def test_an_operator_bulk_touches_only_their_own_tasks(api_app, stack, ledger, q
     assert refused.status_code == 403, refused.json
     assert set(ledger.states(bobs).values()) == {"QUEUED"}
     # While an admin reaches bob's
-    assert client.post(BULK, json={"action": "cancel", "filter": {"queue": queue}, "dry_run": True}).json[
-        "sample_ids"] == bobs
+    assert (
+        client.post(BULK, json={"action": "cancel", "filter": {"queue": queue}, "dry_run": True}).json["sample_ids"]
+        == bobs
+    )
     assert client.post(BULK, json={"action": "cancel", "filter": {"queue": queue}}).json["done"] == 3
 
 
@@ -351,8 +360,12 @@ def test_task_history_is_still_listed_after_the_api_restarts(start_api, admin, q
     first = start_api(name="before")
     submitted = []
     for i in range(7):
-        response = requests.post(f"{first.url}{TASKS}", json={"type": "echo", "parameters": {"m": mark, "i": i},
-                                                              "queue": queue}, headers=headers, timeout=30)
+        response = requests.post(
+            f"{first.url}{TASKS}",
+            json={"type": "echo", "parameters": {"m": mark, "i": i}, "queue": queue},
+            headers=headers,
+            timeout=30,
+        )
         assert response.status_code == 202, response.text
         submitted.append(response.json()["id"])
 
@@ -365,13 +378,22 @@ def test_task_history_is_still_listed_after_the_api_restarts(start_api, admin, q
     seen: list[str] = []
     cursor = None
     for _ in range(10):
-        response = requests.get(f"{second.url}{TASKS}", params={"q": mark, "limit": 3, **(
-            {"cursor": cursor} if cursor else {})}, headers=headers, timeout=30)
+        response = requests.get(
+            f"{second.url}{TASKS}",
+            params={"q": mark, "limit": 3, **({"cursor": cursor} if cursor else {})},
+            headers=headers,
+            timeout=30,
+        )
         assert response.status_code == 200, response.text
         seen += [task["id"] for task in response.json()["tasks"]]
         cursor = response.json()["next_cursor"]
         if cursor is None:
             break
     assert seen == list(reversed(submitted))
-    wait_for(lambda: requests.get(f"{second.url}{TASKS}/{submitted[0]}", headers=headers, timeout=30).json()[
-        "state"] == "QUEUED", timeout=10, what="the first task to read back as QUEUED")
+    wait_for(
+        lambda: (
+            requests.get(f"{second.url}{TASKS}/{submitted[0]}", headers=headers, timeout=30).json()["state"] == "QUEUED"
+        ),
+        timeout=10,
+        what="the first task to read back as QUEUED",
+    )

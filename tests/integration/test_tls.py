@@ -26,9 +26,26 @@ def certificate(tmp_path):
     require_program("openssl", "apt-get install openssl")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
@@ -40,9 +57,13 @@ def test_the_api_serves_https_with_the_given_certificate(stack, certificate, tmp
     log = (tmp_path / "api.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "aios.cli", "api", "--port", str(port), "--certfile", str(cert), "--keyfile", str(key)],
-        env={**stack.env, "AIOS_API__WORKERS": "1"}, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env={**stack.env, "AIOS_API__WORKERS": "1"},
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
+
         def answers() -> requests.Response | None:
             assert process.poll() is None, (tmp_path / "api.log").read_text()
             try:
@@ -70,8 +91,14 @@ def test_the_api_serves_https_with_the_given_certificate(stack, certificate, tmp
 def test_a_certificate_without_its_key_stops_the_api_with_exit_status_2(stack, certificate):
     cert, _key = certificate
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "aios.cli", "api", "--certfile", str(cert)],
-                            env=stack.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "aios.cli", "api", "--certfile", str(cert)],
+        env=stack.env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2, result.stderr
     assert "--keyfile" in result.stderr
     assert time.monotonic() - started < 60

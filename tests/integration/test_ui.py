@@ -21,6 +21,7 @@ from tests.support.browser import CSRF, Browser, signed_in
 
 pytestmark = pytest.mark.integration
 
+
 def submit(app: Any, who: Credentials, queue: str) -> str:
     """A task QUEUED on ``queue`` (no worker consumes it), submitted through the API as ``who``."""
     api = authorize(app.test_client(), who.key)
@@ -36,8 +37,9 @@ def state_of(stack: Any, task_id: str) -> str:
 
 def audit_rows(stack: Any, action: str, target: str) -> list[AuditEntry]:
     with session_scope(stack.settings.database) as session:
-        rows = session.scalars(select(AuditEntry).where(AuditEntry.action == action, AuditEntry.target == target)
-                               .order_by(AuditEntry.id)).all()
+        rows = session.scalars(
+            select(AuditEntry).where(AuditEntry.action == action, AuditEntry.target == target).order_by(AuditEntry.id)
+        ).all()
         session.expunge_all()
         return list(rows)
 
@@ -86,15 +88,18 @@ def test_sign_in_needs_the_forms_csrf_token(api_app, stack):
     viewer = make_user(stack, "viewer")
     browser = Browser(api_app)
     browser.get("/ui/login")
-    assert browser.post("/ui/login", {"username": viewer.user, "password": viewer.password},
-                        csrf="").status_code == 403
+    assert browser.post("/ui/login", {"username": viewer.user, "password": viewer.password}, csrf="").status_code == 403
     assert browser.get("/ui").status_code == 303
 
 
 def test_after_sign_in_only_a_local_next_page_is_followed(api_app, stack):
     viewer = make_user(stack, "viewer")
-    for target, expected in (("/ui/agents", "/ui/agents"), ("//evil.example/ui", "/ui"),
-                             ("https://evil.example/ui", "/ui"), ("/api/v1/tasks", "/ui")):
+    for target, expected in (
+        ("/ui/agents", "/ui/agents"),
+        ("//evil.example/ui", "/ui"),
+        ("https://evil.example/ui", "/ui"),
+        ("/api/v1/tasks", "/ui"),
+    ):
         answer = Browser(api_app).sign_in(viewer.user, viewer.password, next=target)
         assert answer.status_code == 303
         assert answer.headers["Location"] == expected, target
@@ -130,10 +135,17 @@ def test_the_session_cookie_is_httponly_samesite_and_scoped_to_the_dashboard(api
     # Over HTTPS the same cookie is Secure
     secure = Browser(api_app)
     secure.client.get("/ui/login", base_url="https://localhost")
-    over_tls = secure.client.post("/ui/login", base_url="https://localhost", data={
-        "username": viewer.user, "password": viewer.password,
-        "csrf_token": CSRF.search(secure.client.get("/ui/login", base_url="https://localhost").get_data(
-            as_text=True)).group(1)})
+    over_tls = secure.client.post(
+        "/ui/login",
+        base_url="https://localhost",
+        data={
+            "username": viewer.user,
+            "password": viewer.password,
+            "csrf_token": CSRF.search(
+                secure.client.get("/ui/login", base_url="https://localhost").get_data(as_text=True)
+            ).group(1),
+        },
+    )
     assert over_tls.status_code == 303
     assert "Secure" in over_tls.headers["Set-Cookie"]
 
@@ -192,8 +204,11 @@ def test_a_changed_password_ends_older_sessions(api_app, stack):
     viewer = make_user(stack, "viewer")
     browser = signed_in(api_app, viewer)
     with session_scope(stack.settings.database) as session:
-        session.execute(update(User).where(User.name == viewer.user)
-                        .values(password_hash=hash_password(f"new-{uuid.uuid4().hex}", cost=12)))
+        session.execute(
+            update(User)
+            .where(User.name == viewer.user)
+            .values(password_hash=hash_password(f"new-{uuid.uuid4().hex}", cost=12))
+        )
     assert browser.get("/ui").status_code == 303
 
 
@@ -268,10 +283,15 @@ def test_a_viewer_sees_no_action_and_every_action_is_refused(api_app, stack, que
     for path in ("/ui/backups", "/ui/keys", "/ui/audit"):
         assert viewer.get(path).status_code == 403, path
     # And every action, even with a valid CSRF token, is 403 and changes nothing
-    for path, form in ((f"/ui/tasks/{task_id}/cancel", {}), (f"/ui/tasks/{task_id}/retry", {}),
-                       ("/ui/agents/nobody/status", {"status": "DISABLED"}), (f"/ui/queues/{queue}/purge", {}),
-                       ("/ui/backups", {}), ("/ui/keys/nothing/revoke", {}),
-                       ("/ui/schedules/nothing/enabled", {"enabled": "false"})):
+    for path, form in (
+        (f"/ui/tasks/{task_id}/cancel", {}),
+        (f"/ui/tasks/{task_id}/retry", {}),
+        ("/ui/agents/nobody/status", {"status": "DISABLED"}),
+        (f"/ui/queues/{queue}/purge", {}),
+        ("/ui/backups", {}),
+        ("/ui/keys/nothing/revoke", {}),
+        ("/ui/schedules/nothing/enabled", {"enabled": "false"}),
+    ):
         assert viewer.post(path, form).status_code == 403, path
     assert state_of(stack, task_id) == "QUEUED"
 
@@ -325,8 +345,14 @@ def test_drain_and_enable_an_agent_and_pause_a_schedule_from_the_dashboard(api_a
     api = authorize(api_app.test_client(), operator.key)
     agent = f"ui-agent-{uuid.uuid4().hex[:6]}"
     assert api.post("/api/v1/agents", json={"name": agent, "capabilities": ["test.flaky"]}).status_code == 201
-    made = api.post("/api/v1/schedules", json={"name": f"ui-{uuid.uuid4().hex[:6]}", "interval_s": 3600,
-                                               "task": {"type": "test.flaky", "parameters": {"fail_times": 0}}})
+    made = api.post(
+        "/api/v1/schedules",
+        json={
+            "name": f"ui-{uuid.uuid4().hex[:6]}",
+            "interval_s": 3600,
+            "task": {"type": "test.flaky", "parameters": {"fail_times": 0}},
+        },
+    )
     assert made.status_code == 201, made.json
     schedule_id = made.json["id"]
     browser = signed_in(api_app, operator)
@@ -363,8 +389,9 @@ def test_an_admin_revokes_a_key_and_the_api_refuses_it_at_once(api_app, stack, a
     assert api.get("/api/v1/tasks?limit=1").status_code == 200
     browser = signed_in(api_app, admin)
     with session_scope(stack.settings.database) as session:
-        key_id = session.scalars(select(ApiKey.id).join(User, ApiKey.owner_id == User.id)
-                                 .where(User.name == viewer.user)).one()
+        key_id = session.scalars(
+            select(ApiKey.id).join(User, ApiKey.owner_id == User.id).where(User.name == viewer.user)
+        ).one()
     assert f"/ui/keys/{key_id}/revoke" in browser.get("/ui/keys").get_data(as_text=True)
     assert browser.post(f"/ui/keys/{key_id}/revoke", {"next": "/ui/keys"}).status_code == 303
     assert api.get("/api/v1/tasks?limit=1").status_code == 401
@@ -377,7 +404,7 @@ def test_an_admin_takes_a_backup_from_the_dashboard(api_app, stack, admin):
     assert answer.status_code == 303, answer.get_data(as_text=True)[:800]
     page = browser.get("/ui/backups").get_data(as_text=True)
     assert "Backup written: aios-postgresql-" in page
-    from aios.backup import list_backups
+    from aios.ops.backup import list_backups
 
     newest = list_backups(stack.settings, limit=1)[0]
     assert newest["status"] == "ok" and newest["file"] in page
@@ -389,9 +416,20 @@ def test_an_admin_takes_a_backup_from_the_dashboard(api_app, stack, admin):
 def test_every_page_renders_for_an_admin_under_a_strict_csp(api_app, stack, admin, queue):
     task_id = submit(api_app, admin, queue)
     browser = signed_in(api_app, admin)
-    for path in ("/ui", "/ui/overview/fragment", "/ui/tasks", "/ui/tasks?state=QUEUED&q=flaky&sort=priority",
-                 f"/ui/tasks/{task_id}", "/ui/agents", "/ui/queues", "/ui/schedules", "/ui/backups", "/ui/keys",
-                 "/ui/audit", "/ui/audit?action=auth.login"):
+    for path in (
+        "/ui",
+        "/ui/overview/fragment",
+        "/ui/tasks",
+        "/ui/tasks?state=QUEUED&q=flaky&sort=priority",
+        f"/ui/tasks/{task_id}",
+        "/ui/agents",
+        "/ui/queues",
+        "/ui/schedules",
+        "/ui/backups",
+        "/ui/keys",
+        "/ui/audit",
+        "/ui/audit?action=auth.login",
+    ):
         answer = browser.get(path)
         assert answer.status_code == 200, (path, answer.get_data(as_text=True)[:500])
         assert answer.headers["Content-Security-Policy"].startswith("default-src 'none'; script-src 'self'")
@@ -409,9 +447,15 @@ def test_the_task_list_searches_filters_and_pages(api_app, stack, queue):
     operator = make_user(stack, "operator")
     marker = f"m{uuid.uuid4().hex[:10]}"
     api = authorize(api_app.test_client(), operator.key)
-    batch = api.post("/api/v1/tasks/batch", json={"tasks": [
-        {"type": "test.touch", "parameters": {"path": f"/nonexistent/{marker}/{i}"}, "queue": queue}
-        for i in range(51)]})
+    batch = api.post(
+        "/api/v1/tasks/batch",
+        json={
+            "tasks": [
+                {"type": "test.touch", "parameters": {"path": f"/nonexistent/{marker}/{i}"}, "queue": queue}
+                for i in range(51)
+            ]
+        },
+    )
     assert batch.status_code == 202, batch.json
     ids = batch.json["ids"]
     assert api.delete(f"/api/v1/tasks/{ids[0]}").status_code == 200

@@ -67,8 +67,12 @@ def cli_submit(stack: Any, url: str, key: str, queue: str) -> str:
     """Submit a task with the ``aios`` command line client (its own process) and return its id."""
     done = subprocess.run(
         [sys.executable, "-m", "aios.cli", "submit", "test.flaky", "-p", "fail_times=0", "--queue", queue],
-        env={**stack.env, "AIOS_URL": url, "AIOS_API_KEY": key}, capture_output=True, text=True, timeout=120,
-        check=False, cwd=str(REPO_ROOT),
+        env={**stack.env, "AIOS_URL": url, "AIOS_API_KEY": key},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=str(REPO_ROOT),
     )
     assert done.returncode == 0, done.stdout + done.stderr
     task_id, state = done.stdout.split()[:2]  # "<id> <state>"
@@ -150,8 +154,9 @@ def test_an_operator_cancels_a_cli_submitted_task_and_a_viewer_cannot(browser, s
     assert refused.status_code == 403, refused.text
     # And so does the dashboard's, posted from the viewer's own session with its valid CSRF token
     token = viewer_page.get_attribute("form.whoami input[name=csrf_token]", "value")
-    forged = viewer_context.request.post(f"{api.url}/ui/tasks/{other_id}/cancel", form={"csrf_token": token},
-                                         max_redirects=0)
+    forged = viewer_context.request.post(
+        f"{api.url}/ui/tasks/{other_id}/cancel", form={"csrf_token": token}, max_redirects=0
+    )
     assert forged.status == 403
     assert task_state(stack, other_id) == "QUEUED"
     operator_context.close()
@@ -168,8 +173,9 @@ def test_the_overview_refreshes_itself_under_the_content_security_policy(browser
     shots(page, "1-admin-overview")
 
     # When the page is left open, its script (a file: no inline code is allowed) fetches the figures again
-    page.wait_for_function("text => document.querySelector('#refreshed').innerText !== text", arg=before,
-                           timeout=30_000)
+    page.wait_for_function(
+        "text => document.querySelector('#refreshed').innerText !== text", arg=before, timeout=30_000
+    )
 
     # Then the figures were replaced without a reload, and the browser saw no CSP violation
     assert page.url == f"{api.url}/ui"

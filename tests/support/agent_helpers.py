@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 
-from aios import agents as agent_ledger
+from aios.agents import registry as agent_ledger
 from tests.conftest import wait_for
 
 HEARTBEAT_INTERVAL_S = 1.0
@@ -30,11 +30,16 @@ def get_agent(client: Any, name: str) -> dict[str, Any]:
     return response.json
 
 
-def wait_agent_status(client: Any, name: str, *statuses: str, timeout: float = 30.0,
-                      interval: float = 0.1) -> dict[str, Any]:
+def wait_agent_status(
+    client: Any, name: str, *statuses: str, timeout: float = 30.0, interval: float = 0.1
+) -> dict[str, Any]:
     """Poll GET /api/v1/agents/{name} until its status is one of ``statuses``; returns the agent."""
-    return wait_for(lambda: (agent := get_agent(client, name))["status"] in statuses and agent,
-                    timeout=timeout, interval=interval, what=f"agent {name} to be {'/'.join(statuses)}")
+    return wait_for(
+        lambda: (agent := get_agent(client, name))["status"] in statuses and agent,
+        timeout=timeout,
+        interval=interval,
+        what=f"agent {name} to be {'/'.join(statuses)}",
+    )
 
 
 def wait_routable(client: Any, *names: str, timeout: float = 30.0) -> None:
@@ -69,6 +74,7 @@ def read_task(client: Any, task_id: str) -> dict[str, Any]:
 
 def wait_all_terminal(client: Any, task_ids: list[str], timeout: float = 60.0) -> dict[str, dict[str, Any]]:
     """Wait until every task is in a terminal state; returns id → task (with its events)."""
+
     def done() -> dict[str, dict[str, Any]] | None:
         tasks = {task_id: read_task(client, task_id) for task_id in task_ids}
         return tasks if all(t["state"] in TERMINAL for t in tasks.values()) else None
@@ -90,5 +96,9 @@ def kill_tree(pid: int) -> list[int]:
 
 
 def wait_task_state(client: Any, task_id: str, *states: str, timeout: float = 30.0) -> dict[str, Any]:
-    return wait_for(lambda: (task := read_task(client, task_id))["state"] in states and task,
-                    timeout=timeout, interval=0.1, what=f"task {task_id} to be {'/'.join(states)}")
+    return wait_for(
+        lambda: (task := read_task(client, task_id))["state"] in states and task,
+        timeout=timeout,
+        interval=0.1,
+        what=f"task {task_id} to be {'/'.join(states)}",
+    )

@@ -22,8 +22,12 @@ def ensure_command_user() -> str:
     except KeyError:
         pass
     try:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", COMMAND_USER],
-                       check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", COMMAND_USER],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         try:  # another test process may have made it at the same moment
             pwd.getpwnam(COMMAND_USER)

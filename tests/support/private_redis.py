@@ -29,16 +29,30 @@ class PrivateRedis:
         assert self.process is None or self.process.poll() is not None, "already running"
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--daemonize", "no"],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    "redis-server",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--daemonize",
+                    "no",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
 
         def answers() -> bool:
             if self.process is not None and self.process.poll() is not None:
-                raise AssertionError(f"redis-server exited with {self.process.returncode}:\n"
-                                     f"{self.log_path.read_text(errors='replace')[-2000:]}")
+                raise AssertionError(
+                    f"redis-server exited with {self.process.returncode}:\n"
+                    f"{self.log_path.read_text(errors='replace')[-2000:]}"
+                )
             try:
                 return bool(client.ping())
             except redis.RedisError:

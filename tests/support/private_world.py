@@ -24,7 +24,7 @@ def private_world(stack: Stack, name: str) -> Iterator[tuple[Any, Credentials]]:
     and an admin's credentials."""
     import redis
 
-    from aios.celery_app import create_celery_app
+    from aios.broker.celery_app import create_celery_app
     from webapi.app import create_app
 
     run = uuid.uuid4().hex[:8]
@@ -34,8 +34,11 @@ def private_world(stack: Stack, name: str) -> Iterator[tuple[Any, Credentials]]:
             world = stack.override(
                 database={"url": url},
                 broker={"key_prefix": prefix, "namespace": f"{name}{run}"},
-                security={"rate_limit_read_per_minute": 1_000_000, "rate_limit_write_per_minute": 1_000_000,
-                          "rate_limit_login_per_minute": 1_000_000},
+                security={
+                    "rate_limit_read_per_minute": 1_000_000,
+                    "rate_limit_write_per_minute": 1_000_000,
+                    "rate_limit_login_per_minute": 1_000_000,
+                },
                 api={"inspect_timeout_s": 0.1},
             )
             app = create_app(world.settings, create_celery_app(world.settings))

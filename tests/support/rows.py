@@ -14,11 +14,11 @@ from typing import Any
 from sqlalchemy import func, select
 
 from aios.db import session_scope
-from aios.dispatch import TaskSpec, create_tasks
 from aios.models import ApiKey, AuditEntry, Task, TaskEvent, User
 from aios.security import api_keys
 from aios.security.passwords import hash_password
-from aios.states import TaskState, transition
+from aios.tasks.create import TaskSpec, create_tasks
+from aios.tasks.states import TaskState, transition
 from aios.timeutil import utcnow
 
 #: The password of every user made by :func:`make_plain_user` (hashed once: bcrypt 12 is slow).
@@ -49,8 +49,9 @@ def make_plain_user(stack: Any, role: str, *, prefix: str = "target") -> str:
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     now = utcnow()
     with session_scope(stack.settings.database) as session:
-        session.add(User(name=name, password_hash=_plain_hash(), role=role, disabled=False,
-                         created_at=now, updated_at=now))
+        session.add(
+            User(name=name, password_hash=_plain_hash(), role=role, disabled=False, created_at=now, updated_at=now)
+        )
     return name
 
 
@@ -59,8 +60,7 @@ def make_task(stack: Any, *, owner: str | None, queue: str, state: str) -> str:
 
     Nothing is published: the row is all the API's cancel, retry and read need.
     """
-    spec = TaskSpec(type="echo", parameters={"n": 1}, priority=5, max_retries=0, timeout_s=60, queue=queue,
-                    owner=owner)
+    spec = TaskSpec(type="echo", parameters={"n": 1}, priority=5, max_retries=0, timeout_s=60, queue=queue, owner=owner)
     with session_scope(stack.settings.database) as session:
         (task,) = create_tasks(session, [spec], actor="test")
         current = TaskState.PENDING
@@ -79,8 +79,7 @@ def task_snapshot(stack: Any, task_id: str) -> dict[str, Any]:
             "state": task.state,
             "owner": task.owner,
             "updated_at": task.updated_at,
-            "events": session.scalar(select(func.count()).select_from(TaskEvent)
-                                     .where(TaskEvent.task_id == task_id)),
+            "events": session.scalar(select(func.count()).select_from(TaskEvent).where(TaskEvent.task_id == task_id)),
             "retries": session.scalar(select(func.count()).select_from(Task).where(Task.retry_of == task_id)),
         }
 
@@ -93,8 +92,9 @@ def count_tasks(stack: Any, owner: str) -> int:
 def new_key(stack: Any, *, owner_id: int, role: str, revoked: bool = False) -> tuple[str, str]:
     """An API key of ``owner_id`` (active, or revoked when asked): (its id, its plaintext)."""
     with session_scope(stack.settings.database) as session:
-        new = api_keys.generate(session, name=f"k-{uuid.uuid4().hex[:6]}", role=role, owner_id=owner_id,
-                                expires_at=None)
+        new = api_keys.generate(
+            session, name=f"k-{uuid.uuid4().hex[:6]}", role=role, owner_id=owner_id, expires_at=None
+        )
         if revoked:
             new.row.state, new.row.revoked_at = api_keys.REVOKED, utcnow()
         return new.row.id, new.plaintext
@@ -115,8 +115,13 @@ def key_snapshot(stack: Any, key_id: str) -> dict[str, Any] | None:
         row = session.get(ApiKey, key_id)
         if row is None:
             return None
-        return {"state": row.state, "expires_at": row.expires_at, "rotated_to": row.rotated_to,
-                "revoked_at": row.revoked_at, "role": row.role}
+        return {
+            "state": row.state,
+            "expires_at": row.expires_at,
+            "rotated_to": row.rotated_to,
+            "revoked_at": row.revoked_at,
+            "role": row.role,
+        }
 
 
 def user_snapshot(stack: Any, name: str) -> dict[str, Any] | None:
@@ -124,8 +129,12 @@ def user_snapshot(stack: Any, name: str) -> dict[str, Any] | None:
         user = session.scalars(select(User).where(User.name == name)).one_or_none()
         if user is None:
             return None
-        return {"role": user.role, "disabled": user.disabled, "password_hash": user.password_hash,
-                "updated_at": user.updated_at}
+        return {
+            "role": user.role,
+            "disabled": user.disabled,
+            "password_hash": user.password_hash,
+            "updated_at": user.updated_at,
+        }
 
 
 def last_audit_id(stack: Any) -> int:

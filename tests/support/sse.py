@@ -80,8 +80,14 @@ class Stream:
         self.response.close()
 
 
-def open_stream(url: str, *, key: str | None = None, headers: dict[str, str] | None = None,
-                params: dict[str, str] | None = None, read_timeout_s: float = 60.0) -> Stream:
+def open_stream(
+    url: str,
+    *,
+    key: str | None = None,
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+    read_timeout_s: float = 60.0,
+) -> Stream:
     """GET an event stream; the caller checks ``stream.response.status_code`` before reading."""
     sent = dict(headers or {})
     if key:

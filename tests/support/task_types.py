@@ -117,14 +117,15 @@ def _still_holds(ctx: TaskContext, wait_s: float) -> bool:
     this run still holds the task. Its commit waits for the WAL flush, so it also makes the claim durable."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from aios.progress import record_progress
+    from aios.tasks.progress import record_progress
 
     assert ctx.settings is not None and ctx.dispatch_id is not None
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return record_progress(ctx.settings, ctx.task_id, ctx.dispatch_id, 100.0, "effect next",
-                                   actor=f"worker:{ctx.agent}")
+            return record_progress(
+                ctx.settings, ctx.task_id, ctx.dispatch_id, 100.0, "effect next", actor=f"worker:{ctx.agent}"
+            )
         except SQLAlchemyError:
             if time.monotonic() > deadline:
                 raise

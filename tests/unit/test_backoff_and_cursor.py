@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 import pytest
 
 from aios.config import Settings
-from aios.dispatch import backoff_s
 from aios.errors import ValidationFailed
 from aios.models import Task
-from aios.task_search import decode_cursor, encode_cursor
+from aios.tasks.create import backoff_s
+from aios.tasks.search import decode_cursor, encode_cursor
 
 
 class TopOfRange(random.Random):

@@ -1,4 +1,4 @@
-"""The [backup] settings and the parts of aios.backup that need no database."""
+"""The [backup] settings and the parts of aios.ops.backup that need no database."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from aios.backup import PgTarget, search_path_schema
 from aios.config import Settings, load_settings
 from aios.errors import ConfigError
+from aios.ops.backup import PgTarget, search_path_schema
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "aios.toml"
 
@@ -38,23 +38,36 @@ def test_keep_must_be_at_least_one() -> None:
         settings(AIOS_BACKUP__KEEP="0")
 
 
-@pytest.mark.parametrize(("options", "schema"), [
-    ("-csearch_path=aios_t_1", "aios_t_1"),
-    ("-c search_path=tenant,public", "tenant"),
-    ('-csearch_path="Quoted"', "Quoted"),
-    ("-cstatement_timeout=5000", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    ("options", "schema"),
+    [
+        ("-csearch_path=aios_t_1", "aios_t_1"),
+        ("-c search_path=tenant,public", "tenant"),
+        ('-csearch_path="Quoted"', "Quoted"),
+        ("-cstatement_timeout=5000", None),
+        ("", None),
+    ],
+)
 def test_the_dumped_schema_is_the_first_of_the_urls_search_path(options: str, schema: str | None) -> None:
     assert search_path_schema(options) == schema
 
 
 def test_the_password_goes_to_the_environment_never_to_argv() -> None:
-    target = PgTarget.from_url("postgresql+psycopg2://aios:s3cr%40t@db:5433/aios?sslmode=require"
-                               "&options=-csearch_path%3Dtenant")
+    target = PgTarget.from_url(
+        "postgresql+psycopg2://aios:s3cr%40t@db:5433/aios?sslmode=require&options=-csearch_path%3Dtenant"
+    )
     assert "s3cr@t" not in " ".join(target.args())
-    assert target.args() == ["--no-password", "--dbname", "aios", "--host", "db", "--port", "5433",
-                             "--username", "aios"]
+    assert target.args() == [
+        "--no-password",
+        "--dbname",
+        "aios",
+        "--host",
+        "db",
+        "--port",
+        "5433",
+        "--username",
+        "aios",
+    ]
     env = target.env()
     assert env["PGPASSWORD"] == "s3cr@t" and env["PGSSLMODE"] == "require"
     assert target.schema == "tenant"

@@ -44,21 +44,27 @@ def test_empty_lines_before_a_request_are_skipped():
     assert fed_byte_by_byte(request, framing()) == len(request)
 
 
-@pytest.mark.parametrize("request_bytes", [
-    b"POST /x HTTP/1.1\r\nContent-Length: 1001\r\n\r\n",
-    b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"a" * 1000 + b"\r\n2\r\n",
-])
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /x HTTP/1.1\r\nContent-Length: 1001\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"a" * 1000 + b"\r\n2\r\n",
+    ],
+)
 def test_a_body_over_the_limit_is_refused_as_soon_as_it_is_announced(request_bytes):
     with pytest.raises(PayloadTooLarge, match="api.max_body_bytes"):
         framing().examine(request_bytes)
 
 
-@pytest.mark.parametrize("headers", [
-    b"Content-Length: 5\r\nTransfer-Encoding: chunked",
-    b"Transfer-Encoding: gzip",
-    b"Content-Length: 5\r\nContent-Length: 6",
-    b"Content-Length: -5",
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked",
+        b"Transfer-Encoding: gzip",
+        b"Content-Length: 5\r\nContent-Length: 6",
+        b"Content-Length: -5",
+    ],
+)
 def test_a_body_whose_end_cannot_be_told_is_a_400(headers):
     with pytest.raises(BadRequest):
         framing().examine(b"POST /x HTTP/1.1\r\n" + headers + b"\r\n\r\n")
@@ -96,10 +102,13 @@ def test_a_refusal_is_a_whole_http_answer_with_the_json_error_shape():
     assert json.loads(body) == {"error": "request_timeout", "message": "too slow"}
 
 
-@pytest.mark.parametrize("head", [
-    b"POST /x HTTP/1.1\r\nHost: a\nContent-Length: 5\r\n\r\n",
-    b"POST /x HTTP/1.1\r\nHost: a\rContent-Length: 5\r\n\r\n",
-])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /x HTTP/1.1\r\nHost: a\nContent-Length: 5\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\rContent-Length: 5\r\n\r\n",
+    ],
+)
 def test_a_bare_lf_or_cr_in_the_headers_is_a_400_since_it_could_hide_a_body_length(head):
     with pytest.raises(BadRequest, match="CRLF"):
         framing().examine(head)

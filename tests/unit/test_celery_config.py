@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from aios.celery_app import create_celery_app, queue_name
+from aios.broker.celery_app import create_celery_app, queue_name
 from aios.config import load_settings
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "aios.toml"
@@ -22,8 +22,13 @@ UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
 @pytest.fixture(scope="module")
 def app():
     # Given settings for a Redis broker nobody listens on
-    settings = load_settings(environ={"AIOS_CONFIG": str(REPO_CONFIG), "AIOS_BROKER__URL": UNREACHABLE_REDIS,
-                                      "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "7300"})
+    settings = load_settings(
+        environ={
+            "AIOS_CONFIG": str(REPO_CONFIG),
+            "AIOS_BROKER__URL": UNREACHABLE_REDIS,
+            "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "7300",
+        }
+    )
     return create_celery_app(settings)
 
 
@@ -34,8 +39,13 @@ def test_building_the_app_connects_to_nothing():
         listener.listen(8)
         listener.setblocking(False)
         url = f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
-        settings = load_settings(environ={"AIOS_CONFIG": str(REPO_CONFIG), "AIOS_BROKER__URL": url,
-                                          "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "7300"})
+        settings = load_settings(
+            environ={
+                "AIOS_CONFIG": str(REPO_CONFIG),
+                "AIOS_BROKER__URL": url,
+                "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "7300",
+            }
+        )
         # When the Celery app is built
         create_celery_app(settings)
         # Then nobody connected (an order, not a time: no connection attempt, so no retries to wait out)
@@ -96,8 +106,13 @@ def test_the_default_queue_is_namespaced(app):
 
 def test_the_embedded_broker_gets_folders_and_no_redis_options(tmp_path):
     # Given the embedded filesystem broker under a temp folder
-    settings = load_settings(environ={"AIOS_CONFIG": str(REPO_CONFIG), "AIOS_BROKER__URL": "filesystem://localhost/",
-                                      "AIOS_BROKER__DATA_DIR": str(tmp_path / "broker")})
+    settings = load_settings(
+        environ={
+            "AIOS_CONFIG": str(REPO_CONFIG),
+            "AIOS_BROKER__URL": "filesystem://localhost/",
+            "AIOS_BROKER__DATA_DIR": str(tmp_path / "broker"),
+        }
+    )
     # When the app is built
     app = create_celery_app(settings)
     # Then the transport has its folders (created) and no Redis-only options

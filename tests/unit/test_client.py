@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import requests
 
-from aios import client as aios_client
-from aios.client import (
+from aios_client import client as aios_client
+from aios_client.client import (
     AiosError,
     Client,
     Conflict,
@@ -75,8 +75,15 @@ class ScriptedApi:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 path = self.path.split("?", 1)[0]
-                script.seen.append(Seen(self.command, self.path, dict(self.headers.items()),
-                                        json.loads(raw) if raw else None, time.monotonic()))
+                script.seen.append(
+                    Seen(
+                        self.command,
+                        self.path,
+                        dict(self.headers.items()),
+                        json.loads(raw) if raw else None,
+                        time.monotonic(),
+                    )
+                )
                 queue = script.plans.get((self.command, path))
                 answer = queue.popleft() if queue else Answer(599, {"error": "unplanned", "message": self.path})
                 if answer.action == "drop":
@@ -85,8 +92,11 @@ class ScriptedApi:
                 if callable(answer.action):
                     answer.action(self)
                     return
-                data = b"" if answer.body is None else (
-                    answer.body.encode() if isinstance(answer.body, str) else json.dumps(answer.body).encode())
+                data = (
+                    b""
+                    if answer.body is None
+                    else (answer.body.encode() if isinstance(answer.body, str) else json.dumps(answer.body).encode())
+                )
                 self.send_response(answer.status)
                 content_type = "text/html" if isinstance(answer.body, str) else "application/json"
                 self.send_header("Content-Type", content_type)
@@ -153,10 +163,12 @@ def test_an_absent_or_unreadable_retry_after_leaves_the_delay_to_the_client():
 
 def test_a_429_is_retried_after_retry_after_seconds(api):
     # Given an API that refuses the first submit with 429 and Retry-After: 1, then accepts it
-    api.plan("POST", "/api/v1/tasks",
-             Answer(429, {"error": "too_many_requests", "message": "slow down", "retry_after_s": 1},
-                    {"Retry-After": "1"}),
-             Answer(202, task()))
+    api.plan(
+        "POST",
+        "/api/v1/tasks",
+        Answer(429, {"error": "too_many_requests", "message": "slow down", "retry_after_s": 1}, {"Retry-After": "1"}),
+        Answer(202, task()),
+    )
     with Client(api.url, api_key="aios_k") as aios:
         # When the client submits
         started = time.monotonic()
@@ -171,10 +183,16 @@ def test_a_429_is_retried_after_retry_after_seconds(api):
 def test_a_503_with_an_http_date_retry_after_is_retried_at_that_date(api):
     # Given a 503 whose Retry-After is a date 2 s ahead (HTTP dates have whole seconds: 1-2 s from now)
     when = datetime.now(UTC) + timedelta(seconds=2)
-    api.plan("GET", "/api/v1/tasks/t-1",
-             Answer(503, {"error": "service_unavailable", "message": "database down"},
-                    {"Retry-After": format_datetime(when, usegmt=True)}),
-             Answer(200, task("RUNNING")))
+    api.plan(
+        "GET",
+        "/api/v1/tasks/t-1",
+        Answer(
+            503,
+            {"error": "service_unavailable", "message": "database down"},
+            {"Retry-After": format_datetime(when, usegmt=True)},
+        ),
+        Answer(200, task("RUNNING")),
+    )
     with Client(api.url, api_key="aios_k") as aios:
         assert aios.get("t-1")["state"] == "RUNNING"
     first, second = api.requests_to("GET", "/api/v1/tasks/t-1")
@@ -183,9 +201,11 @@ def test_a_503_with_an_http_date_retry_after_is_retried_at_that_date(api):
 
 def test_a_retry_after_longer_than_the_client_waits_is_raised_at_once(api):
     # Given a 429 asking for 900 s (a locked login) and a client that waits at most 60 s
-    api.plan("POST", "/api/v1/tasks",
-             Answer(429, {"error": "too_many_requests", "message": "locked", "retry_after_s": 900},
-                    {"Retry-After": "900"}))
+    api.plan(
+        "POST",
+        "/api/v1/tasks",
+        Answer(429, {"error": "too_many_requests", "message": "locked", "retry_after_s": 900}, {"Retry-After": "900"}),
+    )
     with Client(api.url, api_key="aios_k", max_retry_after_s=60) as aios:
         started = time.monotonic()
         with pytest.raises(RateLimited) as raised:
@@ -212,8 +232,9 @@ def test_a_503_still_answered_after_every_retry_is_raised_as_service_unavailable
 
 def test_a_submit_retried_after_a_503_sends_the_same_idempotency_key_both_times(api):
     # Given an API that answers the first submit with 503 and the second with 202
-    api.plan("POST", "/api/v1/tasks", Answer(503, {"error": "service_unavailable", "message": "down"}),
-             Answer(202, task()))
+    api.plan(
+        "POST", "/api/v1/tasks", Answer(503, {"error": "service_unavailable", "message": "down"}), Answer(202, task())
+    )
     with Client(api.url, api_key="aios_k") as aios:
         aios.submit("echo", {"n": 1}, priority=9)
     # Then both requests carry one and the same Idempotency-Key, and the same body
@@ -264,10 +285,13 @@ def test_a_refused_connection_counts_as_never_sent():
 
 
 def test_error_answers_become_the_exception_of_their_code_with_field_and_body(api):
-    api.plan("POST", "/api/v1/tasks",
-             Answer(422, {"error": "validation_failed", "message": "priority: too big", "field": "priority"}),
-             Answer(422, {"error": "unknown_task_type", "message": "no type 'x'", "field": "type"}),
-             Answer(409, {"error": "conflict", "message": "Idempotency-Key reused", "state": "QUEUED"}))
+    api.plan(
+        "POST",
+        "/api/v1/tasks",
+        Answer(422, {"error": "validation_failed", "message": "priority: too big", "field": "priority"}),
+        Answer(422, {"error": "unknown_task_type", "message": "no type 'x'", "field": "type"}),
+        Answer(409, {"error": "conflict", "message": "Idempotency-Key reused", "state": "QUEUED"}),
+    )
     with Client(api.url, api_key="aios_k") as aios:
         with pytest.raises(ValidationFailed) as invalid:
             aios.submit("echo", priority=99)
@@ -283,10 +307,13 @@ def test_error_answers_become_the_exception_of_their_code_with_field_and_body(ap
 
 
 def test_an_unknown_code_falls_back_to_its_status_then_to_the_base_class(api):
-    api.plan("GET", "/api/v1/agents/a@b",
-             Answer(404, {"error": "agent_gone", "message": "no agent a@b"}),
-             Answer(418, {"error": "teapot", "message": "I am a teapot"}),
-             Answer(502, "<html>Bad Gateway</html>"))
+    api.plan(
+        "GET",
+        "/api/v1/agents/a@b",
+        Answer(404, {"error": "agent_gone", "message": "no agent a@b"}),
+        Answer(418, {"error": "teapot", "message": "I am a teapot"}),
+        Answer(502, "<html>Bad Gateway</html>"),
+    )
     with Client(api.url, api_key="aios_k") as aios:
         with pytest.raises(NotFound) as by_status:
             aios.agent("a@b")
@@ -323,8 +350,12 @@ def test_credentials_are_required_and_exclusive():
 def test_a_token_session_refreshes_once_on_401_and_logs_out_on_close(api):
     # Given an API that logs "ann" in, then refuses the first access token as expired
     api.plan("POST", "/api/v1/auth/token", Answer(200, {"access_token": "a1", "refresh_token": "r1"}))
-    api.plan("GET", "/api/v1/tasks/t-1", Answer(401, {"error": "unauthorized", "message": "token expired"}),
-             Answer(200, task("RUNNING")))
+    api.plan(
+        "GET",
+        "/api/v1/tasks/t-1",
+        Answer(401, {"error": "unauthorized", "message": "token expired"}),
+        Answer(200, task("RUNNING")),
+    )
     api.plan("POST", "/api/v1/auth/refresh", Answer(200, {"access_token": "a2"}))
     api.plan("POST", "/api/v1/auth/logout", Answer(200, {"revoked": True}))
     # When the client reads a task and is closed
@@ -332,8 +363,12 @@ def test_a_token_session_refreshes_once_on_401_and_logs_out_on_close(api):
         assert aios.get("t-1")["state"] == "RUNNING"
     # Then it logged in with the password, refreshed with the refresh token, resent with the new token
     assert [(s.method, s.path) for s in api.seen] == [
-        ("POST", "/api/v1/auth/token"), ("GET", "/api/v1/tasks/t-1"), ("POST", "/api/v1/auth/refresh"),
-        ("GET", "/api/v1/tasks/t-1"), ("POST", "/api/v1/auth/logout")]
+        ("POST", "/api/v1/auth/token"),
+        ("GET", "/api/v1/tasks/t-1"),
+        ("POST", "/api/v1/auth/refresh"),
+        ("GET", "/api/v1/tasks/t-1"),
+        ("POST", "/api/v1/auth/logout"),
+    ]
     assert api.seen[0].body == {"username": "ann", "password": "pw"}
     assert api.seen[1].headers["Authorization"] == "Bearer a1"
     assert api.seen[2].headers["Authorization"] == "Bearer r1"
@@ -342,8 +377,12 @@ def test_a_token_session_refreshes_once_on_401_and_logs_out_on_close(api):
 
 
 def test_an_expired_refresh_token_means_logging_in_again_and_a_second_401_is_raised(api):
-    api.plan("POST", "/api/v1/auth/token", Answer(200, {"access_token": "a1", "refresh_token": "r1"}),
-             Answer(200, {"access_token": "a3", "refresh_token": "r3"}))
+    api.plan(
+        "POST",
+        "/api/v1/auth/token",
+        Answer(200, {"access_token": "a1", "refresh_token": "r1"}),
+        Answer(200, {"access_token": "a3", "refresh_token": "r3"}),
+    )
     api.plan("POST", "/api/v1/auth/refresh", Answer(401, {"error": "unauthorized", "message": "expired"}))
     denied = Answer(401, {"error": "unauthorized", "message": "user disabled"})
     api.plan("GET", "/api/v1/status", denied, denied)
@@ -361,9 +400,12 @@ def test_an_expired_refresh_token_means_logging_in_again_and_a_second_401_is_rai
 
 
 def test_list_follows_next_cursor_until_the_last_page(api):
-    api.plan("GET", "/api/v1/tasks",
-             Answer(200, {"tasks": [task(id="a"), task(id="b")], "next_cursor": "c1"}),
-             Answer(200, {"tasks": [task(id="c")], "next_cursor": None}))
+    api.plan(
+        "GET",
+        "/api/v1/tasks",
+        Answer(200, {"tasks": [task(id="a"), task(id="b")], "next_cursor": "c1"}),
+        Answer(200, {"tasks": [task(id="c")], "next_cursor": None}),
+    )
     with Client(api.url, api_key="aios_k") as aios:
         ids = [t["id"] for t in aios.list(state=["QUEUED", "RUNNING"], type="echo", page_size=2)]
     assert ids == ["a", "b", "c"]
@@ -373,8 +415,14 @@ def test_list_follows_next_cursor_until_the_last_page(api):
 
 
 def test_wait_polls_until_the_task_is_finished_and_result_returns_its_result(api):
-    api.plan("GET", "/api/v1/tasks/t-1", Answer(200, task("QUEUED")), Answer(200, task("RUNNING")),
-             Answer(200, task("SUCCEEDED", result={"n": 1})), Answer(200, task("SUCCEEDED", result={"n": 1})))
+    api.plan(
+        "GET",
+        "/api/v1/tasks/t-1",
+        Answer(200, task("QUEUED")),
+        Answer(200, task("RUNNING")),
+        Answer(200, task("SUCCEEDED", result={"n": 1})),
+        Answer(200, task("SUCCEEDED", result={"n": 1})),
+    )
     with Client(api.url, api_key="aios_k") as aios:
         assert aios.wait("t-1", timeout=10, poll_s=0.05)["state"] == "SUCCEEDED"
         assert aios.result("t-1", timeout=10) == {"n": 1}
@@ -395,8 +443,19 @@ def test_result_of_a_failed_task_raises_task_failed_and_wait_gives_up_after_its_
 
 
 def test_sse_lines_become_events():
-    lines = [": keep-alive", "event: state", 'data: {"to_state": "RUNNING"}', "id: 7", "",
-             "data: line one", "data: line two", "", "event: end", "data: {}", ""]
+    lines = [
+        ": keep-alive",
+        "event: state",
+        'data: {"to_state": "RUNNING"}',
+        "id: 7",
+        "",
+        "data: line one",
+        "data: line two",
+        "",
+        "event: end",
+        "data: {}",
+        "",
+    ]
     assert list(parse_sse(iter(lines))) == [
         Event(event="state", data={"to_state": "RUNNING"}, id="7"),
         Event(event="message", data="line one\nline two", id="7"),
@@ -447,11 +506,22 @@ def sse(*frames: bytes, hold_s: float = 0.0) -> Callable[[BaseHTTPRequestHandler
 
 def test_a_task_stream_closed_before_its_end_is_resumed_from_the_last_event_id(api):
     # Given a stream the server closes after two events (as at api.sse_max_s), then a second one
-    api.plan("GET", "/api/v1/tasks/t-1/events",
-             Answer(action=sse(b'id: 11\nevent: state\ndata: {"to_state": "QUEUED"}\n\n',
-                               b'id: 12\nevent: progress\ndata: {"percent": 50}\n\n')),
-             Answer(action=sse(b'id: 13\nevent: state\ndata: {"to_state": "SUCCEEDED"}\n\n',
-                               b'event: end\ndata: {"last_event_id": 13}\n\n')))
+    api.plan(
+        "GET",
+        "/api/v1/tasks/t-1/events",
+        Answer(
+            action=sse(
+                b'id: 11\nevent: state\ndata: {"to_state": "QUEUED"}\n\n',
+                b'id: 12\nevent: progress\ndata: {"percent": 50}\n\n',
+            )
+        ),
+        Answer(
+            action=sse(
+                b'id: 13\nevent: state\ndata: {"to_state": "SUCCEEDED"}\n\n',
+                b'event: end\ndata: {"last_event_id": 13}\n\n',
+            )
+        ),
+    )
     with Client(api.url, api_key="aios_k") as aios:
         events = list(aios.events("t-1", after=10))
     # Then the client reconnected once, saying where it was, and yielded every event once, ending at end
@@ -469,8 +539,12 @@ def test_a_stream_that_keeps_closing_at_once_gives_up_after_the_retries(api):
 
 
 def test_run_command_sends_an_idempotency_key_and_its_options(api):
-    api.plan("POST", "/api/v1/commands", Answer(503, {"error": "service_unavailable", "message": "x"}),
-             Answer(200, task("SUCCEEDED", result={"exit_code": 0})))
+    api.plan(
+        "POST",
+        "/api/v1/commands",
+        Answer(503, {"error": "service_unavailable", "message": "x"}),
+        Answer(200, task("SUCCEEDED", result={"exit_code": 0})),
+    )
     with Client(api.url, api_key="aios_k") as aios:
         finished = aios.run_command(["echo", "hi"], wait_s=5, env={"A": "1"}, limits={"wall_s": 10})
     assert finished["result"] == {"exit_code": 0}
@@ -480,32 +554,55 @@ def test_run_command_sends_an_idempotency_key_and_its_options(api):
 
 
 def test_bulk_sends_the_action_and_the_filter(api):
-    api.plan("POST", "/api/v1/tasks/bulk", Answer(200, {"action": "cancel", "matched": 2, "sample_ids": ["a", "b"],
-                                                        "dry_run": True, "limit": 5}))
+    api.plan(
+        "POST",
+        "/api/v1/tasks/bulk",
+        Answer(200, {"action": "cancel", "matched": 2, "sample_ids": ["a", "b"], "dry_run": True, "limit": 5}),
+    )
     with Client(api.url, api_key="aios_k") as aios:
-        outcome = aios.bulk("cancel", dry_run=True, limit=5, state="QUEUED", queue="reports",
-                            created_after=datetime(2030, 1, 1, tzinfo=UTC))
+        outcome = aios.bulk(
+            "cancel",
+            dry_run=True,
+            limit=5,
+            state="QUEUED",
+            queue="reports",
+            created_after=datetime(2030, 1, 1, tzinfo=UTC),
+        )
     assert outcome["matched"] == 2
-    assert api.seen[0].body == {"action": "cancel", "dry_run": True, "limit": 5,
-                                "filter": {"state": ["QUEUED"], "queue": "reports",
-                                           "created_after": "2030-01-01T00:00:00+00:00"}}
+    assert api.seen[0].body == {
+        "action": "cancel",
+        "dry_run": True,
+        "limit": 5,
+        "filter": {"state": ["QUEUED"], "queue": "reports", "created_after": "2030-01-01T00:00:00+00:00"},
+    }
 
 
 def test_a_resumed_token_session_refreshes_reports_new_tokens_and_can_close_without_logging_out(api):
     # Given tokens saved from an earlier session, and an API that finds the access token expired
-    api.plan("GET", "/api/v1/status", Answer(401, {"error": "unauthorized", "message": "expired"}),
-             Answer(200, {"version": "1"}))
+    api.plan(
+        "GET",
+        "/api/v1/status",
+        Answer(401, {"error": "unauthorized", "message": "expired"}),
+        Answer(200, {"version": "1"}),
+    )
     api.plan("POST", "/api/v1/auth/refresh", Answer(200, {"access_token": "a2"}))
     renewed: list[tuple[str, str | None]] = []
-    aios = Client.with_tokens(api.url, access_token="a1", refresh_token="r1",
-                              on_renew=lambda access, refresh: renewed.append((access, refresh)))
+    aios = Client.with_tokens(
+        api.url,
+        access_token="a1",
+        refresh_token="r1",
+        on_renew=lambda access, refresh: renewed.append((access, refresh)),
+    )
     # When it is used: it refreshes, tells the caller the new tokens, and resends
     assert aios.status() == {"version": "1"}
     assert renewed == [("a2", "r1")] and aios.tokens == ("a2", "r1")
     # When it is closed with logout=False: nothing is revoked (no request at all)
     aios.close(logout=False)
     assert [(s.method, s.path) for s in api.seen] == [
-        ("GET", "/api/v1/status"), ("POST", "/api/v1/auth/refresh"), ("GET", "/api/v1/status")]
+        ("GET", "/api/v1/status"),
+        ("POST", "/api/v1/auth/refresh"),
+        ("GET", "/api/v1/status"),
+    ]
 
 
 def test_a_resumed_session_whose_refresh_token_expired_raises_unauthorized(api):
@@ -519,9 +616,14 @@ def test_a_resumed_session_whose_refresh_token_expired_raises_unauthorized(api):
 
 
 def test_wait_calls_on_change_for_each_new_answer_only(api):
-    api.plan("GET", "/api/v1/tasks/t-1", Answer(200, task("RUNNING", progress=None)),
-             Answer(200, task("RUNNING", progress=None)), Answer(200, task("RUNNING", progress=50)),
-             Answer(200, task("SUCCEEDED", progress=100)))
+    api.plan(
+        "GET",
+        "/api/v1/tasks/t-1",
+        Answer(200, task("RUNNING", progress=None)),
+        Answer(200, task("RUNNING", progress=None)),
+        Answer(200, task("RUNNING", progress=50)),
+        Answer(200, task("SUCCEEDED", progress=100)),
+    )
     changes: list[tuple[str, Any]] = []
     with Client(api.url, api_key="aios_k") as aios:
         aios.wait("t-1", timeout=10, poll_s=0.05, on_change=lambda t: changes.append((t["state"], t["progress"])))
@@ -529,9 +631,12 @@ def test_wait_calls_on_change_for_each_new_answer_only(api):
 
 
 def test_all_events_sends_its_filters_and_resumes_with_the_cluster_cursor(api):
-    api.plan("GET", "/api/v1/events",
-             Answer(action=sse(b'id: 5:2\nevent: agent\ndata: {"to_status": "OFFLINE"}\n\n')),
-             Answer(action=sse(b'id: 6:2\nevent: state\ndata: {"to_state": "RUNNING"}\n\n')))
+    api.plan(
+        "GET",
+        "/api/v1/events",
+        Answer(action=sse(b'id: 5:2\nevent: agent\ndata: {"to_status": "OFFLINE"}\n\n')),
+        Answer(action=sse(b'id: 6:2\nevent: state\ndata: {"to_state": "RUNNING"}\n\n')),
+    )
     with Client(api.url, api_key="aios_k") as aios:
         stream = aios.all_events(types=["task", "agent"], agent="gpu-01@host")
         seen = [(event.event, event.id) for event in itertools.islice(stream, 2)]

@@ -8,7 +8,10 @@ import os
 
 import pytest
 
-from aios.commands import (
+from aios.config import load_settings
+from aios.errors import ValidationFailed
+from aios.ops.limits import SystemLimits
+from aios.sandbox.run import (
     COMMAND_TYPE,
     CommandParameters,
     Limits,
@@ -19,13 +22,17 @@ from aios.commands import (
     run_command,
     task_timeout_for,
 )
-from aios.config import load_settings
-from aios.errors import ValidationFailed
-from aios.limits import SystemLimits
 from aios.tasktypes import load_task_types
 
-SYSTEM = SystemLimits(cpu_degraded_pct=100, memory_degraded_pct=90, disk_degraded_pct=95, command_cpu_s=300,
-                      command_memory_mb=2048, command_wall_s=600, command_output_kb=1024)
+SYSTEM = SystemLimits(
+    cpu_degraded_pct=100,
+    memory_degraded_pct=90,
+    disk_degraded_pct=95,
+    command_cpu_s=300,
+    command_memory_mb=2048,
+    command_wall_s=600,
+    command_output_kb=1024,
+)
 SMALL = Limits(cpu_s=10, memory_mb=512, output_kb=4, wall_s=20)
 
 
@@ -103,8 +110,15 @@ def test_bad_command_parameters_are_refused_naming_the_field(command_type, param
 
 
 def test_good_command_parameters_pass(command_type):
-    params = command_type.validate({"argv": ["echo", "a; b", "$(id)"], "env": {"GREETING": "hi", "_X1": ""},
-                                    "cwd": "sub", "timeout_s": 5, "limits": {"cpu_s": 2, "output_kb": 64}})
+    params = command_type.validate(
+        {
+            "argv": ["echo", "a; b", "$(id)"],
+            "env": {"GREETING": "hi", "_X1": ""},
+            "cwd": "sub",
+            "timeout_s": 5,
+            "limits": {"cpu_s": 2, "output_kb": 64},
+        }
+    )
     assert params.argv == ["echo", "a; b", "$(id)"]
     assert params.limits.cpu_s == 2 and params.limits.memory_mb is None
 
@@ -121,13 +135,15 @@ def test_the_environment_is_the_agents_path_and_the_request_s_variables_only(mon
 def test_a_request_may_lower_limits_and_absent_ones_come_from_the_system_limits():
     params = CommandParameters(argv=["echo"], timeout_s=5, limits={"cpu_s": 2})
     assert raised_limits(params, SYSTEM) == []
-    assert effective_limits(params, SYSTEM) == Limits(cpu_s=2, memory_mb=2048, output_kb=1024, wall_s=5, pids=256,
-                                                      file_size_mb=1024)
+    assert effective_limits(params, SYSTEM) == Limits(
+        cpu_s=2, memory_mb=2048, output_kb=1024, wall_s=5, pids=256, file_size_mb=1024
+    )
 
 
 def test_every_limit_above_the_system_limit_is_named():
-    params = CommandParameters(argv=["echo"], timeout_s=601, limits={"cpu_s": 301, "memory_mb": 2048,
-                                                                     "output_kb": 1025})
+    params = CommandParameters(
+        argv=["echo"], timeout_s=601, limits={"cpu_s": 301, "memory_mb": 2048, "output_kb": 1025}
+    )
     fields = [field for field, _ in raised_limits(params, SYSTEM)]
     assert fields == ["limits.cpu_s", "limits.output_kb", "timeout_s"]
     assert "command_cpu_s (300)" in raised_limits(params, SYSTEM)[0][1]
@@ -166,8 +182,12 @@ def test_echo_runs_without_a_shell_so_metacharacters_are_literal(tmp_path):
 
 
 def test_output_past_the_limit_is_cut_and_counted(tmp_path):
-    outcome = run_command(["sh", "-c", "head -c 100000 /dev/zero | tr '\\0' y; echo oops >&2"],
-                          env=base_env({}), cwd=str(tmp_path), limits=SMALL)
+    outcome = run_command(
+        ["sh", "-c", "head -c 100000 /dev/zero | tr '\\0' y; echo oops >&2"],
+        env=base_env({}),
+        cwd=str(tmp_path),
+        limits=SMALL,
+    )
     assert outcome.exit_code == 0
     assert outcome.stdout.total_bytes == 100_000 and len(outcome.stdout.kept) == 4096
     assert outcome.stdout.truncated and not outcome.stderr.truncated
@@ -175,8 +195,9 @@ def test_output_past_the_limit_is_cut_and_counted(tmp_path):
 
 
 def test_the_given_environment_and_cwd_reach_the_program(tmp_path):
-    outcome = run_command(["sh", "-c", 'echo "$GREETING $(pwd)"'], env=base_env({"GREETING": "hi"}),
-                          cwd=str(tmp_path), limits=SMALL)
+    outcome = run_command(
+        ["sh", "-c", 'echo "$GREETING $(pwd)"'], env=base_env({"GREETING": "hi"}), cwd=str(tmp_path), limits=SMALL
+    )
     assert outcome.stdout.text() == f"hi {tmp_path}\n"
 
 
@@ -190,15 +211,22 @@ def test_a_non_zero_exit_status_is_reported_with_cpu_time_and_rss(tmp_path):
     result = outcome.to_result(SMALL)
     assert result["exit_code"] == 3 and result["signal"] is None
     assert result["cpu_s"] >= 0 and result["max_rss_kb"] > 0
-    assert result["limits"] == {"cpu_s": 10, "memory_mb": 512, "output_kb": 4, "wall_s": 20, "pids": 256,
-                                "file_size_mb": 1024}
+    assert result["limits"] == {
+        "cpu_s": 10,
+        "memory_mb": 512,
+        "output_kb": 4,
+        "wall_s": 20,
+        "pids": 256,
+        "file_size_mb": 1024,
+    }
     assert result["sandbox"] == {"user": None, "cgroup": None, "group_limits": []}
 
 
 def test_a_file_larger_than_file_size_mb_cannot_be_written(tmp_path):
     limits = Limits(cpu_s=10, memory_mb=512, output_kb=4, wall_s=20, file_size_mb=1)
-    outcome = run_command(["sh", "-c", "head -c 3000000 /dev/zero > big"], env=base_env({}), cwd=str(tmp_path),
-                          limits=limits)
+    outcome = run_command(
+        ["sh", "-c", "head -c 3000000 /dev/zero > big"], env=base_env({}), cwd=str(tmp_path), limits=limits
+    )
     assert outcome.exit_code != 0 or outcome.signal == "SIGXFSZ"
     assert (tmp_path / "big").stat().st_size <= 1 << 20
 
@@ -219,7 +247,7 @@ V2_CGROUP = "0::/system.slice/aios-worker@a.service\n"
 
 
 def test_the_layout_nests_command_groups_under_the_agent_s_own_groups():
-    from aios.cgroups import layout
+    from aios.sandbox.cgroups import layout
 
     hybrid = layout(HYBRID_MOUNTINFO.format(root="/cg"), HYBRID_CGROUP)
     assert hybrid.unified == "/cg/unified"
@@ -230,7 +258,7 @@ def test_the_layout_nests_command_groups_under_the_agent_s_own_groups():
 
 
 def test_a_v2_group_gets_memory_max_pids_max_and_enables_the_controllers(tmp_path):
-    from aios.cgroups import Layout, create
+    from aios.sandbox.cgroups import Layout, create
 
     # Given a fake cgroup2 parent whose kernel offers memory and pids, not yet enabled for children
     (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
@@ -252,11 +280,12 @@ def test_a_v2_group_gets_memory_max_pids_max_and_enables_the_controllers(tmp_pat
 
 
 def test_a_hybrid_group_uses_the_v1_memory_and_pids_controllers_and_cgroup2_to_kill(tmp_path):
-    from aios.cgroups import Layout, create
+    from aios.sandbox.cgroups import Layout, create
 
     # Given a controller-less cgroup2 and v1 memory, pids and cpuacct hierarchies
-    where = Layout(unified=str(tmp_path / "unified"),
-                   v1={name: str(tmp_path / name) for name in ("memory", "pids", "cpuacct")})
+    where = Layout(
+        unified=str(tmp_path / "unified"), v1={name: str(tmp_path / name) for name in ("memory", "pids", "cpuacct")}
+    )
     for directory in ("unified", "memory", "pids", "cpuacct"):
         (tmp_path / directory).mkdir()
     group = create("aios-cmd-2", memory_bytes=64 << 20, pids=8, where=where)
@@ -265,14 +294,15 @@ def test_a_hybrid_group_uses_the_v1_memory_and_pids_controllers_and_cgroup2_to_k
     assert (tmp_path / "memory" / "aios-cmd-2" / "memory.limit_in_bytes").read_text() == str(64 << 20)
     assert (tmp_path / "pids" / "aios-cmd-2" / "pids.max").read_text() == "8"
     assert group.enforces == {"memory", "pids", "cpu"}
-    assert sorted(group.procs_files()) == sorted(str(tmp_path / d / "aios-cmd-2" / "cgroup.procs")
-                                                 for d in ("unified", "memory", "pids"))
+    assert sorted(group.procs_files()) == sorted(
+        str(tmp_path / d / "aios-cmd-2" / "cgroup.procs") for d in ("unified", "memory", "pids")
+    )
     (tmp_path / "memory" / "aios-cmd-2" / "memory.oom_control").write_text("oom_kill_disable 0\noom_kill 0\n")
     assert not group.oom_killed()
 
 
 def test_no_group_is_made_where_there_is_no_cgroupfs(tmp_path):
-    from aios.cgroups import Layout, create
+    from aios.sandbox.cgroups import Layout, create
 
     assert create("x", memory_bytes=1 << 20, pids=1, where=Layout()) is None
     assert create("x", memory_bytes=1 << 20, pids=1, where=Layout(unified=str(tmp_path / "missing"))) is None
@@ -282,7 +312,7 @@ def test_the_command_user_may_be_neither_root_nor_the_agent_s_user_nor_missing()
     import pwd
 
     from aios.errors import ConfigError
-    from aios.sandbox import resolve_command_user
+    from aios.sandbox.identity import resolve_command_user
 
     with pytest.raises(ConfigError, match=r"agents\.command_user: 'root' is root.*useradd --system"):
         resolve_command_user("root", agent_uid=12345)
@@ -296,7 +326,7 @@ def test_the_command_user_may_be_neither_root_nor_the_agent_s_user_nor_missing()
 
 def test_an_allowlist_without_a_command_user_is_a_config_error_naming_both_keys():
     from aios.errors import ConfigError
-    from aios.sandbox import check_agent_config
+    from aios.sandbox.identity import check_agent_config
 
     assert check_agent_config(load_settings(environ={}, overrides={"agents": {"command_allowlist": []}})) is None
     with pytest.raises(ConfigError, match=r"agents\.command_allowlist is set but agents\.command_user is not"):
@@ -304,7 +334,7 @@ def test_an_allowlist_without_a_command_user_is_a_config_error_naming_both_keys(
 
 
 def test_switching_users_takes_cap_setuid_and_cap_setgid():
-    from aios.sandbox import can_switch_user
+    from aios.sandbox.identity import can_switch_user
 
     assert can_switch_user("Name:\tx\nCapEff:\t00000000000000c0\n")
     assert not can_switch_user("Name:\tx\nCapEff:\t0000000000000080\n")
@@ -326,17 +356,31 @@ def test_a_non_root_agent_s_ambient_capabilities_do_not_reach_its_commands():
         service_missing("root and setpriv (util-linux)", RuntimeError("cannot start an agent as nobody"))
     user = ensure_command_user()
     script = (
-        "from aios.commands import Limits, Sandbox, base_env, run_command\n"
-        "from aios.sandbox import resolve_command_user\n"
+        "from aios.sandbox.run import Limits, Sandbox, base_env, run_command\n"
+        "from aios.sandbox.identity import resolve_command_user\n"
         f"outcome = run_command(['sh', '-c', 'id -un; grep -E \"^Cap(Eff|Amb|Prm|Inh)\" /proc/self/status'],"
         " env=base_env({}), cwd='/', limits=Limits(cpu_s=5, memory_mb=256, output_kb=16, wall_s=20),"
         f" sandbox=Sandbox(user=resolve_command_user({user!r})))\n"
-        "print(outcome.stdout.text(), end='')\n")
+        "print(outcome.stdout.text(), end='')\n"
+    )
     # When it runs a command
-    done = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                           "--inh-caps=+setuid,+setgid,+kill", "--ambient-caps=+setuid,+setgid,+kill",
-                           sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--inh-caps=+setuid,+setgid,+kill",
+            "--ambient-caps=+setuid,+setgid,+kill",
+            sys.executable,
+            "-c",
+            script,
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     # Then the command runs as the command user with no capability at all
     assert done.returncode == 0, done.stderr
     name, *capabilities = done.stdout.splitlines()
@@ -349,7 +393,7 @@ def test_a_non_root_agent_s_ambient_capabilities_do_not_reach_its_commands():
 def busy_v2_group(tmp_path, monkeypatch):
     """A fake cgroup2 group that, like the kernel, refuses to enable controllers for its children
     while it holds a process itself (cgroup v2's "no internal processes" rule)."""
-    from aios import cgroups
+    from aios.sandbox import cgroups
 
     (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
     (tmp_path / "cgroup.subtree_control").write_text("")
@@ -367,7 +411,7 @@ def busy_v2_group(tmp_path, monkeypatch):
 
 
 def test_an_agent_alone_in_its_v2_group_moves_into_a_leaf_so_commands_get_memory_and_pids(busy_v2_group):
-    from aios.cgroups import AGENT_LEAF, Layout, layout, prepare_agent_group
+    from aios.sandbox.cgroups import AGENT_LEAF, Layout, layout, prepare_agent_group
 
     # Given an agent (pid 4242) alone in a v2 group whose controllers cannot be enabled yet
     (busy_v2_group / "cgroup.procs").write_text("4242\n")
@@ -380,7 +424,7 @@ def test_an_agent_alone_in_its_v2_group_moves_into_a_leaf_so_commands_get_memory
 
 
 def test_an_agent_sharing_its_v2_group_leaves_the_other_processes_where_they_are(busy_v2_group):
-    from aios.cgroups import AGENT_LEAF, Layout, prepare_agent_group
+    from aios.sandbox.cgroups import AGENT_LEAF, Layout, prepare_agent_group
 
     (busy_v2_group / "cgroup.procs").write_text("1\n4242\n")
     assert prepare_agent_group(Layout(unified=str(busy_v2_group)), pid=4242) is False
@@ -388,7 +432,7 @@ def test_an_agent_sharing_its_v2_group_leaves_the_other_processes_where_they_are
 
 
 def test_the_groups_of_agent_processes_that_are_gone_are_removed_at_start(tmp_path, monkeypatch):
-    from aios.cgroups import CommandGroup, Layout, group_name, reap_orphan_groups
+    from aios.sandbox.cgroups import CommandGroup, Layout, group_name, reap_orphan_groups
 
     removed = []
     monkeypatch.setattr(CommandGroup, "remove", lambda self: removed.extend(self.dirs))

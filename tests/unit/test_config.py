@@ -73,11 +73,13 @@ def test_the_toml_file_named_by_aios_config_is_applied(toml_file):
 def test_the_environment_overrides_the_toml_file(toml_file):
     # Given a config file with api.port 9001 and default_priority 7
     # When the environment sets them too
-    settings = load_settings(environ={
-        "AIOS_CONFIG": str(toml_file),
-        "AIOS_API__PORT": "8080",
-        "AIOS_ORCHESTRATOR__DEFAULT_PRIORITY": "2",
-    })
+    settings = load_settings(
+        environ={
+            "AIOS_CONFIG": str(toml_file),
+            "AIOS_API__PORT": "8080",
+            "AIOS_ORCHESTRATOR__DEFAULT_PRIORITY": "2",
+        }
+    )
     # Then the environment wins, key by key, and the rest of the file still applies
     assert settings.api.port == 8080
     assert settings.orchestrator.default_priority == 2
@@ -213,24 +215,28 @@ def test_a_redis_visibility_timeout_not_above_the_task_timeout_is_an_error(empty
 
 def test_a_redis_visibility_timeout_above_the_task_timeout_is_accepted(empty_toml):
     # Given a Redis broker whose visibility timeout exceeds task_timeout_s + grace
-    settings = load_settings(environ={
-        "AIOS_CONFIG": str(empty_toml),
-        "AIOS_BROKER__URL": "redis://127.0.0.1:6379/0",
-        "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "3606",
-    })
+    settings = load_settings(
+        environ={
+            "AIOS_CONFIG": str(empty_toml),
+            "AIOS_BROKER__URL": "redis://127.0.0.1:6379/0",
+            "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "3606",
+        }
+    )
     # Then it loads
     assert settings.broker.visibility_timeout_s == 3606
 
 
 def test_the_visibility_timeout_check_follows_a_lowered_task_timeout(empty_toml):
     # Given a short task timeout, a visibility timeout below the default becomes fine
-    settings = load_settings(environ={
-        "AIOS_CONFIG": str(empty_toml),
-        "AIOS_BROKER__URL": "redis://127.0.0.1:6379/0",
-        "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "120",
-        "AIOS_ORCHESTRATOR__TASK_TIMEOUT_S": "60",
-        "AIOS_ORCHESTRATOR__RETRY_BACKOFF_MAX_S": "60",
-    })
+    settings = load_settings(
+        environ={
+            "AIOS_CONFIG": str(empty_toml),
+            "AIOS_BROKER__URL": "redis://127.0.0.1:6379/0",
+            "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "120",
+            "AIOS_ORCHESTRATOR__TASK_TIMEOUT_S": "60",
+            "AIOS_ORCHESTRATOR__RETRY_BACKOFF_MAX_S": "60",
+        }
+    )
     assert settings.broker.visibility_timeout_s == 120
 
 
@@ -238,12 +244,14 @@ def test_a_retry_backoff_that_outlives_the_visibility_timeout_is_refused(empty_t
     # Given a retry delay longer than Redis keeps a countdown message invisible (kombu#337)
     # When loaded / Then the error names both keys
     with pytest.raises(ConfigError, match="retry_backoff_max_s .* broker.visibility_timeout_s"):
-        load_settings(environ={
-            "AIOS_CONFIG": str(empty_toml),
-            "AIOS_BROKER__URL": "redis://127.0.0.1:6379/0",
-            "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "120",
-            "AIOS_ORCHESTRATOR__TASK_TIMEOUT_S": "60",
-        })
+        load_settings(
+            environ={
+                "AIOS_CONFIG": str(empty_toml),
+                "AIOS_BROKER__URL": "redis://127.0.0.1:6379/0",
+                "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "120",
+                "AIOS_ORCHESTRATOR__TASK_TIMEOUT_S": "60",
+            }
+        )
 
 
 def test_a_missing_explicit_config_file_is_an_error(tmp_path):
@@ -304,8 +312,13 @@ def test_the_cli_exits_2_when_the_config_file_is_missing(tmp_path):
 
 def test_the_cli_prints_the_effective_configuration_without_secrets(tmp_path):
     # Given a database URL with a password in the environment
-    done = run_cli(tmp_path, "config", AIOS_CONFIG=str(REPO_CONFIG), AIOS_API__PORT="8080",
-                   AIOS_DATABASE__URL="postgresql+psycopg2://aios:s3cret@db.example/aios")
+    done = run_cli(
+        tmp_path,
+        "config",
+        AIOS_CONFIG=str(REPO_CONFIG),
+        AIOS_API__PORT="8080",
+        AIOS_DATABASE__URL="postgresql+psycopg2://aios:s3cret@db.example/aios",
+    )
     # When `aios config` runs / Then it succeeds, shows the override and hides the password
     assert done.returncode == 0, done.stderr
     assert '"port": 8080' in done.stdout

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from aios.errors import ValidationFailed
-from aios.schedules import next_cron_time, parse_cron
+from aios.timing.cron import next_cron_time, parse_cron
 
 
 def at(text: str) -> datetime:

@@ -53,8 +53,10 @@ def require_tool(program: str, version_flag: str) -> list[str]:
 @pytest.fixture(scope="module")
 def compose_cmd() -> list[str]:
     """`docker compose` (v2 plugin) if present, else the `docker-compose` program (Debian's, v1)."""
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True,
-                                                 timeout=60).returncode == 0:
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=60).returncode == 0
+    ):
         return ["docker", "compose"]
     return require_tool("docker-compose", "version")
 
@@ -84,16 +86,18 @@ def test_compose_config_validates_with_the_secrets_given(compose_cmd, tmp_path):
     # Given every required secret
     config = rendered(compose_cmd, tmp_path, COMPOSE, env=REQUIRED, profiles=["metrics"])
     # Then compose accepts the file, with the promised services
-    assert set(config["services"]) == {"postgres", "redis", "migrate", "api", "worker-1", "worker-2", "beat",
-                                       "metrics"}
+    assert set(config["services"]) == {"postgres", "redis", "migrate", "api", "worker-1", "worker-2", "beat", "metrics"}
     # And the secrets reach the processes that need them
     api_env = config["services"]["api"]["environment"]
     assert api_env["AIOS_SECURITY__JWT_SECRET"] == REQUIRED["AIOS_JWT_SECRET"]
     assert REQUIRED["POSTGRES_PASSWORD"] in api_env["AIOS_DATABASE__URL"]
     assert REQUIRED["REDIS_PASSWORD"] in api_env["AIOS_BROKER__URL"]
     # And only the API gets the JWT key (least privilege)
-    holders = {name for name, svc in config["services"].items()
-               if REQUIRED["AIOS_JWT_SECRET"] in json.dumps(svc.get("environment") or {})}
+    holders = {
+        name
+        for name, svc in config["services"].items()
+        if REQUIRED["AIOS_JWT_SECRET"] in json.dumps(svc.get("environment") or {})
+    }
     assert holders == {"api"}
 
 
@@ -160,7 +164,7 @@ def test_the_healthcheck_programs_are_valid_python(compose_cmd, tmp_path):
     env = {**REQUIRED, "FLOWER_BASIC_AUTH": FLOWER_AUTH}
     config = rendered(compose_cmd, tmp_path, COMPOSE, COMPOSE_FLOWER, env=env, profiles=["metrics"])
     snippets = [svc["healthcheck"]["test"] for svc in config["services"].values() if svc.get("healthcheck")]
-    snippets.append(re.search(r'HEALTHCHECK[^\n]*\n\s*CMD (\[.*\])', DOCKERFILE.read_text()).group(1))
+    snippets.append(re.search(r"HEALTHCHECK[^\n]*\n\s*CMD (\[.*\])", DOCKERFILE.read_text()).group(1))
     programs = []
     for test in snippets:
         test = json.loads(test) if isinstance(test, str) else test
@@ -212,7 +216,8 @@ def test_the_env_example_holds_names_but_no_values():
             name, _, value = line.partition("=")
             assert SECRET_NAME.search(name) and value == "", line
     assert set(REQUIRED) | {"FLOWER_BASIC_AUTH"} <= {
-        line.partition("=")[0] for line in example.read_text().splitlines() if not line.startswith("#")}
+        line.partition("=")[0] for line in example.read_text().splitlines() if not line.startswith("#")
+    }
     assert "docker/.env" in (REPO_ROOT / ".gitignore").read_text().split()
 
 
@@ -275,7 +280,7 @@ def test_runtime_images_run_as_the_non_root_aios_user_without_a_compiler():
         users = [args for instruction, args in instructions if instruction == "USER"]
         assert users and users[-1] == "aios", f"{final} ends as USER {users[-1:] or 'root'}"
         last_user = max(i for i, (instruction, _) in enumerate(instructions) if instruction == "USER")
-        assert all(instruction not in {"RUN", "COPY", "ADD"} for instruction, _ in instructions[last_user + 1:])
+        assert all(instruction not in {"RUN", "COPY", "ADD"} for instruction, _ in instructions[last_user + 1 :])
         runs = " ".join(args for instruction, args in instructions if instruction == "RUN")
         for compiler in ("build-essential", "gcc", "g++", "-dev "):
             assert compiler not in runs, f"{final} installs {compiler}"
@@ -300,7 +305,7 @@ def test_the_dockerfile_copies_only_what_exists_and_holds_no_secret():
                 assert not (SECRET_NAME.search(name) and value.strip('"')), f"{instruction} {name} has a value"
         # Exec forms are JSON arrays (a typo silently turns them into shell forms)
         if instruction in ("CMD", "ENTRYPOINT") or (instruction == "HEALTHCHECK" and " CMD [" in args):
-            exec_form = args[args.index(" CMD [") + 5:] if instruction == "HEALTHCHECK" else args
+            exec_form = args[args.index(" CMD [") + 5 :] if instruction == "HEALTHCHECK" else args
             assert isinstance(json.loads(exec_form), list), f"{instruction} {args}"
     ignored = (DOCKER / "Dockerfile.dockerignore").read_text().split()
     assert {".venv", ".git", "docker/.env"} <= set(ignored)
@@ -311,8 +316,17 @@ def test_the_dockerfile_copies_only_what_exists_and_holds_no_secret():
 # ---- systemd -----------------------------------------------------------------------------------
 
 #: Keys that may appear more than once in a section.
-REPEATABLE = {"Environment", "EnvironmentFile", "LoadCredential", "SystemCallFilter", "ExecStartPre",
-              "ReadWritePaths", "After", "Wants", "Requires"}
+REPEATABLE = {
+    "Environment",
+    "EnvironmentFile",
+    "LoadCredential",
+    "SystemCallFilter",
+    "ExecStartPre",
+    "ReadWritePaths",
+    "After",
+    "Wants",
+    "Requires",
+}
 
 
 def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
@@ -349,8 +363,14 @@ def test_each_unit_runs_as_aios_hardened_with_config_and_secrets_from_etc_aios(u
     assert sections["Service"]["EnvironmentFile"] == ["/etc/aios/aios.env"]
     assert env_of(sections["Service"])["AIOS_CONFIG"] == "/etc/aios/aios.toml"
     assert service["Restart"] == "on-failure"
-    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
-                       "PrivateTmp": "yes", "CapabilityBoundingSet": "", "UMask": "0027"}.items():
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "CapabilityBoundingSet": "",
+        "UMask": "0027",
+    }.items():
         assert service.get(key) == value, f"{unit}: {key}={service.get(key)!r}, want {value!r}"
     assert service["StateDirectory"] == service["LogsDirectory"] == "aios"
     assert sections["Install"]["WantedBy"] == ["multi-user.target"]
@@ -398,8 +418,12 @@ def instance(unit: str) -> str:
 
 def test_systemd_analyze_verify_passes_with_no_message(scratch_root):
     # When systemd verifies every unit (the template through an instance)
-    result = subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={scratch_root}",
-                             *map(instance, UNITS)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", f"--root={scratch_root}", *map(instance, UNITS)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     # Then it exits 0 and says nothing: an unknown key or a bad value is only a message, so none is allowed
     assert result.returncode == 0, result.stdout + result.stderr
     assert (result.stdout + result.stderr).strip() == ""
@@ -407,8 +431,12 @@ def test_systemd_analyze_verify_passes_with_no_message(scratch_root):
 
 @pytest.mark.parametrize("unit", UNITS)
 def test_systemd_rates_each_unit_exposure_ok(scratch_root, unit):
-    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", f"--root={scratch_root}",
-                             "--no-pager", instance(unit)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", f"--root={scratch_root}", "--no-pager", instance(unit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     match = re.search(r"Overall exposure level for \S+: ([\d.]+) (\w+)", result.stdout)
     assert match, result.stdout[-2000:] + result.stderr
     # systemd's scale: < 4.0 is "OK" (the best band, below MEDIUM, EXPOSED, UNSAFE)
@@ -425,8 +453,10 @@ def test_sysusers_and_tmpfiles_make_the_user_and_enforce_the_documented_modes(tm
         (root / "etc/aios" / name).write_text("x")
         (root / "etc/aios" / name).chmod(0o644)
     # When the shipped sysusers.d and tmpfiles.d entries are applied
-    for argv in (["systemd-sysusers", f"--root={root}", str(SYSTEMD / "aios.sysusers.conf")],
-                 ["systemd-tmpfiles", f"--root={root}", "--create", str(SYSTEMD / "aios.tmpfiles.conf")]):
+    for argv in (
+        ["systemd-sysusers", f"--root={root}", str(SYSTEMD / "aios.sysusers.conf")],
+        ["systemd-tmpfiles", f"--root={root}", "--create", str(SYSTEMD / "aios.tmpfiles.conf")],
+    ):
         result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
     # Then the aios user and group exist, and the modes are those the docs ask for

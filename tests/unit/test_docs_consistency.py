@@ -31,7 +31,7 @@ def table_rows(path: Path, header: str, *, row_start: str = "|", sep: str = "|")
     ``header``: the lines after its separator line, up to the first that does not start with ``row_start``
     (``sep`` splits the cells: `` | `` where a cell may hold a ``|`` of its own)."""
     text = path.read_text()
-    for line in text[text.index(header):].splitlines()[2:]:
+    for line in text[text.index(header) :].splitlines()[2:]:
         if not line.startswith(row_start):
             break
         yield [cell.strip() for cell in line.strip("|").split(sep)]
@@ -95,15 +95,23 @@ def app_routes(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str]
     from webapi.app import create_app
 
     folder = tmp_path_factory.mktemp("routes")
-    settings = load_settings(environ={"AIOS_DATABASE__URL": f"sqlite:///{folder}/r.db",
-                                      "AIOS_SECURITY__JWT_SECRET": "r" * 64,
-                                      "AIOS_LOGGING__DIR": "", "AIOS_BROKER__DATA_DIR": str(folder / "broker")})
+    settings = load_settings(
+        environ={
+            "AIOS_DATABASE__URL": f"sqlite:///{folder}/r.db",
+            "AIOS_SECURITY__JWT_SECRET": "r" * 64,
+            "AIOS_LOGGING__DIR": "",
+            "AIOS_BROKER__DATA_DIR": str(folder / "broker"),
+        }
+    )
     migrate.upgrade(settings.database)
     try:
         app = create_app(settings)
-        return {(method, _normal(rule.rule)): _who(app.view_functions[rule.endpoint])
-                for rule in app.url_map.iter_rules() if rule.endpoint != "static"
-                for method in rule.methods - {"HEAD", "OPTIONS"}}
+        return {
+            (method, _normal(rule.rule)): _who(app.view_functions[rule.endpoint])
+            for rule in app.url_map.iter_rules()
+            if rule.endpoint != "static"
+            for method in rule.methods - {"HEAD", "OPTIONS"}
+        }
     finally:
         dispose_engines()
 
@@ -127,14 +135,17 @@ def test_every_route_of_the_app_is_documented(routes):
     documented = {(method, shape) for method, shape, _ in documented_routes()}
     missing = sorted(routes - documented)
     assert not missing, "routes no doc names as `METHOD /path` (README.md or docs/*.md): " + ", ".join(
-        f"{method} {shape}" for method, shape in missing)
+        f"{method} {shape}" for method, shape in missing
+    )
 
 
 def test_every_documented_route_exists(routes):
-    wrong = sorted({(method, shape, name) for method, shape, name in documented_routes()
-                    if (method, shape) not in routes})
+    wrong = sorted(
+        {(method, shape, name) for method, shape, name in documented_routes() if (method, shape) not in routes}
+    )
     assert not wrong, "docs name routes the app does not have: " + ", ".join(
-        f"{method} {shape} ({name})" for method, shape, name in wrong)
+        f"{method} {shape} ({name})" for method, shape, name in wrong
+    )
 
 
 def test_the_route_table_gives_each_routes_roles_as_the_app_declares_them(app_routes):
@@ -143,8 +154,11 @@ def test_the_route_table_gives_each_routes_roles_as_the_app_declares_them(app_ro
         method, path = route.strip("`").split(" ", 1)
         rows[(method, _normal(path))] = who
     assert set(rows) == set(app_routes), sorted(set(rows) ^ set(app_routes))
-    wrong = sorted(f"{m} {p}: table says {rows[(m, p)]!r}, app {who!r}"
-                   for (m, p), who in app_routes.items() if rows[(m, p)] != who)
+    wrong = sorted(
+        f"{m} {p}: table says {rows[(m, p)]!r}, app {who!r}"
+        for (m, p), who in app_routes.items()
+        if rows[(m, p)] != who
+    )
     assert not wrong, "docs/api.md's route table gives other roles: " + "; ".join(wrong)
 
 
@@ -189,22 +203,29 @@ def _table_codes(path: Path) -> dict[str, set[int]]:
 @pytest.mark.parametrize("doc", ["api.md", "client.md"])
 def test_the_error_tables_list_every_code_the_api_can_answer_with_its_status(doc):
     table = _table_codes(REPO_ROOT / "docs" / doc)
-    problems = [f"{code} ({status})" for code, status in sorted(answerable_codes().items())
-                if code not in table or (status and status not in table[code])]
+    problems = [
+        f"{code} ({status})"
+        for code, status in sorted(answerable_codes().items())
+        if code not in table or (status and status not in table[code])
+    ]
     assert not problems, f"docs/{doc}'s error table lacks, or gives another status for: {', '.join(problems)}"
 
 
 def test_the_python_client_has_a_class_for_every_code_the_api_can_answer():
     """A script can catch each answer by its class; only the framework's catch-all goes by status."""
-    from aios.client import ERRORS_BY_CODE, ERRORS_BY_STATUS
+    from aios_client.client import ERRORS_BY_CODE, ERRORS_BY_STATUS
 
     codes = answerable_codes()
     missing = sorted(code for code in codes if code != "http_error" and code not in ERRORS_BY_CODE)
-    assert not missing, f"aios.client has no class for: {missing}"
-    wrong = sorted(code for code, status in codes.items()
-                   if code != "http_error" and ERRORS_BY_CODE[code] is not ERRORS_BY_STATUS.get(status)
-                   and not issubclass(ERRORS_BY_CODE[code], ERRORS_BY_STATUS.get(status, object)))
-    assert not wrong, f"aios.client classes that are not of their status's class: {wrong}"
+    assert not missing, f"aios_client.client has no class for: {missing}"
+    wrong = sorted(
+        code
+        for code, status in codes.items()
+        if code != "http_error"
+        and ERRORS_BY_CODE[code] is not ERRORS_BY_STATUS.get(status)
+        and not issubclass(ERRORS_BY_CODE[code], ERRORS_BY_STATUS.get(status, object))
+    )
+    assert not wrong, f"aios_client.client classes that are not of their status's class: {wrong}"
 
 
 # --------------------------------------------------------------------------- commands
@@ -239,7 +260,7 @@ def _parse_client(argv: list[str]) -> None:
     """Parse ``argv`` as ``aios_client``'s click group does, down to the last subcommand, running nothing."""
     from click.testing import CliRunner
 
-    from aios.cli_client import cli
+    from aios_client.commands import cli
 
     with CliRunner().isolation(input="answer\n" * 4):  # a prompted option (login's password) gets an answer
         _parse_group(cli, argv)
@@ -281,7 +302,7 @@ def cli_commands() -> dict[str, set[str]]:
     import argparse
 
     from aios.cli import build_parser
-    from aios.cli_client import cli
+    from aios_client.commands import cli
 
     found: dict[str, set[str]] = {}
 
@@ -294,7 +315,8 @@ def cli_commands() -> dict[str, set[str]]:
                 walk_click(sub, [*path, name])
         else:
             found[" ".join(["aios", *path])] = long_flags(
-                [p.opts for p in command.params if isinstance(p, click.Option)])
+                [p.opts for p in command.params if isinstance(p, click.Option)]
+            )
 
     def walk_argparse(parser: argparse.ArgumentParser, path: list[str]) -> None:
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -322,7 +344,11 @@ def test_every_cli_command_and_flag_is_in_the_docs_table_and_every_row_exists():
     code, documented = cli_commands(), documented_cli_table()
     assert set(code) == set(documented), (
         f"commands missing from docs/cli.md: {sorted(set(code) - set(documented))}; "
-        f"documented but not a command: {sorted(set(documented) - set(code))}")
-    wrong = {command: (sorted(code[command] - flags), sorted(flags - code[command]))
-             for command, flags in documented.items() if flags != code[command]}
+        f"documented but not a command: {sorted(set(documented) - set(code))}"
+    )
+    wrong = {
+        command: (sorted(code[command] - flags), sorted(flags - code[command]))
+        for command, flags in documented.items()
+        if flags != code[command]
+    }
     assert not wrong, f"docs/cli.md's flags differ (missing, unknown): {wrong}"

@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 
 from aios.errors import ValidationFailed
-from aios.events import Cursor, FeedFilter, Watermark, parse_event_id, task_event_kind
-from aios.progress import check_progress
+from aios.tasks.events import Cursor, FeedFilter, Watermark, parse_event_id, task_event_kind
+from aios.tasks.progress import check_progress
 from aios.tasktypes import TaskContext
 from aios.timeutil import utcnow
 from webapi.events import frame

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy.dialects.postgresql import psycopg2 as pg_psycopg2
 from sqlalchemy.exc import OperationalError
 
-from aios.states import TaskState
+from aios.tasks.states import TaskState
 from workers import fenced_writes
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -25,13 +25,21 @@ def sqlalchemy_parameters(statement, given):
     return compiled.string, params
 
 
-@pytest.mark.parametrize(("statement", "given"), [
-    (fenced_writes._claim_statement(), {**BASE, "v_agent": "a@h"}),
-    (fenced_writes._outcome_statement(TaskState.SUCCEEDED, ("result",), ("error",)), {**BASE, "v_result": {"r": [1]}}),
-    (fenced_writes._outcome_statement(TaskState.FAILED, ("error",), ("result",)), {**BASE, "v_error": "boom"}),
-    (fenced_writes._outcome_statement(TaskState.DEAD, ("error", "result"), ()),
-     {**BASE, "v_error": "boom", "v_result": {"exit_code": 3}}),
-])
+@pytest.mark.parametrize(
+    ("statement", "given"),
+    [
+        (fenced_writes._claim_statement(), {**BASE, "v_agent": "a@h"}),
+        (
+            fenced_writes._outcome_statement(TaskState.SUCCEEDED, ("result",), ("error",)),
+            {**BASE, "v_result": {"r": [1]}},
+        ),
+        (fenced_writes._outcome_statement(TaskState.FAILED, ("error",), ("result",)), {**BASE, "v_error": "boom"}),
+        (
+            fenced_writes._outcome_statement(TaskState.DEAD, ("error", "result"), ()),
+            {**BASE, "v_error": "boom", "v_result": {"exit_code": 3}},
+        ),
+    ],
+)
 def test_a_fenced_write_sends_the_sql_and_parameters_sqlalchemy_would(statement, given):
     compiled = fenced_writes._compiled(statement, pg_psycopg2.dialect())
 

@@ -19,14 +19,16 @@ JWT_SECRET = "unit-test-jwt-secret-" + "x" * 48
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("openapi")
-    settings = load_settings(environ={
-        "AIOS_CONFIG": str(Path(__file__).resolve().parents[2] / "config" / "aios.toml"),
-        "AIOS_DATABASE__URL": f"sqlite:///{tmp}/t.db",
-        "AIOS_BROKER__DATA_DIR": str(tmp / "broker"),
-        "AIOS_SECURITY__JWT_SECRET": JWT_SECRET,
-        "AIOS_METRICS__MULTIPROC_DIR": str(tmp / "prometheus"),
-        "AIOS_LOGGING__DIR": str(tmp / "logs"),
-    })
+    settings = load_settings(
+        environ={
+            "AIOS_CONFIG": str(Path(__file__).resolve().parents[2] / "config" / "aios.toml"),
+            "AIOS_DATABASE__URL": f"sqlite:///{tmp}/t.db",
+            "AIOS_BROKER__DATA_DIR": str(tmp / "broker"),
+            "AIOS_SECURITY__JWT_SECRET": JWT_SECRET,
+            "AIOS_METRICS__MULTIPROC_DIR": str(tmp / "prometheus"),
+            "AIOS_LOGGING__DIR": str(tmp / "logs"),
+        }
+    )
     return create_app(settings, check_schema=False)
 
 
@@ -66,8 +68,12 @@ def test_operations_carry_their_roles_security_and_error_schema(app: Any) -> Non
     assert listing["limit"]["in"] == "query" and listing["limit"]["schema"]["type"] == "integer"
     assert listing["sort"]["schema"]["enum"]
     read = paths["/api/v1/agents/{name}"]["get"]
-    assert read["parameters"][0] == {"name": "name", "in": "path", "required": True,
-                                     "schema": {"type": "string", "minLength": 1}}
+    assert read["parameters"][0] == {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1},
+    }
     assert "404" in read["responses"]
 
 

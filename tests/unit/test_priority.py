@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from aios.priority import MAX_PRIORITY, MIN_PRIORITY, PRIORITY_STEPS, from_transport, to_transport
+from aios.broker.priority import MAX_PRIORITY, MIN_PRIORITY, PRIORITY_STEPS, from_transport, to_transport
 
 
 def test_the_most_urgent_api_priority_is_the_transports_first():

@@ -8,21 +8,27 @@ from __future__ import annotations
 
 import json
 
-from aios.celery_app import RUN_TASK_NAME, create_celery_app
+from aios.broker.celery_app import RUN_TASK_NAME, create_celery_app
+from aios.broker.priority import PRIORITY_STEPS, to_transport
+from aios.broker.queues import LEVELS, _published_at, _read_message
 from aios.config import load_settings
-from aios.dispatch import PUBLISHED_AT_HEADER
-from aios.priority import PRIORITY_STEPS, to_transport
-from aios.queues import LEVELS, _published_at, _read_message
+from aios.tasks.create import PUBLISHED_AT_HEADER
 
 
 def test_a_published_aios_message_yields_its_task_id_dispatch_id_and_publish_time():
-    # Given a message published the way aios.dispatch.publish does it
+    # Given a message published the way aios.tasks.create.publish does it
     app = create_celery_app(load_settings(environ={"AIOS_BROKER__URL": "memory://"}))
     with app.connection_for_write() as connection:
         producer = connection.Producer()
-        app.send_task(RUN_TASK_NAME, kwargs={"dispatch_id": "dispatch-1"}, task_id="task-1", queue="unit-q",
-                      priority=to_transport(2), headers={PUBLISHED_AT_HEADER: "2025-01-02T03:04:05Z"},
-                      producer=producer)
+        app.send_task(
+            RUN_TASK_NAME,
+            kwargs={"dispatch_id": "dispatch-1"},
+            task_id="task-1",
+            queue="unit-q",
+            priority=to_transport(2),
+            headers={PUBLISHED_AT_HEADER: "2025-01-02T03:04:05Z"},
+            producer=producer,
+        )
         stored = connection.default_channel._get("unit-q")
 
     # When it is read back from its stored (JSON) form

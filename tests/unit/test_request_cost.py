@@ -41,7 +41,8 @@ WORST_BODIES: dict[str, Callable[[int], bytes]] = {
         [json.loads("[" * (MAX_JSON_DEPTH - 2) + "]" * (MAX_JSON_DEPTH - 2))] * (size // (2 * MAX_JSON_DEPTH))
     ).encode(),
     "long keys in one object": lambda size: _compact(
-        {f"{i:08d}" + "k" * 1000: i for i in range(size // 1016)}).encode(),
+        {f"{i:08d}" + "k" * 1000: i for i in range(size // 1016)}
+    ).encode(),
 }
 
 

@@ -53,4 +53,5 @@ def test_no_test_skips_except_through_the_one_rule():
             if SKIP_ELSEWHERE.search(line):
                 offenders.append(f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}")
     assert not offenders, "skip through tests.conftest.requirement_missing (it fails under CI):\n" + "\n".join(
-        offenders)
+        offenders
+    )

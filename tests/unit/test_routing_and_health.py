@@ -1,4 +1,4 @@
-"""The pure routing policies (aios.routing) and the pure health decision (aios.health)."""
+"""The pure routing policies (aios.agents.routing) and the pure health decision (aios.agents.health)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from aios.health import AgentStatus, Thresholds, decide
-from aios.routing import Candidate, capable, least_loaded, next_round_robin, round_robin, smooth_weighted
+from aios.agents.health import AgentStatus, Thresholds, decide
+from aios.agents.routing import Candidate, capable, least_loaded, next_round_robin, round_robin, smooth_weighted
 
 NAMES = [f"{prefix}-{index:02d}@host" for prefix in ("cpu", "gpu", "io") for index in range(1, 4)]
 
@@ -86,10 +86,10 @@ def test_round_robin_never_skips_or_repeats_a_remaining_agent_while_agents_join_
         for start, end in zip(turns, turns[1:], strict=False):
             if not all(agent in members[k] for k in range(start, end + 1)):
                 continue
-            stayed = frozenset.intersection(*members[start:end + 1]) - {agent}
-            between = Counter(picks[start + 1:end])
+            stayed = frozenset.intersection(*members[start : end + 1]) - {agent}
+            between = Counter(picks[start + 1 : end])
             for other in stayed:
-                assert between[other] == 1, (agent, other, picks[start:end + 1])
+                assert between[other] == 1, (agent, other, picks[start : end + 1])
 
 
 # --------------------------------------------------------------------------- smooth weighted round robin
@@ -115,7 +115,7 @@ def test_smooth_weighted_gives_exact_shares_in_every_window_of_a_full_cycle_for_
     picks, _ = smooth_weighted(weights, {}, 3 * total)
     # Then every window as long as a cycle (aligned or not) holds each agent exactly weight times
     for start in range(2 * total + 1):
-        assert Counter(picks[start:start + total]) == weights
+        assert Counter(picks[start : start + total]) == weights
     # And no agent is ever two picks ahead of or behind its ideal share
     seen: Counter[str] = Counter()
     for count, pick in enumerate(picks, start=1):
@@ -165,8 +165,11 @@ def test_smooth_weighted_drops_an_agent_that_left_and_starts_a_new_one_at_zero_c
 
 def test_least_loaded_fills_the_idle_agents_before_the_busy_one():
     # Given a has five tasks in flight, b and c none, all weight 1
-    agents = [Candidate("a", frozenset({"echo"}), load=5), Candidate("b", frozenset({"echo"})),
-              Candidate("c", frozenset({"echo"}))]
+    agents = [
+        Candidate("a", frozenset({"echo"}), load=5),
+        Candidate("b", frozenset({"echo"})),
+        Candidate("c", frozenset({"echo"})),
+    ]
     # When eleven tasks are placed
     picks = least_loaded(agents, 11)
     # Then b and c catch up with a first, alternating, then the tie goes by name
@@ -186,8 +189,10 @@ def test_least_loaded_gives_an_agent_of_weight_three_three_times_the_work_of_wei
 def test_least_loaded_leaves_no_agent_with_less_load_per_weight_than_one_that_just_got_a_task(seed):
     # Given random loads and weights
     rng = random.Random(seed)
-    agents = [Candidate(name, frozenset(), weight=rng.randint(1, 5), load=rng.randint(0, 20))
-              for name in rng.sample(NAMES, rng.randint(1, 6))]
+    agents = [
+        Candidate(name, frozenset(), weight=rng.randint(1, 5), load=rng.randint(0, 20))
+        for name in rng.sample(NAMES, rng.randint(1, 6))
+    ]
     count = rng.randint(1, 60)
     # When tasks are placed
     picks = least_loaded(agents, count)
@@ -203,8 +208,12 @@ def test_least_loaded_leaves_no_agent_with_less_load_per_weight_than_one_that_ju
 
 def test_capable_keeps_only_agents_with_the_capability_in_name_order():
     # Given agents with different capabilities
-    agents = [Candidate("z", frozenset({"echo", "gpu"})), Candidate("m", frozenset({"echo"})),
-              Candidate("a", frozenset({"gpu"})), Candidate("b", frozenset())]
+    agents = [
+        Candidate("z", frozenset({"echo", "gpu"})),
+        Candidate("m", frozenset({"echo"})),
+        Candidate("a", frozenset({"gpu"})),
+        Candidate("b", frozenset()),
+    ]
     # When they are filtered by capability
     # Then only those that have it remain, sorted by name
     assert [a.name for a in capable(agents, "gpu")] == ["a", "z"]
@@ -221,9 +230,16 @@ LIMITS = Thresholds(cpu_pct=80, memory_pct=90, disk_pct=95)
 
 def verdict(**changes):
     """decide() for a healthy agent, with some inputs changed."""
-    inputs = dict(admin_status="ACTIVE", last_heartbeat_at=NOW - timedelta(seconds=1), now=NOW,
-                  heartbeat_timeout_s=15, resources={"cpu_pct": 10, "memory_pct": 20, "disk_pct": 30},
-                  active=0, max_concurrency=2, thresholds=LIMITS)
+    inputs = dict(
+        admin_status="ACTIVE",
+        last_heartbeat_at=NOW - timedelta(seconds=1),
+        now=NOW,
+        heartbeat_timeout_s=15,
+        resources={"cpu_pct": 10, "memory_pct": 20, "disk_pct": 30},
+        active=0,
+        max_concurrency=2,
+        thresholds=LIMITS,
+    )
     inputs.update(changes)
     return decide(**inputs)
 

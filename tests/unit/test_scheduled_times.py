@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import select
 
 from aios.db import session_scope
-from aios.dispatch import TaskSpec, create_tasks
 from aios.errors import ValidationFailed
 from aios.models import Task, TaskEvent
-from aios.scheduled import MAX_AHEAD_S, hold_until, parse_run_at, requested_run_at
+from aios.tasks.create import TaskSpec, create_tasks
+from aios.timing.delayed import MAX_AHEAD_S, hold_until, parse_run_at, requested_run_at
 
 NOW = datetime(2030, 1, 31, 12, 0, 0, tzinfo=UTC)
 
@@ -50,8 +50,7 @@ def test_a_time_without_a_zone_is_refused_with_a_message_that_says_how_to_fix_it
     assert raised.value.extra["field"] == "run_at"
 
 
-@pytest.mark.parametrize("text", ["", "tomorrow", "2030-13-01T00:00:00Z", "1700000000", "2030-01-31T25:00Z",
-                                  "x" * 65])
+@pytest.mark.parametrize("text", ["", "tomorrow", "2030-13-01T00:00:00Z", "1700000000", "2030-01-31T25:00Z", "x" * 65])
 def test_text_that_is_not_an_iso_time_is_refused(text):
     with pytest.raises(ValidationFailed) as raised:
         parse_run_at(text, field="tasks.3.run_at")
@@ -122,8 +121,7 @@ def test_a_naive_run_at_from_a_library_caller_is_taken_as_utc():
 
 
 def spec(**timing: object) -> TaskSpec:
-    return TaskSpec(type="echo", parameters={}, priority=5, max_retries=0, timeout_s=60, queue="default",
-                    **timing)  # type: ignore[arg-type]
+    return TaskSpec(type="echo", parameters={}, priority=5, max_retries=0, timeout_s=60, queue="default", **timing)  # type: ignore[arg-type]
 
 
 def test_create_tasks_stores_future_tasks_scheduled_and_others_pending_each_with_its_first_event(db):
@@ -138,8 +136,7 @@ def test_create_tasks_stores_future_tasks_scheduled_and_others_pending_each_with
         rows = {t.id: t for t in session.scalars(select(Task).where(Task.id.in_(ids)))}
         events = {e.task_id: e for e in session.scalars(select(TaskEvent).where(TaskEvent.task_id.in_(ids)))}
         delayed, timed, past, plain = (rows[i] for i in ids)
-        assert (delayed.state, timed.state, past.state, plain.state) == ("SCHEDULED", "SCHEDULED", "PENDING",
-                                                                         "PENDING")
+        assert (delayed.state, timed.state, past.state, plain.state) == ("SCHEDULED", "SCHEDULED", "PENDING", "PENDING")
         # delay_s counts from created_at exactly
         assert delayed.run_at - delayed.created_at == timedelta(seconds=30)
         assert timed.run_at == future

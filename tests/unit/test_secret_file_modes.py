@@ -69,7 +69,7 @@ def test_an_extra_key_file_such_as_the_tls_key_is_checked_too(tmp_path, config):
 @pytest.mark.parametrize(("mode", "reported"), [(0o640, False), (0o600, False), (0o644, True), (0o606, True)])
 def test_the_config_file_may_be_read_by_its_group_but_not_by_others(tmp_path, mode, reported):
     # Given AIOS_CONFIG naming a file with this mode
-    config = make_file(tmp_path / "aios.toml", mode, '[api]\nport = 8001\n')
+    config = make_file(tmp_path / "aios.toml", mode, "[api]\nport = 8001\n")
     loose = loose_secret_files(settings_for(config), {"AIOS_CONFIG": str(config)})
     # Then only a file that others can open is reported, with chmod 640 as the fix
     assert [(item.path, item.fix) for item in loose] == ([(config, "640")] if reported else [])
@@ -114,8 +114,14 @@ def run_aios(tmp_path: Path, key_mode: int) -> subprocess.CompletedProcess[str]:
         "AIOS_LOGGING__DIR": "",
         "AIOS_SECURITY__JWT_SECRET_FILE": str(key),
     }
-    return subprocess.run([sys.executable, "-m", "aios.cli", "config"], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "aios.cli", "config"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_aios_warns_on_stderr_at_start_when_the_key_file_is_world_readable(tmp_path):

@@ -1,4 +1,4 @@
-"""The embedded broker on a temp SQLite file: first its plain logic (:class:`aios.sqlite_transport.Store`:
+"""The embedded broker on a temp SQLite file: first its plain logic (:class:`aios.broker.sqlite_transport.Store`:
 ordering, holding and visibility, acks, purge and put-back, bindings and expiry; two Stores on one file
 stand for two processes), then the kombu adapter through real kombu connections (no Celery)."""
 
@@ -12,10 +12,10 @@ import time
 import pytest
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from aios.celery_app import create_celery_app
+from aios.broker.celery_app import create_celery_app
+from aios.broker.priority import to_transport
+from aios.broker.sqlite_transport import Store, clamp_priority, install, path_of
 from aios.config import Settings
-from aios.priority import to_transport
-from aios.sqlite_transport import Store, clamp_priority, install, path_of
 
 VISIBILITY_S = 30.0
 
@@ -136,7 +136,9 @@ def test_levels_count_waiting_messages_per_priority_and_show_the_oldest(store):
     levels = store.levels(["q", "empty"], now=1001.0)
     # Then held messages are not counted; each level names its oldest waiting message
     assert {p: (d, json.loads(raw)["name"]) for p, (d, raw) in levels["q"].items()} == {
-        0: (1, "later0"), 4: (2, "held")}
+        0: (1, "later0"),
+        4: (2, "held"),
+    }
     assert levels["empty"] == {}
 
 
@@ -195,7 +197,7 @@ def test_a_url_without_a_file_is_refused_with_the_fix():
 
 
 def test_a_locked_file_is_a_connection_error_that_kombu_retries():
-    from aios.sqlite_transport import Transport
+    from aios.broker.sqlite_transport import Transport
 
     assert sqlite3.OperationalError in Transport.connection_errors
 
@@ -231,8 +233,9 @@ def test_messages_a_closing_channel_still_holds_wait_again_at_once(broker_url):
     # Given a message taken (not acked) through a channel
     queue = Queue("work", Exchange("work"), routing_key="work")
     with connect(broker_url) as connection:
-        Producer(connection.default_channel).publish({"n": 1}, exchange=queue.exchange, routing_key="work",
-                                                     declare=[queue])
+        Producer(connection.default_channel).publish(
+            {"n": 1}, exchange=queue.exchange, routing_key="work", declare=[queue]
+        )
         channel = connection.channel()
         assert queue(channel).get(no_ack=False) is not None
         assert Store(broker_url.split(":///", 1)[1]).size("work") == 0
@@ -275,5 +278,9 @@ def test_the_embedded_default_is_the_sqlite_broker_with_depths_and_redelivery():
 
 def test_on_the_sqlite_broker_the_visibility_timeout_must_exceed_the_task_timeout():
     with pytest.raises(ValueError, match="broker.visibility_timeout_s"):
-        Settings.model_validate({"broker": {"url": "sqlite:///var/broker.db", "visibility_timeout_s": 60},
-                                 "orchestrator": {"task_timeout_s": 60}})
+        Settings.model_validate(
+            {
+                "broker": {"url": "sqlite:///var/broker.db", "visibility_timeout_s": 60},
+                "orchestrator": {"task_timeout_s": 60},
+            }
+        )

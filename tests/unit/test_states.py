@@ -13,14 +13,14 @@ from sqlalchemy.orm import Session
 
 from aios.config import DatabaseSettings
 from aios.db import session_scope
-from aios.dispatch import TaskSpec, create_tasks
 from aios.errors import IllegalTransition
 from aios.models import Task, TaskEvent
-from aios.states import TERMINAL, TaskState, check_transition, transition, transition_many
+from aios.tasks.create import TaskSpec, create_tasks
+from aios.tasks.states import TERMINAL, TaskState, check_transition, transition, transition_many
 
 S = TaskState
 
-#: The state machine as specified (aios/states.py docstring), written out independently of ALLOWED.
+#: The state machine as specified (aios/tasks/states.py docstring), written out independently of ALLOWED.
 SPEC: set[tuple[TaskState, TaskState]] = {
     (S.SCHEDULED, S.PENDING),  # its run_at came
     (S.SCHEDULED, S.CANCELLED),
@@ -78,8 +78,15 @@ def test_a_terminal_state_can_go_nowhere(terminal):
 
 @pytest.mark.parametrize(
     ("current", "target"),
-    [(S.QUEUED, S.SUCCEEDED), (S.PENDING, S.RUNNING), (S.SUCCEEDED, S.QUEUED), (S.PENDING, S.RETRYING),
-     (S.RETRYING, S.RUNNING), (S.DEAD, S.QUEUED), (S.CANCELLED, S.PENDING)],
+    [
+        (S.QUEUED, S.SUCCEEDED),
+        (S.PENDING, S.RUNNING),
+        (S.SUCCEEDED, S.QUEUED),
+        (S.PENDING, S.RETRYING),
+        (S.RETRYING, S.RUNNING),
+        (S.DEAD, S.QUEUED),
+        (S.CANCELLED, S.PENDING),
+    ],
     ids=lambda s: str(s),
 )
 def test_well_known_shortcuts_are_refused(current, target):
@@ -236,8 +243,14 @@ def test_transition_many_with_per_task_values_gives_each_row_its_own_values(db):
     ids = [new_task(db) for _ in range(2)]
     # When they are queued with a different dispatch id each
     with session_scope(db) as session:
-        moved = transition_many(session, ids, S.PENDING, S.QUEUED, actor="test",
-                                per_task_values={ids[0]: {"dispatch_id": "a"}, ids[1]: {"dispatch_id": "b"}})
+        moved = transition_many(
+            session,
+            ids,
+            S.PENDING,
+            S.QUEUED,
+            actor="test",
+            per_task_values={ids[0]: {"dispatch_id": "a"}, ids[1]: {"dispatch_id": "b"}},
+        )
     # Then both moved and carry their own dispatch id
     assert sorted(moved) == sorted(ids)
     with session_scope(db) as session:

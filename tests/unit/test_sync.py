@@ -15,24 +15,27 @@ import pytest
 from sqlalchemy import select
 
 from aios import migrate
-from aios.celery_app import create_celery_app
+from aios.broker.celery_app import create_celery_app
 from aios.config import Settings, load_settings
 from aios.db import dispose_engines, session_scope
-from aios.dispatch import TaskSpec, create_tasks
 from aios.models import Task, TaskEvent
-from aios.states import TaskState, transition
-from aios.sync import DUPLICATE_NOTE, find_duplicates, record_duplicates, run_sync
+from aios.recovery.sync import DUPLICATE_NOTE, find_duplicates, record_duplicates, run_sync
+from aios.tasks.create import TaskSpec, create_tasks
+from aios.tasks.states import TaskState, transition
 from aios.timeutil import utcnow
 
 
 @pytest.fixture()
 def embedded(tmp_path: Path) -> Iterator[Settings]:
-    settings = load_settings(environ={}, overrides={
-        "database": {"url": f"sqlite:///{tmp_path / 'aios.db'}"},
-        "broker": {"url": "filesystem://localhost/", "data_dir": str(tmp_path / "broker")},
-        "orchestrator": {"lost_message_grace_s": 1},
-        "tasks": {"modules": []},
-    })
+    settings = load_settings(
+        environ={},
+        overrides={
+            "database": {"url": f"sqlite:///{tmp_path / 'aios.db'}"},
+            "broker": {"url": "filesystem://localhost/", "data_dir": str(tmp_path / "broker")},
+            "orchestrator": {"lost_message_grace_s": 1},
+            "tasks": {"modules": []},
+        },
+    )
     migrate.upgrade(settings.database)
     yield settings
     dispose_engines()
@@ -47,8 +50,15 @@ def queued_task(settings: Settings, *, queue: str, routing: str, queued_ago_s: f
         (task,) = create_tasks(session, [spec], actor="test")
         task.created_at = past
         session.flush()
-        assert transition(session, task.id, TaskState.PENDING, TaskState.QUEUED, actor="test", now=past,
-                          values={"dispatch_id": dispatch_id})
+        assert transition(
+            session,
+            task.id,
+            TaskState.PENDING,
+            TaskState.QUEUED,
+            actor="test",
+            now=past,
+            values={"dispatch_id": dispatch_id},
+        )
         return task.id, dispatch_id
 
 
@@ -71,8 +81,11 @@ def test_a_duplicate_is_recorded_once_and_unknown_task_ids_are_ignored(embedded)
     assert record_duplicates(embedded, seen) == 0
 
     with session_scope(embedded.database) as session:
-        notes = [e.detail for e in session.scalars(select(TaskEvent).where(TaskEvent.task_id == task_id))
-                 if e.to_state is None]
+        notes = [
+            e.detail
+            for e in session.scalars(select(TaskEvent).where(TaskEvent.task_id == task_id))
+            if e.to_state is None
+        ]
     assert notes == [{"note": DUPLICATE_NOTE, "agents": {"a@h": "d1", "b@h": "d2"}}]
 
 
@@ -91,8 +104,11 @@ def test_on_the_filesystem_transport_the_message_check_is_skipped_but_stranded_t
     # and the stranded task went back to routing (no healthy agent now: it waits PENDING for one)
     with session_scope(embedded.database) as session:
         rows = {t.id: t for t in session.scalars(select(Task).where(Task.id.in_([stranded, named])))}
-        moved = [e for e in session.scalars(select(TaskEvent).where(TaskEvent.task_id == stranded))
-                 if (e.from_state, e.to_state) == ("QUEUED", "PENDING")]
+        moved = [
+            e
+            for e in session.scalars(select(TaskEvent).where(TaskEvent.task_id == stranded))
+            if (e.from_state, e.to_state) == ("QUEUED", "PENDING")
+        ]
     assert rows[stranded].state == "PENDING" and rows[stranded].pending_reason == "no_healthy_agent"
     assert moved[0].actor == "sync" and moved[0].detail["dispatch_id"] == old_dispatch
     # while the task on a named queue, which sync cannot check here, is left as it was

@@ -1,4 +1,4 @@
-"""Task search, sort and keyset cursors (aios.task_search) and bulk selection (aios.bulk), on SQLite.
+"""Task search, sort and keyset cursors (aios.tasks.search) and bulk selection (aios.tasks.bulk), on SQLite.
 
 The same queries run on PostgreSQL in tests/integration/test_task_search.py.
 """
@@ -10,23 +10,39 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from aios.bulk import selection
 from aios.db import session_scope
 from aios.errors import Forbidden, ValidationFailed
 from aios.models import Task
-from aios.task_search import SORTS, TaskFilter, encode_cursor, list_tasks
+from aios.tasks.bulk import selection
+from aios.tasks.search import SORTS, TaskFilter, encode_cursor, list_tasks
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 _ids = itertools.count(1)
 
 
-def add(db, *, parameters=None, result=None, error=None, priority=5, state="QUEUED", at=None, type="echo",
-        **columns) -> str:
+def add(
+    db, *, parameters=None, result=None, error=None, priority=5, state="QUEUED", at=None, type="echo", **columns
+) -> str:
     task_id = f"00000000-0000-4000-8000-{next(_ids):012d}"
     with session_scope(db) as session:
-        session.add(Task(id=task_id, type=type, parameters=parameters or {}, priority=priority, queue="q",
-                         state=state, result=result, error=error, attempts=0, max_retries=0, timeout_s=60,
-                         created_at=at or T0, updated_at=at or T0, **columns))
+        session.add(
+            Task(
+                id=task_id,
+                type=type,
+                parameters=parameters or {},
+                priority=priority,
+                queue="q",
+                state=state,
+                result=result,
+                error=error,
+                attempts=0,
+                max_retries=0,
+                timeout_s=60,
+                created_at=at or T0,
+                updated_at=at or T0,
+                **columns,
+            )
+        )
     return task_id
 
 
@@ -74,9 +90,14 @@ def test_paging_through_every_sort_visits_each_task_once_in_order(db, sort):
     # Given 23 tasks with few distinct priorities and timestamps (many ties)
     created = [add(db, priority=i % 3, at=T0 + timedelta(seconds=i % 4)) for i in range(23)]
     with session_scope(db) as session:
-        expected = [t.id for t in sorted(
-            session.query(Task).filter(Task.id.in_(created)).all(),
-            key=lambda t: (getattr(t, sort.lstrip("-")), t.created_at, t.id), reverse=sort.startswith("-"))]
+        expected = [
+            t.id
+            for t in sorted(
+                session.query(Task).filter(Task.id.in_(created)).all(),
+                key=lambda t: (getattr(t, sort.lstrip("-")), t.created_at, t.id),
+                reverse=sort.startswith("-"),
+            )
+        ]
     # When paged 4 at a time
     seen: list[str] = []
     cursor = None

@@ -21,10 +21,15 @@ class Row:
     updated_at: datetime = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
 
-@pytest.mark.parametrize("change", [
-    {"role": "viewer"}, {"password_hash": "$2b$12$" + "b" * 53},
-    {"updated_at": Row.updated_at + timedelta(microseconds=1)}, {"id": 8},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"role": "viewer"},
+        {"password_hash": "$2b$12$" + "b" * 53},
+        {"updated_at": Row.updated_at + timedelta(microseconds=1)},
+        {"id": 8},
+    ],
+)
 def test_any_change_of_the_account_gives_a_new_token_epoch(change):
     assert token_epoch(SECRET, replace(Row(), **change)) != token_epoch(SECRET, Row())
 
@@ -39,8 +44,9 @@ def test_the_token_epoch_is_stable_keyed_and_says_nothing_of_the_hash():
         assert not epoch_matches(odd, epoch)
 
 
-@pytest.mark.parametrize("sub", ["abc", "", "0", "-1", "1.0", " 1", "1\x00", "\u0661", "2147483648", "9" * 30,
-                                 1, None, ["1"], {"id": 1}])
+@pytest.mark.parametrize(
+    "sub", ["abc", "", "0", "-1", "1.0", " 1", "1\x00", "\u0661", "2147483648", "9" * 30, 1, None, ["1"], {"id": 1}]
+)
 def test_a_subject_that_is_not_a_32_bit_user_id_names_nobody(sub):
     assert subject_user_id({"sub": sub}) is None
 

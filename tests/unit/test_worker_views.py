@@ -9,12 +9,19 @@ def test_for_viewer_drops_every_pid_and_the_broker_but_keeps_counts_and_tasks():
     # Given a worker as Celery's inspect describes it, with a task in each list
     task = {"id": "t1", "name": "aios.run", "hostname": "w@h", "worker_pid": 4242, "acknowledged": True}
     worker = {
-        "name": "w@h", "online": True,
-        "stats": {"pid": 4200, "pool": {"max-concurrency": 2, "processes": [4242, 4243]},
-                  "broker": {"hostname": "10.0.0.5", "port": 6379, "userid": "aios"}, "total": {"aios.run": 3}},
-        "active": [task], "reserved": [dict(task, id="t2")],
+        "name": "w@h",
+        "online": True,
+        "stats": {
+            "pid": 4200,
+            "pool": {"max-concurrency": 2, "processes": [4242, 4243]},
+            "broker": {"hostname": "10.0.0.5", "port": 6379, "userid": "aios"},
+            "total": {"aios.run": 3},
+        },
+        "active": [task],
+        "reserved": [dict(task, id="t2")],
         "scheduled": [{"eta": "2026-01-01T00:00:00", "priority": 5, "request": dict(task, id="t3")}],
-        "revoked": [], "registered": ["aios.run"],
+        "revoked": [],
+        "registered": ["aios.run"],
     }
 
     # When it is shown to a viewer

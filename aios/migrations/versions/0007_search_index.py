@@ -6,7 +6,7 @@ Revises: 0006_progress
 ``GET /api/v1/tasks?q=`` is a case-insensitive substring search (``ILIKE '%text%'``): no b-tree can
 serve it, so without this index a rare term reads the whole ledger. A trigram GIN index answers
 ``ILIKE`` over one expression, so the search text is one expression here and, spelled the same,
-in ``aios.task_search._search_text`` (the planner matches index expressions structurally; if one
+in ``aios.tasks.search._search_text`` (the planner matches index expressions structurally; if one
 changes, the other must, in a new migration).
 
 The index needs the pg_trgm extension. Creating it needs a privilege the database role may lack
@@ -32,7 +32,7 @@ logger = logging.getLogger("aios.migrate")
 
 INDEX = "ix_tasks_search_trgm"
 #: The searched text: type, error, parameters and result (JSON text), joined by the ASCII unit separator.
-#: Keep in step with aios.task_search._search_text.
+#: Keep in step with aios.tasks.search._search_text.
 SEARCH_TEXT_SQL = (
     "(type || E'\\x1f' || coalesce(error, '') || E'\\x1f' || parameters::text || E'\\x1f' "
     "|| coalesce(result::text, ''))"
@@ -43,9 +43,12 @@ _EXTENSION_LOCK = 7_007_001
 
 
 def _trgm_schema(bind: sa.Connection) -> str | None:
-    return bind.scalar(sa.text(
-        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
-        "WHERE e.extname = 'pg_trgm'"))
+    return bind.scalar(
+        sa.text(
+            "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+            "WHERE e.extname = 'pg_trgm'"
+        )
+    )
 
 
 def _create_trgm(bind: sa.Connection) -> str | None:
@@ -71,7 +74,9 @@ def _create_trgm(bind: sa.Connection) -> str | None:
         "pg_trgm could not be created (%s): the tasks search index %s was NOT built, so q= search reads "
         "the whole table. Have a superuser (or, PostgreSQL 13+, a role with CREATE on this database) run "
         "`CREATE EXTENSION pg_trgm` in it, then `aios db downgrade 0006_progress && aios db upgrade`.",
-        "; ".join(dict.fromkeys(errors)), INDEX)
+        "; ".join(dict.fromkeys(errors)),
+        INDEX,
+    )
     return None
 
 

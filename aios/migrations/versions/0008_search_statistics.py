@@ -3,7 +3,7 @@
 Revision ID: 0008_search_statistics
 Revises: 0007_search_index
 
-``q=`` search picks its plan from how many rows hold the text (aios.task_search). ANALYZE keeps a
+``q=`` search picks its plan from how many rows hold the text (aios.tasks.search). ANALYZE keeps a
 sample of the indexed search text (the histogram of the index expression), 100 values by default: a
 text in 1 % of the rows is in none or one of them, so the planner took it for a rare one and read
 every candidate row the trigram index named. 1000 values tell 0.1 % from 3 %. The cost: ANALYZE of

@@ -3,7 +3,7 @@
 Revision ID: 0009_search_by_hour
 Revises: 0008_search_statistics
 
-A newest-first ``q=`` page is found in ``created_at`` windows (aios.task_search). With the trigram index
+A newest-first ``q=`` page is found in ``created_at`` windows (aios.tasks.search). With the trigram index
 of migration 0007 alone, a window's lookup costs the text's whole posting lists, whatever the window:
 GIN keeps them in heap order, not by time. ``q=upstream`` in 10 % of a million rows decodes ~100,000
 entries (~10 ms), then ANDs them with a ``created_at`` range as long as the window (~7 ms for 170,000
@@ -41,7 +41,7 @@ logger = logging.getLogger("aios.migrate")
 INDEX = "ix_tasks_search_trgm"
 BUILDING = "ix_tasks_search_trgm_building"
 #: The hour key: created_at to the UTC hour. date_bin with a constant origin is IMMUTABLE (date_trunc of a
-#: timestamptz is not: it depends on the session's time zone). Keep in step with aios.task_search._hour.
+#: timestamptz is not: it depends on the session's time zone). Keep in step with aios.tasks.search._hour.
 HOUR_SQL = "date_bin('1 hour'::interval, created_at, '2000-01-01 00:00:00+00'::timestamptz)"
 #: Migration 0007's search text, spelled the same (the planner matches index expressions structurally).
 SEARCH_TEXT_SQL = (
@@ -55,15 +55,19 @@ _EXTENSION_LOCK = 7_007_001
 
 
 def _extension_schema(bind: sa.Connection, name: str) -> str | None:
-    return bind.scalar(sa.text(
-        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = :name"),
-        {"name": name})
+    return bind.scalar(
+        sa.text(
+            "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = :name"
+        ),
+        {"name": name},
+    )
 
 
 def _key_columns(bind: sa.Connection) -> int | None:
     """How many key columns the search index has (1: 0007's, 2: this one's); None without the index."""
-    return bind.scalar(sa.text("SELECT indnkeyatts FROM pg_index WHERE indexrelid = to_regclass(:name)"),
-                       {"name": INDEX})
+    return bind.scalar(
+        sa.text("SELECT indnkeyatts FROM pg_index WHERE indexrelid = to_regclass(:name)"), {"name": INDEX}
+    )
 
 
 def _create_btree_gin(bind: sa.Connection) -> str | None:
@@ -74,8 +78,10 @@ def _create_btree_gin(bind: sa.Connection) -> str | None:
     if schema:
         return schema
     errors = []
-    for statement in ("CREATE EXTENSION IF NOT EXISTS btree_gin SCHEMA public",
-                      "CREATE EXTENSION IF NOT EXISTS btree_gin"):
+    for statement in (
+        "CREATE EXTENSION IF NOT EXISTS btree_gin SCHEMA public",
+        "CREATE EXTENSION IF NOT EXISTS btree_gin",
+    ):
         try:
             with bind.begin_nested():
                 bind.execute(sa.text(statement))
@@ -87,7 +93,9 @@ def _create_btree_gin(bind: sa.Connection) -> str | None:
         "search window reads the text's whole posting lists. Have a superuser (or, PostgreSQL 13+, a role "
         "with CREATE on this database) run `CREATE EXTENSION btree_gin` in it, then "
         "`aios db downgrade 0008_search_statistics && aios db upgrade`.",
-        "; ".join(dict.fromkeys(errors)), INDEX)
+        "; ".join(dict.fromkeys(errors)),
+        INDEX,
+    )
     return None
 
 
@@ -106,8 +114,11 @@ def upgrade() -> None:
     if bind.dialect.name != "postgresql" or _key_columns(bind) != 1:
         return  # no search index (0007 could not build it), or already keyed by hour
     if int(bind.scalar(sa.text("SHOW server_version_num"))) < 140000:
-        logger.warning("PostgreSQL 14+ is needed for date_bin: the tasks search index %s keeps no creation "
-                       "hour, so a q= search window reads the text's whole posting lists.", INDEX)
+        logger.warning(
+            "PostgreSQL 14+ is needed for date_bin: the tasks search index %s keeps no creation "
+            "hour, so a q= search window reads the text's whole posting lists.",
+            INDEX,
+        )
         return
     trgm = _extension_schema(bind, "pg_trgm")
     btree_gin = _create_btree_gin(bind)

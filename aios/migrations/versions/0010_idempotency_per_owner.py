@@ -10,7 +10,7 @@ tasks without an owner (made by the CLI or a schedule) one scope of their own: a
 over ``(owner, idempotency_key)`` would let any number of them share a key, since SQL counts NULLs as
 distinct (PostgreSQL 15's ``NULLS NOT DISTINCT`` is not on every supported server, nor on SQLite).
 Both PostgreSQL and SQLite build unique indexes over expressions. Rows without a key are not indexed
-(NULL keys never collide). ``aios.dispatch.accept_idempotent`` looks the earlier task up the same way.
+(NULL keys never collide). ``aios.tasks.create.accept_idempotent`` looks the earlier task up the same way.
 
 SQLite caveat for later migrations: Alembic's batch mode (which rebuilds the table for most changes on
 SQLite) does not reflect an index over an expression, so a later ``batch_alter_table("tasks")`` on SQLite
@@ -53,9 +53,14 @@ def upgrade() -> None:
                 batch.drop_constraint(name, type_="unique")
         else:
             op.drop_constraint(name, "tasks", type_="unique")
-    op.create_index(INDEX, "tasks", [sa.text("coalesce(owner, '')"), "idempotency_key"], unique=True,
-                    postgresql_where=sa.text("idempotency_key IS NOT NULL"),
-                    sqlite_where=sa.text("idempotency_key IS NOT NULL"))
+    op.create_index(
+        INDEX,
+        "tasks",
+        [sa.text("coalesce(owner, '')"), "idempotency_key"],
+        unique=True,
+        postgresql_where=sa.text("idempotency_key IS NOT NULL"),
+        sqlite_where=sa.text("idempotency_key IS NOT NULL"),
+    )
 
 
 def downgrade() -> None:

@@ -1,0 +1,455 @@
+"""Agents in the ledger: registration, heartbeats, health transitions, offline sweep and re-routing.
+
+Who notices that an agent died? Every live agent's heartbeat also sweeps: one conditional UPDATE per
+stale agent moves it to OFFLINE, and only the process whose UPDATE won re-routes its work, so the
+work moves once however many agents (or, later, the sync job) notice at the same moment.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import func, or_, select, text, update
+from sqlalchemy.orm import Session
+
+from aios.agents.health import ROUTABLE, AgentStatus, Thresholds, decide
+from aios.agents.routing import Candidate
+from aios.config import Settings
+from aios.db import session_scope
+from aios.errors import Conflict, NotFound, ValidationFailed
+from aios.models import Agent, AgentEvent, Task
+from aios.tasks.states import TaskState, transition_many
+from aios.timeutil import as_utc, utcnow
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the healthy set is cached per process: routing costs no query per task.
+HEALTHY_CACHE_S = 1.0
+
+
+def thresholds(settings: Settings, session: Session) -> Thresholds:
+    """The DEGRADED thresholds in force: config defaults, overlaid with /system/limits."""
+    from aios.ops.limits import current
+
+    return current(session, settings).thresholds
+
+
+def _queue_safe(text: str) -> str:
+    # Every transport accepts these characters in queue and exchange names (the filesystem one no more).
+    return re.sub(r"[^A-Za-z0-9._-]", "-", text)
+
+
+def agent_queue(name: str) -> str:
+    """The AIOS queue only this agent consumes (``gpu-01@host`` → ``agent.gpu-01-host``)."""
+    return f"agent.{_queue_safe(name)}"
+
+
+def capability_queue(capability: str) -> str:
+    """The queue every agent with ``capability`` consumes (the ``shared`` policy)."""
+    return f"cap.{_queue_safe(capability)}"
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    name: str
+    capabilities: list[str]
+    labels: dict[str, str]
+    weight: int = 1
+    max_concurrency: int = 1
+
+
+#: PostgreSQL advisory lock that makes "count the agents, then insert one" a single step.
+REGISTRATION_LOCK = 0x41494F53  # "AIOS"
+
+
+def _serialize_registrations(session: Session) -> None:
+    """Concurrent registrations would each count the others' rows as absent and pass ``max_agents``
+    together; on PostgreSQL they take turns (held until commit). SQLite transactions begin IMMEDIATE,
+    so they take turns already."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REGISTRATION_LOCK})
+
+
+def register(session: Session, spec: AgentSpec, *, max_agents: int, live: bool) -> tuple[Agent, bool]:
+    """Create an agent's row (or refresh it); returns it and whether it is new. 409 past ``max_agents``.
+
+    Two ways in, counted apart, so a placeholder never stops a real agent from starting:
+
+    * ``live``: the agent process itself, at start (an existing row is refreshed). It takes one of
+      ``max_agents`` places among agents that have **ever sent a heartbeat**; placeholders do not
+      count. A new agent (or a placeholder's name coming to life) claims its place at once, by
+      stamping ``last_heartbeat_at`` under the registration lock, so two agents starting together
+      cannot both take the last place.
+    * not ``live``: a placeholder registered ahead (``POST /agents``, an operator or an agent key). A
+      name in use is a 409, and it is refused once ``max_agents`` rows exist in all (placeholders and
+      real agents): placeholders can never outnumber ``max_agents``.
+    """
+    agent = session.get(Agent, spec.name)
+    if _claims_place(agent, live=live):
+        _serialize_registrations(session)
+        # Read again under the lock: the same name may have been registered (or come alive) meanwhile.
+        agent = session.get(Agent, spec.name, populate_existing=True)
+    now = utcnow()
+    if agent is not None and not live:
+        raise Conflict(f"agent {spec.name!r} is already registered; change it with PATCH", field="name")
+    if max_agents and _claims_place(agent, live=live):
+        _check_room(session, spec.name, max_agents=max_agents, live=live)
+    if agent is not None:
+        agent.capabilities = sorted(set(spec.capabilities))
+        agent.max_concurrency = spec.max_concurrency
+        agent.updated_at = now
+        if spec.labels:
+            agent.labels = spec.labels
+        if agent.last_heartbeat_at is None:
+            agent.last_heartbeat_at = now  # its place is claimed (see above)
+        return agent, False
+    agent = Agent(
+        name=spec.name,
+        capabilities=sorted(set(spec.capabilities)),
+        labels=spec.labels,
+        weight=spec.weight,
+        max_concurrency=spec.max_concurrency,
+        admin_status="ACTIVE",
+        status=AgentStatus.OFFLINE.value,
+        status_reason="registered, no heartbeat yet",
+        active=0,
+        processed=0,
+        registered_at=now,
+        updated_at=now,
+        last_heartbeat_at=now if live else None,
+    )
+    session.add(agent)
+    session.flush()
+    return agent, True
+
+
+def _claims_place(agent: Agent | None, *, live: bool) -> bool:
+    """Whether registering takes one of ``max_agents`` places: a new row, or a placeholder coming alive."""
+    return agent is None or (live and agent.last_heartbeat_at is None)
+
+
+def _check_room(session: Session, name: str, *, max_agents: int, live: bool) -> None:
+    """409 when ``name`` would be one agent too many (see :func:`register` for what is counted)."""
+    if live:
+        count = (
+            session.scalar(
+                select(func.count()).select_from(Agent).where(Agent.last_heartbeat_at.is_not(None), Agent.name != name)
+            )
+            or 0
+        )
+        if count >= max_agents:
+            raise Conflict(
+                f"orchestrator.max_agents ({max_agents}) agents have sent heartbeats already; "
+                "delete an offline one (DELETE /api/v1/agents/{name}) or raise the limit",
+                field="name",
+            )
+        return
+    count = session.scalar(select(func.count()).select_from(Agent)) or 0
+    if count >= max_agents:
+        raise Conflict(
+            f"orchestrator.max_agents ({max_agents}) agents are registered already (placeholders "
+            "registered ahead count too); delete an offline one or raise the limit",
+            field="name",
+        )
+
+
+def get_agent(session: Session, name: str, *, for_update: bool = False) -> Agent:
+    """The agent's row; ``for_update`` locks it until the transaction ends, for a read-decide-write of
+    its status (a heartbeat and an operator's PATCH must not each overwrite what the other decided)."""
+    agent = session.get(Agent, name, with_for_update=for_update or None)
+    if agent is None:
+        raise NotFound(f"no agent named {name!r}", field="name")
+    return agent
+
+
+def _set_status(session: Session, agent: Agent, status: AgentStatus, reason: str) -> AgentStatus | None:
+    """Apply a verdict; returns the old status if it changed (and records an agent event)."""
+    old = agent.status
+    agent.status_reason = reason[:255]
+    if old == status.value:
+        return None
+    agent.status = status.value
+    session.add(AgentEvent(agent=agent.name, at=utcnow(), from_status=old, to_status=status.value, reason=reason[:255]))
+    return AgentStatus(old)
+
+
+def reevaluate(session: Session, settings: Settings, agent: Agent) -> AgentStatus | None:
+    verdict = decide(
+        admin_status=agent.admin_status,
+        last_heartbeat_at=as_utc(agent.last_heartbeat_at),
+        now=utcnow(),
+        heartbeat_timeout_s=settings.agents.effective_heartbeat_timeout_s,
+        resources=agent.resources,
+        active=agent.active,
+        max_concurrency=agent.max_concurrency,
+        thresholds=thresholds(settings, session),
+    )
+    return _set_status(session, agent, verdict.status, verdict.reason)
+
+
+@dataclass(frozen=True)
+class HeartbeatOutcome:
+    old: AgentStatus | None
+    new: AgentStatus
+
+    @property
+    def became_routable(self) -> bool:
+        return self.old is not None and self.old not in ROUTABLE and self.new in ROUTABLE
+
+
+def record_heartbeat(
+    settings: Settings, name: str, *, resources: dict[str, Any], active: int, processed: int
+) -> HeartbeatOutcome:
+    with session_scope(settings.database) as session:
+        agent = get_agent(session, name, for_update=True)
+        agent.last_heartbeat_at, agent.resources = utcnow(), resources
+        agent.active, agent.processed, agent.updated_at = active, processed, utcnow()
+        old = reevaluate(session, settings, agent)
+        return HeartbeatOutcome(old=old, new=AgentStatus(agent.status))
+
+
+def mark_offline(settings: Settings, celery: Celery | None, name: str, reason: str) -> bool:
+    """Mark an agent OFFLINE now (a clean shutdown); re-route its queued work if it was routable."""
+    with session_scope(settings.database) as session:
+        won = (
+            session.execute(
+                update(Agent)
+                .where(Agent.name == name, Agent.status != AgentStatus.OFFLINE.value)
+                .values(status=AgentStatus.OFFLINE.value, status_reason=reason[:255], updated_at=utcnow())
+                .returning(Agent.status)
+            ).first()
+            is not None
+        )
+        if won:
+            session.add(AgentEvent(agent=name, at=utcnow(), from_status=None, to_status="OFFLINE", reason=reason[:255]))
+    if won and celery is not None:
+        reroute(settings, celery, name, include_running=False, reason=reason)
+    forget_healthy_cache()
+    return won
+
+
+def sweep_offline(settings: Settings, celery: Celery) -> list[str]:
+    """Mark agents past the heartbeat timeout OFFLINE and re-route their work (bounded, idempotent)."""
+    timeout_s = settings.agents.effective_heartbeat_timeout_s
+    cutoff = utcnow() - timedelta(seconds=timeout_s)
+    with session_scope(settings.database) as session:
+        stale = list(
+            session.scalars(
+                select(Agent.name)
+                .where(
+                    Agent.status != AgentStatus.OFFLINE.value,
+                    or_(Agent.last_heartbeat_at.is_(None), Agent.last_heartbeat_at < cutoff),
+                )
+                .limit(100)
+            )
+        )
+    lost = []
+    for name in stale:
+        with session_scope(settings.database) as session:
+            row = session.execute(
+                update(Agent)
+                .where(
+                    Agent.name == name,
+                    Agent.status != AgentStatus.OFFLINE.value,
+                    or_(Agent.last_heartbeat_at.is_(None), Agent.last_heartbeat_at < cutoff),
+                )
+                .values(
+                    status=AgentStatus.OFFLINE.value,
+                    updated_at=utcnow(),
+                    status_reason=f"no heartbeat for more than {timeout_s:g}s",
+                )
+                .returning(Agent.name)
+            ).first()
+            if row is None:
+                continue  # someone else got there first, or it came back
+            session.add(
+                AgentEvent(
+                    agent=name,
+                    at=utcnow(),
+                    from_status=None,
+                    to_status="OFFLINE",
+                    reason=f"no heartbeat for more than {timeout_s:g}s",
+                )
+            )
+        lost.append(name)
+        logger.warning("agent %s is OFFLINE (no heartbeat for %gs); re-routing its work", name, timeout_s)
+        reroute(settings, celery, name, include_running=True, reason="agent offline")
+    if lost:
+        forget_healthy_cache()
+    return lost
+
+
+#: What an operator may set an agent to (PATCH /agents/{name} and the dashboard): ONLINE undoes the other two.
+ADMIN_STATUSES = ("ONLINE", "DRAINING", "DISABLED")
+
+
+def set_admin_status(settings: Settings, celery: Celery, name: str, status: str) -> str:
+    """Drain, disable or re-enable an agent; returns its health status after the change.
+
+    A drained or disabled agent takes no new work: what waits in its own queue is re-routed to other
+    agents (stale copies are fenced off); what it runs now finishes.
+    """
+    if status not in ADMIN_STATUSES:
+        raise ValidationFailed(f"status: must be one of {', '.join(ADMIN_STATUSES)}", field="status")
+    with session_scope(settings.database) as session:
+        agent = get_agent(session, name, for_update=True)
+        agent.admin_status = "ACTIVE" if status == "ONLINE" else status
+        agent.updated_at = utcnow()
+        reevaluate(session, settings, agent)
+        health = agent.status
+    forget_healthy_cache()
+    if status != "ONLINE":
+        reroute(settings, celery, name, include_running=False, reason=f"agent {status.lower()}")
+    return health
+
+
+def reroute(settings: Settings, celery: Celery, name: str, *, include_running: bool, reason: str) -> dict[str, int]:
+    """Move an agent's QUEUED tasks to other agents (new dispatch ids); retry or fail its RUNNING ones."""
+    from aios.tasks.create import dispatch
+
+    # This process may have cached the healthy set while the agent was still in it (up to a second
+    # ago): routing from that copy would send its work straight back to its own queue.
+    forget_healthy_cache()
+    actor = "router"
+    with session_scope(settings.database) as session:
+        queued = list(
+            session.scalars(
+                select(Task.id).where(Task.state == TaskState.QUEUED.value, Task.queue == agent_queue(name))
+            )
+        )
+        moved = transition_many(
+            session,
+            queued,
+            TaskState.QUEUED,
+            TaskState.PENDING,
+            actor=actor,
+            detail={"reason": reason, "agent": name},
+            values={"pending_reason": "rerouted"},
+        )
+        retry_ids: list[str] = []
+        if include_running:
+            running = session.execute(
+                select(Task.id, Task.on_agent_lost, Task.attempts, Task.max_retries).where(
+                    Task.state == TaskState.RUNNING.value, Task.agent == name
+                )
+            ).all()
+            for row in running:
+                if settle_lost_run(session, row, agent=name, reason=reason, actor=actor) is TaskState.RETRYING:
+                    retry_ids.append(row.id)
+    if moved:
+        dispatch(celery, settings, moved, actor=actor)
+    if retry_ids:
+        dispatch(celery, settings, retry_ids, actor=actor, from_state=TaskState.RETRYING)
+    return {"queued": len(moved), "retried": len(retry_ids)}
+
+
+def settle_lost_run(
+    session: Session,
+    row: Any,
+    *,
+    agent: str | None,
+    reason: str,
+    actor: str,
+    fence: str | None = None,
+    what: str | None = None,
+) -> TaskState | None:
+    """The one rule for a RUNNING task whose run is gone (its agent died, or the agent no longer holds
+    it): FAILED if it asked ``on_agent_lost=fail``, DEAD when no retries are left, else RETRYING (the
+    caller dispatches it again).
+
+    ``row`` has ``id, on_agent_lost, attempts, max_retries``; ``fence`` (a dispatch id) makes the change
+    only if the run is still the one that was read; ``what`` says what happened to the run (default:
+    its agent was lost). Returns the state moved to, or None if it moved on.
+    """
+    detail = {"reason": f"{reason}: {what or f'its agent {agent} was lost'}", "attempt": row.attempts}
+    what = what or f"agent {agent} was lost"
+    if row.on_agent_lost == "fail":
+        target, error = TaskState.FAILED, f"{what} while running it"
+    elif row.attempts > row.max_retries:
+        target, error = TaskState.DEAD, f"{what}; no retries left"
+    else:
+        target, error = TaskState.RETRYING, f"{what} while running it"
+    moved = transition_many(
+        session, [row.id], TaskState.RUNNING, target, actor=actor, detail=detail, fence=fence, values={"error": error}
+    )
+    return target if moved else None
+
+
+# --------------------------------------------------------------------------- the healthy set
+
+_cache_lock = threading.Lock()
+_cache: dict[str, tuple[float, list[Candidate]]] = {}
+
+
+def forget_healthy_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+def healthy_agents(settings: Settings) -> list[Candidate]:
+    """Routable agents with a fresh heartbeat, and their load; cached for about a second."""
+    key = settings.database.url
+    now = time.monotonic()
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit and now - hit[0] < HEALTHY_CACHE_S:
+            return hit[1]
+    cutoff = utcnow() - timedelta(seconds=settings.agents.effective_heartbeat_timeout_s)
+    with session_scope(settings.database) as session:
+        rows = session.execute(
+            select(Agent.name, Agent.capabilities, Agent.weight).where(
+                Agent.status.in_([s.value for s in ROUTABLE]), Agent.last_heartbeat_at >= cutoff
+            )
+        ).all()
+        loads = (
+            dict(
+                session.execute(
+                    select(Task.queue, func.count())
+                    .where(
+                        Task.state.in_([TaskState.QUEUED.value, TaskState.RUNNING.value]),
+                        Task.queue.in_([agent_queue(r.name) for r in rows]),
+                    )
+                    .group_by(Task.queue)
+                ).all()
+            )
+            if rows
+            else {}
+        )
+    candidates = [
+        Candidate(
+            name=r.name,
+            capabilities=frozenset(r.capabilities or []),
+            weight=max(1, r.weight),
+            load=int(loads.get(agent_queue(r.name), 0)),
+        )
+        for r in rows
+    ]
+    if candidates:  # never cache "nobody": a new agent must be routable at once
+        with _cache_lock:
+            _cache[key] = (now, candidates)
+    return candidates
+
+
+def waiting_task_ids(settings: Settings, capabilities: Sequence[str], limit: int = 1000) -> list[str]:
+    """PENDING tasks that wait for an agent with one of ``capabilities``, oldest first."""
+    with session_scope(settings.database) as session:
+        return list(
+            session.scalars(
+                select(Task.id)
+                .where(
+                    Task.state == TaskState.PENDING.value,
+                    Task.pending_reason == "no_healthy_agent",
+                    Task.type.in_(list(capabilities)),
+                )
+                .order_by(Task.created_at, Task.id)
+                .limit(limit)
+            )
+        )
