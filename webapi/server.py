@@ -135,7 +135,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def register(subparsers: Any) -> Any:
-    """Entry point for ``aios.sandbox.run``: adds ``aios api``."""
+    """Entry point for ``aios.commands``: adds ``aios api``."""
     parser = subparsers.add_parser("api", help="serve the REST API (gunicorn)")
     parser.add_argument("--host", help="overrides [api] host")
     parser.add_argument("--port", type=int, help="overrides [api] port")

@@ -22,7 +22,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def register(subparsers: Any) -> Any:
-    """Entry point for ``aios.sandbox.run``: adds ``aios worker``."""
+    """Entry point for ``aios.commands``: adds ``aios worker``."""
     parser = subparsers.add_parser("worker", help="run an agent (a Celery worker)")
     parser.add_argument("--name", help="agent name; the Celery hostname becomes NAME@host")
     parser.add_argument("--queues", help="comma-separated AIOS queues (default: [agents] queues)")
