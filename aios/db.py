@@ -1,5 +1,8 @@
 """Engines, sessions and the schema-version guard.
 
+The guard (:func:`ensure_migrated`) reads both revisions here, so this module never imports
+:mod:`aios.migrate` (which drives Alembic on this module's engines): the arrow goes one way.
+
 One engine per process (and per forked child: Celery's prefork children must not share the
 parent's sockets). SQLite runs in WAL mode with a busy timeout so the API, the agent and beat can
 share the embedded database file.
@@ -118,10 +121,27 @@ def ping(settings: DatabaseSettings) -> None:
         connection.execute(text("SELECT 1"))
 
 
+#: Alembic's scripts; :mod:`aios.migrate` runs them, the guard below reads their head.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+def head_revision() -> str:
+    """The newest schema revision this code has a migration for."""
+    from alembic.script import ScriptDirectory  # local: only the guard and `aios db` need Alembic
+
+    return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head() or ""
+
+
+def current_revision(settings: DatabaseSettings) -> str | None:
+    """The schema revision the database is at (None: an empty database)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with get_engine(settings).connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
 def ensure_migrated(settings: DatabaseSettings) -> None:
     """Refuse to run on a schema older (or newer) than this code's migrations."""
-    from aios.migrate import current_revision, head_revision
-
     current, head = current_revision(settings), head_revision()
     if current != head:
         raise NotMigrated(

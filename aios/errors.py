@@ -3,6 +3,9 @@
 Every exception AIOS raises on purpose descends from :class:`AiosError`; each class carries the HTTP
 status and the stable ``error`` code the API answers with, so the web layer maps errors in one place
 and a client can switch on ``error`` without parsing ``message``.
+
+What a task type raises to end its run (``TaskFailure``, ``TaskTimedOut``) is not an error of AIOS and
+never an HTTP answer: those signals live in :mod:`aios.tasktypes.signals`.
 """
 
 from __future__ import annotations
@@ -125,27 +128,6 @@ class IllegalTransition(AiosError):
 class ServiceUnavailable(AiosError):
     status = 503
     code = "service_unavailable"
-
-
-class TaskFailure(AiosError):
-    """Raised by a task type to fail without retrying (bad input found only at run time).
-
-    The task's ``error`` is the message itself (start it with a reason code, e.g. ``not_allowed: ...``);
-    ``result``, if given, is stored on the FAILED task too (a command's exit code and output).
-    """
-
-    code = "task_failed"
-
-    def __init__(self, message: str, *, result: Any = None, **extra: Any) -> None:
-        super().__init__(message, **extra)
-        self.result = result
-
-
-class TaskTimedOut(TaskFailure):
-    """Raised by a task type that enforces its own time limit (a command's wall time): the task ends
-    TIMED_OUT, not FAILED, with ``result`` (what it produced until then) stored."""
-
-    code = "task_timed_out"
 
 
 class BackupFailed(AiosError):

@@ -1,18 +1,18 @@
-"""Alembic, driven from code: no alembic.ini to keep in step with the config loader."""
+"""Alembic, driven from code: no alembic.ini to keep in step with the config loader.
+
+The revisions (``current_revision``, ``head_revision``) are read in :mod:`aios.db`, whose schema guard
+needs them; they are part of this module's vocabulary too, for ``aios db`` and the tests.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
 from aios.config import DatabaseSettings
-from aios.db import get_engine
+from aios.db import MIGRATIONS_DIR, current_revision, head_revision
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+__all__ = ["MIGRATIONS_DIR", "alembic_config", "current_revision", "downgrade", "head_revision", "upgrade"]
 
 
 def alembic_config(settings: DatabaseSettings) -> Config:
@@ -21,16 +21,6 @@ def alembic_config(settings: DatabaseSettings) -> Config:
     # Passed as an attribute, not an option: ConfigParser would choke on '%' in passwords.
     config.attributes["aios_database"] = settings
     return config
-
-
-def head_revision() -> str:
-    script = ScriptDirectory(str(MIGRATIONS_DIR))
-    return script.get_current_head() or ""
-
-
-def current_revision(settings: DatabaseSettings) -> str | None:
-    with get_engine(settings).connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
 
 
 def upgrade(settings: DatabaseSettings, revision: str = "head") -> None:

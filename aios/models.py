@@ -26,7 +26,6 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from aios.tasks.states import TaskState
 from aios.timeutil import as_utc, utcnow
 
 #: JSON on SQLite, JSONB on PostgreSQL (indexable, compact).
@@ -70,7 +69,9 @@ class Task(Base):
     priority: Mapped[int] = mapped_column(Integer)
     #: The AIOS queue it was published to: a named queue, ``agent.<name>`` or ``cap.<capability>``.
     queue: Mapped[str] = mapped_column(String(300))
-    state: Mapped[str] = mapped_column(String(16), default=TaskState.PENDING.value)
+    #: A :class:`aios.tasks.states.TaskState` value; only that module changes it (it imports this one,
+    #: so the default is spelled out here rather than imported).
+    state: Mapped[str] = mapped_column(String(16), default="PENDING")
     result: Mapped[Any | None] = mapped_column(JsonValue, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     #: Runs started so far (1 after the first claim).

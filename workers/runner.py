@@ -26,11 +26,11 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from aios.config import Settings
 from aios.db import session_scope
-from aios.errors import TaskFailure, TaskTimedOut, ValidationFailed
+from aios.errors import ValidationFailed
 from aios.models import Task
 from aios.tasks.create import backoff_s, dispatch
 from aios.tasks.states import TaskState, record_events, transition
-from aios.tasktypes import TaskContext, get_registry
+from aios.tasktypes import TaskContext, TaskFailure, TaskTimedOut, get_registry
 from aios.timeutil import utcnow
 from workers import fenced_writes
 

@@ -19,6 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from aios.config import Settings
 from aios.db import get_engine, session_scope
+from aios.errors import ServiceUnavailable
 from aios.models import RoutingState
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,11 @@ def _with_redis_state(settings: Settings, key: str, update: Update[Result]) -> R
         _last_seen[name] = seen
         if attempt >= REDIS_STATE_BACKOFF_AFTER:
             time.sleep(random.uniform(0, REDIS_STATE_BACKOFF_S * (attempt - REDIS_STATE_BACKOFF_AFTER + 1)))
-    raise RuntimeError(f"routing state {key}: {REDIS_STATE_ATTEMPTS} concurrent writers in a row won the race")
+    # Contention, not a fault: a moment later the next try wins (503 with Retry-After, should it escape a request).
+    raise ServiceUnavailable(
+        f"routing state {key}: {REDIS_STATE_ATTEMPTS} concurrent writers in a row won the race; try again",
+        headers={"Retry-After": "1"},
+    )
 
 
 def _versioned(raw: bytes) -> tuple[int, dict[str, Any]]:

@@ -45,7 +45,7 @@ from aios.broker.inspection import consumers_by_queue
 from aios.broker.priority import MAX_PRIORITY, MIN_PRIORITY, to_transport
 from aios.config import Settings
 from aios.db import session_scope
-from aios.errors import NotFound, ServiceUnavailable, UnsupportedOnBroker
+from aios.errors import ConfigError, NotFound, ServiceUnavailable, UnsupportedOnBroker
 from aios.models import Agent, Task
 from aios.tasks.create import PUBLISHED_AT_HEADER
 from aios.tasks.states import TaskState, transition
@@ -150,7 +150,10 @@ class _RedisLists(_Broker):
         self.redis = redis.Redis(connection_pool=channel.client.connection_pool)
         steps = [channel.priority(to_transport(level)) for level in LEVELS]
         if len(set(steps)) != len(steps):  # pragma: no cover - aios.broker.priority.PRIORITY_STEPS has all ten
-            raise RuntimeError(f"priority_steps {channel.priority_steps} merge AIOS levels; each needs its own")
+            raise ConfigError(
+                f"the broker transport's priority_steps {channel.priority_steps} merge AIOS priority levels; "
+                f"each of the ten needs its own (aios.broker.priority.PRIORITY_STEPS)"
+            )
 
     def key(self, queue: str, priority: int) -> str:
         broker_queue = queue_name(self.settings, queue)

@@ -40,7 +40,6 @@ from aios.ops.limits import SystemLimits
 from aios.sandbox import cgroups
 from aios.sandbox.cgroups import CommandGroup
 from aios.sandbox.identity import CommandUser
-from aios.tasktypes.registry import Parameters
 
 #: The task type (and so the capability) that runs commands.
 COMMAND_TYPE = "command"
@@ -103,8 +102,14 @@ class CommandLimits(BaseModel):
     )
 
 
-class CommandParameters(Parameters):
-    """The parameters of a ``command`` task (POST /commands builds them; POST /tasks may give them)."""
+class CommandParameters(BaseModel):
+    """The parameters of a ``command`` task (POST /commands builds them; POST /tasks may give them).
+
+    Unknown fields are errors, as for every task type's parameters (``aios.tasktypes.registry.Parameters``,
+    not imported here: the task types import the sandbox, never the reverse).
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     argv: list[Argument] = Field(min_length=1, max_length=MAX_ARGS)
     env: dict[str, str] = Field(default_factory=dict, max_length=MAX_ENV)

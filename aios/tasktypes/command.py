@@ -32,7 +32,7 @@ from sqlalchemy import select
 
 from aios.config import Settings, load_settings
 from aios.db import session_scope
-from aios.errors import ConfigError, TaskFailure, TaskTimedOut
+from aios.errors import ConfigError
 from aios.models import Task, User
 from aios.ops.limits import SystemLimits, current
 from aios.sandbox.identity import check_agent_config, private_dir
@@ -47,6 +47,7 @@ from aios.sandbox.run import (
 )
 from aios.security.roles import ADMIN
 from aios.tasktypes.registry import TaskContext, task_type
+from aios.tasktypes.signals import TaskFailure, TaskTimedOut
 
 
 def allowed(settings: Settings, argv0: str) -> bool:

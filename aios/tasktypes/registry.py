@@ -1,13 +1,14 @@
-"""The task-type registry, the decorator that fills it, and plugin loading."""
+"""The task-type registry, the decorator that fills it, and what a handler is given.
+
+A leaf of the package: it imports no task type. :mod:`aios.tasktypes.loading` imports the built-ins and
+the plugins, whose ``@task_type`` fills this registry.
+"""
 
 from __future__ import annotations
 
-import importlib
-import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -17,10 +18,6 @@ from aios.errors import UnknownTaskType, ValidationFailed
 if TYPE_CHECKING:
     from aios.config import Settings
     from aios.tasks.progress import ProgressReporter
-
-logger = logging.getLogger(__name__)
-
-ENTRY_POINT_GROUP = "aios.task_types"
 
 
 class Parameters(BaseModel):
@@ -141,25 +138,3 @@ def task_type(
         return run
 
     return register
-
-
-_loaded: set[str] = set()
-
-
-def load_task_types(modules: Iterable[str] = ()) -> Registry:
-    """Import the built-ins, every ``aios.task_types`` entry point, and ``modules``; idempotent."""
-    importlib.import_module("aios.tasktypes.builtin")
-    importlib.import_module("aios.tasktypes.command")
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        if entry.value in _loaded:
-            continue
-        try:
-            entry.load()
-        except Exception:  # a broken plugin must not take the whole agent down
-            logger.exception("could not load task-type plugin %s = %s", entry.name, entry.value)
-        _loaded.add(entry.value)
-    for module in modules:
-        if module not in _loaded:
-            importlib.import_module(module)
-            _loaded.add(module)
-    return _registry

@@ -72,7 +72,7 @@ def reverse(params: ReverseParameters, ctx: TaskContext) -> dict[str, Any]:
 @task_type("test.refuse", parameters=Parameters)
 def refuse(params: Parameters, ctx: TaskContext) -> None:
     """Fails without retrying (TaskFailure): ends FAILED on its first attempt."""
-    from aios.errors import TaskFailure
+    from aios.tasktypes import TaskFailure
 
     raise TaskFailure("refused: this task type always refuses")
 

@@ -164,9 +164,10 @@ def test_the_route_table_gives_each_routes_roles_as_the_app_declares_them(app_ro
 
 # --------------------------------------------------------------------------- error codes
 
-#: Codes of the error tree that are never an HTTP answer: a process that will not start
-#: (``config_error``, exit status 2) and the signals a task's code raises to end its run.
-NOT_ANSWERS = {"config_error", "task_failed", "task_timed_out"}
+#: Codes of the error tree that are no HTTP answer in the normal course: a process that will not start
+#: (``config_error``, exit status 2; docs/api.md lists the deployment fault it may answer as a 500).
+#: The signals a task's code raises to end its run are not in the tree (aios.tasktypes.signals).
+NOT_ANSWERS = {"config_error"}
 
 
 def answerable_codes() -> dict[str, int]:

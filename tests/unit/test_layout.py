@@ -1,7 +1,10 @@
-"""Package layering: imports flow one way, webapi/workers -> aios, never back.
+"""Package layering and layout: imports flow one way, webapi/workers -> aios, never back.
 
 ``aios`` is the core every process shares; it reaches ``aios api`` and ``aios worker`` only through
 entry points, so a worker image need not ship the web layer and the core never depends on either.
+``aios_client`` imports nothing of the server, so it can ship alone. Inside the core, every package
+says what it owns in its ``__init__`` docstring, and no top-level module grows past 600 lines (one that
+needs a table of contents wants to be a package).
 """
 
 from __future__ import annotations
@@ -53,3 +56,75 @@ def test_no_core_module_imports_the_web_or_worker_layer(path):
     roots = imported_roots(path)
     # Then none of them is webapi or workers
     assert not roots & UPPER_LAYERS, f"{path.relative_to(REPO_ROOT)} imports {sorted(roots & UPPER_LAYERS)}"
+
+
+# --------------------------------------------------------------------------- the client stands alone
+
+SERVER_SIDE = {"aios", "webapi", "workers"}
+CLIENT_MODULES = sorted((REPO_ROOT / "aios_client").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", CLIENT_MODULES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_the_client_imports_nothing_of_the_server(path):
+    # Given a module of the client package (the SDK and the client commands)
+    # When its imports are read
+    roots = imported_roots(path)
+    # Then none of them is aios, webapi or workers
+    assert not roots & SERVER_SIDE, f"{path.relative_to(REPO_ROOT)} imports {sorted(roots & SERVER_SIDE)}"
+
+
+def test_the_client_package_has_modules_to_check():
+    assert {"__init__.py", "client.py"} <= {path.name for path in CLIENT_MODULES}
+
+
+# --------------------------------------------------------------------------- packages and module sizes
+
+#: Directories of Python files that are not packages: Alembic's scripts.
+NOT_PACKAGES = {"migrations", "__pycache__"}
+MAX_TOP_LEVEL_LINES = 600
+
+
+def package_dirs(*roots: str, base: Path = REPO_ROOT) -> list[Path]:
+    """Every directory under ``roots`` that holds Python files (Alembic's migrations aside)."""
+    found = set()
+    for root in roots:
+        for path in (base / root).rglob("*.py"):
+            relative = path.parent.relative_to(base)
+            if not NOT_PACKAGES & set(relative.parts):
+                found.add(path.parent)
+    return sorted(found)
+
+
+PACKAGE_DIRS = package_dirs("aios", "aios_client")
+
+
+def test_the_package_scan_finds_the_core_packages():
+    names = {str(path.relative_to(REPO_ROOT)) for path in PACKAGE_DIRS}
+    assert {"aios", "aios/tasks", "aios/agents", "aios_client"} <= names
+    assert not any("migrations" in name for name in names)
+
+
+def test_every_package_has_a_docstring():
+    # Given every directory of Python files under aios/ and aios_client/
+    # When each one's __init__.py is read
+    problems = []
+    for directory in PACKAGE_DIRS:
+        init = directory / "__init__.py"
+        name = str(directory.relative_to(REPO_ROOT))
+        if not init.is_file():
+            problems.append(f"{name} has no __init__.py")
+        elif not (ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or "").strip():
+            problems.append(f"{name}/__init__.py has no docstring saying what the package owns")
+    # Then each is a package whose docstring says what it owns
+    assert not problems, "; ".join(problems)
+
+
+def test_no_top_level_core_module_is_over_600_lines():
+    # Given the modules directly in aios/ (the packages below have their own parts)
+    sizes = {
+        path.name: len(path.read_text(encoding="utf-8").splitlines()) for path in (REPO_ROOT / "aios").glob("*.py")
+    }
+    assert "config.py" in sizes
+    # Then none has more than 600 lines
+    over = sorted(f"aios/{name} ({lines} lines)" for name, lines in sizes.items() if lines > MAX_TOP_LEVEL_LINES)
+    assert not over, f"top-level core modules over {MAX_TOP_LEVEL_LINES} lines (make them packages): {', '.join(over)}"
