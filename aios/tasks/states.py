@@ -303,8 +303,8 @@ def claim(
         )
         if not claimed:
             return None
-        row = session.execute(select(*(getattr(Task, name) for name in CLAIM_COLUMNS)).where(Task.id == task_id))
-        return ClaimRow(task_id, *row.one())
+        columns = session.execute(select(*(getattr(Task, name) for name in CLAIM_COLUMNS)).where(Task.id == task_id))
+        return ClaimRow(task_id, *columns.one())
 
 
 def record_outcome(
