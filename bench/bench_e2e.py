@@ -132,7 +132,7 @@ def measure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]:
                 else " Missed: the figure is CPU-bound (the CPU table below: both cores "
                 "busy), and an AIOS task costs more CPU than a raw Celery one, spread over every process: the "
                 "ledger writes (submit: one multi-row INSERT of rows and timeline events per batch; run: the "
-                "claim and the outcome, one fenced statement each with its event, workers/fenced_writes.py) "
+                "claim and the outcome, one fenced statement each with its event, aios/tasks/states_postgres.py) "
                 "cost PostgreSQL the time in its row, every one of them maintaining the tasks table's nine "
                 "indexes (the search index too, once the result is written); the agent's main process (one "
                 "event loop fetching, handing out and acking every message) spends most of its share on Redis "

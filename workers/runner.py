@@ -3,11 +3,11 @@
 The Celery task in :mod:`workers.tasks` only decodes the message and calls :func:`execute`; the
 logic lives here so unit and integration tests can reach it without Celery's eager mode.
 
-The claim is the fence: one conditional UPDATE moves the task to RUNNING only if it is still
-QUEUED *for this dispatch*. A duplicate or stale delivery changes nothing and is acked and
-skipped; a cancelled task is skipped the same way, even if the agent restarted since the cancel.
-Every later write is fenced on the same dispatch id, so a report from a run that was fenced off
-(cancelled, timed out, re-routed) is recorded as a note and otherwise ignored.
+The claim is the fence: one conditional UPDATE (:func:`aios.tasks.states.claim`) moves the task to
+RUNNING only if it is still QUEUED *for this dispatch*. A duplicate or stale delivery changes nothing
+and is acked and skipped; a cancelled task is skipped the same way, even if the agent restarted since
+the cancel. Every later write is fenced on the same dispatch id, so a report from a run that was
+fenced off (cancelled, timed out, re-routed) is recorded as a note and otherwise ignored.
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ from aios.config import Settings
 from aios.db import session_scope
 from aios.errors import ValidationFailed
 from aios.models import Task
+from aios.tasks import states
 from aios.tasks.create import backoff_s, dispatch
 from aios.tasks.states import TaskState, record_events, transition
 from aios.tasktypes import TaskContext, TaskFailure, TaskTimedOut, get_registry
-from aios.timeutil import utcnow
-from workers import fenced_writes
 
 logger = logging.getLogger(__name__)
 
@@ -88,52 +87,19 @@ def claim(settings: Settings, task_id: str, dispatch_id: str, agent: str) -> Cla
 
 def _claim(settings: Settings, task_id: str, dispatch_id: str, agent: str) -> Claim | None:
     actor = f"worker:{agent}"
-    detail = {"dispatch_id": dispatch_id}
-    if fenced_writes.supported(settings):  # one statement: the move, its event, the run's columns
-        row = fenced_writes.claim(settings, task_id, dispatch_id, agent, actor=actor, detail=detail, now=utcnow())
-        if row is not None:
-            return Claim(
-                task_id=task_id,
-                dispatch_id=dispatch_id,
-                agent=agent,
-                type=row.type,
-                parameters=row.parameters,
-                attempt=row.attempts,
-                max_retries=row.max_retries,
-            )
+    row = states.claim(settings, task_id, dispatch_id, agent, actor=actor, detail={"dispatch_id": dispatch_id})
+    if row is None:
         with session_scope(settings.database) as session:
             return _not_claimed(session, task_id, dispatch_id, actor)
-    with session_scope(settings.database) as session:
-        claimed = transition(
-            session,
-            task_id,
-            TaskState.QUEUED,
-            TaskState.RUNNING,
-            actor=actor,
-            fence=dispatch_id,
-            values={
-                "agent": agent,
-                "attempts": Task.attempts + 1,
-                "finished_at": None,
-                "progress": None,
-                "progress_message": None,
-            },  # progress describes the current run
-            detail=detail,
-        )
-        if not claimed:
-            return _not_claimed(session, task_id, dispatch_id, actor)
-        row = session.execute(
-            select(Task.type, Task.parameters, Task.attempts, Task.max_retries).where(Task.id == task_id)
-        ).one()
-        return Claim(
-            task_id=task_id,
-            dispatch_id=dispatch_id,
-            agent=agent,
-            type=row.type,
-            parameters=row.parameters,
-            attempt=row.attempts,
-            max_retries=row.max_retries,
-        )
+    return Claim(
+        task_id=task_id,
+        dispatch_id=dispatch_id,
+        agent=agent,
+        type=row.type,
+        parameters=row.parameters,
+        attempt=row.attempts,
+        max_retries=row.max_retries,
+    )
 
 
 def _not_claimed(session: Any, task_id: str, dispatch_id: str, actor: str) -> None:
@@ -170,25 +136,10 @@ def _finish(settings: Settings, work: Claim, target: TaskState, **values: Any) -
     detail: dict[str, Any] = {"attempt": work.attempt}
     if values.get("error"):
         detail["error"] = values["error"][:500]
-    if fenced_writes.supported(settings):  # one statement: the fenced move and its event
-        if fenced_writes.outcome(
-            settings, work.task_id, work.dispatch_id, target, values, actor=work.actor, detail=detail, now=utcnow()
-        ):
-            return True
-        with session_scope(settings.database) as session:
-            return _not_finished(session, work, target)
+    if states.record_outcome(settings, work.task_id, work.dispatch_id, target, values, actor=work.actor, detail=detail):
+        return True
     with session_scope(settings.database) as session:
-        done = transition(
-            session,
-            work.task_id,
-            TaskState.RUNNING,
-            target,
-            actor=work.actor,
-            fence=work.dispatch_id,
-            values=values,
-            detail=detail,
-        )
-        return done or _not_finished(session, work, target)
+        return _not_finished(session, work, target)
 
 
 def _not_finished(session: Any, work: Claim, target: TaskState) -> bool:

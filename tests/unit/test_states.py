@@ -11,10 +11,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from aios.config import DatabaseSettings
-from aios.db import session_scope
+from aios.config import DatabaseSettings, Settings
+from aios.db import get_engine, session_scope
 from aios.errors import IllegalTransition
 from aios.models import Task, TaskEvent
+from aios.tasks import states
 from aios.tasks.create import TaskSpec, create_tasks
 from aios.tasks.states import TERMINAL, TaskState, check_transition, transition, transition_many
 
@@ -263,3 +264,143 @@ def test_transition_many_of_no_tasks_writes_nothing(db):
     with session_scope(db) as session:
         assert transition_many(session, [], S.PENDING, S.QUEUED, actor="test") == []
         assert session.scalar(select(func.count()).select_from(TaskEvent)) == 0
+
+
+# --------------------------------------------------------------------------- insert_new (real SQLite)
+
+
+def new_row(state: str | None, **columns) -> dict:
+    """The columns of one new task row, as a creator hands them to insert_new."""
+    row = {
+        "id": f"t-{state}-{len(columns)}",
+        "type": "echo",
+        "parameters": {},
+        "priority": 5,
+        "queue": "default",
+        "attempts": 0,
+        "max_retries": 0,
+        "timeout_s": 60,
+        "on_agent_lost": "retry",
+        **columns,
+    }
+    if state is not None:
+        row["state"] = state
+    return row
+
+
+def stored_states(db: DatabaseSettings) -> dict[str, str]:
+    with session_scope(db) as session:
+        return dict(session.execute(select(Task.id, Task.state)).all())
+
+
+def test_a_task_is_born_only_scheduled_pending_or_queued():
+    # Given the state machine's diagram (a task is held SCHEDULED, waits PENDING, or is queued at once)
+    # Then those are exactly its initial states
+    assert {S.SCHEDULED, S.PENDING, S.QUEUED} == states.INITIAL
+
+
+def test_insert_new_stores_rows_in_each_initial_state_through_a_session(db):
+    # Given one new row in each initial state
+    rows = [new_row("PENDING"), new_row("SCHEDULED", run_at=None), new_row("QUEUED", dispatch_id="d-1")]
+    # When they are inserted through a session
+    with session_scope(db) as session:
+        states.insert_new(session, rows)
+    # Then each is stored in its state
+    assert stored_states(db) == {row["id"]: row["state"] for row in rows}
+
+
+def test_insert_new_works_on_a_connection_too(db):
+    # Given a new PENDING row (its state given as the enum)
+    row = new_row(S.PENDING)
+    # When it is inserted through a Core connection
+    with get_engine(db).begin() as connection:
+        states.insert_new(connection, [row])
+    # Then it is stored PENDING
+    assert stored_states(db) == {row["id"]: "PENDING"}
+
+
+@pytest.mark.parametrize("state", sorted(set(S) - {S.SCHEDULED, S.PENDING, S.QUEUED}) + [None])
+def test_insert_new_refuses_a_task_born_in_any_other_state_and_writes_nothing(db, state):
+    # Given a batch with one legal new row and one born RUNNING, DEAD, ... or with no state at all
+    rows = [new_row("PENDING"), new_row(state, id="t-bad")]
+    # When it is inserted / Then the state machine's error is raised, naming the task and the state
+    with pytest.raises(IllegalTransition, match=f"task t-bad cannot be created {state}") as caught:
+        with session_scope(db) as session:
+            states.insert_new(session, rows)
+    assert caught.value.status == 409
+    # And nothing was stored, not even the legal row
+    assert stored_states(db) == {}
+
+
+def test_insert_new_of_no_rows_writes_nothing(db):
+    # Given no rows / When they are inserted / Then nothing is stored
+    with session_scope(db) as session:
+        states.insert_new(session, [])
+    assert stored_states(db) == {}
+
+
+# --------------------------------------------------------------------------- claim and record_outcome (SQLite: the
+# portable path; PostgreSQL's one-statement strategy is covered by the integration tests and
+# test_states_postgres_parameters.py)
+
+
+def queued_task(db: DatabaseSettings, dispatch_id: str = "d-1") -> str:
+    task_id = new_task(db)
+    assert move(db, task_id, S.PENDING, S.QUEUED, values={"dispatch_id": dispatch_id})
+    return task_id
+
+
+def test_a_claim_moves_a_task_queued_for_its_dispatch_to_running_and_hands_over_the_run(db):
+    # Given a task QUEUED under dispatch d-1
+    task_id = queued_task(db)
+    _, events_before = snapshot(db, task_id)
+    # When the holder of d-1 claims it
+    row = states.claim(Settings(database=db), task_id, "d-1", "a@h", actor="worker:a@h", detail={"dispatch_id": "d-1"})
+    # Then the run gets its type, parameters and attempt, and the row is RUNNING on that agent with one event
+    assert row == states.ClaimRow(id=task_id, type="echo", parameters={"x": 1}, attempts=1, max_retries=3)
+    task, events_after = snapshot(db, task_id)
+    assert (task.state, task.agent, task.attempts) == ("RUNNING", "a@h", 1)
+    assert task.started_at is not None
+    assert events_after == events_before + 1
+
+
+def test_a_claim_for_another_dispatch_moves_nothing(db):
+    # Given a task QUEUED under dispatch d-1
+    task_id = queued_task(db)
+    before, events_before = snapshot(db, task_id)
+    # When a stale delivery (d-0) claims it / Then nothing moves and nothing is written
+    assert states.claim(Settings(database=db), task_id, "d-0", "a@h", actor="worker:a@h", detail={}) is None
+    after, events_after = snapshot(db, task_id)
+    assert (after.state, after.attempts, events_after) == ("QUEUED", before.attempts, events_before)
+
+
+def test_an_outcome_is_recorded_once_and_only_for_the_running_dispatch(db):
+    # Given a task RUNNING under dispatch d-1
+    settings = Settings(database=db)
+    task_id = queued_task(db)
+    assert states.claim(settings, task_id, "d-1", "a@h", actor="worker:a@h", detail={}) is not None
+    # When another dispatch reports an outcome / Then it is refused
+    assert not states.record_outcome(settings, task_id, "d-0", S.FAILED, {"error": "x"}, actor="worker:b@h", detail={})
+    # When the run reports SUCCEEDED / Then it is recorded with its result, its error NULL
+    assert states.record_outcome(
+        settings, task_id, "d-1", S.SUCCEEDED, {"result": {"r": 1}, "error": None}, actor="worker:a@h", detail={}
+    )
+    task, events = snapshot(db, task_id)
+    assert (task.state, task.result, task.error) == ("SUCCEEDED", {"r": 1}, None)
+    # When a later report of the same run comes / Then it moves nothing: an outcome is recorded once
+    assert not states.record_outcome(
+        settings, task_id, "d-1", S.FAILED, {"error": "late"}, actor="worker:a@h", detail={}
+    )
+    after, events_after = snapshot(db, task_id)
+    assert (after.state, events_after) == ("SUCCEEDED", events)
+
+
+def test_an_illegal_outcome_is_refused_before_anything_is_written(db):
+    # Given a task RUNNING under dispatch d-1
+    settings = Settings(database=db)
+    task_id = queued_task(db)
+    assert states.claim(settings, task_id, "d-1", "a@h", actor="worker:a@h", detail={}) is not None
+    # When a run reports an end the machine does not allow from RUNNING / Then it raises
+    with pytest.raises(IllegalTransition):
+        states.record_outcome(settings, task_id, "d-1", S.QUEUED, {}, actor="worker:a@h", detail={})
+    assert snapshot(db, task_id)[0].state == "RUNNING"

@@ -1,4 +1,9 @@
-"""A run's two ledger writes, the claim and the outcome, each as one statement on PostgreSQL.
+"""The state machine's PostgreSQL strategy: a run's claim and outcome, each as one statement.
+
+Private to :mod:`aios.tasks.states`, which alone imports it: :func:`aios.tasks.states.claim` and
+:func:`aios.tasks.states.record_outcome` decide that a move is legal (and which timestamp it stamps)
+and hand it here as a :class:`Move` on PostgreSQL; elsewhere they take the portable path,
+:func:`aios.tasks.states.transition`. This module knows SQL, not the state machine.
 
 Why: with no-op tasks an agent's throughput is bounded by its round trips to the database, not by
 work. Through :func:`aios.tasks.states.transition` and a pooled session a claim took six round trips (pool
@@ -28,8 +33,7 @@ outcome five. Here each is one:
   lost-message check dispatches the task again: the at-least-once rule, as for a lost message. A
   SUCCEEDED (or any outcome) is never written this way: a lost outcome would lose a result.
 
-The legality of each move is still decided by :func:`aios.tasks.states.check_transition`. SQLite has no
-data-modifying CTEs: :func:`supported` is False there and the runner keeps to ``transition``.
+SQLite has no data-modifying CTEs: :func:`supported` is False there.
 """
 
 from __future__ import annotations
@@ -50,10 +54,6 @@ from sqlalchemy.exc import DBAPIError
 from aios.config import Settings
 from aios.db import get_engine
 from aios.models import Task, TaskEvent
-from aios.tasks.states import STAMPS, TaskState, check_transition
-
-#: The columns a claim hands to the run (what a SELECT after the UPDATE used to read).
-CLAIM_COLUMNS = ("type", "parameters", "attempts", "max_retries")
 
 _tasks = Task.__table__
 _events = TaskEvent.__table__
@@ -112,9 +112,16 @@ def _discard(connection: Connection) -> None:
     connection.close()
 
 
+class Move(NamedTuple):
+    """A move the state machine checked: from ``current`` to ``target``, stamping ``stamp`` (a column) if set."""
+
+    current: str
+    target: str
+    stamp: str | None
+
+
 def _moved_and_noted(
-    current: TaskState,
-    target: TaskState,
+    move: Move,
     fixed: Mapping[str, Any],
     value_names: tuple[str, ...],
     returning: tuple[str, ...],
@@ -123,20 +130,19 @@ def _moved_and_noted(
     SELECT ... FROM moved``; every value is a bind parameter, so the statement is built once and cached.
 
     ``fixed``: column expressions set on every such move; ``value_names``: columns bound per call."""
-    check_transition(current, target)
     values: dict[str, Any] = {
-        "state": target.value,
+        "state": move.target,
         "updated_at": bindparam("now"),
         **fixed,
         **{name: bindparam(f"v_{name}") for name in value_names},
     }
-    if stamp := STAMPS.get(target):  # the timestamps transition() stamps
-        values[stamp] = bindparam("now")
+    if move.stamp:  # the timestamps transition() stamps
+        values[move.stamp] = bindparam("now")
     moved = (
         update(_tasks)
         .where(
             _tasks.c.id == bindparam("task_id"),
-            _tasks.c.state == current.value,
+            _tasks.c.state == move.current,
             _tasks.c.dispatch_id == bindparam("fence"),
         )
         .values(**values)
@@ -151,24 +157,14 @@ def _moved_and_noted(
                 moved.c.id,
                 bindparam("now", type_=_events.c.at.type),
                 bindparam("actor", type_=_events.c.actor.type),
-                literal(current.value, _events.c.from_state.type),
-                literal(target.value, _events.c.to_state.type),
+                literal(move.current, _events.c.from_state.type),
+                literal(move.target, _events.c.to_state.type),
                 bindparam("detail", type_=_events.c.detail.type),
             ),
         )
         .cte("noted")
     )
     return select(*moved.c).add_cte(noted)
-
-
-class ClaimRow(NamedTuple):
-    """What a claim hands to the run (the row's CLAIM_COLUMNS, after its id)."""
-
-    id: str
-    type: str
-    parameters: Any
-    attempts: int
-    max_retries: int
 
 
 @dataclass(frozen=True)
@@ -218,21 +214,23 @@ def _fetch_one(connection: Connection, statement: Select[Any], given: Mapping[st
         ) from error
 
 
-@lru_cache(maxsize=1)
-def _claim_statement() -> Select[Any]:
+@lru_cache(maxsize=4)
+def _claim_statement(move: Move, returning: tuple[str, ...]) -> Select[Any]:
     # Progress describes the current run: cleared with the claim, as before.
     fixed = {"attempts": _tasks.c.attempts + 1, "finished_at": None, "progress": None, "progress_message": None}
-    return _moved_and_noted(TaskState.QUEUED, TaskState.RUNNING, fixed, ("agent",), CLAIM_COLUMNS)
+    return _moved_and_noted(move, fixed, ("agent",), returning)
 
 
 @lru_cache(maxsize=64)
-def _outcome_statement(target: TaskState, value_names: tuple[str, ...], null_names: tuple[str, ...]) -> Select[Any]:
+def _outcome_statement(move: Move, value_names: tuple[str, ...], null_names: tuple[str, ...]) -> Select[Any]:
     # A None is SQL NULL, as with transition() (a bound None would become JSON 'null' in a JSON column).
-    return _moved_and_noted(TaskState.RUNNING, target, dict.fromkeys(null_names), value_names, ())
+    return _moved_and_noted(move, dict.fromkeys(null_names), value_names, ())
 
 
 def claim(
     settings: Settings,
+    move: Move,
+    returning: tuple[str, ...],
     task_id: str,
     dispatch_id: str,
     agent: str,
@@ -240,14 +238,15 @@ def claim(
     actor: str,
     detail: Mapping[str, Any],
     now: datetime,
-) -> ClaimRow | None:
-    """QUEUED → RUNNING for this dispatch, with its event; the row's CLAIM_COLUMNS, or None if it did not move.
+) -> tuple[Any, ...] | None:
+    """``move`` (QUEUED → RUNNING) for this dispatch, with its event: the row's id and ``returning``
+    columns, or None if it did not move.
 
     Committed without waiting for the WAL flush: the run's outcome makes it durable (module docstring)."""
     with _connection(settings, durable=False) as connection:
-        row = _fetch_one(
+        return _fetch_one(
             connection,
-            _claim_statement(),
+            _claim_statement(move, returning),
             {
                 "task_id": task_id,
                 "fence": dispatch_id,
@@ -257,21 +256,20 @@ def claim(
                 "v_agent": agent,
             },
         )
-    return None if row is None else ClaimRow(*row)
 
 
 def outcome(
     settings: Settings,
+    move: Move,
     task_id: str,
     dispatch_id: str,
-    target: TaskState,
     values: Mapping[str, Any],
     *,
     actor: str,
     detail: Mapping[str, Any],
     now: datetime,
 ) -> bool:
-    """RUNNING → ``target`` for this dispatch, setting ``values``, with its event; False if it did not move."""
+    """``move`` (RUNNING → an end) for this dispatch, setting ``values``, with its event; False if it did not move."""
     names = tuple(sorted(name for name, value in values.items() if value is not None))
     nulls = tuple(sorted(name for name, value in values.items() if value is None))
     params = {
@@ -283,4 +281,4 @@ def outcome(
         **{f"v_{name}": values[name] for name in names},
     }
     with _connection(settings, durable=True) as connection:
-        return _fetch_one(connection, _outcome_statement(target, names, nulls), params) is not None
+        return _fetch_one(connection, _outcome_statement(move, names, nulls), params) is not None
