@@ -13,6 +13,7 @@ from aios.agents.health import AgentStatus
 from aios.db import session_scope
 from aios.errors import Conflict, Forbidden, ValidationFailed
 from aios.models import Agent, AgentEvent, Task
+from aios.recovery.reroute import admin_status_changed
 from aios.security.roles import AGENT, OPERATOR, VIEWER
 from aios.tasks.states import TaskState
 from aios.tasks.view import bodies_left_out
@@ -165,9 +166,8 @@ def update(name: str) -> Any:
         agent_ledger.reevaluate(session, settings, agent)
         result = agent_to_dict(agent)
     agent_ledger.forget_healthy_cache()
-    if body.status in ("DRAINING", "DISABLED"):
-        # Take no new work: what waits in its queue goes to other agents (stale copies are fenced off).
-        agent_ledger.reroute(settings, ctx().celery, name, include_running=False, reason=f"agent {body.status.lower()}")
+    # Drained or disabled: it takes no new work, so what waits in its queue goes to other agents.
+    admin_status_changed(settings, ctx().celery, name, body.status)
     return jsonify(result)
 
 

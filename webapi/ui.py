@@ -26,6 +26,7 @@ from aios.db import session_scope
 from aios.errors import AiosError, Conflict, Forbidden, NotFound, TooManyRequests, Unauthorized, ValidationFailed
 from aios.models import Agent, ApiKey, AuditEntry, Schedule, User
 from aios.ops.backup import create_backup, list_backups
+from aios.recovery.reroute import admin_status_changed
 from aios.security import api_keys
 from aios.security.roles import ADMIN, OPERATOR, VIEWER
 from aios.tasks.actions import cancel_task, get_task, retry_task
@@ -384,7 +385,8 @@ def agent_status(name: str) -> Any:
     status = request.form.get("status", "")
     set_audit(target=name, status=status)
 
-    health = agent_ledger.set_admin_status(ctx().settings, ctx().celery, name, status)
+    health = agent_ledger.set_admin_status(ctx().settings, name, status)
+    admin_status_changed(ctx().settings, ctx().celery, name, status)
     return _done(f"Agent {name}: {status.lower()} (now {health}).", url_for("ui.agents"))
 
 

@@ -2,8 +2,10 @@
 
 Each heartbeat carries psutil figures (CPU %, memory %, load average, disk % of the work dir, RSS of
 the worker and its pool) and the active and processed counts; the ledger turns them into a status
-(aios.agents.health). The same loop sweeps for agents that stopped beating (their work is re-routed once)
-and, when this agent becomes routable, dispatches the tasks that were waiting for it.
+(aios.agents.health). The same loop sweeps for agents that stopped beating (their work is re-routed once,
+by :func:`aios.recovery.reroute.sweep_offline`) and, when this agent becomes routable, dispatches the
+tasks that were waiting for it. A clean stop marks the agent OFFLINE and re-routes what waits in its
+queue (:func:`aios.recovery.reroute.agent_stopped`).
 
 Celery's own heartbeats and events stay on: Flower and ``celery inspect`` keep seeing the agent.
 """
@@ -23,6 +25,7 @@ from aios.config import Settings
 from aios.db import session_scope
 from aios.ops.resources import prime as prime_cpu_reading
 from aios.ops.resources import resource_figures
+from aios.recovery.reroute import agent_stopped, sweep_offline
 from aios.sandbox.run import COMMAND_TYPE
 from aios.tasks.create import dispatch
 from aios.tasktypes import get_registry
@@ -120,7 +123,7 @@ class Heartbeat(bootsteps.StartStopStep):
                 logger.info("agent %s is routable: dispatching %d waiting task(s)", self.name, len(waiting))
                 agents.forget_healthy_cache()
                 dispatch(self.worker.app, self.settings, waiting, actor=f"worker:{self.name}")
-        agents.sweep_offline(self.settings, self.worker.app)
+        sweep_offline(self.settings, self.worker.app)
 
     def stop(self, worker: Any) -> None:
         self.stopping.set()
@@ -129,7 +132,7 @@ class Heartbeat(bootsteps.StartStopStep):
             if thread is not None:
                 thread.join(timeout=10)
         try:
-            agents.mark_offline(self.settings, worker.app, self.name, "stopped cleanly")
+            agent_stopped(self.settings, worker.app, self.name, "stopped cleanly")
         except Exception:  # noqa: BLE001
             logger.exception("could not mark %s offline", self.name)
 

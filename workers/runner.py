@@ -28,9 +28,11 @@ from aios.config import Settings
 from aios.db import session_scope
 from aios.errors import ValidationFailed
 from aios.models import Task
+from aios.recovery.lost_runs import running_run
 from aios.tasks import states
-from aios.tasks.create import backoff_s, dispatch
-from aios.tasks.states import TaskState, record_events, transition
+from aios.tasks.create import dispatch
+from aios.tasks.retries import after_failure
+from aios.tasks.states import TaskState, record_events
 from aios.tasktypes import TaskContext, TaskFailure, TaskTimedOut, get_registry
 
 logger = logging.getLogger(__name__)
@@ -162,23 +164,22 @@ def _not_finished(session: Any, work: Claim, target: TaskState) -> bool:
 
 
 def fail_or_retry(celery: Celery, settings: Settings, work: Claim, error: str) -> TaskState:
-    """A run failed: retry with backoff while retries are left, else DEAD."""
-    error = error[-MAX_ERROR_CHARS:]
-    if work.attempt > work.max_retries:
-        finish(settings, work, TaskState.DEAD, error=error)
-        return TaskState.DEAD
-    if not finish(settings, work, TaskState.RETRYING, error=error):
-        return TaskState.RETRYING
-    delay = backoff_s(settings, work.attempt)
-    dispatch(
-        celery,
-        settings,
-        [work.task_id],
-        actor=work.actor,
-        from_state=TaskState.RETRYING,
-        countdown_s={work.task_id: delay},
+    """A run failed: record what :func:`aios.tasks.retries.after_failure` decides (retried after its
+    backoff while retries are left, else DEAD)."""
+    decision = after_failure(
+        settings, attempts=work.attempt, max_retries=work.max_retries, error=error[-MAX_ERROR_CHARS:]
     )
-    return TaskState.RETRYING
+    recorded = finish(settings, work, decision.state, error=decision.error)
+    if recorded and decision.retry_in_s is not None:  # RETRYING: publish it again, to run after its backoff
+        dispatch(
+            celery,
+            settings,
+            [work.task_id],
+            actor=work.actor,
+            from_state=TaskState.RETRYING,
+            countdown_s={work.task_id: decision.retry_in_s},
+        )
+    return decision.state
 
 
 def execute(celery: Celery, settings: Settings, task_id: str, dispatch_id: str, agent: str) -> TaskState | None:
@@ -226,23 +227,6 @@ def _flush_progress(ctx: TaskContext) -> None:
         logger.warning("could not write the last progress of task %s", ctx.task_id, exc_info=True)
 
 
-def _running_run(session: Any, task_id: str, dispatch_id: str) -> Any:
-    """The task's row if it is still RUNNING under ``dispatch_id`` (else None: it moved on)."""
-    row = session.execute(
-        select(
-            Task.id,
-            Task.state,
-            Task.dispatch_id,
-            Task.type,
-            Task.parameters,
-            Task.on_agent_lost,
-            Task.attempts,
-            Task.max_retries,
-        ).where(Task.id == task_id)
-    ).first()
-    return row if row is not None and row.state == TaskState.RUNNING and row.dispatch_id == dispatch_id else None
-
-
 def record_lost_run(
     celery: Celery,
     settings: Settings,
@@ -256,10 +240,12 @@ def record_lost_run(
 
     Runs in the worker's main process. ``target`` TIMED_OUT records a hard timeout; otherwise the
     run counts as a failed attempt (retried while retries are left, so a task that kills its own
-    process is bounded by max_retries instead of looping forever).
+    process is bounded by max_retries instead of looping forever). Unlike a run lost with its agent
+    (:mod:`aios.recovery.lost_runs`), the agent saw this one end, so it records the outcome itself,
+    through the same fenced write as any other outcome.
     """
     with session_scope(settings.database) as session:
-        row = _running_run(session, task_id, dispatch_id)
+        row = running_run(session, task_id, dispatch_id)
     if row is None:
         return
     work = Claim(
@@ -275,49 +261,3 @@ def record_lost_run(
         finish(settings, work, TaskState.TIMED_OUT, error=reason)
     else:
         fail_or_retry(celery, settings, work, reason)
-
-
-#: ``pending_reason`` of a run Celery cancelled when the agent lost its broker connection.
-CANCELLED_ON_CONNECTION_LOSS = "connection_lost"
-
-
-def record_cancelled_run(settings: Settings, task_id: str, dispatch_id: str, agent: str) -> TaskState | None:
-    """Celery stopped this run because the agent lost its broker connection
-    (``worker_cancel_long_running_tasks_on_connection_loss``) and left its message unacked.
-
-    Celery counts on the broker to deliver that message again, but a Redis without persistence lost it,
-    and a Redis with persistence holds it back for the whole visibility timeout. So the ledger settles
-    the run now, by the rule of a lost agent (:func:`aios.agents.registry.settle_lost_run`): a task left to retry
-    waits PENDING (``pending_reason`` ``connection_lost``) for the sync job to dispatch it under a new
-    dispatch id once the broker answers, and a late delivery of the old message is fenced off. Runs in
-    the worker's main process, which must not block on a broker that is down: nothing is published here.
-    """
-    from aios.agents.registry import settle_lost_run
-
-    with session_scope(settings.database) as session:
-        row = _running_run(session, task_id, dispatch_id)
-        if row is None:
-            return None
-        actor = f"worker:{agent}"
-        outcome = settle_lost_run(
-            session,
-            row,
-            agent=agent,
-            reason="cancelled by Celery",
-            actor=actor,
-            fence=dispatch_id,
-            what=f"agent {agent} lost its broker connection",
-        )
-        if outcome is TaskState.RETRYING:
-            transition(
-                session,
-                task_id,
-                TaskState.RETRYING,
-                TaskState.PENDING,
-                actor=actor,
-                detail={"reason": "waits for the sync job to dispatch it again"},
-                values={"pending_reason": CANCELLED_ON_CONNECTION_LOSS},
-            )
-            outcome = TaskState.PENDING
-    logger.warning("run %s of task %s was cancelled on broker connection loss: now %s", dispatch_id, task_id, outcome)
-    return outcome

@@ -16,14 +16,17 @@ from celery.worker.request import Request
 from aios.broker.celery_app import RUN_TASK_NAME
 from aios.config import Settings
 from aios.ops.log import task_id_var
+from aios.recovery.lost_runs import record_cancelled_run
 from aios.tasks.states import TaskState
-from workers.runner import execute, record_cancelled_run, record_lost_run
+from workers.runner import execute, record_lost_run
 
 logger = logging.getLogger(__name__)
 
 
 class AiosRequest(Request):
-    """Records in the database what the pool child could not: hard timeouts and lost processes."""
+    """Records in the database what the pool child could not: hard timeouts and lost processes
+    (:func:`workers.runner.record_lost_run`), and runs Celery cancelled on a broker connection loss
+    (:func:`aios.recovery.lost_runs.record_cancelled_run`)."""
 
     def _aios_settings(self) -> Settings:
         return self.task.app.aios_settings  # type: ignore[no-any-return]

@@ -1,8 +1,8 @@
-"""Agents in the ledger: registration, heartbeats, health transitions, offline sweep and re-routing.
+"""Agents in the ledger: registration, heartbeats, health transitions, and the healthy set routing reads.
 
-Who notices that an agent died? Every live agent's heartbeat also sweeps: one conditional UPDATE per
-stale agent moves it to OFFLINE, and only the process whose UPDATE won re-routes its work, so the
-work moves once however many agents (or, later, the sync job) notice at the same moment.
+An agent's status changes here (a heartbeat's verdict, a clean stop, silence past the heartbeat timeout,
+an operator's drain or disable); what then becomes of its tasks is :mod:`aios.recovery`'s job, which
+calls in here. Nothing here moves a task.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from celery import Celery
 from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session
 
@@ -26,7 +25,7 @@ from aios.config import Settings
 from aios.db import session_scope
 from aios.errors import Conflict, NotFound, ValidationFailed
 from aios.models import Agent, AgentEvent, Task
-from aios.tasks.states import TaskState, transition_many
+from aios.tasks.states import TaskState
 from aios.timeutil import as_utc, utcnow
 
 logger = logging.getLogger(__name__)
@@ -216,8 +215,9 @@ def record_heartbeat(
         return HeartbeatOutcome(old=old, new=AgentStatus(agent.status))
 
 
-def mark_offline(settings: Settings, celery: Celery | None, name: str, reason: str) -> bool:
-    """Mark an agent OFFLINE now (a clean shutdown); re-route its queued work if it was routable."""
+def mark_offline(settings: Settings, name: str, reason: str) -> bool:
+    """Mark an agent OFFLINE now (a clean shutdown); True if this call changed it (its work is then
+    re-routed by the caller, :func:`aios.recovery.reroute.agent_stopped`)."""
     with session_scope(settings.database) as session:
         won = (
             session.execute(
@@ -230,14 +230,17 @@ def mark_offline(settings: Settings, celery: Celery | None, name: str, reason: s
         )
         if won:
             session.add(AgentEvent(agent=name, at=utcnow(), from_status=None, to_status="OFFLINE", reason=reason[:255]))
-    if won and celery is not None:
-        reroute(settings, celery, name, include_running=False, reason=reason)
     forget_healthy_cache()
     return won
 
 
-def sweep_offline(settings: Settings, celery: Celery) -> list[str]:
-    """Mark agents past the heartbeat timeout OFFLINE and re-route their work (bounded, idempotent)."""
+def mark_silent_offline(settings: Settings) -> Iterator[str]:
+    """Mark agents past the heartbeat timeout OFFLINE (bounded, idempotent), yielding each one this
+    process moved as soon as that is committed, so the caller moves its work before the next is marked.
+
+    One conditional UPDATE per agent: when several processes sweep at once, each agent is won by one of
+    them, which alone re-routes its work (:func:`aios.recovery.reroute.sweep_offline`).
+    """
     timeout_s = settings.agents.effective_heartbeat_timeout_s
     cutoff = utcnow() - timedelta(seconds=timeout_s)
     with session_scope(settings.database) as session:
@@ -251,7 +254,7 @@ def sweep_offline(settings: Settings, celery: Celery) -> list[str]:
                 .limit(100)
             )
         )
-    lost = []
+    lost = False
     for name in stale:
         with session_scope(settings.database) as session:
             row = session.execute(
@@ -279,23 +282,22 @@ def sweep_offline(settings: Settings, celery: Celery) -> list[str]:
                     reason=f"no heartbeat for more than {timeout_s:g}s",
                 )
             )
-        lost.append(name)
+        lost = True
         logger.warning("agent %s is OFFLINE (no heartbeat for %gs); re-routing its work", name, timeout_s)
-        reroute(settings, celery, name, include_running=True, reason="agent offline")
+        yield name
     if lost:
         forget_healthy_cache()
-    return lost
 
 
 #: What an operator may set an agent to (PATCH /agents/{name} and the dashboard): ONLINE undoes the other two.
 ADMIN_STATUSES = ("ONLINE", "DRAINING", "DISABLED")
 
 
-def set_admin_status(settings: Settings, celery: Celery, name: str, status: str) -> str:
+def set_admin_status(settings: Settings, name: str, status: str) -> str:
     """Drain, disable or re-enable an agent; returns its health status after the change.
 
-    A drained or disabled agent takes no new work: what waits in its own queue is re-routed to other
-    agents (stale copies are fenced off); what it runs now finishes.
+    A drained or disabled agent takes no new work; moving what waits in its own queue to other agents
+    is the caller's next step (:func:`aios.recovery.reroute.admin_status_changed`).
     """
     if status not in ADMIN_STATUSES:
         raise ValidationFailed(f"status: must be one of {', '.join(ADMIN_STATUSES)}", field="status")
@@ -306,81 +308,7 @@ def set_admin_status(settings: Settings, celery: Celery, name: str, status: str)
         reevaluate(session, settings, agent)
         health = agent.status
     forget_healthy_cache()
-    if status != "ONLINE":
-        reroute(settings, celery, name, include_running=False, reason=f"agent {status.lower()}")
     return health
-
-
-def reroute(settings: Settings, celery: Celery, name: str, *, include_running: bool, reason: str) -> dict[str, int]:
-    """Move an agent's QUEUED tasks to other agents (new dispatch ids); retry or fail its RUNNING ones."""
-    from aios.tasks.create import dispatch
-
-    # This process may have cached the healthy set while the agent was still in it (up to a second
-    # ago): routing from that copy would send its work straight back to its own queue.
-    forget_healthy_cache()
-    actor = "router"
-    with session_scope(settings.database) as session:
-        queued = list(
-            session.scalars(
-                select(Task.id).where(Task.state == TaskState.QUEUED.value, Task.queue == agent_queue(name))
-            )
-        )
-        moved = transition_many(
-            session,
-            queued,
-            TaskState.QUEUED,
-            TaskState.PENDING,
-            actor=actor,
-            detail={"reason": reason, "agent": name},
-            values={"pending_reason": "rerouted"},
-        )
-        retry_ids: list[str] = []
-        if include_running:
-            running = session.execute(
-                select(Task.id, Task.on_agent_lost, Task.attempts, Task.max_retries).where(
-                    Task.state == TaskState.RUNNING.value, Task.agent == name
-                )
-            ).all()
-            for row in running:
-                if settle_lost_run(session, row, agent=name, reason=reason, actor=actor) is TaskState.RETRYING:
-                    retry_ids.append(row.id)
-    if moved:
-        dispatch(celery, settings, moved, actor=actor)
-    if retry_ids:
-        dispatch(celery, settings, retry_ids, actor=actor, from_state=TaskState.RETRYING)
-    return {"queued": len(moved), "retried": len(retry_ids)}
-
-
-def settle_lost_run(
-    session: Session,
-    row: Any,
-    *,
-    agent: str | None,
-    reason: str,
-    actor: str,
-    fence: str | None = None,
-    what: str | None = None,
-) -> TaskState | None:
-    """The one rule for a RUNNING task whose run is gone (its agent died, or the agent no longer holds
-    it): FAILED if it asked ``on_agent_lost=fail``, DEAD when no retries are left, else RETRYING (the
-    caller dispatches it again).
-
-    ``row`` has ``id, on_agent_lost, attempts, max_retries``; ``fence`` (a dispatch id) makes the change
-    only if the run is still the one that was read; ``what`` says what happened to the run (default:
-    its agent was lost). Returns the state moved to, or None if it moved on.
-    """
-    detail = {"reason": f"{reason}: {what or f'its agent {agent} was lost'}", "attempt": row.attempts}
-    what = what or f"agent {agent} was lost"
-    if row.on_agent_lost == "fail":
-        target, error = TaskState.FAILED, f"{what} while running it"
-    elif row.attempts > row.max_retries:
-        target, error = TaskState.DEAD, f"{what}; no retries left"
-    else:
-        target, error = TaskState.RETRYING, f"{what} while running it"
-    moved = transition_many(
-        session, [row.id], TaskState.RUNNING, target, actor=actor, detail=detail, fence=fence, values={"error": error}
-    )
-    return target if moved else None
 
 
 # --------------------------------------------------------------------------- the healthy set

@@ -19,7 +19,8 @@ from sqlalchemy import Connection, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from aios.models import ApiKey, User
-from aios.timeutil import as_utc, utcnow
+from aios.security import audit
+from aios.timeutil import as_utc, isoformat, utcnow
 
 KEY_PREFIX = "aios"
 PREFIX_CHARS = 10
@@ -181,3 +182,25 @@ def expire_due(session: Session, now: datetime, *, limit: int) -> list[ApiKey]:
         if won is not None:
             changed.append(row)
     return changed
+
+
+def expire_and_audit(session: Session, now: datetime, *, actor: str, limit: int) -> int:
+    """Mark keys past ``expires_at`` EXPIRED (:func:`expire_due`) with one ``key.expire`` audit row each,
+    by ``actor`` (the sync job runs it as its ``keys`` step); returns how many. The caller commits."""
+    expired = expire_due(session, now, limit=limit)
+    for key in expired:
+        audit.record(
+            session,
+            principal=actor,
+            role=None,
+            source_ip=None,
+            action="key.expire",
+            target=key.id,
+            outcome=audit.SUCCESS,
+            detail={
+                "expires_at": isoformat(key.expires_at),
+                "rotated_to": key.rotated_to,
+                "owner_id": key.owner_id,
+            },
+        )
+    return len(expired)

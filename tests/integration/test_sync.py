@@ -368,7 +368,7 @@ def test_a_task_running_past_its_timeout_on_a_dead_agent_is_timed_out_by_sync(sy
     assert early["found"]["overdue"] == 0 and synced.task(task["id"]).state == "RUNNING"
 
     # When sync runs after it (the agent's heartbeat is not even overdue yet: 15 s by default)
-    from aios.recovery.sync import overdue_after_s
+    from aios.recovery.timeouts import overdue_after_s
 
     limit_s = overdue_after_s(synced.settings, 4)
     from aios.timeutil import utcnow

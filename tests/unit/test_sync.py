@@ -19,7 +19,8 @@ from aios.broker.celery_app import create_celery_app
 from aios.config import Settings, load_settings
 from aios.db import dispose_engines, session_scope
 from aios.models import Task, TaskEvent
-from aios.recovery.sync import DUPLICATE_NOTE, find_duplicates, record_duplicates, run_sync
+from aios.recovery.messages import DUPLICATE_NOTE, find_duplicates, record_duplicates
+from aios.recovery.sync import run_sync
 from aios.tasks.create import TaskSpec, create_tasks
 from aios.tasks.states import TaskState, transition
 from aios.timeutil import utcnow

@@ -1,0 +1,277 @@
+"""Work the broker lost track of: the sync job's ``pending``, ``lost_messages`` and ``duplicates`` steps.
+
+* ``pending`` (:func:`dispatch_pending`): PENDING tasks the API could not publish, that waited for a
+  healthy agent, whose run Celery cancelled on a broker connection loss, or that nobody dispatched for
+  ``lost_message_grace_s`` (a process died after its commit) are dispatched; so are RETRYING tasks
+  left that long (a process died between deciding a retry and publishing it).
+* ``lost_messages`` (:func:`redispatch_lost_messages`): QUEUED tasks older than ``lost_message_grace_s``
+  whose message is in no broker queue and in no agent's hands, and QUEUED tasks stranded in the queue
+  of an OFFLINE or unknown agent, go back to PENDING and are dispatched again under a new dispatch id.
+  The message check needs Redis and is skipped (with a note in ``found``) on other transports: the
+  embedded SQLite broker delivers a message a killed agent held again by itself (visibility timeout),
+  and messages of kombu's filesystem transport leave its queue folder when an agent fetches them, so
+  held and lost look the same there. Stranded tasks are handled on every transport.
+* ``duplicates`` (:func:`note_duplicates`): a task that ``inspect active`` shows on two agents at once
+  gets one note event.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import or_, select
+
+from aios.agents.health import AgentStatus
+from aios.agents.registry import agent_queue
+from aios.config import Settings
+from aios.db import session_scope
+from aios.models import Agent, Task, TaskEvent
+from aios.recovery.context import ACTOR, MAX_ROWS_PER_STEP, SyncContext
+from aios.tasks.create import dispatch
+from aios.tasks.states import TaskState, record_events, transition_many
+from aios.timeutil import utcnow
+
+logger = logging.getLogger(__name__)
+
+#: Most broker messages the lost-message check reads in one run; past this it skips (with a note).
+MAX_SCAN_MESSAGES = 100_000
+DUPLICATE_NOTE = "running on two agents"
+
+
+def dispatch_pending(run: SyncContext) -> None:
+    """``pending``: dispatch PENDING tasks that wait for it, and RETRYING tasks whose retry was never published."""
+    cutoff = utcnow() - timedelta(seconds=run.settings.orchestrator.lost_message_grace_s)
+    with session_scope(run.settings.database) as session:
+        task_ids = list(
+            session.scalars(
+                select(Task.id)
+                .where(
+                    Task.state == TaskState.PENDING.value,
+                    or_(Task.pending_reason.is_not(None), Task.updated_at < cutoff),
+                )
+                .order_by(Task.created_at, Task.id)
+                .limit(MAX_ROWS_PER_STEP)
+            )
+        )
+        # A retry decided but never published (its process died in between) waits RETRYING forever.
+        stuck_retries = list(
+            session.scalars(
+                select(Task.id)
+                .where(Task.state == TaskState.RETRYING.value, Task.updated_at < cutoff)
+                .order_by(Task.updated_at, Task.id)
+                .limit(MAX_ROWS_PER_STEP)
+            )
+        )
+    run.found["pending"] = len(task_ids) + len(stuck_retries)
+    if (task_ids or stuck_retries) and run.need_broker("pending"):
+        outcome = dispatch(run.celery, run.settings, task_ids, actor=ACTOR)
+        retried = dispatch(run.celery, run.settings, stuck_retries, actor=ACTOR, from_state=TaskState.RETRYING)
+        run.changed["dispatched"] = len(outcome.queued) + len(retried.queued)
+
+
+def redispatch_lost_messages(run: SyncContext) -> None:
+    """``lost_messages``: QUEUED tasks with no message anywhere, or stranded with an OFFLINE agent, go again."""
+    settings = run.settings
+    cutoff = utcnow() - timedelta(seconds=settings.orchestrator.lost_message_grace_s)
+    with session_scope(settings.database) as session:
+        rows = session.execute(
+            select(Task.id, Task.queue, Task.dispatch_id)
+            # created_at <= queued_at: the bound lets the (state, created_at) index skip the fresh backlog.
+            .where(Task.state == TaskState.QUEUED.value, Task.created_at < cutoff, Task.queued_at < cutoff)
+            .order_by(Task.created_at, Task.id)
+            .limit(MAX_ROWS_PER_STEP)
+        ).all()
+        if not rows:
+            return
+        agent_queues = {row.queue for row in rows if row.queue.startswith("agent.")}
+        statuses = (
+            {agent_queue(a.name): a.status for a in session.execute(select(Agent.name, Agent.status))}
+            if agent_queues
+            else {}
+        )
+    stranded = {
+        row.id
+        for row in rows
+        if row.queue in agent_queues and statuses.get(row.queue, AgentStatus.OFFLINE.value) == AgentStatus.OFFLINE.value
+    }
+    run.found["stranded"] = len(stranded)
+    lost: set[str] = set()
+    if settings.broker.is_sqlite:
+        run.notes.append(
+            "lost_messages: skipped on the embedded SQLite broker (it delivers a message a killed "
+            "agent held again after broker.visibility_timeout_s); see docs/sync.md"
+        )
+    elif not settings.broker.is_redis:
+        run.notes.append(
+            "lost_messages: skipped on the filesystem transport (an agent's fetched messages "
+            "leave its queue folder, so held and lost look the same); see docs/sync.md"
+        )
+    elif run.need_broker("lost_messages"):
+        candidates = [row for row in rows if row.id not in stranded]
+        missing = _missing_messages(run, candidates)
+        if missing:  # look once more: a message may have been between a queue and an agent's hands
+            missing &= _missing_messages(run, [row for row in candidates if row.id in missing])
+        lost = missing or set()
+        run.found["lost_messages"] = len(lost)
+    redo = [row for row in rows if row.id in lost or row.id in stranded]
+    if not redo:
+        return
+    with session_scope(settings.database) as session:
+        moved = []
+        for row in redo:
+            reason = "stranded in the queue of an offline agent" if row.id in stranded else "lost message"
+            moved += transition_many(
+                session,
+                [row.id],
+                TaskState.QUEUED,
+                TaskState.PENDING,
+                actor=ACTOR,
+                fence=row.dispatch_id,
+                detail={"reason": reason, "dispatch_id": row.dispatch_id, "queue": row.queue},
+                values={"pending_reason": "lost_message"},
+            )
+    if moved and run.broker_down is None:
+        outcome = dispatch(run.celery, settings, moved, actor=ACTOR)
+        run.changed["redispatched"] = len(outcome.queued)
+
+
+def note_duplicates(run: SyncContext) -> None:
+    """``duplicates``: one note event per task seen on two agents at once."""
+    if not run.need_broker("duplicates"):
+        return
+    replies = run.active_replies("duplicates")
+    if not replies:
+        return
+    duplicates = find_duplicates(replies)
+    run.found["duplicates"] = len(duplicates)
+    run.changed["duplicates_recorded"] = record_duplicates(run.settings, duplicates)
+
+
+def find_duplicates(replies: Mapping[str, list[dict[str, Any]] | None]) -> dict[str, dict[str, str | None]]:
+    """Task ids that ``inspect active`` replies show on more than one agent → {agent: dispatch id}."""
+    seen: dict[str, dict[str, str | None]] = {}
+    for agent, requests in replies.items():
+        for request in requests or []:
+            task_id = request.get("id")
+            if task_id:
+                kwargs = request.get("kwargs")
+                seen.setdefault(task_id, {})[agent] = kwargs.get("dispatch_id") if isinstance(kwargs, dict) else None
+    return {task_id: agents for task_id, agents in seen.items() if len(agents) > 1}
+
+
+def record_duplicates(settings: Settings, duplicates: dict[str, dict[str, str | None]]) -> int:
+    """One note event per task seen on two agents (never a second one); returns how many were new."""
+    if not duplicates:
+        return 0
+    with session_scope(settings.database) as session:
+        known = set(session.scalars(select(Task.id).where(Task.id.in_(list(duplicates)))))
+        noted = {
+            event.task_id
+            for event in session.scalars(
+                select(TaskEvent).where(
+                    TaskEvent.task_id.in_(list(known)), TaskEvent.actor == ACTOR, TaskEvent.to_state.is_(None)
+                )
+            )
+            if (event.detail or {}).get("note") == DUPLICATE_NOTE
+        }
+        new = sorted(known - noted)
+        for task_id in new:
+            record_events(
+                session,
+                [task_id],
+                actor=ACTOR,
+                from_state=None,
+                to_state=None,
+                detail={"note": DUPLICATE_NOTE, "agents": duplicates[task_id]},
+            )
+            logger.warning(
+                "task %s is running on %d agents at once: %s",
+                task_id,
+                len(duplicates[task_id]),
+                sorted(duplicates[task_id]),
+            )
+    return len(new)
+
+
+# --------------------------------------------------------------------------- what Redis holds
+
+
+def _missing_messages(run: SyncContext, rows: list[Any]) -> set[str]:
+    """Ids of ``rows`` whose current dispatch has no message in its Redis queue and none held by an agent.
+
+    Reads, in one MULTI transaction (an atomic snapshot), every priority list of the rows' queues and
+    kombu's ``unacked`` hash: with ``acks_late`` every message an agent fetched (reserved, running, or
+    waiting for its countdown) stays there until the run ended.
+    """
+    if not rows:
+        return set()
+    present = _messages_in_redis(run, {row.queue for row in rows}, {row.id for row in rows})
+    if present is None:
+        return set()
+    return {row.id for row in rows if (row.id, row.dispatch_id) not in present}
+
+
+def _messages_in_redis(run: SyncContext, queues: set[str], wanted: set[str]) -> set[tuple[str, str | None]] | None:
+    import redis
+
+    from aios.broker.celery_app import queue_name
+
+    with run.celery.connection_for_read() as connection:
+        channel = connection.default_channel
+        prefix = getattr(channel, "global_keyprefix", "") or ""
+        # A plain client on kombu's pool: kombu's own client prefixes only some commands.
+        client = redis.Redis(connection_pool=channel.client.connection_pool)
+        keys = sorted(
+            {
+                prefix + channel._q_for_pri(queue_name(run.settings, queue), step)
+                for queue in queues
+                for step in channel.priority_steps
+            }
+        )
+        unacked = prefix + channel.unacked_key
+        sizes = client.pipeline(transaction=False)
+        for key in keys:
+            sizes.llen(key)
+        sizes.hlen(unacked)
+        lengths = sizes.execute()
+        total = sum(int(n) for n in lengths)
+        if total > MAX_SCAN_MESSAGES:
+            run.notes.append(f"lost_messages: skipped, {total} messages to read is more than {MAX_SCAN_MESSAGES}")
+            return None
+        snapshot = client.pipeline(transaction=True)
+        nonempty = [key for key, n in zip(keys, lengths, strict=False) if n]
+        for key in nonempty:
+            snapshot.lrange(key, 0, -1)
+        snapshot.hvals(unacked)
+        *lists, held = snapshot.execute()
+    present: set[tuple[str, str | None]] = set()
+    for raw in (item for items in lists for item in items):
+        present.update(_identify(raw, wanted))
+    for raw in held:
+        try:
+            message = json.loads(raw)[0]
+        except (ValueError, TypeError, IndexError, KeyError):
+            continue
+        present.update(_identify(message, wanted))
+    return present
+
+
+def _identify(raw: Any, wanted: set[str]) -> list[tuple[str, str | None]]:
+    """(task id, dispatch id) of a kombu Redis message (a JSON envelope) if its task id is ``wanted``."""
+    try:
+        message = json.loads(raw) if isinstance(raw, bytes | str) else raw
+        task_id = message["headers"]["id"]
+        if task_id not in wanted:
+            return []
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        _args, kwargs, _embed = json.loads(body)
+        return [(task_id, kwargs.get("dispatch_id"))]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return []
