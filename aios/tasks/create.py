@@ -239,14 +239,8 @@ def _insert_tasks(session: Session, rows: list[dict[str, Any]]) -> None:
 def _event(
     task_id: str, now: datetime, actor: str, from_state: str | None, to_state: str, detail: dict[str, Any]
 ) -> dict[str, Any]:
-    return {
-        "task_id": task_id,
-        "at": now,
-        "actor": actor,
-        "from_state": from_state,
-        "to_state": to_state,
-        "detail": detail,
-    }
+    """A ``task_events`` row, for the one multi-row INSERT of a creation's timeline."""
+    return dict(task_id=task_id, at=now, actor=actor, from_state=from_state, to_state=to_state, detail=detail)
 
 
 def _earlier_request(settings: Settings, spec: TaskSpec) -> Task:
