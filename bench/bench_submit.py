@@ -237,7 +237,7 @@ def measure(run: Run, api: Any, args: argparse.Namespace) -> list[Figure]:
                 "rows and 2,000 timeline events with their indexes (the search index included), then 1,000 "
                 "messages built by Celery and serialised by kombu one by one (each JSON-encoded twice, the body "
                 "base64'd into the Redis envelope; Celery's per-call send_task work is already skipped after the "
-                "first, aios/tasks/create.py `_send_in_batch`), all in Python on the two cores that also run "
+                "first, aios/broker/publish.py `_send_in_batch`), all in Python on the two cores that also run "
                 "PostgreSQL, Redis and the load generator. Closing it needs the messages built without kombu's "
                 "per-message path (one Redis pipeline of ready-made envelopes) and a cheaper ledger write (one "
                 "timeline event per task instead of two, COPY instead of INSERT)."

@@ -25,13 +25,14 @@ from aios.ops.limits import current
 from aios.sandbox.run import COMMAND_TYPE, CommandLimits, CommandParameters, raised_limits, task_timeout_for
 from aios.security.roles import ADMIN, OPERATOR
 from aios.tasks.actions import get_task, task_to_dict
+from aios.tasks.spec import TaskRequest, to_spec
 from aios.tasks.states import TERMINAL
 from aios.tasks.view import Reader
 from webapi.context import ctx
 from webapi.holds import WAIT, hold, thread_budget
 from webapi.requests import json_body, validate
-from webapi.security import current_principal, policy, set_audit
-from webapi.tasks import TaskRequest, accept, idempotency_key, reader, to_spec
+from webapi.security import current_principal, policy, reader, set_audit
+from webapi.tasks import accept, idempotency_key
 
 bp = Blueprint("commands", __name__, url_prefix="/api/v1/commands")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Annotated, Any
 
 from flask import Blueprint, jsonify
@@ -14,30 +13,18 @@ from aios.db import session_scope
 from aios.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from aios.models import Schedule
 from aios.security.roles import ADMIN, OPERATOR, VIEWER
+from aios.tasks.spec import TaskRequest, schedule_body, to_spec
 from aios.tasks.view import redact
 from aios.timeutil import isoformat, utcnow
 from aios.timing.cron import parse_cron
 from aios.timing.periodic import first_run, new_schedule_id
 from webapi.context import ctx
 from webapi.requests import json_body, validate
-from webapi.security import current_principal, policy, set_audit
-from webapi.tasks import TaskRequest, reader, to_spec
+from webapi.security import current_principal, policy, reader, set_audit
 
 bp = Blueprint("schedules", __name__, url_prefix="/api/v1/schedules")
 
 ScheduleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
-#: The fields of a stored task body that beat turns back into a TaskSpec.
-SPEC_FIELDS = (
-    "type",
-    "parameters",
-    "priority",
-    "max_retries",
-    "timeout_s",
-    "queue",
-    "routing",
-    "pinned_agent",
-    "on_agent_lost",
-)
 
 
 class CreateSchedule(BaseModel):
@@ -64,8 +51,7 @@ def stored_task(body: dict[str, Any]) -> dict[str, Any]:
     spec = to_spec(ctx().settings, request, field_prefix="task")
     if getattr(request, "run_at", None) is not None or getattr(request, "delay_s", None) is not None:
         raise ValidationFailed("task: a schedule's task cannot have run_at or delay_s", field="task")
-    data = asdict(spec)
-    return {name: data[name] for name in SPEC_FIELDS if name in data}
+    return schedule_body(spec)
 
 
 def check_timing(cron: str | None, interval_s: int | None) -> None:

@@ -26,7 +26,6 @@ from flask import Flask, Response, current_app, g, request
 from flask_jwt_extended import JWTManager, get_current_user, get_jwt, verify_jwt_in_request
 from flask_jwt_extended.exceptions import JWTExtendedException, UserLookupError
 from jwt.exceptions import PyJWTError
-from sqlalchemy.orm import Session
 
 from aios.config import Settings
 from aios.db import get_engine, session_scope
@@ -37,6 +36,7 @@ from aios.security.roles import ADMIN, AGENT, effective_key_role
 from aios.security.secrets import resolve_jwt_secret
 from aios.security.store import SecurityStore, create_store
 from aios.security.tokens import epoch_matches, subject_user_id, token_epoch
+from aios.tasks.view import Reader
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,12 @@ def current_principal() -> Principal:
     if principal is None:  # pragma: no cover - authenticate_request guarantees it on non-public routes
         raise Unauthorized("authentication required")
     return principal  # type: ignore[no-any-return]
+
+
+def reader() -> Reader:
+    """The caller, as :mod:`aios.tasks.view` decides what of a task (a command's body) it may see."""
+    principal = current_principal()
+    return Reader(principal.name, is_admin=principal.role == ADMIN)
 
 
 def policy(*roles: str, audit_action: str | None = None, rate: str | None = None) -> Callable[[View], View]:
@@ -247,10 +253,18 @@ def _audit_target() -> str | None:
     return target  # type: ignore[no-any-return]
 
 
-def _write_audit(session: Session, action: str, status: int) -> None:
+def audit_entry(status: int, **detail: Any) -> audit.Entry | None:
+    """This request's audit row as plain values, as answered with ``status`` (None if the route audits
+    nothing): what code outside the web layer takes to write the row in its own transaction.
+
+    ``detail`` adds to what :func:`set_audit` recorded so far, for this row only."""
+    action = _audit_action()
+    return _audit_entry(action, status, detail) if action else None
+
+
+def _audit_entry(action: str, status: int, detail: dict[str, Any]) -> audit.Entry:
     principal: Principal | None = g.get("principal")
-    audit.record(
-        session,
+    return audit.Entry(
         principal=g.get("audit_principal") or (principal.name if principal else "anonymous"),
         role=principal.role if principal else None,
         source_ip=client_ip(),
@@ -259,24 +273,19 @@ def _write_audit(session: Session, action: str, status: int) -> None:
         outcome=audit.outcome_for_status(status),
         detail={
             **(g.get("audit_detail") or {}),
+            **detail,
             **({"key": principal.key_prefix} if principal and principal.key_prefix else {}),
             "status": status,
         },
     )
 
 
-def audit_within(session: Session, status: int) -> None:
-    """Write this request's audit row in the view's own transaction, as answered with ``status``.
-
-    The action and its audit row then commit together (never one without the other), and the
-    request spends one transaction instead of two: the submit path uses it. Call it after the last
-    :func:`set_audit` of the request; :func:`audit_response` then writes no second row, unless the
-    response's status is not ``status`` (the transaction failed after this, and its row with it).
-    """
-    action = _audit_action()
-    if action:
-        _write_audit(session, action, status)
-        g.audit_written_status = status
+def audit_written(status: int) -> None:
+    """Say that this request's audit row, as answered with ``status``, was written with its action (in
+    the action's own transaction: the action and its row commit together, and the request spends one
+    transaction instead of two; the submit path does this, :func:`aios.tasks.create.create_tasks`).
+    :func:`audit_response` then writes no second row, unless the response's status is not ``status``."""
+    g.audit_written_status = status
 
 
 def audit_response(response: Response) -> Response:
@@ -285,8 +294,9 @@ def audit_response(response: Response) -> Response:
         return response
     if g.get("audit_written_status") != response.status_code:
         try:
+            entry = _audit_entry(action, response.status_code, {})
             with session_scope(_settings().database) as session:
-                _write_audit(session, action, response.status_code)
+                entry.write(session)
         except Exception:  # noqa: BLE001 - never turn a done action into an error; but say so loudly
             logger.exception("could not write the audit row for %s", action)
     principal: Principal | None = g.get("principal")

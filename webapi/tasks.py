@@ -11,112 +11,32 @@ from flask import Blueprint, Response, jsonify, request, url_for
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from sqlalchemy.orm import Session
 
-from aios.config import Settings
 from aios.db import session_scope
-from aios.errors import Conflict, ValidationFailed
+from aios.errors import ValidationFailed
 from aios.models import Task
 from aios.security.roles import ADMIN, OPERATOR, VIEWER
 from aios.tasks.actions import cancel_task, get_task, retry_task, task_to_dict
 from aios.tasks.bulk import BULK_DEFAULT_LIMIT, BULK_MAX, run_bulk
-from aios.tasks.create import TaskSpec, accept_idempotent, accept_tasks
+from aios.tasks.create import SubmitAudit, create_tasks
 from aios.tasks.search import DEFAULT_SORT, SORTS, TaskFilter, check_q, encode_cursor, list_tasks
+from aios.tasks.spec import TaskRequest, TaskSpec, check_pinned, to_spec
 from aios.tasks.states import TaskState
-from aios.tasks.view import BODY_FIELDS, Reader, add_previews, bodies_left_out, previews
+from aios.tasks.view import BODY_FIELDS, add_previews, bodies_left_out, previews
 from aios.tasktypes import get_registry
 from aios.timeutil import parse_iso
-from aios.timing.delayed import MAX_AHEAD_S, requested_run_at
 from webapi.context import ctx
 from webapi.requests import json_body, validate
-from webapi.security import audit_within, current_principal, policy, set_audit
+from webapi.security import audit_entry, audit_written, current_principal, policy, reader, set_audit
 
 bp = Blueprint("tasks", __name__, url_prefix="/api/v1/tasks")
 
-QueueName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 IDEMPOTENCY_KEY_MAX = 255
-
-
-class TaskRequest(BaseModel):
-    """The body of POST /tasks (and each item of a batch). Unknown fields are refused."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    type: Annotated[str, StringConstraints(min_length=1, max_length=128)]
-    parameters: dict[str, Any] = Field(default_factory=dict)
-    priority: int | None = Field(None, ge=0, le=9, description="0-9, 9 most urgent")
-    max_retries: int | None = Field(None, ge=0, le=100)
-    timeout_s: int | None = Field(None, ge=1)
-    queue: QueueName | None = None
-    #: Routing policy for this task (default orchestrator.routing_policy); exclusive with queue and agent.
-    routing: Literal["round_robin", "weighted_round_robin", "least_loaded", "shared"] | None = None
-    #: Pin the task to one agent (409 unless it is healthy and can run the type).
-    agent: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
-    #: A RUNNING task whose agent goes OFFLINE is retried (an attempt) or failed.
-    on_agent_lost: Literal["retry", "fail"] | None = None
-    #: Start at this time (ISO 8601 with Z or an offset) or this many seconds after submission; the task
-    #: waits SCHEDULED in the database until then (aios.timing.delayed). A time not in the future runs at once.
-    run_at: str | None = None
-    delay_s: float | None = Field(None, ge=0, le=MAX_AHEAD_S, allow_inf_nan=False)
 
 
 class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     tasks: list[dict[str, Any]] = Field(min_length=1)
-
-
-def to_spec(
-    settings: Settings, body: TaskRequest, *, field_prefix: str = "", idempotency_key: str | None = None
-) -> TaskSpec:
-    """Turn a validated body into a TaskSpec, applying defaults and checking the type's parameters."""
-    prefix = f"{field_prefix}." if field_prefix else ""
-    orchestrator = settings.orchestrator
-    if body.timeout_s is not None and body.timeout_s > orchestrator.task_timeout_s:
-        raise ValidationFailed(
-            f"{prefix}timeout_s: must be at most orchestrator.task_timeout_s ({orchestrator.task_timeout_s})",
-            field=f"{prefix}timeout_s",
-        )
-    chosen = [name for name in ("queue", "agent", "routing") if getattr(body, name) is not None]
-    if len(chosen) > 1:
-        raise ValidationFailed(
-            f"{prefix}{chosen[1]}: give only one of queue, agent and routing", field=f"{prefix}{chosen[1]}"
-        )
-    run_at = requested_run_at(body.run_at, body.delay_s, field_prefix=field_prefix)
-    registry = get_registry()
-    try:
-        task_type = registry.get(body.type)
-        params = task_type.validate(body.parameters)
-    except ValidationFailed as exc:
-        field = f"{prefix}{exc.extra.get('field', 'parameters')}"
-        raise type(exc)(f"{field_prefix}: {exc.message}" if field_prefix else exc.message, field=field) from exc
-    return TaskSpec(
-        type=body.type,
-        parameters=params.model_dump(mode="json"),
-        priority=orchestrator.default_priority if body.priority is None else body.priority,
-        max_retries=orchestrator.max_retries if body.max_retries is None else body.max_retries,
-        timeout_s=body.timeout_s or orchestrator.task_timeout_s,
-        queue=body.queue or "",
-        idempotency_key=idempotency_key,
-        routing="queue" if body.queue else ("pinned" if body.agent else body.routing or orchestrator.routing_policy),
-        pinned_agent=body.agent,
-        on_agent_lost=body.on_agent_lost or "retry",
-        run_at=run_at,
-        delay_s=body.delay_s,
-    )
-
-
-def check_pinned(settings: Settings, spec: TaskSpec, *, field: str = "agent") -> None:
-    """A task pinned to an agent is refused (409) unless that agent is healthy and can run it."""
-    if spec.pinned_agent is None:
-        return
-    from aios.agents.registry import forget_healthy_cache, healthy_agents
-
-    forget_healthy_cache()
-    for candidate in healthy_agents(settings):
-        if candidate.name == spec.pinned_agent:
-            if spec.type in candidate.capabilities:
-                return
-            raise Conflict(f"agent {spec.pinned_agent!r} cannot run tasks of type {spec.type!r}", field=field)
-    raise Conflict(f"agent {spec.pinned_agent!r} is not a healthy agent", field=field)
 
 
 def _accepted(task_dict: dict[str, Any], *, replayed: bool = False) -> tuple[Response, int]:
@@ -130,12 +50,6 @@ def _accepted(task_dict: dict[str, Any], *, replayed: bool = False) -> tuple[Res
 def _actor() -> str:
     principal = current_principal()
     return f"api:{principal.name}" + (f" (key {principal.key_prefix})" if principal.key_prefix else "")
-
-
-def reader() -> Reader:
-    """The caller, as :mod:`aios.tasks.view` decides what of a command it may see."""
-    principal = current_principal()
-    return Reader(principal.name, is_admin=principal.role == ADMIN)
 
 
 def list_items(session: Session, tasks: Sequence[Task], *, whole: Collection[str] = ()) -> list[dict[str, Any]]:
@@ -181,28 +95,28 @@ def accept(spec: TaskSpec, *, audit_status: int | None = None) -> tuple[dict[str
     whether it was created. POST /tasks and POST /commands share it.
 
     With ``audit_status`` (the status the view will answer a new task with), the audit row is written
-    in the task's own transaction (:func:`webapi.security.audit_within`)."""
+    in the task's own transaction (:func:`webapi.security.audit_written`)."""
     context = ctx()
     check_pinned(context.settings, spec)
-
-    def audit_new(session: Session, rows: list[dict[str, Any]]) -> None:
-        set_audit(target=rows[0]["id"], type=spec.type, replayed=False)
-        audit_within(session, audit_status)  # type: ignore[arg-type]
-
+    audit = _submit_audit(audit_status, names_task=True, type=spec.type, replayed=False)
     # Stored and dispatched in one commit; a SCHEDULED task is started by beat at its time.
-    task, created = accept_idempotent(
-        context.celery,
-        context.settings,
-        spec,
-        actor=_actor(),
-        before_commit=audit_new if audit_status is not None else None,
-    )
-    set_audit(target=task.id, type=spec.type, replayed=not created)
-    if created:
+    created = create_tasks(context.celery, context.settings, [spec], actor=_actor(), audit=audit)
+    task = created.task()
+    if audit is not None and audit_status is not None and created.replayed is None:
+        audit_written(audit_status)
+    set_audit(target=task.id, type=spec.type, replayed=created.replayed is not None)
+    if created.replayed is None:
         from webapi.metrics import count_submitted
 
         count_submitted([spec.type])
-    return task_to_dict(task, reader=reader()), created
+    return task_to_dict(task, reader=reader()), created.replayed is None
+
+
+def _submit_audit(status: int | None, *, names_task: bool = False, **detail: Any) -> SubmitAudit | None:
+    """The request's audit row for :func:`aios.tasks.create.create_tasks` to write with the tasks, as
+    answered with ``status`` (None: written after the response, as for any route)."""
+    entry = None if status is None else audit_entry(status, **detail)
+    return None if entry is None else SubmitAudit(entry, names_task=names_task)
 
 
 @bp.post("/batch")
@@ -227,11 +141,11 @@ def submit_batch() -> Any:
     for index, spec in enumerate(specs):
         check_pinned(settings, spec, field=f"tasks.{index}.agent")
 
-    def audit_batch(session: Session, rows: list[dict[str, Any]]) -> None:
-        set_audit(count=len(rows))
-        audit_within(session, 202)
-
-    accepted = accept_tasks(context.celery, settings, specs, actor=_actor(), before_commit=audit_batch)
+    audit = _submit_audit(202, count=len(specs))
+    accepted = create_tasks(context.celery, settings, specs, actor=_actor(), audit=audit)
+    if audit is not None:
+        audit_written(202)
+    set_audit(count=len(specs))
     ids = accepted.ids
     from webapi.metrics import count_submitted
 

@@ -43,11 +43,11 @@ from aios.broker import sqlite_transport
 from aios.broker.celery_app import queue_name
 from aios.broker.inspection import consumers_by_queue
 from aios.broker.priority import MAX_PRIORITY, MIN_PRIORITY, to_transport
+from aios.broker.publish import PUBLISHED_AT_HEADER
 from aios.config import Settings
 from aios.db import session_scope
 from aios.errors import ConfigError, NotFound, ServiceUnavailable, UnsupportedOnBroker
 from aios.models import Agent, Task
-from aios.tasks.create import PUBLISHED_AT_HEADER
 from aios.tasks.states import TaskState, transition
 from aios.timeutil import isoformat, parse_iso, utcnow
 

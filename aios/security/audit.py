@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert
@@ -51,3 +52,34 @@ def record(
             "detail": dict(detail) if detail else None,
         },
     )
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One audit row as plain values, to be written in some transaction by whoever holds it.
+
+    The web layer builds it from its request (principal, client address, the route's action and the
+    status it answers with); code in the core that writes the row in its own transaction (task
+    creation, :mod:`aios.tasks.create`) takes it as it is and never reads the request.
+    """
+
+    principal: str
+    role: str | None
+    source_ip: str | None
+    action: str
+    target: str | None
+    outcome: str
+    detail: Mapping[str, Any] | None = None
+
+    def write(self, session: Session, *, target: str | None = None) -> None:
+        """Append this row (about ``target`` instead, if given) in the session's transaction."""
+        record(
+            session,
+            principal=self.principal,
+            role=self.role,
+            source_ip=self.source_ip,
+            action=self.action,
+            target=self.target if target is None else target,
+            outcome=self.outcome,
+            detail=self.detail,
+        )

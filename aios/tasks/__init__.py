@@ -1,6 +1,7 @@
 """Tasks: everything about one task's life in the ledger.
 
-- :mod:`aios.tasks.create` — the spec of a new task and the one function that creates tasks (then publishes them)
+- :mod:`aios.tasks.spec` — the spec of a new task: a request's body validated, defaults applied
+- :mod:`aios.tasks.create` — the one function that creates tasks (then publishes them); dispatch of stored ones
 - :mod:`aios.tasks.states` — the state machine, the only writer of ``tasks.state``
 - :mod:`aios.tasks.actions` — find, cancel and retry one task
 - :mod:`aios.tasks.bulk` — cancel or retry every task a filter selects

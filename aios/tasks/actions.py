@@ -17,7 +17,8 @@ from aios.config import Settings
 from aios.db import session_scope
 from aios.errors import Conflict, Forbidden, NotFound
 from aios.models import Task
-from aios.tasks.create import TaskSpec, create_tasks, dispatch
+from aios.tasks.create import create_tasks
+from aios.tasks.spec import retry_spec
 from aios.tasks.states import CANCELLABLE, RETRYABLE, TERMINAL, TaskState, transition
 from aios.tasks.view import BODY_FIELDS, Reader, redact
 from aios.timeutil import isoformat
@@ -96,22 +97,8 @@ def retry_task(
         if TaskState(old.state) not in RETRYABLE:
             allowed = ", ".join(sorted(s.value for s in RETRYABLE))
             raise Conflict(f"task {task_id} is {old.state}; only {allowed} tasks can be retried", state=old.state)
-        spec = TaskSpec(
-            type=old.type,
-            parameters=old.parameters,
-            priority=old.priority,
-            max_retries=old.max_retries,
-            timeout_s=old.timeout_s,
-            queue=old.queue,
-            retry_of=old.id,
-            owner=owner or old.owner,
-            routing=old.routing,
-            pinned_agent=old.pinned_agent,
-            on_agent_lost=old.on_agent_lost,
-        )
-        (new,) = create_tasks(session, [spec], actor=actor)
-        new_id = new.id
-    dispatch(celery, settings, [new_id], actor=actor)
+        spec = retry_spec(old, owner=owner)
+    (new_id,) = create_tasks(celery, settings, [spec], actor=actor).ids
     with session_scope(settings.database) as session:
         return get_task(session, new_id)
 

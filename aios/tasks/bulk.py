@@ -23,8 +23,9 @@ from aios.config import Settings
 from aios.db import session_scope
 from aios.errors import Conflict, Forbidden, ValidationFailed
 from aios.models import Task
-from aios.tasks.create import TaskSpec, create_tasks, dispatch
+from aios.tasks.create import create_tasks
 from aios.tasks.search import TaskFilter, apply_filter, count_tasks
+from aios.tasks.spec import retry_spec
 from aios.tasks.states import CANCELLABLE, RETRYABLE, TaskState, transition_many
 
 logger = logging.getLogger(__name__)
@@ -197,29 +198,14 @@ def _retry(
     celery: Celery, settings: Settings, task_ids: list[str], outcome: BulkOutcome, *, actor: str, new_owner: str | None
 ) -> None:
     """What :func:`aios.tasks.actions.retry_task` does, for many tasks: every new task (``retry_of`` pointing
-    back) is stored in one transaction, then they are dispatched together. The old tasks are finished
-    (a terminal state never changes), so none can move out of the selection meanwhile."""
+    back) is created in one transaction, then they are published together (one
+    :func:`aios.tasks.create.create_tasks`). The old tasks are finished (a terminal state never changes),
+    so none can move out of the selection meanwhile."""
     with session_scope(settings.database) as session:
         old = [task for chunk in _chunks(task_ids) for task in session.scalars(select(Task).where(Task.id.in_(chunk)))]
         old.sort(key=lambda task: (task.created_at, task.id))
-        specs = [
-            TaskSpec(
-                type=task.type,
-                parameters=task.parameters,
-                priority=task.priority,
-                max_retries=task.max_retries,
-                timeout_s=task.timeout_s,
-                queue=task.queue,
-                retry_of=task.id,
-                owner=new_owner or task.owner,
-                routing=task.routing,
-                pinned_agent=task.pinned_agent,
-                on_agent_lost=task.on_agent_lost,
-            )
-            for task in old
-        ]
-        new_ids = [task.id for task in create_tasks(session, specs, actor=actor)]
-    dispatch(celery, settings, new_ids, actor=actor)
+        specs = [retry_spec(task, owner=new_owner) for task in old]
+    new_ids = create_tasks(celery, settings, specs, actor=actor).ids
     outcome.done = len(new_ids)
     if len(new_ids) < len(task_ids):
         outcome.skipped["gone"] = len(task_ids) - len(new_ids)

@@ -34,7 +34,7 @@ from celery.beat import ScheduleEntry, Scheduler
 
 from aios.config import Settings
 from aios.models import Schedule
-from aios.tasks.create import TaskSpec
+from aios.tasks.spec import TaskSpec
 from aios.tasktypes import get_registry
 from aios.timing import lease
 

@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
 from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
 
 from aios.config import Settings
 from aios.db import session_scope
 from aios.errors import Forbidden, NotFound
 from aios.models import Schedule
-from aios.tasks.create import TaskSpec, create_tasks, dispatch
+from aios.tasks.create import BeforeCommit, create_tasks, dispatch
+from aios.tasks.spec import TaskSpec
 from aios.timeutil import as_utc, utcnow
 from aios.timing.cron import next_cron_time
 
@@ -73,26 +76,46 @@ def fire_due(celery: Celery, settings: Settings, spec_for: Any, *, now: datetime
         except Exception as exc:  # noqa: BLE001 - a broken schedule must not stop the others
             logger.error("schedule %s (%s) has an invalid task: %s", schedule.name, schedule.id, exc)
             continue
-        with session_scope(settings.database) as session:
-            won = session.execute(
-                update(Schedule)
-                .where(
-                    Schedule.id == schedule.id,
-                    Schedule.enabled.is_(True),
-                    or_(Schedule.last_slot_at.is_(None), Schedule.last_slot_at < slot),
-                )
-                .values(last_slot_at=slot, next_run_at=following, updated_at=now)
-                .returning(Schedule.id)
-            ).first()
-            if won is None:
-                continue  # another beat fired this slot, or it was edited meanwhile
-            (task,) = create_tasks(session, [spec], actor=f"schedule:{schedule.name}")
-            task.schedule_id = schedule.id
-            session.execute(update(Schedule).where(Schedule.id == schedule.id).values(last_task_id=task.id))
-            created.append(task.id)
+        try:
+            (task_id,) = create_tasks(
+                celery,
+                settings,
+                [replace(spec, schedule_id=schedule.id)],
+                actor=f"schedule:{schedule.name}",
+                before_commit=_fire_slot(schedule.id, slot, following, now),
+                publish=False,  # all of a tick's slots are published together, below
+            ).ids
+        except _SlotTaken:
+            continue  # another beat fired this slot, or it was edited meanwhile
+        created.append(task_id)
     if created:
         dispatch(celery, settings, created, actor="beat")
     return created
+
+
+class _SlotTaken(Exception):
+    """The slot was fired by another beat, or the schedule changed meanwhile: its task is not created."""
+
+
+def _fire_slot(schedule_id: str, slot: datetime | None, following: datetime, now: datetime) -> BeforeCommit:
+    """The step that fires ``slot`` in its task's transaction: one conditional UPDATE of the schedule, which
+    only one beat can win; the loser's task is rolled back with it (:class:`_SlotTaken`)."""
+
+    def fire(session: Session, rows: list[dict[str, Any]]) -> None:
+        won = session.execute(
+            update(Schedule)
+            .where(
+                Schedule.id == schedule_id,
+                Schedule.enabled.is_(True),
+                or_(Schedule.last_slot_at.is_(None), Schedule.last_slot_at < slot),
+            )
+            .values(last_slot_at=slot, next_run_at=following, updated_at=now, last_task_id=rows[0]["id"])
+            .returning(Schedule.id)
+        ).first()
+        if won is None:
+            raise _SlotTaken(schedule_id)
+
+    return fire
 
 
 def new_schedule_id() -> str:

@@ -1,7 +1,7 @@
 """A publish-batch chunk whose Redis flush fails part-way counts as failed whole (docs/delivery.md, Submit = outbox).
 
 A batch submit publishes its messages through kombu's publish batch, one Redis pipeline round trip per
-:data:`aios.tasks.create.PUBLISH_CHUNK` messages. The fault is a real Redis refusal, not a mock
+:data:`aios.broker.publish.PUBLISH_CHUNK` messages. The fault is a real Redis refusal, not a mock
 (:attr:`tests.faults.conftest.Fault.REDIS_OUT_OF_MEMORY`): the private ``redis-server`` gets a
 ``maxmemory`` (``noeviction``) that it reaches in the middle of the second chunk, so the first chunk
 lands whole, the second one's first messages land and the rest are refused with ``OOM``. The promise:
@@ -49,9 +49,9 @@ def messages_in_redis(client: Any) -> dict[str, list[str]]:
 
 def calibrate_chunk_bytes(celery: Any, settings: Any, client: Any, chunk: int) -> int:
     """Redis memory one chunk of ``aios.run`` messages takes: one chunk published (through the product's
-    own :func:`aios.tasks.create.publish`) to a scratch queue, its list measured (``MEMORY USAGE``, the data
+    own :func:`aios.broker.publish.publish`) to a scratch queue, its list measured (``MEMORY USAGE``, the data
     alone: the connections' buffers would inflate ``used_memory``'s growth by a third), then deleted."""
-    from aios.tasks.create import Dispatch, publish
+    from aios.broker.publish import Dispatch, publish
 
     scratch = f"calibrate{uuid.uuid4().hex[:8]}"
     failures = publish(
@@ -76,9 +76,9 @@ def test_a_chunk_whose_redis_flush_fails_part_way_goes_back_pending_whole_and_ea
     import redis
 
     from aios.broker.celery_app import create_celery_app
+    from aios.broker.publish import PUBLISH_CHUNK
     from aios.db import session_scope
     from aios.models import Task, TaskEvent
-    from aios.tasks.create import PUBLISH_CHUNK
     from webapi.app import create_app
 
     # Given an API on a private Redis and a private PostgreSQL, and no agent running yet

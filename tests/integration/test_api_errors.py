@@ -17,7 +17,8 @@ from sqlalchemy import func, select
 
 from aios.db import session_scope
 from aios.models import Task, TaskEvent
-from aios.tasks.create import TaskSpec, create_tasks
+from aios.tasks.create import create_tasks
+from aios.tasks.spec import TaskSpec
 from aios.tasks.states import TaskState, transition
 from aios.timeutil import isoformat, utcnow
 
@@ -66,9 +67,7 @@ def assert_error(response: Any, status: int, code: str | None = None, field: str
 def finished_task(stack: Any, queue: str, final: TaskState = TaskState.SUCCEEDED) -> str:
     """A task that already ran to ``final``, written straight into the ledger through the state machine."""
     spec = TaskSpec(type="echo", parameters={"x": 1}, priority=5, max_retries=0, timeout_s=60, queue=queue)
-    with session_scope(stack.settings.database) as session:
-        (task,) = create_tasks(session, [spec], actor="test")
-        task_id = task.id
+    (task_id,) = create_tasks(None, stack.settings, [spec], actor="test", publish=False).ids
     steps = [(TaskState.PENDING, TaskState.QUEUED), (TaskState.QUEUED, TaskState.RUNNING), (TaskState.RUNNING, final)]
     for current, target in steps:
         with session_scope(stack.settings.database) as session:

@@ -32,7 +32,8 @@ from aios.errors import BackupFailed, BackupInvalid, Conflict
 from aios.models import Backup, Task, TaskEvent
 from aios.ops.backup import create_backup, list_backups, restore_backup, sha256_path, verify_backup
 from aios.ops.cluster_metrics import ClusterCollector
-from aios.tasks.create import TaskSpec, create_tasks
+from aios.tasks.create import create_tasks
+from aios.tasks.spec import TaskSpec
 from aios.tasks.states import TaskState, transition_many
 from tests.conftest import PG_URL, REPO_ROOT, Stack, authorize, make_user
 
@@ -57,8 +58,7 @@ def add_tasks(settings: Settings, count: int, tag: str) -> list[str]:
         )
         for i in range(count)
     ]
-    with session_scope(settings.database) as session:
-        ids = [task.id for task in create_tasks(session, specs, actor="test-backup")]
+    ids = create_tasks(None, settings, specs, actor="test-backup", publish=False).ids
     with session_scope(settings.database) as session:
         transition_many(
             session, ids[::2], TaskState.PENDING, TaskState.QUEUED, actor="test-backup", detail={"why": "round trip"}

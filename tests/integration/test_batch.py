@@ -134,14 +134,14 @@ def test_a_batch_over_the_size_limit_is_refused_and_nothing_is_stored(stack, cel
 
 
 def test_messages_published_within_a_batch_equal_what_send_task_publishes(stack, celery_client, queue, monkeypatch):
-    """aios.tasks.create publishes the first message of a batch through ``send_task`` and the rest through
+    """aios.broker.publish publishes the first message of a batch through ``send_task`` and the rest through
     ``_send_in_batch``; what reaches kombu's ``Producer.publish`` must be the same message apart from
     the task's own ids and time (and the retry wrapper, which a batch's buffered publish has no use for)."""
     import uuid
 
     from kombu import Producer
 
-    from aios.tasks.create import PUBLISHED_AT_HEADER, Dispatch, publish
+    from aios.broker.publish import PUBLISHED_AT_HEADER, Dispatch, publish
 
     published: list[tuple[Any, dict[str, Any]]] = []
     original = Producer.publish

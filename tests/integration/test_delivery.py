@@ -21,7 +21,8 @@ from sqlalchemy import func, select
 from aios.broker.celery_app import RUN_TASK_NAME, queue_name
 from aios.db import session_scope
 from aios.models import Task
-from aios.tasks.create import TaskSpec, create_tasks
+from aios.tasks.create import create_tasks
+from aios.tasks.spec import TaskSpec
 from aios.tasks.states import TaskState, transition
 from tests.conftest import authorize, make_user, wait_for
 
@@ -53,7 +54,7 @@ def skip_notes(ledger: Any, task_id: str) -> list[Any]:
 
 
 def publish_by_hand(celery_client: Any, stack: Any, task_id: str, dispatch_id: str, queue: str, **options: Any) -> None:
-    """Publish an ``aios.run`` message the way :func:`aios.tasks.create.publish` does, but by hand."""
+    """Publish an ``aios.run`` message the way :func:`aios.broker.publish.publish` does, but by hand."""
     celery_client.send_task(
         RUN_TASK_NAME,
         kwargs={"dispatch_id": dispatch_id, **options.pop("extra_kwargs", {})},
@@ -154,9 +155,8 @@ def test_a_pickle_serialized_message_pushed_into_the_queue_by_hand_is_rejected_a
     spec = TaskSpec(
         type="test.touch", parameters={"path": str(marker)}, priority=5, max_retries=0, timeout_s=60, queue=queue
     )
+    (task_id,) = create_tasks(None, stack.settings, [spec], actor="test", publish=False).ids
     with session_scope(stack.settings.database) as session:
-        (task,) = create_tasks(session, [spec], actor="test")
-        task_id = task.id
         assert transition(
             session, task_id, TaskState.PENDING, TaskState.QUEUED, actor="test", values={"dispatch_id": dispatch_id}
         )

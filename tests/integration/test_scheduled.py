@@ -20,7 +20,8 @@ from sqlalchemy import func, select
 from aios.broker.celery_app import queue_name
 from aios.db import session_scope
 from aios.models import Task
-from aios.tasks.create import TaskSpec, create_tasks, dispatch
+from aios.tasks.create import create_tasks, dispatch
+from aios.tasks.spec import TaskSpec
 from aios.timeutil import utcnow
 from aios.timing.delayed import dispatch_due
 from tests.conftest import REDIS_URL, wait_for
@@ -275,8 +276,7 @@ def test_two_concurrent_dispatch_due_calls_never_both_take_a_task(stack, celery_
         )
         for n in range(40)
     ]
-    with session_scope(stack.settings.database) as session:
-        ids = [task.id for task in create_tasks(session, specs, actor="test")]
+    ids = create_tasks(None, stack.settings, specs, actor="test", publish=False).ids
     assert set(ledger.states(ids).values()) == {"SCHEDULED"}
     # (before their time, dispatch_due takes none of them)
     assert not set(dispatch_due(celery_client, stack.settings)) & set(ids)
@@ -335,13 +335,12 @@ def test_with_a_10s_visibility_timeout_a_task_scheduled_30s_ahead_runs_exactly_o
         queue=queue,
         routing="queue",
     )
-    with session_scope(stack.settings.database) as session:
-        (control_task,) = create_tasks(session, [control], actor="test")
-    dispatch(celery_client, stack.settings, [control_task.id], actor="test", countdown_s={control_task.id: 30})
+    (control_id,) = create_tasks(None, stack.settings, [control], actor="test", publish=False).ids
+    dispatch(celery_client, stack.settings, [control_id], actor="test", countdown_s={control_id: 30})
 
     # Then after 45 s the scheduled task ran exactly once: one attempt, one RUNNING, no duplicate delivery
     ledger.wait_state(task_id, "SUCCEEDED", timeout=40)
-    ledger.wait_state(control_task.id, "SUCCEEDED", timeout=40)
+    ledger.wait_state(control_id, "SUCCEEDED", timeout=40)
     time.sleep(max(0.0, 45 - (utcnow() - ledger.task(task_id).created_at).total_seconds()))
     task = ledger.task(task_id)
     assert task.state == "SUCCEEDED" and task.attempts == 1
@@ -351,6 +350,6 @@ def test_with_a_10s_visibility_timeout_a_task_scheduled_30s_ahead_runs_exactly_o
     assert 30.0 <= (task.started_at - task.created_at).total_seconds() <= 30.0 + SLACK_S
     # And the countdown control was delivered more than once (its fence let only one copy run), which
     # shows this setup does expose the redelivery that holding tasks in the database avoids
-    control_notes = notes_of(ledger, control_task.id)
+    control_notes = notes_of(ledger, control_id)
     assert any("delivery skipped" in note for note in control_notes), control_notes
-    assert control_marker.read_text().count(control_task.id) == 1
+    assert control_marker.read_text().count(control_id) == 1

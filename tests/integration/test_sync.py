@@ -420,7 +420,8 @@ def test_a_task_running_on_an_agent_that_died_is_retried_by_sync_on_another_agen
 def craft_running(synced: Synced, *, agent: str, queue: str, max_retries: int, on_agent_lost: str) -> str:
     """A task RUNNING on ``agent`` (attempt 1), moved there through the state machine, nothing published."""
     from aios.db import session_scope
-    from aios.tasks.create import TaskSpec, create_tasks
+    from aios.tasks.create import create_tasks
+    from aios.tasks.spec import TaskSpec
     from aios.tasks.states import TaskState, transition
 
     spec = TaskSpec(
@@ -433,22 +434,22 @@ def craft_running(synced: Synced, *, agent: str, queue: str, max_retries: int, o
         routing="queue",
         on_agent_lost=on_agent_lost,
     )
+    (task_id,) = create_tasks(None, synced.settings, [spec], actor="test", publish=False).ids
     with session_scope(synced.settings.database) as session:
-        (task,) = create_tasks(session, [spec], actor="test")
         dispatch_id = str(uuid.uuid4())
         assert transition(
-            session, task.id, TaskState.PENDING, TaskState.QUEUED, actor="test", values={"dispatch_id": dispatch_id}
+            session, task_id, TaskState.PENDING, TaskState.QUEUED, actor="test", values={"dispatch_id": dispatch_id}
         )
         assert transition(
             session,
-            task.id,
+            task_id,
             TaskState.QUEUED,
             TaskState.RUNNING,
             actor="test",
             fence=dispatch_id,
             values={"agent": agent, "attempts": 1},
         )
-        return task.id
+        return task_id
 
 
 def test_running_tasks_whose_agent_is_offline_or_unknown_are_retried_failed_or_dead_by_the_reroute_rules(

@@ -19,7 +19,8 @@ from sqlalchemy import update
 
 from aios.db import session_scope
 from aios.models import Task
-from aios.tasks.create import TaskSpec, create_tasks
+from aios.tasks.create import create_tasks
+from aios.tasks.spec import TaskSpec
 from aios.tasks.view import MASK, PREVIEW_CHARS
 from tests.conftest import Credentials, authorize, make_user
 from tests.integration.test_ui import signed_in
@@ -132,18 +133,16 @@ def test_a_command_s_argv_and_output_are_shown_only_to_its_owner_and_admins_and_
 def test_a_list_of_500_tasks_with_200_kb_results_stays_small_and_each_result_is_whole_by_id(client, stack, queue):
     # Given 500 finished tasks, each with a result of about 200 KB (100 MB in all)
     big = {"blob": "x" * 200_000}
-    with session_scope(stack.settings.database) as session:
-        ids = [
-            task.id
-            for task in create_tasks(
-                session,
-                [
-                    TaskSpec(type="echo", parameters={"i": i}, priority=5, max_retries=0, timeout_s=60, queue=queue)
-                    for i in range(500)
-                ],
-                actor="test",
-            )
-        ]
+    ids = create_tasks(
+        None,
+        stack.settings,
+        [
+            TaskSpec(type="echo", parameters={"i": i}, priority=5, max_retries=0, timeout_s=60, queue=queue)
+            for i in range(500)
+        ],
+        actor="test",
+        publish=False,
+    ).ids
     finish(stack, ids, big)
 
     # When the whole list is read in one page

@@ -17,7 +17,8 @@ from aios.db import session_scope
 from aios.models import ApiKey, AuditEntry, Task, TaskEvent, User
 from aios.security import api_keys
 from aios.security.passwords import hash_password
-from aios.tasks.create import TaskSpec, create_tasks
+from aios.tasks.create import create_tasks
+from aios.tasks.spec import TaskSpec
 from aios.tasks.states import TaskState, transition
 from aios.timeutil import utcnow
 
@@ -61,13 +62,13 @@ def make_task(stack: Any, *, owner: str | None, queue: str, state: str) -> str:
     Nothing is published: the row is all the API's cancel, retry and read need.
     """
     spec = TaskSpec(type="echo", parameters={"n": 1}, priority=5, max_retries=0, timeout_s=60, queue=queue, owner=owner)
+    (task_id,) = create_tasks(None, stack.settings, [spec], actor="test", publish=False).ids
     with session_scope(stack.settings.database) as session:
-        (task,) = create_tasks(session, [spec], actor="test")
         current = TaskState.PENDING
         for target in _PATHS[state]:
-            assert transition(session, task.id, current, target, actor="test")
+            assert transition(session, task_id, current, target, actor="test")
             current = target
-        return task.id
+    return task_id
 
 
 def task_snapshot(stack: Any, task_id: str) -> dict[str, Any]:

@@ -10,13 +10,13 @@ import json
 
 from aios.broker.celery_app import RUN_TASK_NAME, create_celery_app
 from aios.broker.priority import PRIORITY_STEPS, to_transport
+from aios.broker.publish import PUBLISHED_AT_HEADER
 from aios.broker.queues import LEVELS, _published_at, _read_message
 from aios.config import load_settings
-from aios.tasks.create import PUBLISHED_AT_HEADER
 
 
 def test_a_published_aios_message_yields_its_task_id_dispatch_id_and_publish_time():
-    # Given a message published the way aios.tasks.create.publish does it
+    # Given a message published the way aios.broker.publish.publish does it
     app = create_celery_app(load_settings(environ={"AIOS_BROKER__URL": "memory://"}))
     with app.connection_for_write() as connection:
         producer = connection.Producer()

@@ -10,11 +10,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
+from aios.config import Settings
 from aios.db import session_scope
 from aios.errors import ValidationFailed
 from aios.models import Task, TaskEvent
-from aios.tasks.create import TaskSpec, create_tasks
-from aios.timing.delayed import MAX_AHEAD_S, hold_until, parse_run_at, requested_run_at
+from aios.tasks.create import create_tasks
+from aios.tasks.spec import MAX_AHEAD_S, TaskSpec, hold_until, parse_run_at, requested_run_at
 
 NOW = datetime(2030, 1, 31, 12, 0, 0, tzinfo=UTC)
 
@@ -129,8 +130,7 @@ def test_create_tasks_stores_future_tasks_scheduled_and_others_pending_each_with
     future = datetime.now(UTC) + timedelta(hours=1)
     specs = [spec(delay_s=30), spec(run_at=future), spec(run_at=datetime(2000, 1, 1, tzinfo=UTC)), spec()]
     # When they are stored
-    with session_scope(db) as session:
-        ids = [task.id for task in create_tasks(session, specs, actor="test")]
+    ids = create_tasks(None, Settings(database=db), specs, actor="test", publish=False).ids
     # Then the future ones are SCHEDULED with their run_at, the others PENDING without one
     with session_scope(db) as session:
         rows = {t.id: t for t in session.scalars(select(Task).where(Task.id.in_(ids)))}

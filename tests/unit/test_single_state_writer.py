@@ -38,12 +38,6 @@ UPDATE = "UPDATE of tasks.state"
 INSERT = "insert of new task rows"
 RAW_SQL = "raw SQL writing tasks.state"
 
-#: TEMPORARY (issue 16): aios/tasks/create.py (accept_tasks, create_tasks) still inserts its new task rows
-#: itself, until the rewrite of task creation, which calls aios.tasks.states.insert_new, is merged. The
-#: lead removes this entry at that merge (test_every_temporary_exception_is_still_needed then fails
-#: until it is removed). Nothing else is excepted: every other write goes through aios.tasks.states.
-TEMPORARY_EXCEPTIONS = frozenset({("aios/tasks/create.py", "insert of new task rows")})
-
 TASKS_TABLE = Task.__tablename__
 #: Mapped classes other than Task, by name (an object made from one of them is not a task).
 OTHER_MODELS = frozenset(mapper.class_.__name__ for mapper in Base.registry.mappers) - {Task.__name__}
@@ -383,11 +377,7 @@ def tree_writes() -> list[Write]:
 def test_only_the_state_module_writes_task_state():
     # Given every module of the server and the client
     # When their syntax trees are searched for writes of a task's state
-    outside = [
-        write
-        for write in tree_writes()
-        if write.path not in WRITERS and (write.path, write.kind) not in TEMPORARY_EXCEPTIONS
-    ]
+    outside = [write for write in tree_writes() if write.path not in WRITERS]
     # Then every write is in aios/tasks/states.py (or its PostgreSQL strategy)
     assert not outside, (
         "tasks.state is written outside aios/tasks/states.py; change it through aios.tasks.states "
@@ -405,15 +395,6 @@ def test_the_scan_sees_the_state_modules_own_writes():
         ("aios/tasks/states.py", INSERT),
         ("aios/tasks/states_postgres.py", UPDATE),
     } <= found
-
-
-@pytest.mark.parametrize(("path", "kind"), sorted(TEMPORARY_EXCEPTIONS))
-def test_every_temporary_exception_is_still_needed(path, kind):
-    # Given an exception to the rule / Then the module still makes that write; once it does not,
-    # the exception must go, so that it cannot hide a new write later
-    assert any((write.path, write.kind) == (path, kind) for write in tree_writes()), (
-        f"{path} no longer makes an {kind}: remove {(path, kind)} from TEMPORARY_EXCEPTIONS"
-    )
 
 
 # --------------------------------------------------------------------------- the scan, on examples

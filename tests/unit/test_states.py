@@ -16,7 +16,8 @@ from aios.db import get_engine, session_scope
 from aios.errors import IllegalTransition
 from aios.models import Task, TaskEvent
 from aios.tasks import states
-from aios.tasks.create import TaskSpec, create_tasks
+from aios.tasks.create import create_tasks
+from aios.tasks.spec import TaskSpec
 from aios.tasks.states import TERMINAL, TaskState, check_transition, transition, transition_many
 
 S = TaskState
@@ -117,9 +118,8 @@ def test_states_given_as_plain_strings_are_checked_the_same_way():
 def new_task(db: DatabaseSettings) -> str:
     """Insert one PENDING task the way the API does (it writes one PENDING event)."""
     spec = TaskSpec(type="echo", parameters={"x": 1}, priority=5, max_retries=3, timeout_s=60, queue="default")
-    with session_scope(db) as session:
-        (task,) = create_tasks(session, [spec], actor="test")
-        return task.id
+    (task_id,) = create_tasks(None, Settings(database=db), [spec], actor="test", publish=False).ids
+    return task_id
 
 
 def move(db: DatabaseSettings, task_id: str, current: TaskState, target: TaskState, **kwargs) -> bool:

@@ -12,7 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from aios import migrate
 from aios.broker.celery_app import create_celery_app
@@ -21,7 +21,8 @@ from aios.db import dispose_engines, session_scope
 from aios.models import Task, TaskEvent
 from aios.recovery.messages import DUPLICATE_NOTE, find_duplicates, record_duplicates
 from aios.recovery.sync import run_sync
-from aios.tasks.create import TaskSpec, create_tasks
+from aios.tasks.create import create_tasks
+from aios.tasks.spec import TaskSpec
 from aios.tasks.states import TaskState, transition
 from aios.timeutil import utcnow
 
@@ -47,20 +48,19 @@ def queued_task(settings: Settings, *, queue: str, routing: str, queued_ago_s: f
     spec = TaskSpec(type="echo", parameters={}, priority=5, max_retries=0, timeout_s=60, queue=queue, routing=routing)
     dispatch_id = str(uuid.uuid4())
     past = utcnow() - timedelta(seconds=queued_ago_s)
+    (task_id,) = create_tasks(None, settings, [spec], actor="test", publish=False).ids
     with session_scope(settings.database) as session:
-        (task,) = create_tasks(session, [spec], actor="test")
-        task.created_at = past
-        session.flush()
+        session.execute(update(Task).where(Task.id == task_id).values(created_at=past))
         assert transition(
             session,
-            task.id,
+            task_id,
             TaskState.PENDING,
             TaskState.QUEUED,
             actor="test",
             now=past,
             values={"dispatch_id": dispatch_id},
         )
-        return task.id, dispatch_id
+        return task_id, dispatch_id
 
 
 def test_find_duplicates_names_tasks_active_on_more_than_one_agent():

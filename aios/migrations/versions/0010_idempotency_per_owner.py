@@ -10,7 +10,7 @@ tasks without an owner (made by the CLI or a schedule) one scope of their own: a
 over ``(owner, idempotency_key)`` would let any number of them share a key, since SQL counts NULLs as
 distinct (PostgreSQL 15's ``NULLS NOT DISTINCT`` is not on every supported server, nor on SQLite).
 Both PostgreSQL and SQLite build unique indexes over expressions. Rows without a key are not indexed
-(NULL keys never collide). ``aios.tasks.create.accept_idempotent`` looks the earlier task up the same way.
+(NULL keys never collide). ``aios.tasks.create.create_tasks`` looks the earlier task up the same way.
 
 SQLite caveat for later migrations: Alembic's batch mode (which rebuilds the table for most changes on
 SQLite) does not reflect an index over an expression, so a later ``batch_alter_table("tasks")`` on SQLite
