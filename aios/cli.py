@@ -1,63 +1,210 @@
-"""The ``aios`` command.
+"""The ``aios`` command: one click group for every command, the server's and the client's.
 
-Core commands live here (``db``, ``dispatch-pending``, ``up``, ``config``). Commands that need the
-API or the agent code (``api``, ``worker``) are contributed by those packages through the
-entry-point group ``aios.commands``, so ``aios`` never imports ``webapi`` or ``workers``.
+- **Server commands** run AIOS: they read its configuration and talk to the database and broker.
+  ``db``, ``dispatch-pending``, ``sync``, ``config``, ``users``, ``metrics``, ``beat``, ``backup`` and
+  ``up`` are here. ``api`` and ``worker`` need the web or the agent code, so those packages contribute
+  them through the entry-point group ``aios.commands``: each entry point, named after its command, is a
+  ``register(group)`` hook that adds click commands to this group, loaded only when its command is
+  named or every command is listed (``aios --help``). So ``aios`` never imports ``webapi`` or
+  ``workers``. Every server command's callback is wrapped by :func:`server_command`, which loads the
+  settings and turns AIOS's errors into exit statuses.
+- **Client commands** (``login``, ``submit``, ``tasks`` …) talk to a running API over HTTP. They are
+  :mod:`aios_client.commands`'s, added here as they are; the group carries their global options
+  (``--url``, ``--api-key``, ``--json``, ``--timeout``, before the command) and refuses them before a
+  server command, which has no use for them.
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
+from typing import Any
+
+import click
+from click.core import ParameterSource
 
 from aios.config import Settings, load_settings, redact_url
 from aios.errors import AiosError, ConfigError, NotMigrated
 from aios.ops.log import configure_logging
+from aios_client import commands as client_commands
 
 COMMANDS_GROUP = "aios.commands"
 #: Exit status for a configuration error (bad value, missing file).
 EXIT_CONFIG = 2
 #: Exit status when the database schema is not migrated.
 EXIT_NOT_MIGRATED = 3
+#: Exit status after Ctrl-C (128 + SIGINT), as a shell reports it.
+EXIT_INTERRUPTED = 130
 
-logger = logging.getLogger("aios.cli")
+#: Commands that run until stopped: they log to stdout (a one-shot command's stdout is its answer).
+SERVICES = frozenset({"api", "worker", "beat", "metrics", "up"})
 
-Handler = Callable[[argparse.Namespace, Settings], int | None]
+#: Commands of :mod:`aios_client.commands` (click + rich): they talk to a running API instead of running AIOS.
+CLIENT_COMMANDS = frozenset(client_commands.cli.commands)
 
 
-def _db(args: argparse.Namespace, settings: Settings) -> int:
+# --------------------------------------------------------------------------- plumbing
+
+
+def _top_command(ctx: click.Context) -> str | None:
+    """The name of the command right under ``aios`` that ``ctx`` belongs to (``db`` for ``aios db upgrade``)."""
+    while ctx.parent is not None and ctx.parent.parent is not None:
+        ctx = ctx.parent
+    return ctx.info_name
+
+
+def server_command(callback: Callable[..., int | None]) -> Callable[..., int]:
+    """Make ``callback`` the callback of a command that runs AIOS: it gets the Settings first, then its
+    parameters, and returns its exit status (``None`` is 0).
+
+    Around it, the same for every server command: the settings are loaded; logging goes to stdout for a
+    service and to stderr for a one-shot command; each secret file others can read (``--keyfile`` too)
+    gets a warning; an AIOS error ends the command with one line on stderr and its status: a bad
+    configuration 2 (:data:`EXIT_CONFIG`), an unmigrated database 3 (:data:`EXIT_NOT_MIGRATED`), any
+    other 1. Ctrl-C is 130.
+    """
+
+    @functools.wraps(callback)
+    def run(**params: Any) -> int:
+        command = _top_command(click.get_current_context())
+        try:
+            settings = load_settings()
+            configure_logging(settings.logging, stream=sys.stdout if command in SERVICES else sys.stderr)
+            from aios.security.file_modes import warn_loose_secret_files
+
+            warn_loose_secret_files(settings, extra_key_files=[("--keyfile", params.get("keyfile"))])
+            return callback(settings, **params) or 0
+        except ConfigError as exc:
+            print(f"aios: {exc.message}", file=sys.stderr)
+            return EXIT_CONFIG
+        except NotMigrated as exc:
+            print(f"aios: {exc.message}", file=sys.stderr)
+            return EXIT_NOT_MIGRATED
+        except AiosError as exc:
+            print(f"aios: {exc.message}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+
+    return run
+
+
+class AiosGroup(click.Group):
+    """A click group that also holds the commands of the ``aios.commands`` entry points, each loaded
+    when its name is first asked for (so ``aios tasks ls`` never imports the web or the agent code)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._registered: set[str] = set()
+
+    def _register(self, only: str | None = None) -> None:
+        for entry in entry_points(group=COMMANDS_GROUP):
+            if entry.name not in self._registered and only in (None, entry.name):
+                self._registered.add(entry.name)
+                entry.load()(self)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            self._register(cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._register()
+        return super().list_commands(ctx)
+
+
+@click.group(
+    cls=AiosGroup,
+    context_settings=client_commands.CONTEXT_SETTINGS,
+    epilog="The client commands ("
+    + ", ".join(sorted(CLIENT_COMMANDS))
+    + ") talk to a running API and take the options above, or the token of `aios login`; the others run"
+    " AIOS and read its configuration (config/aios.toml, AIOS_*). See `aios COMMAND --help`.",
+)
+@client_commands.client_options
+@click.pass_context
+def cli(ctx: click.Context, url: str | None, api_key: str | None, as_json: bool, timeout: float) -> None:
+    """AIOS: an orchestrator for AI and batch workloads."""
+    if ctx.invoked_subcommand in CLIENT_COMMANDS:
+        client_commands.open_session(ctx, url, api_key, as_json, timeout)
+        return
+    given = [
+        param.opts[0]
+        for param in ctx.command.params
+        if param.name in client_commands.CLIENT_OPTIONS
+        and ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE
+    ]
+    if given:
+        raise click.UsageError(
+            f"{', '.join(given)}: an option of the client commands, not of `aios {ctx.invoked_subcommand}`", ctx
+        )
+
+
+for _client_command in client_commands.cli.commands.values():
+    cli.add_command(_client_command)
+
+
+# --------------------------------------------------------------------------- the server commands
+
+
+@cli.group(help="database schema: upgrade, downgrade, current")
+def db() -> None:
+    pass
+
+
+@db.command("upgrade", help="apply migrations (default: up to head)")
+@click.argument("revision", default="head")
+@server_command
+def db_upgrade(settings: Settings, revision: str) -> int:
     from aios import migrate
 
-    if args.db_action == "upgrade":
-        migrate.upgrade(settings.database, args.revision)
-        revision = migrate.current_revision(settings.database)
-        print(f"database {redact_url(settings.database.url)} is at revision {revision}")
-    elif args.db_action == "downgrade":
-        migrate.downgrade(settings.database, args.revision)
-        print(f"database downgraded to {migrate.current_revision(settings.database) or 'base'}")
-    else:
-        current, head = migrate.current_revision(settings.database), migrate.head_revision()
-        print(f"current: {current or 'none'}\nhead:    {head}")
-        return 0 if current == head else 1
+    migrate.upgrade(settings.database, revision)
+    current = migrate.current_revision(settings.database)
+    print(f"database {redact_url(settings.database.url)} is at revision {current}")
     return 0
 
 
-def _dispatch_pending(args: argparse.Namespace, settings: Settings) -> int:
+@db.command("downgrade", help="revert migrations down to REVISION")
+@click.argument("revision")
+@server_command
+def db_downgrade(settings: Settings, revision: str) -> int:
+    from aios import migrate
+
+    migrate.downgrade(settings.database, revision)
+    print(f"database downgraded to {migrate.current_revision(settings.database) or 'base'}")
+    return 0
+
+
+@db.command("current", help="show the current and the latest revision (exit 1 if they differ)")
+@server_command
+def db_current(settings: Settings) -> int:
+    from aios import migrate
+
+    current, head = migrate.current_revision(settings.database), migrate.head_revision()
+    print(f"current: {current or 'none'}\nhead:    {head}")
+    return 0 if current == head else 1
+
+
+@cli.command("dispatch-pending", help="publish PENDING tasks (after a broker outage)")
+@click.option("--limit", type=int, default=10_000)
+@server_command
+def dispatch_pending(settings: Settings, limit: int) -> int:
     from aios.broker.celery_app import create_celery_app
     from aios.db import ensure_migrated
     from aios.tasks.create import dispatch_pending
 
     ensure_migrated(settings.database)
-    outcome = dispatch_pending(create_celery_app(settings), settings, limit=args.limit, actor="cli")
+    outcome = dispatch_pending(create_celery_app(settings), settings, limit=limit, actor="cli")
     print(json.dumps({"queued": len(outcome.queued), "still_pending": len(outcome.pending)}))
     return 0 if not outcome.pending else 1
 
 
-def _sync(args: argparse.Namespace, settings: Settings) -> int:
+@cli.command("sync", help="run the sync job once; print the run as JSON (exit 1 if a step failed)")
+@server_command
+def sync(settings: Settings) -> int:
     from aios.broker.celery_app import create_celery_app
     from aios.db import ensure_migrated
     from aios.recovery.sync import run_sync
@@ -68,7 +215,9 @@ def _sync(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if result["errors"] else 0
 
 
-def _config_show(args: argparse.Namespace, settings: Settings) -> int:
+@cli.command("config", help="print the effective configuration (secrets hidden)")
+@server_command
+def config_show(settings: Settings) -> int:
     data = settings.model_dump(mode="json")
     data["database"]["url"] = redact_url(settings.database.url)
     data["broker"]["url"] = redact_url(settings.broker.url)
@@ -90,182 +239,117 @@ def read_password(prompt: str = "password: ") -> str:
     return first
 
 
-def _users(args: argparse.Namespace, settings: Settings) -> int:
+@cli.group(help="user accounts")
+def users() -> None:
+    pass
+
+
+@users.command("create", help="create a user; the password is read from stdin or prompted")
+@click.argument("name")
+@click.option("--role", required=True, type=click.Choice(["admin", "operator", "viewer", "agent"]))
+@server_command
+def users_create(settings: Settings, name: str, role: str) -> int:
     from aios.db import ensure_migrated, session_scope
     from aios.security.users import create_user
 
     ensure_migrated(settings.database)
-    if args.users_action == "create":
-        password = read_password()
-        with session_scope(settings.database) as session:
-            user = create_user(session, args.name, password, args.role, bcrypt_cost=settings.security.bcrypt_cost)
-            print(f"created user {user.name!r} with role {user.role}")
+    password = read_password()
+    with session_scope(settings.database) as session:
+        user = create_user(session, name, password, role, bcrypt_cost=settings.security.bcrypt_cost)
+        print(f"created user {user.name!r} with role {user.role}")
     return 0
 
 
-def _metrics(args: argparse.Namespace, settings: Settings) -> int:
+@cli.command("metrics", help="serve the cluster's Prometheus metrics (default port 9090)")
+@click.option("--port", type=int, help="overrides [metrics] port")
+@server_command
+def metrics(settings: Settings, port: int | None) -> int:
     from aios.ops.cluster_metrics import serve
 
-    if args.port:
-        settings = settings.model_copy(update={"metrics": settings.metrics.model_copy(update={"port": args.port})})
+    if port:
+        settings = settings.model_copy(update={"metrics": settings.metrics.model_copy(update={"port": port})})
     serve(settings)
     return 0
 
 
-def _beat(args: argparse.Namespace, settings: Settings) -> int:
+@cli.command("beat", help="run Celery beat with AIOS's jobs (any number; one leads)")
+@server_command
+def beat(settings: Settings) -> int:
     from aios.timing.beat import run_beat
 
     run_beat(settings)
     return 0
 
 
-def _backup(args: argparse.Namespace, settings: Settings) -> int:
-    """Backups (aios.ops.backup); a failure raises an AiosError, which main() turns into exit 1 and one line."""
+@cli.group(help="database backups: create, list, verify, restore")
+def backup() -> None:
+    """Backups (aios.ops.backup); a failure raises an AiosError: exit 1 and one line (server_command)."""
+
+
+@backup.command("create", help="back up the database now (prints the backups row as JSON)")
+@server_command
+def backup_create(settings: Settings) -> int:
     from aios.db import ensure_migrated
     from aios.ops import backup
 
-    if args.backup_action == "create":
-        ensure_migrated(settings.database)
-        print(json.dumps(backup.create_backup(settings)))
-    elif args.backup_action == "list":
-        ensure_migrated(settings.database)
-        for row in backup.list_backups(settings, limit=args.limit):
-            print(json.dumps(row))
-    elif args.backup_action == "verify":
-        checked = backup.verify_backup(args.file, settings)
-        print(f"ok {checked['path']} sha256 {checked['sha256']}")
-    else:
-        # No ensure_migrated: the target of a restore is usually an empty database.
-        restored = backup.restore_backup(args.file, settings, force=args.force)
-        print(f"restored {restored['path']} into {redact_url(settings.database.url)}")
+    ensure_migrated(settings.database)
+    print(json.dumps(backup.create_backup(settings)))
     return 0
 
 
-def _up(args: argparse.Namespace, settings: Settings) -> int:
+@backup.command("list", help="the newest backups rows, one JSON object a line")
+@click.option("--limit", type=int, default=100)
+@server_command
+def backup_list(settings: Settings, limit: int) -> int:
+    from aios.db import ensure_migrated
+    from aios.ops import backup
+
+    ensure_migrated(settings.database)
+    for row in backup.list_backups(settings, limit=limit):
+        print(json.dumps(row))
+    return 0
+
+
+@backup.command("verify", help="check FILE against FILE.sha256 and that it is a readable dump")
+@click.argument("file", metavar="FILE")
+@server_command
+def backup_verify(settings: Settings, file: str) -> int:
+    from aios.ops import backup
+
+    checked = backup.verify_backup(file, settings)
+    print(f"ok {checked['path']} sha256 {checked['sha256']}")
+    return 0
+
+
+@backup.command("restore", help="restore FILE into the configured (empty) database")
+@click.argument("file", metavar="FILE")
+@click.option("--force", is_flag=True, help="replace a database that holds tasks or users")
+@server_command
+def backup_restore(settings: Settings, file: str, force: bool) -> int:
+    from aios.ops import backup
+
+    # No ensure_migrated: the target of a restore is usually an empty database.
+    restored = backup.restore_backup(file, settings, force=force)
+    print(f"restored {restored['path']} into {redact_url(settings.database.url)}")
+    return 0
+
+
+@cli.command("up", help="run the API, one agent and beat together (a laptop, a demo)")
+@click.option("--migrate", is_flag=True, help="upgrade the database schema first")
+@click.option("--agent-name", default="agent-1")
+@server_command
+def up(settings: Settings, migrate: bool, agent_name: str) -> int:
     from aios.ops.supervisor import run_all_in_one
 
-    return run_all_in_one(settings, migrate_first=args.migrate, agent_name=args.agent_name)
+    return run_all_in_one(settings, migrate_first=migrate, agent_name=agent_name)
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
-    parser = argparse.ArgumentParser(
-        prog="aios",
-        description="AIOS: an orchestrator for AI and batch workloads.",
-        epilog="Commands that use a running API (see `aios COMMAND --help`): "
-        + ", ".join(sorted(CLIENT_COMMANDS))
-        + ". They take --url/AIOS_URL and --api-key/AIOS_API_KEY, or the token of `aios login`.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    handlers: dict[str, Handler] = {}
-
-    db = sub.add_parser("db", help="database schema: upgrade, downgrade, current")
-    db_sub = db.add_subparsers(dest="db_action", required=True)
-    upgrade = db_sub.add_parser("upgrade", help="apply migrations (default: up to head)")
-    upgrade.add_argument("revision", nargs="?", default="head")
-    downgrade = db_sub.add_parser("downgrade", help="revert migrations down to REVISION")
-    downgrade.add_argument("revision")
-    db_sub.add_parser("current", help="show the current and the latest revision (exit 1 if they differ)")
-    handlers["db"] = _db
-
-    pending = sub.add_parser("dispatch-pending", help="publish PENDING tasks (after a broker outage)")
-    pending.add_argument("--limit", type=int, default=10_000)
-    handlers["dispatch-pending"] = _dispatch_pending
-
-    sub.add_parser("sync", help="run the sync job once; print the run as JSON (exit 1 if a step failed)")
-    handlers["sync"] = _sync
-
-    sub.add_parser("config", help="print the effective configuration (secrets hidden)")
-    handlers["config"] = _config_show
-
-    users = sub.add_parser("users", help="user accounts")
-    users_sub = users.add_subparsers(dest="users_action", required=True)
-    create = users_sub.add_parser("create", help="create a user; the password is read from stdin or prompted")
-    create.add_argument("name")
-    create.add_argument("--role", required=True, choices=["admin", "operator", "viewer", "agent"])
-    handlers["users"] = _users
-
-    metrics = sub.add_parser("metrics", help="serve the cluster's Prometheus metrics (default port 9090)")
-    metrics.add_argument("--port", type=int, help="overrides [metrics] port")
-    handlers["metrics"] = _metrics
-
-    sub.add_parser("beat", help="run Celery beat with AIOS's jobs (any number; one leads)")
-    handlers["beat"] = _beat
-
-    backups = sub.add_parser("backup", help="database backups: create, list, verify, restore")
-    backup_sub = backups.add_subparsers(dest="backup_action", required=True)
-    backup_sub.add_parser("create", help="back up the database now (prints the backups row as JSON)")
-    backup_list = backup_sub.add_parser("list", help="the newest backups rows, one JSON object a line")
-    backup_list.add_argument("--limit", type=int, default=100)
-    verify = backup_sub.add_parser("verify", help="check FILE against FILE.sha256 and that it is a readable dump")
-    verify.add_argument("file", metavar="FILE")
-    restore = backup_sub.add_parser("restore", help="restore FILE into the configured (empty) database")
-    restore.add_argument("file", metavar="FILE")
-    restore.add_argument("--force", action="store_true", help="replace a database that holds tasks or users")
-    handlers["backup"] = _backup
-
-    up = sub.add_parser("up", help="run the API, one agent and beat together (a laptop, a demo)")
-    up.add_argument("--migrate", action="store_true", help="upgrade the database schema first")
-    up.add_argument("--agent-name", default="agent-1")
-    handlers["up"] = _up
-
-    for entry in entry_points(group=COMMANDS_GROUP):
-        register = entry.load()
-        handlers[entry.name] = register(sub)
-    return parser, handlers
-
-
-#: Commands that run until stopped.
-SERVICES = frozenset({"api", "worker", "beat", "metrics", "up"})
-
-
-#: Commands of :mod:`aios_client.commands` (click + rich): they talk to a running API instead of running AIOS.
-CLIENT_COMMANDS = frozenset({"login", "logout", "submit", "tasks", "agents", "queues", "keys", "schedules", "status"})
-
-
-#: Options of the client commands' group that take a value (``aios --url U submit …``).
-_CLIENT_VALUE_OPTIONS = frozenset({"--url", "--api-key", "--timeout"})
-
-
-def _command_word(argv: Sequence[str]) -> str | None:
-    """The first word that is neither an option nor a client group option's value."""
-    skip = False
-    for word in argv:
-        if skip:
-            skip = False
-        elif word in _CLIENT_VALUE_OPTIONS:
-            skip = True
-        elif not word.startswith("-"):
-            return word
-    return None
+# --------------------------------------------------------------------------- entry point
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if _command_word(argv) in CLIENT_COMMANDS:
-        from aios_client import commands as cli_client
-
-        return cli_client.main(argv)
-    parser, handlers = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        settings = load_settings()
-        # Services log to stdout; a one-shot command's stdout is its answer, so its log goes to stderr.
-        configure_logging(settings.logging, stream=sys.stdout if args.command in SERVICES else sys.stderr)
-        from aios.security.file_modes import warn_loose_secret_files
-
-        warn_loose_secret_files(settings, extra_key_files=[("--keyfile", getattr(args, "keyfile", None))])
-        return handlers[args.command](args, settings) or 0
-    except ConfigError as exc:
-        print(f"aios: {exc.message}", file=sys.stderr)
-        return EXIT_CONFIG
-    except NotMigrated as exc:
-        print(f"aios: {exc.message}", file=sys.stderr)
-        return EXIT_NOT_MIGRATED
-    except AiosError as exc:
-        print(f"aios: {exc.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    """``aios``: run one command; its exit status is returned (see :func:`aios_client.commands.run`)."""
+    return client_commands.run(cli, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ Credentials, first found wins: ``--api-key`` / ``AIOS_API_KEY``; the token ``aio
 in ``$XDG_CONFIG_HOME/aios/credentials.json`` (mode 600; refreshed tokens are saved back). The API
 is ``--url`` / ``AIOS_URL``, else the one logged in to, else ``http://127.0.0.1:8000``.
 
-Output is a table for people, ``--json`` for scripts (one JSON document on stdout). Exit codes:
+Output is a table for people, ``--json`` for scripts (one JSON document on stdout). ``aios``
+(:mod:`aios.cli`) puts these commands in its one click group, beside the server's, with the same
+global options (:func:`client_options`) and exit codes (:func:`run`); :func:`main` runs them alone, for
+an installation of the client only. Exit codes:
 
 ====  =====================================================================
 0     done (for ``--wait``/``watch``: the task SUCCEEDED)
@@ -41,6 +44,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from aios_client import client as api
+from aios_client import errors
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_WAIT_TIMEOUT, EXIT_AUTH = range(7)
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -227,7 +231,7 @@ def follow(state: State, task_id: str, timeout: float | None) -> int:
 
         try:
             task = client.wait(task_id, timeout=timeout, on_change=update)
-        except api.WaitTimeout as exc:
+        except errors.WaitTimeout as exc:
             emit(state, exc.task, show_task)
             err.print(f"[yellow]still {exc.task['state']} after {timeout:g}s[/yellow]")
             return EXIT_WAIT_TIMEOUT
@@ -238,16 +242,40 @@ def follow(state: State, task_id: str, timeout: float | None) -> int:
 # --------------------------------------------------------------------------- commands
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--url", envvar="AIOS_URL", help="the AIOS API (default: where you logged in, or localhost:8000)")
-@click.option("--api-key", envvar="AIOS_API_KEY", help="an API key (else the token of `aios login`)")
-@click.option("--json", "as_json", is_flag=True, help="print JSON (for scripts) instead of tables")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="seconds per HTTP request")
+#: ``aios -h`` works as ``aios --help`` does.
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+#: The parameter names of :func:`client_options`, as the group's callback receives them.
+CLIENT_OPTIONS = ("url", "api_key", "as_json", "timeout")
+
+
+def client_options(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """The global options of the client commands (``aios --json --url URL … COMMAND``), for a group's callback."""
+    for option in reversed(
+        (
+            click.option(
+                "--url", envvar="AIOS_URL", help="the AIOS API (default: where you logged in, or localhost:8000)"
+            ),
+            click.option("--api-key", envvar="AIOS_API_KEY", help="an API key (else the token of `aios login`)"),
+            click.option("--json", "as_json", is_flag=True, help="print JSON (for scripts) instead of tables"),
+            click.option("--timeout", type=float, default=30.0, show_default=True, help="seconds per HTTP request"),
+        )
+    ):
+        callback = option(callback)
+    return callback
+
+
+def open_session(ctx: click.Context, url: str | None, api_key: str | None, as_json: bool, timeout: float) -> None:
+    """Give the client commands under ``ctx`` their :class:`State` (``@click.pass_obj``); close it at the end."""
+    ctx.obj = State(url, api_key, as_json, timeout)
+    ctx.call_on_close(ctx.obj.close)
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@client_options
 @click.pass_context
 def cli(ctx: click.Context, url: str | None, api_key: str | None, as_json: bool, timeout: float) -> None:
     """Talk to a running AIOS API."""
-    ctx.obj = State(url, api_key, as_json, timeout)
-    ctx.call_on_close(ctx.obj.close)
+    open_session(ctx, url, api_key, as_json, timeout)
 
 
 @cli.command()
@@ -586,12 +614,17 @@ def status(state: State) -> None:
 COMMANDS = frozenset(cli.commands)
 
 
-def main(argv: Sequence[str]) -> int:
-    """Run a client command; map errors to the documented exit codes."""
+def run(group: click.Group, argv: Sequence[str]) -> int:
+    """Run ``aios ARGV`` with ``group``; map click's and the client's errors to the documented exit codes.
+
+    A command's own exit status (an ``int`` it returns, or ``SystemExit``) passes through unchanged.
+    """
     try:
-        cli.main(args=list(argv), prog_name="aios", standalone_mode=False)
+        result = group.main(args=list(argv), prog_name="aios", standalone_mode=False)
     except SystemExit as exc:
-        return int(exc.code or 0)
+        if exc.code is not None and not isinstance(exc.code, int):
+            raise  # sys.exit("message"): Python prints it and exits 1
+        return exc.code or 0
     except click.exceptions.Abort:
         err.print("aborted")
         return EXIT_USAGE
@@ -601,13 +634,22 @@ def main(argv: Sequence[str]) -> int:
     except click.ClickException as exc:
         exc.show()
         return EXIT_AUTH if "not logged in" in exc.message else EXIT_USAGE
-    except api.Unauthorized as exc:
+    except errors.Unauthorized as exc:
         err.print(f"aios: {exc} (run `aios login` again, or check the API key)")
         return EXIT_AUTH
-    except (api.ServiceUnavailable, api.InternalError, api.ConnectionFailed, api.WorkerTimeout) as exc:
+    except (errors.ServiceUnavailable, errors.InternalError, errors.ConnectionFailed, errors.WorkerTimeout) as exc:
         err.print(f"aios: {exc}")
         return EXIT_UNAVAILABLE
-    except api.AiosError as exc:
+    except errors.AiosError as exc:
         err.print(f"aios: {exc}")
         return EXIT_REFUSED
-    return EXIT_OK
+    return result if isinstance(result, int) else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The client commands alone (no server commands): for an installation of the client only."""
+    return run(cli, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

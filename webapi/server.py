@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import click
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
+from aios.cli import server_command
 from aios.config import Settings
 from aios.db import ensure_migrated
 from aios.errors import ConfigError
@@ -110,17 +111,23 @@ class ApiServer(BaseApplication):  # type: ignore[misc]
         return create_app(self.settings)
 
 
-def _run(args: argparse.Namespace, settings: Settings) -> int:
+@click.command("api", help="serve the REST API (gunicorn)")
+@click.option("--host", help="overrides [api] host")
+@click.option("--port", type=int, help="overrides [api] port")
+@click.option("--certfile", help="serve HTTPS with this certificate (PEM)")
+@click.option("--keyfile", help="the certificate's private key (PEM)")
+@server_command
+def serve_api(settings: Settings, host: str | None, port: int | None, certfile: str | None, keyfile: str | None) -> int:
     overrides: dict[str, Any] = {}
-    if args.host:
-        overrides["host"] = args.host
-    if args.port:
-        overrides["port"] = args.port
+    if host:
+        overrides["host"] = host
+    if port:
+        overrides["port"] = port
     if overrides:
         settings = settings.model_copy(update={"api": settings.api.model_copy(update=overrides)})
-    if bool(args.certfile) != bool(args.keyfile):
+    if bool(certfile) != bool(keyfile):
         raise ConfigError("--certfile and --keyfile go together (TLS needs both)")
-    for path in filter(None, (args.certfile, args.keyfile)):
+    for path in filter(None, (certfile, keyfile)):
         if not Path(path).is_file():
             raise ConfigError(f"TLS file {path} does not exist")
     ensure_migrated(settings.database)
@@ -130,15 +137,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from webapi.app import create_app
 
     create_app(settings)
-    ApiServer(settings, certfile=args.certfile, keyfile=args.keyfile).run()
+    ApiServer(settings, certfile=certfile, keyfile=keyfile).run()
     return 0
 
 
-def register(subparsers: Any) -> Any:
+def register(group: click.Group) -> None:
     """Entry point for ``aios.commands``: adds ``aios api``."""
-    parser = subparsers.add_parser("api", help="serve the REST API (gunicorn)")
-    parser.add_argument("--host", help="overrides [api] host")
-    parser.add_argument("--port", type=int, help="overrides [api] port")
-    parser.add_argument("--certfile", help="serve HTTPS with this certificate (PEM)")
-    parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
-    return _run
+    group.add_command(serve_api)

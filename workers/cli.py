@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
+import click
 
+from aios.cli import server_command
 from aios.config import Settings
 from workers.agent import AgentOptions, run_agent
 
 
-def _run(args: argparse.Namespace, settings: Settings) -> int:
+@click.command("worker", help="run an agent (a Celery worker)")
+@click.option("--name", help="agent name; the Celery hostname becomes NAME@host")
+@click.option("--queues", help="comma-separated AIOS queues (default: [agents] queues)")
+@click.option("--concurrency", type=int, help="pool processes (default: [agents] concurrency)")
+@server_command
+def run_worker(settings: Settings, name: str | None, queues: str | None, concurrency: int | None) -> int:
     run_agent(
         settings,
-        AgentOptions(
-            name=args.name,
-            queues=[q for q in (args.queues or "").split(",") if q],
-            concurrency=args.concurrency,
-        ),
+        AgentOptions(name=name, queues=[q for q in (queues or "").split(",") if q], concurrency=concurrency),
     )
     return 0
 
 
-def register(subparsers: Any) -> Any:
+def register(group: click.Group) -> None:
     """Entry point for ``aios.commands``: adds ``aios worker``."""
-    parser = subparsers.add_parser("worker", help="run an agent (a Celery worker)")
-    parser.add_argument("--name", help="agent name; the Celery hostname becomes NAME@host")
-    parser.add_argument("--queues", help="comma-separated AIOS queues (default: [agents] queues)")
-    parser.add_argument("--concurrency", type=int, help="pool processes (default: [agents] concurrency)")
-    return _run
+    group.add_command(run_worker)

@@ -257,11 +257,11 @@ def documented_commands() -> Iterator[tuple[list[str], str]]:
                     yield words[1:], path.name
 
 
-def _parse_client(argv: list[str]) -> None:
-    """Parse ``argv`` as ``aios_client``'s click group does, down to the last subcommand, running nothing."""
+def _parse(argv: list[str]) -> None:
+    """Parse ``argv`` as ``aios``'s click group does, down to the last subcommand, running nothing."""
     from click.testing import CliRunner
 
-    from aios_client.commands import cli
+    from aios.cli import cli
 
     with CliRunner().isolation(input="answer\n" * 4):  # a prompted option (login's password) gets an answer
         _parse_group(cli, argv)
@@ -281,54 +281,40 @@ def _parse_group(cli: click.Group, argv: list[str]) -> None:
 
 
 def test_every_command_line_in_the_docs_parses():
-    from aios.cli import CLIENT_COMMANDS, _command_word, build_parser
-
-    parser, _ = build_parser()
     failures = []
     lines = list(documented_commands())
     assert len(lines) > 20, len(lines)
     for argv, name in lines:
         try:
-            if _command_word(argv) in CLIENT_COMMANDS:  # the same choice `aios` makes
-                _parse_client(argv)
-            else:
-                parser.parse_args(argv)
-        except (SystemExit, Exception) as exc:  # noqa: BLE001 - argparse exits, click raises
+            _parse(argv)
+        except (SystemExit, Exception) as exc:  # noqa: BLE001 - click raises (and exits on --help)
             failures.append(f"aios {' '.join(argv)} ({name}): {type(exc).__name__} {exc}")
     assert not failures, "documented commands that do not parse:\n" + "\n".join(failures)
 
 
 def cli_commands() -> dict[str, set[str]]:
-    """``aios <path>`` → its long flags, from both of the CLI's parsers (click and argparse)."""
-    import argparse
-
-    from aios.cli import build_parser
-    from aios_client.commands import cli
+    """``aios <path>`` → its long flags, from the CLI's one click tree (the entry points' commands too)."""
+    from aios.cli import cli
 
     found: dict[str, set[str]] = {}
+    root = click.Context(cli, info_name="aios")
 
-    def long_flags(options: list[list[str]]) -> set[str]:
-        return {flag for names in options for flag in names if flag.startswith("--") and flag != "--help"}
-
-    def walk_click(command: click.Command, path: list[str]) -> None:
+    def walk(command: click.Command, path: list[str]) -> None:
         if isinstance(command, click.Group):
-            for name, sub in command.commands.items():
-                walk_click(sub, [*path, name])
+            for name in command.list_commands(root):
+                sub = command.get_command(root, name)
+                assert sub is not None, name
+                walk(sub, [*path, name])
         else:
-            found[" ".join(["aios", *path])] = long_flags(
-                [p.opts for p in command.params if isinstance(p, click.Option)]
-            )
+            found[" ".join(["aios", *path])] = {
+                flag
+                for param in command.params
+                if isinstance(param, click.Option)
+                for flag in param.opts
+                if flag.startswith("--") and flag != "--help"
+            }
 
-    def walk_argparse(parser: argparse.ArgumentParser, path: list[str]) -> None:
-        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        if not subs:
-            found[" ".join(["aios", *path])] = long_flags([a.option_strings for a in parser._actions])
-            return
-        for name, sub in subs[0].choices.items():
-            walk_argparse(sub, [*path, name])
-
-    walk_click(cli, [])
-    walk_argparse(build_parser()[0], [])
+    walk(cli, [])
     return found
 
 
