@@ -16,7 +16,6 @@ dispatched again by ``aios dispatch-pending`` (and by the sync job).
 
 from __future__ import annotations
 
-import random
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -251,13 +250,6 @@ def _earlier_request(settings: Settings, spec: TaskSpec) -> Task:
                 task_id=existing.id,
             )
         return existing
-
-
-def backoff_s(settings: Settings, attempt: int, *, rng: random.Random | None = None) -> float:
-    """Delay before retry number ``attempt`` (1-based): exponential, capped, full jitter."""
-    orchestrator = settings.orchestrator
-    ceiling = min(orchestrator.retry_backoff_max_s, orchestrator.retry_backoff_base_s * 2 ** (attempt - 1))
-    return (rng or random).uniform(ceiling / 2, ceiling)
 
 
 def dispatch(

@@ -3,7 +3,7 @@
 Two kinds of failure come here, and they differ only in what the task may ask for and in the wait:
 
 * **a failed attempt**: the task raised, or its pool process died under it (OOM, SIGKILL, a task that
-  kills its own process). Its agent saw the run end. Retried after :func:`aios.tasks.create.backoff_s`
+  kills its own process). Its agent saw the run end. Retried after :func:`backoff_s`
   while retries are left, else DEAD. Applied by :func:`workers.runner.fail_or_retry`.
 * **a lost run**: the run is gone with no outcome (its agent died, went silent, lost its broker
   connection, or no longer holds it). The task's ``on_agent_lost`` decides first (``fail``: FAILED);
@@ -20,11 +20,17 @@ import random
 from dataclasses import dataclass
 
 from aios.config import Settings
-from aios.tasks.create import backoff_s
 from aios.tasks.states import TaskState
 
 #: ``on_agent_lost`` values: retry a lost run (the default) or fail it.
 ON_AGENT_LOST_RETRY, ON_AGENT_LOST_FAIL = "retry", "fail"
+
+
+def backoff_s(settings: Settings, attempt: int, *, rng: random.Random | None = None) -> float:
+    """Delay before retry number ``attempt`` (1-based): exponential, capped, full jitter."""
+    orchestrator = settings.orchestrator
+    ceiling = min(orchestrator.retry_backoff_max_s, orchestrator.retry_backoff_base_s * 2 ** (attempt - 1))
+    return (rng or random).uniform(ceiling / 2, ceiling)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import pytest
 from aios.config import Settings
 from aios.errors import ValidationFailed
 from aios.models import Task
-from aios.tasks.create import backoff_s
+from aios.tasks.retries import backoff_s
 from aios.tasks.search import decode_cursor, encode_cursor
 
 

@@ -7,8 +7,7 @@ import random
 import pytest
 
 from aios.config import Settings
-from aios.tasks.create import backoff_s
-from aios.tasks.retries import Decision, after_failure
+from aios.tasks.retries import Decision, after_failure, backoff_s
 from aios.tasks.states import TaskState
 
 
