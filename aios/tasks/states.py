@@ -33,17 +33,18 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.orm import Session
 
 from aios.config import Settings
+from aios.db import session_scope
 from aios.errors import IllegalTransition
+from aios.models import Task, TaskEvent
+from aios.tasks import states_postgres
+from aios.tasks.states_postgres import Move
 from aios.timeutil import utcnow
-
-if TYPE_CHECKING:
-    from aios.tasks.states_postgres import Move
 
 
 class TaskState(enum.StrEnum):
@@ -142,8 +143,6 @@ def transition_many(
     ``per_task_values`` (task id → columns) sets different values per row, e.g. a fresh
     ``dispatch_id`` each; rows then get one UPDATE each inside the same transaction.
     """
-    from aios.models import Task  # local: models imports this module for the enum
-
     check_transition(current, target)
     if not task_ids:
         return []
@@ -187,8 +186,6 @@ def record_events(
 
     ``detail_for`` adds per-task detail to the shared ``detail``.
     """
-    from aios.models import TaskEvent
-
     rows = [
         {
             "task_id": task_id,
@@ -211,8 +208,6 @@ def insert_new(connection_or_session: Session | Connection, rows: Sequence[Mappi
     """INSERT new task rows (columns by name, one multi-row statement); the caller records their
     events and commits. Raises IllegalTransition, writing nothing, if a row's ``state`` is missing or
     not in :data:`INITIAL`."""
-    from aios.models import Task
-
     for row in rows:
         state = row.get("state")
         if state not in _INITIAL_VALUES:
@@ -244,8 +239,6 @@ CLAIM_COLUMNS: tuple[str, ...] = ClaimRow._fields[1:]
 @lru_cache(maxsize=32)
 def _move(current: TaskState | str, target: TaskState | str) -> Move:
     """The strategy's view of a legal move: from, to, and the column it stamps."""
-    from aios.tasks.states_postgres import Move
-
     check_transition(current, target)
     current, target = TaskState(current), TaskState(target)
     return Move(current.value, target.value, STAMPS.get(target))
@@ -264,8 +257,6 @@ def claim(
     """QUEUED → RUNNING for this dispatch (``attempts`` + 1, the run's progress cleared), with its event,
     committed: the run's :class:`ClaimRow`, or None, writing nothing, if the task was not QUEUED for
     ``dispatch_id`` (the caller notes why)."""
-    from aios.tasks import states_postgres
-
     now = now or utcnow()
     if states_postgres.supported(settings):
         row = states_postgres.claim(
@@ -280,9 +271,6 @@ def claim(
             now=now,
         )
         return None if row is None else ClaimRow(*row)
-    from aios.db import session_scope
-    from aios.models import Task
-
     with session_scope(settings.database) as session:
         claimed = transition(
             session,
@@ -320,15 +308,11 @@ def record_outcome(
 ) -> bool:
     """RUNNING → ``target`` for this dispatch, setting ``values`` (a None is SQL NULL), with its event,
     committed; False, writing nothing, if the task was not RUNNING for ``dispatch_id``."""
-    from aios.tasks import states_postgres
-
     now = now or utcnow()
     if states_postgres.supported(settings):
         return states_postgres.outcome(
             settings, _move(S.RUNNING, target), task_id, dispatch_id, values, actor=actor, detail=detail, now=now
         )
-    from aios.db import session_scope
-
     with session_scope(settings.database) as session:
         return transition(
             session, task_id, S.RUNNING, target, actor=actor, fence=dispatch_id, values=values, detail=detail, now=now
