@@ -188,7 +188,7 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
 def backoff_s(attempt: int, *, base_s: float = 0.5, max_s: float = 8.0) -> float:
     """Exponential backoff with jitter for retry ``attempt`` (0-based): half fixed, half random, so
     many clients refused at the same moment do not come back at the same moment."""
-    ceiling = min(max_s, base_s * 2**attempt)
+    ceiling: float = min(max_s, base_s * 2**attempt)  # int ** int is typed Any (a negative power is a float)
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
@@ -243,7 +243,7 @@ class Event:
 def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
     """Events from the lines of a ``text/event-stream`` (the WHATWG rules: ``:`` comments, multi-line
     ``data``, a blank line ends an event)."""
-    name, data, event_id = "message", [], None
+    name, data, event_id = "message", list[str](), None
     for raw in lines:
         line = raw.rstrip("\r")
         if not line:
@@ -477,8 +477,9 @@ class Client:
                 raise error
             return response
 
-    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self._request(method, path, **kwargs).json()
+    def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        body: dict[str, Any] = self._request(method, path, **kwargs).json()  # every answer is a JSON object
+        return body
 
     # ------------------------------------------------------------------ tasks
 

@@ -326,6 +326,7 @@ def logout(state: State) -> None:
 @click.pass_obj
 def submit(
     state: State,
+    /,
     task_type: str,
     pairs: tuple[str, ...],
     raw_params: str | None,
@@ -354,7 +355,7 @@ def tasks() -> None:
 @click.option("-q", "--search", "q", help="text in type, parameters or result")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @click.pass_obj
-def tasks_ls(state: State, limit: int, **filters: Any) -> None:
+def tasks_ls(state: State, /, limit: int, **filters: Any) -> None:
     """The newest tasks first."""
     renamed = {"task_type": "type", "states": "state"}
     chosen = {renamed.get(key, key): value for key, value in filters.items() if value}

@@ -257,8 +257,10 @@ def _tls_pending(raw: socket.socket) -> int:
     return raw.pending() if isinstance(raw, ssl.SSLSocket) else 0
 
 
-class BufferedConn(TConn):  # type: ignore[misc]
+class BufferedConn(TConn):
     """gunicorn's connection, on a :class:`BufferedSocket` whose TLS handshake the poller has done."""
+
+    initialized: bool  # set by gunicorn's TConn.__init__
 
     def __init__(self, cfg: Any, sock: BufferedSocket, client: Any, server: Any, release: Any) -> None:
         super().__init__(cfg, sock, client, server)
@@ -295,7 +297,7 @@ class _Reading:
         self.counted = 0
 
 
-class BufferedThreadWorker(ThreadWorker):  # type: ignore[misc]
+class BufferedThreadWorker(ThreadWorker):
     """``gthread`` whose poller reads whole requests; threads only run the app (see the module doc)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -513,6 +515,7 @@ class BufferedThreadWorker(ThreadWorker):  # type: ignore[misc]
         now = time.monotonic()
         for conn in [c for c in self.reading if c.reading is not None]:
             state = conn.reading
+            assert state is not None  # filtered above
             if state.deadline <= now or (not self.alive and not conn.sock.buffer):
                 if state.lingering or state.handshaking or not conn.sock.buffer:
                     self._close(conn)

@@ -80,7 +80,7 @@ def submit() -> Any:
         raise ValidationFailed(
             f"timeout_s: must be at most orchestrator.task_timeout_s ({task_timeout_max_s})", field="timeout_s"
         )
-    params = CommandParameters.model_validate(body.model_dump(include=PARAMETER_FIELDS))
+    params = CommandParameters.model_validate(body.model_dump(include=set(PARAMETER_FIELDS)))
     task_request = TaskRequest(
         type=COMMAND_TYPE,
         parameters=params.model_dump(mode="json", exclude_none=True),

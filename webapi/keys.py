@@ -8,6 +8,7 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from aios.db import session_scope
 from aios.errors import Conflict, Forbidden, NotFound
@@ -56,7 +57,7 @@ def key_to_dict(row: ApiKey, *, owner: str | None = None) -> dict[str, Any]:
     }
 
 
-def _own_key(session: Any, principal: Principal, key_id: str) -> ApiKey:
+def _own_key(session: Session, principal: Principal, key_id: str) -> ApiKey:
     """The key, if the caller may manage it: its owner or an admin. Others get 404 (no probing)."""
     row = session.get(ApiKey, key_id)
     if row is None or (principal.role != ADMIN and row.owner_id != principal.user_id):

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from aios.ops.limits import LimitsChange
+from aios.tasks.spec import TaskRequest
 from webapi import agents, audit, backups, commands, keys, queues, schedules, sync, tasks, users, workers
 from webapi.security import public
 
@@ -40,7 +41,7 @@ def ref(name: str) -> Schema:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def obj(required: tuple[str, ...] = (), **properties: Schema) -> Schema:
+def obj(required: tuple[str, ...] = (), /, **properties: Schema) -> Schema:
     """An object with these known properties (more may appear: the schemas are loose, never false)."""
     schema: Schema = {"type": "object", "properties": properties}
     if required:
@@ -56,7 +57,8 @@ def nullable(schema: Schema) -> Schema:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
-STR, INT, NUM, BOOL, ANY = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}, {}
+STR, INT, NUM, BOOL = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+ANY: Schema = {}
 OBJ = {"type": "object"}
 TIME = nullable({"type": "string", "format": "date-time"})
 OPT_STR, OPT_INT, OPT_NUM = nullable(STR), nullable(INT), nullable(NUM)
@@ -246,7 +248,7 @@ EVENT_STREAM = "text/event-stream"
 
 OPERATIONS: dict[str, Operation] = {
     # tasks
-    "tasks.submit": Operation("Submit one task", {202: ref("Task")}, tasks.TaskRequest, errors=(409,)),
+    "tasks.submit": Operation("Submit one task", {202: ref("Task")}, TaskRequest, errors=(409,)),
     "tasks.submit_batch": Operation(
         "Submit tasks in one transaction", {202: ref("BatchAccepted")}, tasks.BatchRequest, errors=(409,)
     ),

@@ -8,6 +8,7 @@ from flask import Blueprint, jsonify
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from aios.db import session_scope
 from aios.errors import Conflict, Forbidden, NotFound, ValidationFailed
@@ -82,14 +83,14 @@ def schedule_to_dict(row: Schedule) -> dict[str, Any]:
     }
 
 
-def _get(session: Any, schedule_id: str) -> Schedule:
+def _get(session: Session, schedule_id: str) -> Schedule:
     row = session.get(Schedule, schedule_id)
     if row is None:
         raise NotFound(f"no schedule with id {schedule_id!r}", field="id")
     return row
 
 
-def _get_to_change(session: Any, schedule_id: str) -> Schedule:
+def _get_to_change(session: Session, schedule_id: str) -> Schedule:
     """As for tasks, operators change only their own schedules; admins any."""
     row = _get(session, schedule_id)
     principal = current_principal()

@@ -243,7 +243,7 @@ def authenticate_request() -> Response | None:
 
 def _audit_action() -> str | None:
     view = _view()
-    return g.get("audit_action") or (getattr(view, "aios_audit", None) if view else None)  # type: ignore[no-any-return]
+    return g.get("audit_action") or (getattr(view, "aios_audit", None) if view else None)
 
 
 def _audit_target() -> str | None:

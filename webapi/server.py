@@ -28,7 +28,7 @@ class _Redacted(logging.Formatter):
         return redact(self.inner.format(record))
 
 
-class RedactingGunicornLogger(GunicornLogger):  # type: ignore[misc]
+class RedactingGunicornLogger(GunicornLogger):
     """gunicorn's error and access logs through the same redactor as every AIOS log line: the access
     log's request line carries the query string, where a client may have put a key or a token."""
 
@@ -66,7 +66,7 @@ def _worker_exited(server: Any, worker: Any) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
-class ApiServer(BaseApplication):  # type: ignore[misc]
+class ApiServer(BaseApplication):
     """gunicorn, configured from AIOS settings; each worker process builds its own app."""
 
     def __init__(self, settings: Settings, *, certfile: str | None = None, keyfile: str | None = None) -> None:

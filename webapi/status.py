@@ -50,6 +50,7 @@ def cluster_status(settings: Settings, celery: Celery) -> dict[str, Any]:
         last_backup = session.scalars(select(Backup).order_by(Backup.id.desc()).limit(1)).first()
     leader = lease.current(settings, LEASE_NAME)
     queues: dict[str, Any] | None
+    queues_error: str | None
     try:
         from aios.broker.queues import describe_queues
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, flash, redirect, render_template, request, send_from_directory, url_for
+from flask import Blueprint, Flask, Response, flash, redirect, render_template, request, send_from_directory, url_for
 from flask.sansio.blueprints import BlueprintSetupState
 from sqlalchemy import select
 from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from aios.agents import registry as agent_ledger
 from aios.broker import queues as queue_ledger
@@ -70,7 +71,7 @@ bp = Blueprint("ui", __name__, url_prefix="/ui", root_path=str(HERE), template_f
 
 @bp.record_once
 def _setup(state: BlueprintSetupState) -> None:
-    init_ui_sessions(state.app)
+    init_ui_sessions(cast(Flask, state.app))  # BlueprintSetupState types the sansio App
 
 
 @bp.after_request
@@ -149,7 +150,7 @@ def _next_page(default: str) -> str:
     return target
 
 
-def _done(message: str, default: str) -> Response:
+def _done(message: str, default: str) -> WerkzeugResponse:
     """After an action: back to the page the button was on, which says what happened (POST/redirect/GET).
 
     A refused or failed action raises instead, and the error page answers with the action's status
@@ -260,7 +261,8 @@ def tasks() -> Any:
             }
             for t in rows
         ]
-    kept = {"state": state, "type": args["type"], "q": q, "sort": sort if sort != SORTS[0] else ""}
+    # Any: url_for's own keywords (_external: bool, ...) refuse a **dict[str, str] to mypy.
+    kept: dict[str, Any] = {"state": state, "type": args["type"], "q": q, "sort": sort if sort != SORTS[0] else ""}
     kept = {name: value for name, value in kept.items() if value}
     return render_template(
         "ui/tasks.html",
@@ -550,7 +552,9 @@ def audit() -> Any:
             }
             for e in rows[:AUDIT_PAGE_SIZE]
         ]
-    kept = {name: value for name, value in (("principal", principal), ("action", action)) if value}
+    kept: dict[str, Any] = {  # Any: as in tasks(), for url_for
+        name: value for name, value in (("principal", principal), ("action", action)) if value
+    }
     next_url = (
         url_for("ui.audit", **kept, before=entries[-1]["id"]) if len(rows) > AUDIT_PAGE_SIZE and entries else None
     )

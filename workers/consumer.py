@@ -68,7 +68,7 @@ class AiosConsumer(Consumer):
                 except AttributeError as error:  # the collected transport has no client left
                     logger.warning("dropped the lost broker connection without closing it cleanly: %s", error)
 
-            connection.close = close_collected  # type: ignore[method-assign]
+            connection.close = close_collected
         super().on_connection_error_after_connected(exc)
 
 

@@ -92,7 +92,8 @@ def _claim(settings: Settings, task_id: str, dispatch_id: str, agent: str) -> Cl
     row = states.claim(settings, task_id, dispatch_id, agent, actor=actor, detail={"dispatch_id": dispatch_id})
     if row is None:
         with session_scope(settings.database) as session:
-            return _not_claimed(session, task_id, dispatch_id, actor)
+            _not_claimed(session, task_id, dispatch_id, actor)
+            return None
     return Claim(
         task_id=task_id,
         dispatch_id=dispatch_id,
