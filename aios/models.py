@@ -7,7 +7,7 @@ The indexes serve the list endpoint's keyset pagination (newest first, optionall
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -19,6 +19,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     TypeDecorator,
     text,
@@ -54,7 +55,10 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class Base(DeclarativeBase):
-    pass
+    if TYPE_CHECKING:
+        # SQLAlchemy types it as any FromClause (a class may map a join or a select); every model
+        # here maps its own Table, which Core's insert() and update() take.
+        __table__: ClassVar[Table]
 
 
 class Task(Base):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aios.agents import routing
 from aios.agents.registry import agent_queue, capability_queue, healthy_agents
@@ -64,14 +65,14 @@ def _picks(
     if policy == "weighted_round_robin":
         weights = {c.name: c.weight for c in candidates}
 
-        def weighted(state: dict) -> tuple[list[str], dict]:
+        def weighted(state: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
             picks, credit = routing.smooth_weighted(weights, state.get("credit", {}), count)
             return picks, {"credit": credit}
 
         return with_state(settings, f"wrr:{capability}", weighted)
     names = [c.name for c in candidates]
 
-    def round_robin(state: dict) -> tuple[list[str], dict]:
+    def round_robin(state: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
         picks, last = routing.round_robin(names, state.get("last"), count)
         return picks, {"last": last}
 

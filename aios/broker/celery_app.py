@@ -150,7 +150,7 @@ def create_celery_app(settings: Settings) -> Celery:
     """Build a Celery app for ``settings`` (tests build their own; nothing global is touched)."""
     app = Celery("aios", set_as_current=False)
     app.conf.update(celery_config(settings))
-    app.aios_settings = settings  # type: ignore[attr-defined]
+    app.aios_settings = settings
     return app
 
 

@@ -176,8 +176,9 @@ def apply_retention(settings: Settings) -> list[str]:
             .where(Backup.status == "ok", Backup.path.startswith(prefix, autoescape=True))
             .order_by(Backup.created_at.desc(), Backup.id.desc())
         ).all()
-    removed = []
+    removed: list[str] = []
     for row_id, path in rows[settings.backup.keep :]:
+        assert path is not None  # the query matched it with startswith(prefix)
         try:
             Path(path).unlink(missing_ok=True)
             sha256_path(Path(path)).unlink(missing_ok=True)

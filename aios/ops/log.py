@@ -109,11 +109,11 @@ def configure_logging(settings: LoggingSettings, *, stream: TextIO | None = None
         folder = Path(settings.dir)
         folder.mkdir(parents=True, exist_ok=True)
         for name, level in (("aios.log", logging.NOTSET), ("aios.error.log", logging.ERROR)):
-            handler = ConcurrentRotatingFileHandler(
+            file_handler = ConcurrentRotatingFileHandler(
                 str(folder / name), maxBytes=settings.max_bytes, backupCount=settings.backup_count, encoding="utf-8"
             )
-            handler.setLevel(level)
-            handlers.append(handler)
+            file_handler.setLevel(level)
+            handlers.append(file_handler)
     for handler in handlers:
         handler.setFormatter(_formatter(settings))
         handler.addFilter(context)

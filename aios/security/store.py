@@ -152,7 +152,7 @@ class DatabaseStore:
         from sqlalchemy import case
 
         expired = Counter.expires_at <= now
-        statement = statement.on_conflict_do_update(
+        upsert = statement.on_conflict_do_update(
             index_elements=[Counter.key],
             set_={
                 "value": case((expired, 1), else_=Counter.value + 1),
@@ -160,7 +160,7 @@ class DatabaseStore:
             },
         ).returning(Counter.value, Counter.expires_at)
         with session_scope(self.settings.database) as session:
-            value, expires_at = session.execute(statement).one()
+            value, expires_at = session.execute(upsert).one()
         return int(value), _seconds_left(expires_at, now)
 
     def hit(self, key: str, window_s: int) -> tuple[int, int]:

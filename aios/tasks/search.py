@@ -15,9 +15,23 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, TypeVarTuple
 
-from sqlalchemy import ColumnElement, DateTime, Select, Text, and_, cast, func, literal_column, or_, select, text
+from sqlalchemy import (
+    ColumnClause,
+    ColumnElement,
+    DateTime,
+    Engine,
+    Select,
+    Text,
+    and_,
+    cast,
+    func,
+    literal_column,
+    or_,
+    select,
+    text,
+)
 from sqlalchemy.dialects.postgresql import array
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.util import ClauseAdapter
@@ -113,13 +127,17 @@ _BOUNDS_SQL = text("""
     WHERE c.oid = to_regclass('tasks')
 """)
 #: The creation hour, the search index's second key where migration 0009 could add it (:func:`_hour`).
-_HOUR_STRIDE = literal_column("'1 hour'::interval")
-_HOUR_ORIGIN = literal_column("'2000-01-01 00:00:00+00'::timestamptz")
+_HOUR_STRIDE: ColumnClause[timedelta] = literal_column("'1 hour'::interval")
+_HOUR_ORIGIN: ColumnClause[datetime] = literal_column("'2000-01-01 00:00:00+00'::timestamptz")
 #: A window covering more hours than this is looked up with its created_at range instead: each hour is
 #: one more index scan (~0.1-0.3 ms), and a window that long holds about as many matches either way.
 HOUR_KEYS_MAX = 48
 #: What each process last read of a database's statistics: (what, database URL) -> (when, value).
 _statistics: dict[tuple[str, str], tuple[float, Any]] = {}
+
+_T = TypeVar("_T")
+#: The columns of a SELECT a filter is added to (whole tasks, or some of their columns).
+_Columns = TypeVarTuple("_Columns")
 
 
 def _search_text() -> ColumnElement[str]:
@@ -142,15 +160,18 @@ def _search_text() -> ColumnElement[str]:
     )
 
 
-def _statistic(session: Session, what: str, read: Callable[[], Any]) -> Any:
+def _statistic(session: Session, what: str, read: Callable[[], _T]) -> _T:
     """``read()``, reused for SAMPLE_MAX_AGE_S per database and process: statistics ANALYZE renews
     (and an index a migration rebuilds) change seldom, and a search page should not read them again."""
-    key = (what, str(session.get_bind().url))
+    bind = session.get_bind()
+    assert isinstance(bind, Engine)  # aios.db binds every session to its engine
+    key = (what, str(bind.url))
     now = time.monotonic()
     cached = _statistics.get(key)
     if cached is None or now - cached[0] > SAMPLE_MAX_AGE_S:
         cached = _statistics[key] = (now, read())
-    return cached[1]
+    value: _T = cached[1]  # what read() returned under this key
+    return value
 
 
 def search_sample(session: Session) -> tuple[str, ...]:
@@ -180,7 +201,7 @@ def _hour() -> ColumnElement[datetime]:
 def search_keyed_by_hour(session: Session) -> bool:
     """Whether the search index also holds each task's creation hour (migration 0009), read at most every
     SAMPLE_MAX_AGE_S per database."""
-    return _statistic(
+    keyed: bool = _statistic(
         session,
         "keyed by hour",
         lambda: (
@@ -190,6 +211,7 @@ def search_keyed_by_hour(session: Session) -> bool:
             == 2
         ),
     )
+    return keyed
 
 
 def hour_keys(lo: datetime, hi: datetime) -> list[datetime] | None:
@@ -273,8 +295,8 @@ def _matches(
 
 
 def apply_filter(
-    statement: Select[Any], where: TaskFilter, *, dialect: str, index_words: Sequence[str] = ()
-) -> Select[Any]:
+    statement: Select[*_Columns], where: TaskFilter, *, dialect: str, index_words: Sequence[str] = ()
+) -> Select[*_Columns]:
     """Add ``where``'s conditions to a SELECT over tasks (``index_words``: see :func:`index_words`)."""
     if where.states:
         statement = statement.where(Task.state.in_(where.states))
@@ -301,7 +323,7 @@ def apply_filter(
     return statement
 
 
-def _filtered(session: Session, statement: Select[Any], where: TaskFilter) -> Select[Any]:
+def _filtered(session: Session, statement: Select[*_Columns], where: TaskFilter) -> Select[*_Columns]:
     dialect = session.get_bind().dialect.name
     words = index_words(where.q, search_sample(session)) if where.q and dialect == "postgresql" else ()
     return apply_filter(statement, where, dialect=dialect, index_words=words)
@@ -495,7 +517,9 @@ def _search_newest(session: Session, where: TaskFilter, need: int, after: Sequen
         statement = apply_filter(statement, where, dialect="postgresql", index_words=words)
         return statement.where(_after(DEFAULT_SORT, after)) if after else statement
 
-    def newest(statement: Select[Any], older_than: datetime | None) -> Select[Any]:
+    def newest(
+        statement: Select[*_Columns], older_than: datetime | ColumnElement[datetime] | None
+    ) -> Select[*_Columns]:
         statement = apply_filter(statement, unsearched, dialect="postgresql")
         if older_than is not None:
             statement = statement.where(Task.created_at < older_than)

@@ -159,11 +159,11 @@ def transition_many(
         moved = list(session.execute(statement).scalars())
     else:
         for task_id in task_ids:
-            statement = update(Task).where(Task.id == task_id, Task.state == current.value)
+            row_update = update(Task).where(Task.id == task_id, Task.state == current.value)
             if fence is not None:
-                statement = statement.where(Task.dispatch_id == fence)
+                row_update = row_update.where(Task.dispatch_id == fence)
             own = {**common, **((per_task_values or {}).get(task_id, {}))}
-            if session.execute(statement.values(**own).returning(Task.id)).first() is not None:
+            if session.execute(row_update.values(**own).returning(Task.id)).first() is not None:
                 moved.append(task_id)
     record_events(
         session, moved, actor=actor, from_state=current, to_state=target, detail=detail, now=now, detail_for=detail_for

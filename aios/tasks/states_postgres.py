@@ -186,7 +186,7 @@ class _Compiled:
 def _compiled(statement: Select[Any], dialect: Dialect) -> _Compiled:
     compiled = statement.compile(dialect=dialect)
     fixed = {name: bind.effective_value for bind, name in compiled.bind_names.items() if not bind.required}
-    processors = {}
+    processors: dict[str, Callable[[Any], Any]] = {}
     for bind, name in compiled.bind_names.items():
         process = bind.type.dialect_impl(dialect).bind_processor(dialect)
         if process is not None:

@@ -26,8 +26,9 @@ import bisect
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from aios.config import Settings
@@ -102,8 +103,12 @@ def rollup(settings: Settings, *, settle_s: float = 5.0, limit: int = 20_000) ->
         last_id, totals = _collect(session, after, utcnow() - timedelta(seconds=settle_s), limit)
         if last_id == after:
             return 0
-        moved = session.execute(
-            update(StatCursor).where(StatCursor.name == CURSOR, StatCursor.last_id == after).values(last_id=last_id)
+        # An UPDATE's result is a CursorResult (Session.execute is typed with the general Result).
+        moved = cast(
+            CursorResult[Any],
+            session.execute(
+                update(StatCursor).where(StatCursor.name == CURSOR, StatCursor.last_id == after).values(last_id=last_id)
+            ),
         ).rowcount
         if moved != 1:
             session.rollback()  # another process rolled these up meanwhile

@@ -24,12 +24,13 @@ masked whole is one ``GET`` away), and its ``result_preview`` is withheld from t
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Text, cast, event, func, select
+from sqlalchemy import Select, Text, cast, event, func, select
 from sqlalchemy.orm import ORMExecuteState, Session, defer
 
 from aios.models import Task
@@ -98,8 +99,10 @@ def redact(data: dict[str, Any], *, owner: str | None, reader: Reader) -> dict[s
 
 
 def _only_task_rows(state: ORMExecuteState) -> bool:
+    # is_select: a SELECT of the ORM, a Select statement here (typed as any Executable).
+    statement = typing.cast(Select[Any], state.statement)
     return state.is_select and any(
-        entry.get("type") is Task and entry.get("expr") is Task for entry in state.statement.column_descriptions
+        entry.get("type") is Task and entry.get("expr") is Task for entry in statement.column_descriptions
     )
 
 

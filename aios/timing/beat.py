@@ -88,7 +88,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     return entries
 
 
-class LeaderScheduler(Scheduler):
+class LeaderScheduler(Scheduler):  # type: ignore[misc]  # celery ships no types: Scheduler is Any
     """A Celery beat scheduler that runs AIOS's jobs in-process, only while it holds the lease."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -122,7 +122,8 @@ class LeaderScheduler(Scheduler):
     def tick(self, *args: Any, **kwargs: Any) -> float:
         if not self.check_lease():
             return min(1.0, self.settings.beat.lock_ttl_s / 3)
-        return min(super().tick(*args, **kwargs), self.settings.beat.tick_s)
+        due_in_s: float = super().tick(*args, **kwargs)  # celery's: seconds until the next entry is due
+        return min(due_in_s, self.settings.beat.tick_s)
 
     # --- running jobs in-process ------------------------------------------------------------
     def apply_entry(self, entry: ScheduleEntry, producer: Any = None) -> None:
