@@ -49,40 +49,20 @@ from urllib.parse import quote
 import requests
 import urllib3
 
+from aios_client import errors
+from aios_client.errors import *  # noqa: F403 - the errors stay importable from here, as before
 from aios_client.errors import (
     ERRORS_BY_CODE,
     ERRORS_BY_STATUS,
     AiosError,
-    BackupFailed,
-    BackupInvalid,
-    BadRequest,
-    Conflict,
     ConnectionFailed,
-    DatabaseNotMigrated,
-    DatabaseUnavailable,
-    Forbidden,
-    HeadersTooLarge,
-    IllegalTransition,
-    InternalError,
-    MethodNotAllowed,
-    NotFound,
-    PayloadTooLarge,
-    RateLimited,
-    RequestTimeout,
-    ServiceUnavailable,
     TaskFailed,
     Unauthorized,
-    UnknownTaskType,
-    UnsupportedMediaType,
-    UnsupportedOnBroker,
-    ValidationFailed,
     WaitTimeout,
-    WorkerNotFound,
-    WorkerRefused,
-    WorkerTimeout,
 )
 
-#: The SDK's names. The errors live in :mod:`aios_client.errors`; they stay importable from here too.
+#: The SDK's names. The errors live in :mod:`aios_client.errors` (its ``__all__``); they stay importable
+#: from here too.
 __all__ = [
     "Client",
     "Event",
@@ -91,36 +71,7 @@ __all__ = [
     "error_from_response",
     "parse_retry_after",
     "parse_sse",
-    "ERRORS_BY_CODE",
-    "ERRORS_BY_STATUS",
-    "AiosError",
-    "BackupFailed",
-    "BackupInvalid",
-    "BadRequest",
-    "Conflict",
-    "ConnectionFailed",
-    "DatabaseNotMigrated",
-    "DatabaseUnavailable",
-    "Forbidden",
-    "HeadersTooLarge",
-    "IllegalTransition",
-    "InternalError",
-    "MethodNotAllowed",
-    "NotFound",
-    "PayloadTooLarge",
-    "RateLimited",
-    "RequestTimeout",
-    "ServiceUnavailable",
-    "TaskFailed",
-    "Unauthorized",
-    "UnknownTaskType",
-    "UnsupportedMediaType",
-    "UnsupportedOnBroker",
-    "ValidationFailed",
-    "WaitTimeout",
-    "WorkerNotFound",
-    "WorkerRefused",
-    "WorkerTimeout",
+    *errors.__all__,
 ]
 
 #: Task states after which nothing changes any more.
