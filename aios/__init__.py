@@ -13,7 +13,8 @@ The vocabulary, one package per noun (a concept's home is guessable from its nam
 - :mod:`aios.sandbox` — how a command runs: its unprivileged user, its cgroup, its limits.
 - :mod:`aios.tasktypes` — what a task of a given ``type`` does: the registry and the built-ins.
 
-Beside them, the modules everything shares: :mod:`aios.config` (typed settings), :mod:`aios.errors`
+Beside them, the modules everything shares: :mod:`aios.config` (typed settings; the original
+system's config file is recognised by :mod:`aios.original_config`), :mod:`aios.errors`
 (the one error tree), :mod:`aios.db` and :mod:`aios.models` (the ledger), :mod:`aios.migrate`,
 :mod:`aios.timeutil` and :mod:`aios.text`. ``webapi`` and ``workers`` import ``aios``; ``aios`` imports
 neither, and the client (:mod:`aios_client`) imports nothing of the server.

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from aios import original_config
 from aios.errors import ConfigError, ValidationFailed
 from aios.timing.cron import parse_cron
 
@@ -393,9 +394,24 @@ def _file_layer(path: Path | None, explicit: bool) -> dict[str, Any]:
         return {}
     try:
         with path.open("rb") as handle:
-            return tomllib.load(handle)
+            data = tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+        # The original system's file is INI, which is often not TOML: answer it with the mapping.
+        ini = original_config.read_ini(path.read_text(encoding="utf-8", errors="replace"))
+        mapping = ini and original_config.message_for(ini, path, _known_keys())
+        raise ConfigError(mapping or f"{path}: not valid TOML ({exc})") from exc
+    mapping = original_config.message_for(data, path, _known_keys())
+    if mapping:
+        raise ConfigError(mapping)
+    return data
+
+
+def _known_keys() -> dict[str, set[str]]:
+    """Every AIOS section and its keys (the original's keys are only flagged where AIOS has none)."""
+    return {
+        name: set(field.annotation.model_fields)  # type: ignore[union-attr]
+        for name, field in Settings.model_fields.items()
+    }
 
 
 def load_settings(
