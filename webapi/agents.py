@@ -37,9 +37,9 @@ Capability = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._
 class RegisterAgent(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     #: Generated when left out: ``<type>-<6 hex>`` (``<key's user>@<type>-<6 hex>`` for an agent key).
-    name: AgentName | None = None
+    name: AgentName | None = Field(None, description="generated when left out: <type>-<6 hex>, or agent-<6 hex>")
     #: The original system's agent type: stored, shown, and kept among the capabilities (routes as one).
-    type: Capability | None = None
+    type: Capability | None = Field(None, description="the agent's type; also one of its capabilities")
     capabilities: list[Capability] = Field(default_factory=list, max_length=256)
     labels: dict[str, str] = Field(default_factory=dict)
     weight: int = Field(1, ge=1, le=1000)
@@ -61,7 +61,11 @@ class SetAgentStatus(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     #: IDLE (= ONLINE), OFFLINE or ERROR (= DISABLED), or AIOS's ONLINE, DRAINING, DISABLED. BUSY and
     #: DEGRADED are 409: AIOS computes them from heartbeats. Checked by the view, so each refusal says why.
-    status: str = Field(json_schema_extra={"examples": list(agent_ledger.SETTABLE_STATUSES)})
+    status: str = Field(
+        description="IDLE (enable: ONLINE), OFFLINE or ERROR (disable: DISABLED), or ONLINE, DRAINING, "
+        "DISABLED; BUSY and DEGRADED are refused with 409 (AIOS computes them from heartbeats)",
+        json_schema_extra={"examples": list(agent_ledger.SETTABLE_STATUSES)},
+    )
 
 
 def agent_to_dict(agent: Agent) -> dict[str, Any]:
