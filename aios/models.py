@@ -233,6 +233,9 @@ class Agent(Base):
 
     #: The Celery hostname, e.g. ``gpu-01@host``.
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    #: The original system's agent type (``text_processing``), if it was registered with one; always
+    #: among ``capabilities`` too (:func:`aios.agents.registry.with_type`).
+    type: Mapped[str | None] = mapped_column(String(128), nullable=True)
     capabilities: Mapped[list[str]] = mapped_column(JsonValue, default=list)
     labels: Mapped[dict[str, Any]] = mapped_column(JsonValue, default=dict)
     weight: Mapped[int] = mapped_column(Integer, default=1)

@@ -1,4 +1,9 @@
-"""/api/v1/agents: register, list, read, drain/disable/enable, delete."""
+"""/api/v1/agents: register, list, read, drain/disable/enable, delete.
+
+The original system's two agent calls work as it documented them: ``POST /agents`` with a ``type`` and
+no name (AIOS names the agent and keeps the type as a capability) and ``PUT /agents/{id}`` with one of
+its statuses (mapped to AIOS's by :func:`aios.agents.registry.admin_status_for`). docs/api.md has the table.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from aios.recovery.reroute import admin_status_changed
 from aios.security.roles import AGENT, OPERATOR, VIEWER
 from aios.tasks.states import TaskState
 from aios.tasks.view import bodies_left_out
-from aios.timeutil import isoformat, utcnow
+from aios.timeutil import isoformat
 from webapi.context import ctx
 from webapi.requests import json_body, validate
 from webapi.security import current_principal, policy, set_audit
@@ -31,7 +36,10 @@ Capability = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._
 
 class RegisterAgent(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    name: AgentName
+    #: Generated when left out: ``<type>-<6 hex>`` (``<key's user>@<type>-<6 hex>`` for an agent key).
+    name: AgentName | None = Field(None, description="generated when left out: <type>-<6 hex>, or agent-<6 hex>")
+    #: The original system's agent type: stored, shown, and kept among the capabilities (routes as one).
+    type: Capability | None = Field(None, description="the agent's type; also one of its capabilities")
     capabilities: list[Capability] = Field(default_factory=list, max_length=256)
     labels: dict[str, str] = Field(default_factory=dict)
     weight: int = Field(1, ge=1, le=1000)
@@ -47,9 +55,23 @@ class UpdateAgent(BaseModel):
     labels: dict[str, str] | None = None
 
 
+class SetAgentStatus(BaseModel):
+    """The original system's ``PUT /agents/{id}``: only its status, in its words or AIOS's."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    #: IDLE (= ONLINE), OFFLINE or ERROR (= DISABLED), or AIOS's ONLINE, DRAINING, DISABLED. BUSY and
+    #: DEGRADED are 409: AIOS computes them from heartbeats. Checked by the view, so each refusal says why.
+    status: str = Field(
+        description="IDLE (enable: ONLINE), OFFLINE or ERROR (disable: DISABLED), or ONLINE, DRAINING, "
+        "DISABLED; BUSY and DEGRADED are refused with 409 (AIOS computes them from heartbeats)",
+        json_schema_extra={"examples": list(agent_ledger.SETTABLE_STATUSES)},
+    )
+
+
 def agent_to_dict(agent: Agent) -> dict[str, Any]:
     return {
         "name": agent.name,
+        "type": agent.type,
         "status": agent.status,
         "status_reason": agent.status_reason,
         "admin_status": agent.admin_status,
@@ -73,19 +95,24 @@ def register() -> Any:
     itself). Placeholders never take a place from an agent that starts (``aios.agents.registry.register``)."""
     principal = current_principal()
     body = validate(RegisterAgent, json_body())
-    set_audit(target=body.name)
-    if principal.role == AGENT and not body.name.startswith(f"{principal.name}@") and body.name != principal.name:
-        raise Forbidden(f"an agent key of {principal.name!r} may register only agents named {principal.name}@…")
+    as_agent = principal.role == AGENT
+    if body.name is not None:
+        set_audit(target=body.name)
+        if as_agent and not body.name.startswith(f"{principal.name}@") and body.name != principal.name:
+            raise Forbidden(f"an agent key of {principal.name!r} may register only agents named {principal.name}@…")
     settings = ctx().settings
     with session_scope(settings.database) as session:
+        name = body.name or agent_ledger.new_agent_name(session, body.type, owner=principal.name if as_agent else None)
+        set_audit(target=name, **({"type": body.type} if body.type else {}))
         agent, _ = agent_ledger.register(
             session,
             agent_ledger.AgentSpec(
-                name=body.name,
+                name=name,
                 capabilities=body.capabilities,
                 labels=body.labels,
                 weight=body.weight,
                 max_concurrency=body.max_concurrency,
+                type=body.type,
             ),
             max_agents=settings.orchestrator.max_agents,
             live=False,
@@ -150,24 +177,31 @@ def update(name: str) -> Any:
     """Drain, disable or re-enable an agent, or change its weight, capabilities or labels."""
     body = validate(UpdateAgent, json_body())
     changes = body.model_dump(exclude_none=True)
-    set_audit(target=name, **changes)
+    # The audit detail's "status" is the HTTP status: the agent's goes under another key.
+    set_audit(target=name, **{("agent_status" if k == "status" else k): v for k, v in changes.items()})
+    return _change(name, agent_ledger.AgentChange(**body.model_dump()))
+
+
+@bp.put("/<path:name>")
+@policy(OPERATOR, audit_action="agent.update")
+def set_status(name: str) -> Any:
+    """The original system's status call: IDLE enables the agent (ONLINE), OFFLINE or ERROR disable it
+    (DISABLED); AIOS's ONLINE, DRAINING and DISABLED work too. BUSY is refused (409): AIOS computes it."""
+    body = validate(SetAgentStatus, json_body())
+    set_audit(target=name, agent_status=body.status)  # as sent ("status" is the HTTP status's key)
+    admin_status = agent_ledger.admin_status_for(body.status)
+    set_audit(admin_status=admin_status)
+    return _change(name, agent_ledger.AgentChange(status=admin_status))
+
+
+def _change(name: str, change: agent_ledger.AgentChange) -> Any:
+    """Apply an operator's change (:func:`aios.agents.registry.change_agent`) and answer with the agent."""
     settings = ctx().settings
     with session_scope(settings.database) as session:
-        agent = agent_ledger.get_agent(session, name)
-        if body.status is not None:
-            agent.admin_status = "ACTIVE" if body.status == "ONLINE" else body.status
-        if body.weight is not None:
-            agent.weight = body.weight
-        if body.capabilities is not None:
-            agent.capabilities = sorted(set(body.capabilities))
-        if body.labels is not None:
-            agent.labels = body.labels
-        agent.updated_at = utcnow()
-        agent_ledger.reevaluate(session, settings, agent)
-        result = agent_to_dict(agent)
+        result = agent_to_dict(agent_ledger.change_agent(session, settings, name, change))
     agent_ledger.forget_healthy_cache()
     # Drained or disabled: it takes no new work, so what waits in its queue goes to other agents.
-    admin_status_changed(settings, ctx().celery, name, body.status)
+    admin_status_changed(settings, ctx().celery, name, change.status)
     return jsonify(result)
 
 

@@ -105,6 +105,7 @@ _TASK_ITEM = {"allOf": [_TASK, obj(redacted=BOOL, **_PREVIEWS)]}
 _AGENT = obj(
     ("name", "status"),
     name=STR,
+    type=OPT_STR,
     status=STR,
     status_reason=OPT_STR,
     admin_status=OPT_STR,
@@ -276,10 +277,21 @@ OPERATIONS: dict[str, Operation] = {
     "schedules.update": Operation("Change a schedule", {200: ref("Schedule")}, schedules.UpdateSchedule, errors=(409,)),
     "schedules.delete": Operation("Delete a schedule", {200: ref("Deleted")}),
     # agents
-    "agents.register": Operation("Register an agent", {201: ref("Agent")}, agents.RegisterAgent, errors=(409,)),
+    "agents.register": Operation(
+        "Register an agent (named after its type when no name is sent)",
+        {201: ref("Agent")},
+        agents.RegisterAgent,
+        errors=(409,),
+    ),
     "agents.index": Operation("Every agent", {200: obj(("agents",), agents=array(ref("Agent")))}, query=AGENT_QUERY),
     "agents.read": Operation("One agent with its tasks and status changes", {200: ref("AgentDetail")}),
     "agents.update": Operation("Drain, disable, enable or change an agent", {200: ref("Agent")}, agents.UpdateAgent),
+    "agents.set_status": Operation(
+        "Set an agent's status the original system's way (IDLE, OFFLINE, ERROR)",
+        {200: ref("Agent")},
+        agents.SetAgentStatus,
+        errors=(409,),
+    ),
     "agents.delete": Operation("Forget an OFFLINE agent", {200: ref("Deleted")}, errors=(409,)),
     # auth, keys, users, audit
     "auth.token": Operation(

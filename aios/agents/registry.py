@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -63,6 +64,33 @@ class AgentSpec:
     labels: dict[str, str]
     weight: int = 1
     max_concurrency: int = 1
+    #: The original system's agent ``type`` (``text_processing``): stored, shown, and always one of
+    #: the agent's capabilities, so it routes as one (see :func:`with_type`).
+    type: str | None = None
+
+
+def with_type(capabilities: Sequence[str], agent_type: str | None) -> list[str]:
+    """The capabilities an agent has: those given, plus its type. An agent registered with a type keeps
+    it as a capability when it starts and announces its own list, or when an operator replaces the list,
+    so the type it was registered for keeps routing to it."""
+    return sorted(set(capabilities) | ({agent_type} if agent_type else set()))
+
+
+#: Random hex digits in a generated agent name: 16.7 million names per type, checked against the ledger.
+NAME_HEX_DIGITS = 6
+
+
+def new_agent_name(session: Session, agent_type: str | None, *, owner: str | None = None) -> str:
+    """A readable name nobody has: ``<type>-<6 hex>`` (``agent-<6 hex>`` without a type), after
+    ``<owner>@`` for an agent key, whose agents must carry its name. The original registered agents by
+    type alone and gave them ids; AIOS names agents, so it names them here. A name taken between this
+    check and the insert is a 409 from :func:`register`, never a second row."""
+    base = f"{owner}@" if owner else ""
+    for _ in range(8):
+        name = f"{base}{agent_type or 'agent'}-{secrets.token_hex(NAME_HEX_DIGITS // 2)}"
+        if session.get(Agent, name) is None:
+            return name
+    raise Conflict(f"no free agent name for type {agent_type!r} after 8 tries; send a name", field="name")
 
 
 #: PostgreSQL advisory lock that makes "count the agents, then insert one" a single step.
@@ -102,7 +130,7 @@ def register(session: Session, spec: AgentSpec, *, max_agents: int, live: bool) 
     if max_agents and _claims_place(agent, live=live):
         _check_room(session, spec.name, max_agents=max_agents, live=live)
     if agent is not None:
-        agent.capabilities = sorted(set(spec.capabilities))
+        agent.capabilities = with_type(spec.capabilities, agent.type)
         agent.max_concurrency = spec.max_concurrency
         agent.updated_at = now
         if spec.labels:
@@ -112,7 +140,8 @@ def register(session: Session, spec: AgentSpec, *, max_agents: int, live: bool) 
         return agent, False
     agent = Agent(
         name=spec.name,
-        capabilities=sorted(set(spec.capabilities)),
+        type=spec.type,
+        capabilities=with_type(spec.capabilities, spec.type),
         labels=spec.labels,
         weight=spec.weight,
         max_concurrency=spec.max_concurrency,
@@ -292,21 +321,76 @@ def mark_silent_offline(settings: Settings) -> Iterator[str]:
 #: What an operator may set an agent to (PATCH /agents/{name} and the dashboard): ONLINE undoes the other two.
 ADMIN_STATUSES = ("ONLINE", "DRAINING", "DISABLED")
 
+#: The original system's agent statuses that ``PUT /agents/{id}`` accepts, and the one AIOS sets for each.
+#: IDLE meant "ready for work"; OFFLINE and ERROR meant "send it nothing", which is AIOS's DISABLED.
+ORIGINAL_STATUSES: dict[str, str] = {"IDLE": "ONLINE", "OFFLINE": "DISABLED", "ERROR": "DISABLED"}
+
+#: Statuses AIOS decides itself from heartbeats (:func:`aios.agents.health.decide`): nobody sets them.
+COMPUTED_STATUSES = ("BUSY", "DEGRADED")
+
+#: Every status ``PUT /agents/{id}`` accepts: the original's and AIOS's own.
+SETTABLE_STATUSES = (*ORIGINAL_STATUSES, *ADMIN_STATUSES)
+
+
+def admin_status_for(status: str) -> str:
+    """The AIOS admin status (one of :data:`ADMIN_STATUSES`) an original or AIOS ``status`` asks for.
+
+    409 for a status AIOS computes (the original let clients report BUSY; here the heartbeats say it),
+    422 naming the accepted values for anything else."""
+    if status in ADMIN_STATUSES:
+        return status
+    if status in ORIGINAL_STATUSES:
+        return ORIGINAL_STATUSES[status]
+    if status in COMPUTED_STATUSES:
+        raise Conflict(
+            f"status {status} cannot be set: AIOS computes it from the agent's heartbeats (BUSY: running "
+            f"max_concurrency tasks; DEGRADED: over a resource threshold); send IDLE (or ONLINE) to enable "
+            f"the agent, OFFLINE or ERROR (or DISABLED) to disable it, DRAINING to drain it",
+            field="status",
+        )
+    raise ValidationFailed(f"status: must be one of {', '.join(SETTABLE_STATUSES)} (got {status!r})", field="status")
+
+
+@dataclass(frozen=True)
+class AgentChange:
+    """What an operator changes on an agent (PATCH or PUT /agents/{name}, the dashboard); None: unchanged.
+
+    ``status`` is one of :data:`ADMIN_STATUSES` (:func:`admin_status_for` maps the original's)."""
+
+    status: str | None = None
+    weight: int | None = None
+    capabilities: list[str] | None = None
+    labels: dict[str, str] | None = None
+
+
+def change_agent(session: Session, settings: Settings, name: str, change: AgentChange) -> Agent:
+    """Apply an operator's change to the agent's row (locked, so a heartbeat's verdict and this one do
+    not overwrite each other) and decide its status again. The one place an operator changes an agent:
+    the API's PATCH and PUT and the dashboard all come here.
+
+    A drained or disabled agent takes no new work; moving what waits in its own queue to other agents,
+    and forgetting the healthy-set cache, is the caller's next step, after commit
+    (:func:`aios.recovery.reroute.admin_status_changed`)."""
+    if change.status is not None and change.status not in ADMIN_STATUSES:
+        raise ValidationFailed(f"status: must be one of {', '.join(ADMIN_STATUSES)}", field="status")
+    agent = get_agent(session, name, for_update=True)
+    if change.status is not None:
+        agent.admin_status = "ACTIVE" if change.status == "ONLINE" else change.status
+    if change.weight is not None:
+        agent.weight = change.weight
+    if change.capabilities is not None:
+        agent.capabilities = with_type(change.capabilities, agent.type)
+    if change.labels is not None:
+        agent.labels = change.labels
+    agent.updated_at = utcnow()
+    reevaluate(session, settings, agent)
+    return agent
+
 
 def set_admin_status(settings: Settings, name: str, status: str) -> str:
-    """Drain, disable or re-enable an agent; returns its health status after the change.
-
-    A drained or disabled agent takes no new work; moving what waits in its own queue to other agents
-    is the caller's next step (:func:`aios.recovery.reroute.admin_status_changed`).
-    """
-    if status not in ADMIN_STATUSES:
-        raise ValidationFailed(f"status: must be one of {', '.join(ADMIN_STATUSES)}", field="status")
+    """Drain, disable or re-enable an agent (:func:`change_agent`); returns its health status after."""
     with session_scope(settings.database) as session:
-        agent = get_agent(session, name, for_update=True)
-        agent.admin_status = "ACTIVE" if status == "ONLINE" else status
-        agent.updated_at = utcnow()
-        reevaluate(session, settings, agent)
-        health = agent.status
+        health = change_agent(session, settings, name, AgentChange(status=status)).status
     forget_healthy_cache()
     return health
 

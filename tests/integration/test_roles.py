@@ -419,6 +419,7 @@ TABLE: tuple[Route, ...] = (
     Route("GET", "/api/v1/agents", frozenset({ADMIN, OPERATOR, VIEWER}), _get("/api/v1/agents")),
     Route("GET", "/api/v1/agents/<path:name>", frozenset({ADMIN, OPERATOR, VIEWER}), _agent_route()),
     Route("PATCH", "/api/v1/agents/<path:name>", frozenset({ADMIN, OPERATOR}), _agent_route({"weight": 2})),
+    Route("PUT", "/api/v1/agents/<path:name>", frozenset({ADMIN, OPERATOR}), _agent_route({"status": "OFFLINE"})),
     Route("DELETE", "/api/v1/agents/<path:name>", frozenset({ADMIN}), _agent_route()),
     Route("POST", "/api/v1/schedules", frozenset({ADMIN, OPERATOR}), _create_schedule),
     Route("GET", "/api/v1/schedules", frozenset({ADMIN, OPERATOR, VIEWER}), _get("/api/v1/schedules")),
