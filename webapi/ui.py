@@ -385,7 +385,7 @@ def agents() -> Any:
 def agent_status(name: str) -> Any:
     """Drain, disable or re-enable (ONLINE) an agent, as PATCH /api/v1/agents/{name} does."""
     status = request.form.get("status", "")
-    set_audit(target=name, status=status)
+    set_audit(target=name, agent_status=status)
 
     health = agent_ledger.set_admin_status(ctx().settings, name, status)
     admin_status_changed(ctx().settings, ctx().celery, name, status)

@@ -381,6 +381,12 @@ def test_drain_and_enable_an_agent_and_pause_a_schedule_from_the_dashboard(api_a
     assert browser.post(f"/ui/schedules/{schedule_id}/enabled", {"enabled": "true"}).status_code == 303
     assert enabled() is True
     assert [r.outcome for r in audit_rows(stack, "agent.update", agent)] == ["success", "success", "failure"]
+    # And each row keeps the status asked for (detail.status is the HTTP status, as everywhere)
+    assert [r.detail.get("agent_status") for r in audit_rows(stack, "agent.update", agent)] == [
+        "DRAINING",
+        "ONLINE",
+        "GONE",
+    ]
 
 
 def test_an_admin_revokes_a_key_and_the_api_refuses_it_at_once(api_app, stack, admin):
