@@ -26,8 +26,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/aios up --migrate
 
-## test: the whole suite (unit + integration on the real PostgreSQL and Redis)
+## test: the whole suite (unit + integration on the real PostgreSQL and Redis). .ci/bootstrap first
+##       starts PostgreSQL/Redis if they are down and installs missing test tools (as root with apt),
+##       else lists what is missing and which tests skip (and stops here under CI=true)
 test: $(STAMP)
+	.ci/bootstrap
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile -q -ra
 
 ## test-unit: the fast tests of plain logic (no PostgreSQL, Redis or processes to start)
@@ -36,6 +39,7 @@ test-unit: $(STAMP)
 
 ## test-integration: the tests on the real PostgreSQL, Redis and processes, fault injection included
 test-integration: $(STAMP)
+	.ci/bootstrap
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile -q -ra tests/integration tests/faults
 
 ## bench: AIOS against Celery, Flower and a bare Flask ceiling (PostgreSQL and Redis on localhost);

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Protocol
+from functools import cached_property
+from typing import Any, Protocol
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -69,6 +70,24 @@ return {1, 0}
 """
 
 
+#: One event in a fixed window: the first hit of a window sets its expiry, later hits only count
+#: (``INCR`` + ``EXPIRE … NX`` on Redis 7, here in commands Redis 6.2 has and without EXPIRE at all:
+#: on 6.2 ``EXPIRE … NX`` is an error, and a swallowed error would switch every limit off). A counter
+#: found without an expiry gets one, so it can never lock anything for good. Redis freezes the clock
+#: for a script's keys, so the window cannot end between the TTL and the INCR. KEYS[1] counter;
+#: ARGV[1] window seconds. Returns {count so far, seconds left}.
+_HIT = """
+local ttl = redis.call('TTL', KEYS[1])
+if ttl >= 0 then
+  return {redis.call('INCR', KEYS[1]), ttl}
+end
+local count = 1
+if ttl == -1 then count = (tonumber(redis.call('GET', KEYS[1])) or 0) + 1 end
+redis.call('SET', KEYS[1], count, 'EX', ARGV[1])
+return {count, tonumber(ARGV[1])}
+"""
+
+
 logger = logging.getLogger(__name__)
 
 
@@ -83,14 +102,29 @@ class RedisStore:
         self.prefix = f"{prefix}aios:sec:"
         self.database = database
 
+    @cached_property
+    def _refused_error(self) -> type[Exception]:
+        """An error Redis answers (a refused command), as opposed to not answering at all."""
+        import redis
+
+        return redis.ResponseError
+
+    @cached_property
+    def _hit_script(self) -> Any:
+        """``_HIT`` sent by its SHA1 (EVALSHA; redis-py loads it again after a Redis restart)."""
+        return self.client.register_script(_HIT)
+
     def hit(self, key: str, window_s: int) -> tuple[int, int]:
         name = self.prefix + key
         try:
-            pipe = self.client.pipeline()
-            pipe.incr(name)
-            pipe.expire(name, window_s, nx=True)
-            pipe.ttl(name)
-            count, _, ttl = pipe.execute()
+            count, ttl = self._hit_script(keys=[name], args=[window_s])
+        except self._refused_error as exc:
+            # Reachable but refusing (an ACL, a renamed command, a server too old): not an outage
+            # to ride out, a misconfiguration that switches the limits off until it is fixed.
+            logger.error(
+                "rate limits and login lockout are OFF: Redis refused the counter (%s); AIOS needs Redis 6.2+", exc
+            )
+            return 0, 0
         except self.redis_error as exc:
             logger.warning("rate-limit store unreachable, not counting %s: %s", key.split(":")[0], exc)
             return 0, 0
