@@ -232,6 +232,7 @@ class MetricsCredentials:
 def metrics_credentials(metrics: MetricsSettings) -> MetricsCredentials:
     """The credentials of ``[metrics]``, their secrets read from the environment or an owner-only file."""
     token, source = read_secret("metrics.bearer_token", metrics.bearer_token, metrics.bearer_token_file)
+    token = token or None  # an empty variable (compose's ${AIOS_METRICS_TOKEN:-}) is no token
     if token is not None and len(token.encode()) < MIN_TOKEN_BYTES:
         raise ConfigError(
             f"{source}: must be at least {MIN_TOKEN_BYTES} bytes (got {len(token.encode())}); e.g. from "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import stat
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -83,9 +84,13 @@ def check_key_file(what: str, raw: str) -> None:
         )
     user = os.geteuid()
     if status.st_uid not in (user, 0):
+        try:
+            name = pwd.getpwuid(user).pw_name
+        except KeyError:  # a uid without a passwd entry (a container's): chown takes the number
+            name = str(user)
         raise ConfigError(
-            f"{what} {path} belongs to uid {status.st_uid}, not to the user running AIOS (uid {user}): "
-            f"run chown {user} {path}"
+            f"{what} {path} belongs to uid {status.st_uid}, not to the user running AIOS ({name}, uid {user}): "
+            f"run chown {name} {path}"
         )
 
 

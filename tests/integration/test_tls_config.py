@@ -99,7 +99,7 @@ def test_a_key_owned_by_another_user_stops_the_api(stack, tmp_path):
     result = run_aios("api", env={**stack.env, **tls_env(pair.cert, pair.key)})
     # Then it refuses, naming the fix
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "belongs to uid 65534" in result.stderr and f"chown 0 {pair.key}" in result.stderr
+    assert "belongs to uid 65534" in result.stderr and f"chown root {pair.key}" in result.stderr
 
 
 def test_aios_up_serves_the_api_over_https_from_config(tmp_path):
@@ -149,6 +149,18 @@ def test_aios_up_serves_the_api_over_https_from_config(tmp_path):
             timeout=10,
         )
         assert login.status_code == 200, login.text
+        # And the `aios` client commands reach it, trusting the certificate through REQUESTS_CA_BUNDLE
+        client_env = {**env, "REQUESTS_CA_BUNDLE": str(pair.cert), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+        logged_in = subprocess.run(
+            [sys.executable, "-m", "aios.cli", "--url", f"https://localhost:{port}", "login", "--username", "admin"],
+            input="a-password-for-the-tls-test\n",
+            env=client_env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert logged_in.returncode == 0, logged_in.stdout + logged_in.stderr
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGINT)
