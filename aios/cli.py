@@ -2,10 +2,11 @@
 
 - **Server commands** run AIOS: they read its configuration and talk to the database and broker.
   ``db``, ``dispatch-pending``, ``sync``, ``config``, ``users``, ``metrics``, ``beat``, ``backup`` and
-  ``up`` are here. ``api`` and ``worker`` need the web or the agent code, so those packages contribute
-  them through the entry-point group ``aios.commands``: each entry point, named after its command, is a
-  ``register(group)`` hook that adds click commands to this group, loaded only when its command is
-  named or every command is listed (``aios --help``). So ``aios`` never imports ``webapi`` or
+  ``up`` are here, and ``certs`` (which needs no configuration). ``api`` and ``worker`` need the web
+  or the agent code, so those packages contribute them through the entry-point group
+  ``aios.commands``: each entry point, named after its command, is a ``register(group)`` hook that
+  adds click commands to this group, loaded only when its command is named or every command is
+  listed (``aios --help``). So ``aios`` never imports ``webapi`` or
   ``workers``. Every server command's callback is wrapped by :func:`server_command`, which loads the
   settings and turns AIOS's errors into exit statuses.
 - **Client commands** (``login``, ``submit``, ``tasks`` …) talk to a running API over HTTP. They are
@@ -221,8 +222,11 @@ def config_show(settings: Settings) -> int:
     data = settings.model_dump(mode="json")
     data["database"]["url"] = redact_url(settings.database.url)
     data["broker"]["url"] = redact_url(settings.broker.url)
-    if data["security"]["jwt_secret"]:
-        data["security"]["jwt_secret"] = "***"
+    for section, values in data.items():
+        # A secret is a field declared with repr=False (jwt_secret, the metrics credentials).
+        for key, field in type(getattr(settings, section)).model_fields.items():
+            if not field.repr and values.get(key):
+                values[key] = "***"
     print(json.dumps(data, indent=2))
     return 0
 
@@ -260,15 +264,50 @@ def users_create(settings: Settings, name: str, role: str) -> int:
     return 0
 
 
-@cli.command("metrics", help="serve the cluster's Prometheus metrics (default port 9090)")
+@cli.command(
+    "metrics",
+    help="serve the cluster's Prometheus metrics (default port 9090; TLS and credentials from [metrics])",
+)
+@click.option("--host", help="overrides [metrics] host (beyond loopback, credentials are required)")
 @click.option("--port", type=int, help="overrides [metrics] port")
 @server_command
-def metrics(settings: Settings, port: int | None) -> int:
+def metrics(settings: Settings, host: str | None, port: int | None) -> int:
     from aios.ops.cluster_metrics import serve
 
-    if port:
-        settings = settings.model_copy(update={"metrics": settings.metrics.model_copy(update={"port": port})})
+    overrides = {key: value for key, value in (("host", host), ("port", port)) if value}
+    if overrides:
+        settings = settings.model_copy(update={"metrics": settings.metrics.model_copy(update=overrides)})
     serve(settings)
+    return 0
+
+
+@cli.group(help="TLS certificates for local HTTPS")
+def certs() -> None:
+    pass
+
+
+@certs.command("create", help="write a self-signed server.crt and server.key (mode 600) for local HTTPS")
+@click.option("--dir", "directory", default="config/certs", show_default=True, help="where to write the pair")
+@click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True, help="validity")
+@click.option("--host", "hosts", multiple=True, help="another DNS name or IP address (repeatable)")
+@click.option("--force", is_flag=True, help="replace an existing pair")
+def certs_create(directory: str, days: int, hosts: tuple[str, ...], force: bool) -> int:
+    """Needs no configuration (it runs before there is one), so it is not a server_command."""
+    from pathlib import Path
+
+    from aios.security.certs import create_pair, default_names
+
+    try:
+        pair = create_pair(Path(directory), names=default_names(hosts), days=days, force=force)
+    except AiosError as exc:
+        print(f"aios: {exc.message}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {pair.cert} and {pair.key} (mode 600), valid until {pair.not_after:%Y-%m-%d} for "
+        f"{', '.join(pair.names)}\n"
+        f'use them: [api] tls_cert = "{pair.cert}", tls_key = "{pair.key}" '
+        f"(or AIOS_API__TLS_CERT / AIOS_API__TLS_KEY); clients trust them with --cacert {pair.cert}"
+    )
     return 0
 
 
@@ -340,6 +379,9 @@ def backup_restore(settings: Settings, file: str, force: bool) -> int:
 @server_command
 def up(settings: Settings, migrate: bool, agent_name: str) -> int:
     from aios.ops.supervisor import run_all_in_one
+    from aios.security.tls import check_tls_files
+
+    check_tls_files("api", settings.api)  # before any child starts: a bad key is one message, exit 2
 
     return run_all_in_one(settings, migrate_first=migrate, agent_name=agent_name)
 

@@ -33,7 +33,31 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ApiSettings(_Section):
+class TlsSettings(_Section):
+    """TLS of one listener (``[api]``, ``[metrics]``): PEM files, checked at start (aios.security.tls).
+
+    Empty = plain HTTP. The key must be readable by its owner only (600) or the listener refuses to
+    start. With ``tls_client_ca`` set, a client must present a certificate that CA signed (mutual TLS).
+    """
+
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+
+    @model_validator(mode="after")
+    def _tls_files_go_together(self) -> TlsSettings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together (TLS needs both)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key (client certificates are checked over TLS)")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert)
+
+
+class ApiSettings(TlsSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     #: gunicorn worker processes and threads per process behind `aios api`.
@@ -247,12 +271,28 @@ class BackupSettings(_Section):
         return value
 
 
-class MetricsSettings(_Section):
-    #: Where ``aios metrics`` serves the cluster metrics (no credentials: bind it to a private address).
+class MetricsSettings(TlsSettings):
+    #: Where ``aios metrics`` serves the cluster metrics. Beyond loopback it needs credentials (below)
+    #: or a ``tls_client_ca``, or it refuses to start.
     host: str = "127.0.0.1"
     port: int = Field(9090, ge=1, le=65535)
     #: Folder for the per-process metric files of the API's gunicorn workers (emptied at each start).
     multiproc_dir: str = "var/prometheus"
+    #: Credentials a scraper of ``aios metrics`` sends: a bearer token, or a user and password (basic
+    #: auth), or both (either is accepted). Secrets come from the environment
+    #: (AIOS_METRICS__BEARER_TOKEN) or a file readable by its owner only, never the committed TOML.
+    bearer_token: str | None = Field(None, repr=False)
+    bearer_token_file: str | None = None
+    basic_auth_user: str = ""
+    basic_auth_password: str | None = Field(None, repr=False)
+    basic_auth_password_file: str | None = None
+
+    @model_validator(mode="after")
+    def _basic_auth_is_a_pair(self) -> MetricsSettings:
+        has_password = bool(self.basic_auth_password or self.basic_auth_password_file)
+        if bool(self.basic_auth_user) != has_password:
+            raise ValueError("basic_auth_user and basic_auth_password (or basic_auth_password_file) go together")
+        return self
 
 
 class TaskSettings(_Section):

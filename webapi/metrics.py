@@ -10,8 +10,9 @@ Two kinds of metric, served together:
 * **cluster metrics** (:mod:`aios.ops.cluster_metrics`) read from the database and the broker.
 
 ``/metrics`` needs credentials like every other route (a viewer key: Prometheus sends it with
-``authorization: {credentials: aios_…}``). ``aios metrics`` serves the cluster metrics alone,
-without credentials, on ``metrics.host:metrics.port`` (9090) for a private scrape network.
+``authorization: {credentials: aios_…}``). ``aios metrics`` serves the cluster metrics alone on
+``metrics.host:metrics.port`` (9090), with its own TLS and bearer token or basic auth from ``[metrics]``
+(:func:`aios.ops.cluster_metrics.serve`).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from aios.config import Settings
 from aios.db import ensure_migrated
 from aios.errors import ConfigError
 from aios.ops.log import redact
+from aios.security.tls import check_tls_files
 
 
 class _Redacted(logging.Formatter):
@@ -69,9 +71,8 @@ def _worker_exited(server: Any, worker: Any) -> None:
 class ApiServer(BaseApplication):
     """gunicorn, configured from AIOS settings; each worker process builds its own app."""
 
-    def __init__(self, settings: Settings, *, certfile: str | None = None, keyfile: str | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.certfile, self.keyfile = certfile, keyfile
         super().__init__()
 
     def load_config(self) -> None:
@@ -98,9 +99,12 @@ class ApiServer(BaseApplication):
         self.cfg.set("limit_request_line", 8190)
         self.cfg.set("limit_request_fields", 100)
         self.cfg.set("child_exit", _worker_exited)
-        if self.certfile:
-            self.cfg.set("certfile", self.certfile)
-            self.cfg.set("keyfile", self.keyfile)
+        if api.tls_enabled:
+            self.cfg.set("certfile", api.tls_cert)
+            self.cfg.set("keyfile", api.tls_key)
+            if api.tls_client_ca:
+                self.cfg.set("ca_certs", api.tls_client_ca)
+                self.cfg.set("cert_reqs", ssl.CERT_REQUIRED)
         if "control_socket_disable" in self.cfg.settings:
             # gunicorn >= 24 opens a control socket in $HOME shared by every instance; AIOS does not use it.
             self.cfg.set("control_socket_disable", True)
@@ -114,8 +118,8 @@ class ApiServer(BaseApplication):
 @click.command("api", help="serve the REST API (gunicorn)")
 @click.option("--host", help="overrides [api] host")
 @click.option("--port", type=int, help="overrides [api] port")
-@click.option("--certfile", help="serve HTTPS with this certificate (PEM)")
-@click.option("--keyfile", help="the certificate's private key (PEM)")
+@click.option("--certfile", help="serve HTTPS with this certificate (PEM); overrides [api] tls_cert")
+@click.option("--keyfile", help="the certificate's private key (PEM, mode 600); overrides [api] tls_key")
 @server_command
 def serve_api(settings: Settings, host: str | None, port: int | None, certfile: str | None, keyfile: str | None) -> int:
     overrides: dict[str, Any] = {}
@@ -123,13 +127,14 @@ def serve_api(settings: Settings, host: str | None, port: int | None, certfile: 
         overrides["host"] = host
     if port:
         overrides["port"] = port
-    if overrides:
-        settings = settings.model_copy(update={"api": settings.api.model_copy(update=overrides)})
     if bool(certfile) != bool(keyfile):
         raise ConfigError("--certfile and --keyfile go together (TLS needs both)")
-    for path in filter(None, (certfile, keyfile)):
-        if not Path(path).is_file():
-            raise ConfigError(f"TLS file {path} does not exist")
+    if certfile:
+        overrides.update(tls_cert=certfile, tls_key=keyfile)
+    if overrides:
+        settings = settings.model_copy(update={"api": settings.api.model_copy(update=overrides)})
+    # A missing file or a key others can read stops the command here, with exit 2, not in each worker.
+    check_tls_files("api", settings.api)
     ensure_migrated(settings.database)
     prepare_multiprocess_metrics(settings)
     # Build one app up front so a bad setting (a weak JWT secret) stops the command with exit 2,
@@ -137,7 +142,7 @@ def serve_api(settings: Settings, host: str | None, port: int | None, certfile: 
     from webapi.app import create_app
 
     create_app(settings)
-    ApiServer(settings, certfile=certfile, keyfile=keyfile).run()
+    ApiServer(settings).run()
     return 0
 
 

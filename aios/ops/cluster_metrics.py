@@ -8,14 +8,23 @@ agent names; never a task id or a user.
 
 A part that cannot be read (the broker is down, say) is left out of that scrape and counted in
 ``aios_scrape_errors_total{part}``; the rest is still served.
+
+``aios metrics`` serves them alone (:func:`serve`): over TLS from ``[metrics] tls_*``, behind a bearer
+token or basic auth, and never beyond loopback without credentials.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
+import hmac
+import ipaddress
+import json
 import logging
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
@@ -29,9 +38,11 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from aios.agents.health import AgentStatus
-from aios.config import Settings
+from aios.config import MetricsSettings, Settings
 from aios.db import session_scope
+from aios.errors import ConfigError
 from aios.models import Agent, Backup, SyncRun
+from aios.security.secrets import read_secret
 from aios.tasks.stats import BUCKETS, FINISHED, read_stats, rollup
 from aios.timeutil import utcnow
 
@@ -183,32 +194,165 @@ class ClusterCollector(Collector):
         yield success
 
 
+#: Shortest bearer token ``aios metrics`` accepts: a short one can be guessed over the network.
+MIN_TOKEN_BYTES = 16
+#: A client gets this long to finish the TLS handshake and send its request.
+CLIENT_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class MetricsCredentials:
+    """What a scraper of ``aios metrics`` must send: a bearer token, or basic auth (either is accepted)."""
+
+    bearer_token: str | None = field(default=None, repr=False)
+    basic_auth_user: str = ""
+    basic_auth_password: str | None = field(default=None, repr=False)
+
+    @property
+    def required(self) -> bool:
+        return bool(self.bearer_token or self.basic_auth_user)
+
+    def accept(self, authorization: str | None) -> bool:
+        """Whether an ``Authorization`` header carries these credentials (compared in constant time)."""
+        scheme, _, value = (authorization or "").strip().partition(" ")
+        value = value.strip()
+        if scheme.lower() == "bearer" and self.bearer_token:
+            return hmac.compare_digest(value.encode(), self.bearer_token.encode())
+        if scheme.lower() == "basic" and self.basic_auth_user and self.basic_auth_password:
+            try:
+                user, _, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+            same_user = hmac.compare_digest(user.encode(), self.basic_auth_user.encode())
+            same_password = hmac.compare_digest(password.encode(), self.basic_auth_password.encode())
+            return same_user and same_password
+        return False
+
+
+def metrics_credentials(metrics: MetricsSettings) -> MetricsCredentials:
+    """The credentials of ``[metrics]``, their secrets read from the environment or an owner-only file."""
+    token, source = read_secret("metrics.bearer_token", metrics.bearer_token, metrics.bearer_token_file)
+    token = token or None  # an empty variable (compose's ${AIOS_METRICS_TOKEN:-}) is no token
+    if token is not None and len(token.encode()) < MIN_TOKEN_BYTES:
+        raise ConfigError(
+            f"{source}: must be at least {MIN_TOKEN_BYTES} bytes (got {len(token.encode())}); e.g. from "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    password, source = read_secret(
+        "metrics.basic_auth_password", metrics.basic_auth_password, metrics.basic_auth_password_file
+    )
+    if metrics.basic_auth_user and not password:
+        raise ConfigError(f"{source}: empty; basic auth needs a password")
+    return MetricsCredentials(token or None, metrics.basic_auth_user, password)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) only listens to this machine: 127.0.0.0/8, ::1, localhost."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve to anything, so it counts as beyond loopback
+
+
+def check_exposure(metrics: MetricsSettings, credentials: MetricsCredentials) -> None:
+    """Refuse to serve beyond loopback without credentials or client certificates (ConfigError: exit 2);
+    warn when credentials would cross the network in clear text."""
+    if is_loopback(metrics.host):
+        return
+    if not credentials.required and not metrics.tls_client_ca:
+        raise ConfigError(
+            f"metrics.host ({metrics.host}) is beyond loopback, and aios metrics has no authentication: set "
+            "AIOS_METRICS__BEARER_TOKEN (or metrics.bearer_token_file, or metrics.basic_auth_user with "
+            "AIOS_METRICS__BASIC_AUTH_PASSWORD), or metrics.tls_client_ca; or listen on 127.0.0.1"
+        )
+    if not metrics.tls_enabled:
+        logger.warning(
+            "metrics: credentials cross the network in clear text on %s; set metrics.tls_cert and metrics.tls_key",
+            metrics.host,
+        )
+
+
+def _guarded(app: Any, credentials: MetricsCredentials) -> Any:
+    """The WSGI ``app`` behind ``credentials``: without them, 401 and the usual JSON error."""
+    challenges = [("WWW-Authenticate", 'Bearer realm="aios metrics"')] if credentials.bearer_token else []
+    if credentials.basic_auth_user:
+        challenges.append(("WWW-Authenticate", 'Basic realm="aios metrics", charset="UTF-8"'))
+    refusal = json.dumps(
+        {"error": "unauthorized", "message": "aios metrics needs credentials: a bearer token or basic auth"}
+    ).encode()
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        if credentials.accept(environ.get("HTTP_AUTHORIZATION")):
+            return app(environ, start_response)
+        start_response(
+            "401 Unauthorized",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(refusal))), *challenges],
+        )
+        return [refusal]
+
+    return guarded
+
+
 def serve(settings: Settings) -> None:
     """``aios metrics``: the cluster metrics alone, on ``metrics.host:metrics.port``, until SIGTERM.
 
     One scrape target for the whole installation, independent of the API (scrape this, or the API's
-    ``/metrics``, not both: the cluster part is the same in each).
+    ``/metrics``, not both: the cluster part is the same in each). Over TLS when ``metrics.tls_cert``
+    is set; behind a bearer token or basic auth when configured, and never beyond loopback without one.
     """
     import signal
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
     from prometheus_client import CollectorRegistry, make_wsgi_app
 
     from aios.broker.celery_app import create_celery_app
     from aios.db import ensure_migrated
+    from aios.security.tls import check_tls_files, server_context
+
+    metrics = settings.metrics
+    credentials = metrics_credentials(metrics)
+    check_exposure(metrics, credentials)
+    check_tls_files("metrics", metrics)
+    tls = server_context("metrics", metrics) if metrics.tls_enabled else None
 
     class QuietHandler(WSGIRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
             logger.debug("metrics: " + format, *args)
 
+    class Server(ThreadingMixIn, WSGIServer):
+        """One thread per connection, and the TLS handshake in that thread: a client that stalls its
+        handshake holds its own thread for at most CLIENT_TIMEOUT_S, never the accept loop."""
+
+        daemon_threads = True
+
+        def finish_request(self, request: Any, client_address: Any) -> None:
+            request.settimeout(CLIENT_TIMEOUT_S)
+            if tls is None:
+                super().finish_request(request, client_address)
+                return
+            with tls.wrap_socket(request, server_side=True) as wrapped:
+                super().finish_request(wrapped, client_address)
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # A failed handshake (plain HTTP, no client certificate) or a dropped client: not our error.
+            logger.debug("metrics: connection from %s failed", client_address, exc_info=True)
+
     ensure_migrated(settings.database)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ClusterCollector(settings, create_celery_app(settings)))
-    server = make_server(
-        settings.metrics.host, settings.metrics.port, make_wsgi_app(registry), handler_class=QuietHandler
-    )
+    app = make_wsgi_app(registry)
+    if credentials.required:
+        app = _guarded(app, credentials)
+    server = make_server(metrics.host, metrics.port, app, server_class=Server, handler_class=QuietHandler)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    logger.warning("serving cluster metrics on http://%s:%d/metrics", settings.metrics.host, settings.metrics.port)
+    scheme = "https" if tls else "http"
+    guard = "credentials required" if credentials.required else "no credentials"
+    if metrics.tls_client_ca:
+        guard += ", client certificates required"
+    logger.warning("serving cluster metrics on %s://%s:%d/metrics (%s)", scheme, metrics.host, metrics.port, guard)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -80,7 +80,8 @@ def run_all_in_one(settings: Settings, *, migrate_first: bool, agent_name: str) 
     for child in children:
         child.process = subprocess.Popen(child.argv, preexec_fn=preexec, env=child_env)  # noqa: PLW1509 - only sets PDEATHSIG
         logger.info("started %s (pid %d)", child.name, child.process.pid)
-    url = f"http://{settings.api.host}:{settings.api.port}"
+    # The API child reads the same [api] tls_* settings, so HTTPS needs nothing more than the scheme here.
+    url = f"{'https' if settings.api.tls_enabled else 'http'}://{settings.api.host}:{settings.api.port}"
     print(
         f"\nAIOS is up: API {url}  (database {redact_url(settings.database.url)}, "
         f"broker {redact_url(settings.broker.url)})\n"

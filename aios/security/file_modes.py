@@ -4,14 +4,19 @@ The deployment docs ask for key files readable by their owner only (600) and the
 for its owner and the service group (640 root:aios). A mode that is wider leaks a key to every local
 account, silently: nothing fails. So every ``aios`` command checks the files it was pointed at and logs
 one warning per file, naming the file, its mode and the ``chmod`` that fixes it. A warning, not an
-error: a process that refused to start over a mode would turn a tidy-up into an outage (the JWT key
-file is the exception, which :func:`aios.security.secrets.resolve_jwt_secret` refuses outright).
+error: a process that refused to start over a mode would turn a tidy-up into an outage.
+
+The exceptions are refused outright, because the file is the identity of the process itself: the JWT
+key file (:func:`aios.security.secrets.read_secret`) and the TLS private key of a listener
+(:func:`check_key_file`, called by :mod:`aios.security.tls`): a leaked key lets anyone on the host
+mint tokens or impersonate the server, so starting would only hide the problem behind a padlock.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pwd
 import stat
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aios.config import DEFAULT_CONFIG_PATH, Settings
+from aios.errors import ConfigError
 
 logger = logging.getLogger("aios.security")
 
@@ -48,15 +54,44 @@ class LooseFile:
 
 
 def key_file_settings(settings: Settings) -> list[tuple[str, str]]:
-    """Every ``*_file`` setting that is set, as (``section.key``, path): each names a file with a secret."""
+    """Every ``*_file`` and ``tls_key`` setting that is set, as (``section.key``, path): each names a
+    file with a secret."""
     found = []
     for section_name in type(settings).model_fields:
         section = getattr(settings, section_name)
         for key in type(section).model_fields:
             value = getattr(section, key)
-            if key.endswith("_file") and isinstance(value, str) and value:
+            if (key.endswith("_file") or key == "tls_key") and isinstance(value, str) and value:
                 found.append((f"{section_name}.{key}", value))
     return found
+
+
+def check_key_file(what: str, raw: str) -> None:
+    """Refuse (ConfigError) a private key that is missing, open to the group or others, or owned by
+    someone other than the user running AIOS (root may own it: root can read every file anyway)."""
+    path = Path(raw)
+    try:
+        status = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot read it ({exc.strerror})") from exc
+    if not stat.S_ISREG(status.st_mode):
+        raise ConfigError(f"{what} {path}: not a file")
+    mode = stat.S_IMODE(status.st_mode)
+    if mode & KEY_FILE_FORBIDDEN:
+        raise ConfigError(
+            f"{what} {path} is open to group or others (mode {mode:04o}); a private key must be readable "
+            f"by its owner only: run chmod 600 {path}"
+        )
+    user = os.geteuid()
+    if status.st_uid not in (user, 0):
+        try:
+            name = pwd.getpwuid(user).pw_name
+        except KeyError:  # a uid without a passwd entry (a container's): chown takes the number
+            name = str(user)
+        raise ConfigError(
+            f"{what} {path} belongs to uid {status.st_uid}, not to the user running AIOS ({name}, uid {user}): "
+            f"run chown {name} {path}"
+        )
 
 
 def _mode(path: Path) -> int | None:
@@ -76,7 +111,8 @@ def _dir_mode(path: Path) -> int | None:
 
 
 def _holds_secret(path: Path) -> bool:
-    """Whether a TOML config file itself carries a secret: a JWT key or a URL with a password."""
+    """Whether a TOML config file itself carries a secret: a JWT key, a metrics credential or a URL
+    with a password."""
     from sqlalchemy.engine import make_url
 
     try:
@@ -85,6 +121,9 @@ def _holds_secret(path: Path) -> bool:
     except (OSError, tomllib.TOMLDecodeError):
         return False
     if (data.get("security") or {}).get("jwt_secret"):
+        return True
+    metrics = data.get("metrics") or {}
+    if metrics.get("bearer_token") or metrics.get("basic_auth_password"):
         return True
     for section in ("database", "broker"):
         url = (data.get(section) or {}).get("url")

@@ -1,4 +1,5 @@
-"""The JWT signing key: from the environment or from a file readable by its owner only."""
+"""Secrets (the JWT signing key, the metrics credentials): from the environment or from a file
+readable by its owner only, never from the committed TOML."""
 
 from __future__ import annotations
 
@@ -13,20 +14,29 @@ from aios.errors import ConfigError
 MIN_SECRET_BYTES = 32
 
 
+def read_secret(name: str, value: str | None, file: str | None) -> tuple[str | None, str]:
+    """The secret of setting ``name`` (``section.key``): ``value`` if given, else the content of
+    ``file`` (stripped), else None; and where it came from, for error messages.
+
+    A file others or the group may read is refused (ConfigError): the secret has leaked already.
+    """
+    if value is not None or not file:
+        return value, name
+    path = Path(file)
+    source = f"{name}_file ({path})"
+    try:
+        mode = path.stat().st_mode
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read it ({exc.strerror})") from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{source}: must be readable by its owner only (chmod 600 {path})")
+    return secret, source
+
+
 def resolve_jwt_secret(settings: SecuritySettings) -> str:
     """Return the signing key, or raise ConfigError (the API refuses to start) if it is missing or weak."""
-    secret = settings.jwt_secret
-    source = "security.jwt_secret"
-    if secret is None and settings.jwt_secret_file:
-        path = Path(settings.jwt_secret_file)
-        source = f"security.jwt_secret_file ({path})"
-        try:
-            mode = path.stat().st_mode
-            secret = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read it ({exc.strerror})") from exc
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(f"{source}: must be readable by its owner only (chmod 600 {path})")
+    secret, source = read_secret("security.jwt_secret", settings.jwt_secret, settings.jwt_secret_file)
     if not secret:
         raise ConfigError(
             "security.jwt_secret: not set; give AIOS_SECURITY__JWT_SECRET or AIOS_SECURITY__JWT_SECRET_FILE "

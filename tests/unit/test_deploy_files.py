@@ -34,8 +34,10 @@ REQUIRED = {
     "POSTGRES_PASSWORD": "pg-sentinel-3f9a",
     "REDIS_PASSWORD": "redis-sentinel-81c2",
     "AIOS_JWT_SECRET": "jwt-sentinel-" + "0" * 32,
+    "AIOS_METRICS_TOKEN": "metrics-sentinel-token-5be1",
 }
 FLOWER_AUTH = "ops:flower-sentinel-77d0"
+METRICS_TOKEN = REQUIRED["AIOS_METRICS_TOKEN"]
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|AUTH|TOKEN|_KEY\b|PASSPHRASE", re.IGNORECASE)
 
 
@@ -139,6 +141,18 @@ def test_every_secret_in_the_rendered_stack_is_one_the_operator_gave(compose_cmd
             # And every URL with a password carries the operator's password
             for match in re.finditer(r"://[^/@\s:]*:([^@\s]*)@", str(value)):
                 assert match.group(1) in given, f"{name}: {key} embeds a password from the file"
+
+
+def test_only_the_metrics_service_gets_the_metrics_token_and_its_healthcheck_sends_it(compose_cmd, tmp_path):
+    # Given the stack with the metrics profile and its token
+    services = rendered(compose_cmd, tmp_path, COMPOSE, env=REQUIRED, profiles=["metrics"])["services"]
+    # Then `aios metrics` (on 0.0.0.0 in its container) gets it as its bearer token, and nobody else does
+    assert services["metrics"]["environment"]["AIOS_METRICS__BEARER_TOKEN"] == METRICS_TOKEN
+    holders = {name for name, svc in services.items() if METRICS_TOKEN in json.dumps(svc.get("environment") or {})}
+    assert holders == {"metrics"}
+    # And its healthcheck sends the token from the environment, not written in the file
+    check = json.dumps(services["metrics"]["healthcheck"]["test"])
+    assert "os.environ['AIOS_METRICS__BEARER_TOKEN']" in check and METRICS_TOKEN not in check
 
 
 def test_every_service_has_a_healthcheck_or_waits_for_healthy_ones(compose_cmd, tmp_path):
