@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import ssl
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from kombu.utils.url import parse_url
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
 #: Seconds a Sentinel (and, for :func:`redis_topology`, a server) has to answer.
 SENTINEL_TIMEOUT_S = 1.0
+
+Result = TypeVar("Result")
 
 _CERT_REQS = {ssl.CERT_NONE: "none", ssl.CERT_OPTIONAL: "optional", ssl.CERT_REQUIRED: "required"}
 
@@ -125,6 +128,22 @@ def redis_client(broker: BrokerSettings, **overrides: Any) -> redis.Redis:
         options.update(ssl=True, **target.tls)
     client: redis.Redis = sentinel.master_for(broker.sentinel_master, redis_class=redis.Redis, **options)
     return client
+
+
+def read_twice(read: Callable[[], Result]) -> Result:
+    """Run a read-only Redis call, and once more if it meets a dead connection.
+
+    For clients on kombu's connection pool (queue depths, the sync job's look at the queues): kombu
+    opens its connections without redis-py's retry, so after a failover (or a Redis restart) the first
+    command on a pooled connection to the old master fails. That failure drops the connection, and the
+    second try opens a new one, to the current master. Writes are not repeated this way: whether the
+    first one took effect is unknown."""
+    import redis
+
+    try:
+        return read()
+    except redis.ConnectionError:
+        return read()
 
 
 # --- topology, for `aios ha status` -------------------------------------------------------------

@@ -191,9 +191,35 @@ class SentinelGroup:
                 if state.get("is_sdown") or state.get("is_odown"):
                     return False
                 masters.add(f"{state['ip']}:{state['port']}")
-            return len(masters) == 1
+            return len(masters) == 1 and self._replicating(masters.pop())
 
         wait_for(ready, timeout=timeout, interval=0.2, what="the Sentinels to agree on the master and its replicas")
+
+    def _replicating(self, master: str) -> bool:
+        """Whether ``master`` says it is the master and every other running server is its replica with its
+        link up. A restarted old master comes back as a master (empty) until Sentinel reconfigures it,
+        which may take Sentinel up to 10 s: until then Sentinel may count it as a replica, and a
+        failover could promote it."""
+        import redis
+
+        for server in self.data:
+            if not server.running:
+                continue
+            client = server.client()
+            try:
+                info = client.info("replication")
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+            if server.node.addr == master:
+                if info.get("role") != "master":
+                    return False
+            elif info.get("role") != "slave" or info.get("master_link_status") != "up":
+                return False
+            elif f"{info.get('master_host')}:{info.get('master_port')}" != master:
+                return False
+        return True
 
     def wait_master_is_not(self, old: str, timeout: float = 60.0) -> Server:
         """Until every running Sentinel names a master other than ``old`` and that server says it is the
@@ -215,15 +241,21 @@ class SentinelGroup:
         return wait_for(moved, timeout=timeout, interval=0.2, what=f"Sentinel to elect a master other than {old}")
 
     def failover(self, timeout: float = 60.0) -> tuple[Server, Server]:
-        """A planned failover (``SENTINEL FAILOVER``): the master is demoted, a replica promoted.
-        Returns (old master, new master)."""
+        """A planned failover (``SENTINEL FAILOVER``): a replica is promoted, then the old master demoted.
+        Returns (old master, new master) once the old master replicates from the new one.
+
+        Between the two steps both servers are masters: Redis 7.0's Sentinel reconfigures the old one
+        only when it next looks at it, up to 10 s later, and writes made there meanwhile (by clients
+        still connected to it) are lost when it resyncs from the new master."""
         old = self.master()
         client = next(s for s in self.sentinels if s.running).client()
         try:
             client.sentinel_failover(self.master_name)
         finally:
             client.close()
-        return old, self.wait_master_is_not(old.node.addr, timeout)
+        new = self.wait_master_is_not(old.node.addr, timeout)
+        self.wait_ready(timeout)
+        return old, new
 
     def kill_master(self, timeout: float = 60.0) -> tuple[Server, Server]:
         """The master dies (SIGKILL); Sentinel elects a replica. Returns (old master, new master)."""
