@@ -20,17 +20,15 @@ import pytest
 import requests
 
 from tests.conftest import wait_for
-from tests.faults.conftest import (  # noqa: F401 - fixtures used by the test below
-    HttpSubmitter,
-    assert_nothing_lost,
-    effects,
-    private_postgres,
-    settle,
-    start_system,
-)
+from tests.faults import conftest as faults
+from tests.faults.conftest import HttpSubmitter, assert_nothing_lost, settle, start_system
 from tests.support.redis_sentinel import SentinelGroup, running_sentinel_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+#: The fault suite's fixtures, shared with this test: the effects ledger and a private PostgreSQL.
+effects = faults.effects
+private_postgres = faults.private_postgres
 
 
 @pytest.fixture()
@@ -88,14 +86,7 @@ def _check_clients_on(group: SentinelGroup, master: Any, clients: dict[str, Any]
 
 
 def test_api_agents_and_beat_follow_sentinel_failovers_under_load_and_every_task_finishes_once(
-    sentinels,
-    private_postgres,
-    stack,
-    start_api,
-    start_worker,
-    start_beat,
-    effects,
-    queue,  # noqa: F811 - fixtures
+    sentinels, private_postgres, stack, start_api, start_worker, start_beat, effects, queue
 ):
     # Given an API, two agents and a beat whose broker is the Sentinel group (sync every 2 s)
     starters = {"start_api": start_api, "start_worker": start_worker, "start_beat": start_beat}
@@ -170,3 +161,42 @@ def test_api_agents_and_beat_follow_sentinel_failovers_under_load_and_every_task
     queues = requests.get(f"{system.api.url}/api/v1/queues", headers={"X-API-Key": system.admin.key}, timeout=30)
     assert queues.status_code == 200, queues.text
     clients["celery"].pool.force_close_all()
+
+
+def test_the_redis_topology_names_the_master_its_replica_and_each_sentinel_and_reports_what_is_down(sentinels):
+    from aios.broker.redis_clients import redis_topology
+    from aios.config import BrokerSettings
+
+    broker = BrokerSettings(
+        url=sentinels.url, sentinel_master=sentinels.master_name, sentinel_password=sentinels.sentinel_password or ""
+    )
+    master, replica = sentinels.data
+
+    # Given a healthy group: the master, its replica with its link up, three Sentinels agreeing, the quorum
+    topology = redis_topology(broker)
+    assert (topology.mode, topology.master, topology.quorum, topology.error) == ("sentinel", master.node.addr, 2, None)
+    assert [(r.addr, r.state, r.link) for r in topology.replicas] == [(replica.node.addr, "online", "ok")]
+    assert all(r.lag_bytes is not None and r.lag_bytes >= 0 for r in topology.replicas)
+    assert [(s.addr, s.reachable, s.master) for s in topology.sentinels] == [
+        (s.node.addr, True, master.node.addr) for s in sentinels.sentinels
+    ]
+    assert topology.to_dict()["replicas"][0]["addr"] == replica.node.addr
+
+    # When a Sentinel and the replica die
+    sentinels.sentinels[0].kill()
+    replica.kill()
+
+    # Then the report says so instead of failing
+    def replica_seen_down() -> Any:
+        seen = redis_topology(broker)
+        return seen.replicas and "s_down" in seen.replicas[0].state and seen
+
+    topology = wait_for(replica_seen_down, timeout=30, interval=0.5, what="Sentinel to see the replica down")
+    assert topology.master == master.node.addr
+    assert [s.reachable for s in topology.sentinels] == [False, True, True]
+    assert topology.sentinels[0].error
+
+    # And with no Redis at all the report is an error, not an exception
+    gone = redis_topology(BrokerSettings(url=f"redis://127.0.0.1:{replica.node.port}/0"))
+    assert (gone.mode, gone.master, gone.replicas) == ("single", replica.node.addr, [])
+    assert gone.error and "Connection" in gone.error
