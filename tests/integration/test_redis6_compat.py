@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from aios.config import BrokerSettings
 from aios.security.store import RedisStore
 from tests.conftest import REPO_ROOT, require_program, wait_for
 from tests.support.private_redis import PrivateRedis, running_private_redis
@@ -286,11 +287,17 @@ def redis_without_expire(private_redis: PrivateRedis) -> PrivateRedis:
     return private_redis
 
 
+def redis_store(url: str) -> RedisStore:
+    """The security store's Redis counters alone (no database fallback), under a prefix of their own."""
+    broker = BrokerSettings(url=url, key_prefix=f"t{uuid.uuid4().hex[:8]}:")
+    return RedisStore(broker, database=None)  # type: ignore[arg-type]
+
+
 def test_the_limiter_refuses_past_its_limit_and_counts_again_after_its_window_without_expire(
     redis_without_expire, tmp_path: Path
 ):
     # Given the counters on a Redis that refuses EXPIRE
-    store = RedisStore(redis_without_expire.url, f"t{uuid.uuid4().hex[:8]}:", database=None)  # type: ignore[arg-type]
+    store = redis_store(redis_without_expire.url)
     key = f"rl:write:user:{uuid.uuid4().hex}"
 
     # When a principal is counted three times in a 1 s window
@@ -308,7 +315,7 @@ def test_the_limiter_refuses_past_its_limit_and_counts_again_after_its_window_wi
 
 def test_a_counter_left_without_an_expiry_gets_one_and_keeps_counting(redis_without_expire):
     # Given a counter written without an expiry (by hand, or an older AIOS that crashed mid-way)
-    store = RedisStore(redis_without_expire.url, f"t{uuid.uuid4().hex[:8]}:", database=None)  # type: ignore[arg-type]
+    store = redis_store(redis_without_expire.url)
     client = redis_client(redis_without_expire)
     try:
         client.set(store.prefix + "login-fail:pat", 4)
@@ -346,7 +353,7 @@ def test_a_redis_refusing_the_counter_is_logged_as_an_error_not_a_warning(privat
         client.execute_command("ACL", "SETUSER", "default", "-evalsha", "-eval")
     finally:
         client.close()
-    store = RedisStore(private_redis.url, f"t{uuid.uuid4().hex[:8]}:", database=None)  # type: ignore[arg-type]
+    store = redis_store(private_redis.url)
 
     # When a hit is counted
     with caplog.at_level("WARNING", logger="aios.security.store"):
