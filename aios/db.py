@@ -6,6 +6,14 @@ The guard (:func:`ensure_migrated`) reads both revisions here, so this module ne
 One engine per process (and per forked child: Celery's prefork children must not share the
 parent's sockets). SQLite runs in WAL mode with a busy timeout so the API, the agent and beat can
 share the embedded database file.
+
+PostgreSQL with failover: the URL may name several servers
+(``?host=h1:5432&host=h2:5432&target_session_attrs=read-write``); SQLAlchemy hands them to libpq as
+one conninfo and libpq connects to the first that takes writes, so after a promotion the next new
+connection lands on the new primary. Connections to the old one die with it; the pool's pre-ping
+replaces a dead one at checkout and a disconnect error invalidates the whole pool. A server that
+turns out to be read-only (a standby, SQLSTATE 25006) is treated as an outage, never written to:
+see :class:`ReadOnlyServer`.
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 from aios.config import DatabaseSettings
@@ -27,6 +36,36 @@ from aios.errors import NotMigrated
 _lock = threading.Lock()
 _engines: dict[tuple[int, str], Engine] = {}
 _factories: dict[Engine, sessionmaker[Session]] = {}
+
+#: SQLSTATE read_only_sql_transaction: a write reached a server in recovery (a standby).
+READ_ONLY_SQLSTATE = "25006"
+
+
+class ReadOnlyServer(OperationalError):
+    """A write reached a read-only PostgreSQL server (a standby, or an old primary that rejoined as one).
+
+    An :class:`~sqlalchemy.exc.OperationalError` on purpose: everything that already treats the
+    database being unreachable as an outage (the API's 503, the agents' write retry) treats this the
+    same way, and the connection it came from is invalidated so the retry connects anew, through
+    ``target_session_attrs=read-write``, to whichever server is primary now."""
+
+
+def as_outage(error: StatementError) -> StatementError:
+    """``error``, or a :class:`ReadOnlyServer` (marked invalidated) when the server refused a write as read-only."""
+    orig = error.orig
+    if orig is None or getattr(orig, "pgcode", None) != READ_ONLY_SQLSTATE:
+        return error
+    return ReadOnlyServer(error.statement, error.params, orig, hide_parameters=True, connection_invalidated=True)
+
+
+def _read_only_is_a_disconnect(context: ExceptionContext) -> StatementError | None:
+    """``handle_error`` hook: a read-only refusal invalidates the connection (and the pool: its other
+    connections were made to the same server) and is raised as :class:`ReadOnlyServer`."""
+    error = context.sqlalchemy_exception
+    if not isinstance(error, DBAPIError) or getattr(error.orig, "pgcode", None) != READ_ONLY_SQLSTATE:
+        return None
+    context.is_disconnect = True
+    return as_outage(error)
 
 
 def create_db_engine(settings: DatabaseSettings) -> Engine:
@@ -43,6 +82,8 @@ def create_db_engine(settings: DatabaseSettings) -> Engine:
     else:
         kwargs.update(pool_size=settings.pool_size, max_overflow=settings.pool_size, pool_pre_ping=True)
     engine = create_engine(url, **kwargs)
+    if url.get_backend_name() == "postgresql":
+        event.listen(engine, "handle_error", _read_only_is_a_disconnect)
     if url.get_backend_name() == "sqlite":
         busy_ms = int(settings.sqlite_busy_timeout_s * 1000)
 
@@ -64,6 +105,27 @@ def create_db_engine(settings: DatabaseSettings) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def libpq_params(url_text: str) -> tuple[dict[str, str], str | None]:
+    """The libpq parameters (without the password) and the password SQLAlchemy's PostgreSQL dialect
+    gives the driver for ``url_text``: what pg_dump and the topology probe must use to reach the same
+    servers as the engines (a multi-host URL's hosts become ``host=h1,h2 port=5432,5432``)."""
+    url = make_url(url_text)
+    _args, connect = url.get_dialect()().create_connect_args(url)
+    password = connect.pop("password", None)
+    params = {key: str(value) for key, value in connect.items() if value is not None}
+    return params, (str(password) if password else None)
+
+
+def libpq_hosts(params: dict[str, str]) -> list[tuple[str, str]]:
+    """``(host, port)`` of each server a libpq ``host``/``port`` pair names, in the order libpq tries them
+    (one port given serves every host; an empty entry is libpq's default)."""
+    hosts = params.get("host", "").split(",")
+    ports = params.get("port", "").split(",")
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    return [(host or "localhost", port or "5432") for host, port in zip(hosts, ports, strict=False)]
 
 
 def get_engine(settings: DatabaseSettings) -> Engine:
