@@ -150,7 +150,7 @@ def _probe(params: dict[str, str], password: str | None, host: str, port: str) -
 _PRIMARY_TIMELINE = "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
 
 _STANDBYS = """
-SELECT application_name, client_addr::text, state, sync_state,
+SELECT application_name, host(client_addr), state, sync_state,
        EXTRACT(epoch FROM write_lag)::float8, EXTRACT(epoch FROM flush_lag)::float8,
        EXTRACT(epoch FROM replay_lag)::float8,
        pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint
