@@ -298,14 +298,20 @@ def _guarded_counts(settings: Settings) -> dict[str, int]:
 
 @contextmanager
 def _scratch_connection(settings: Settings) -> Iterator[Connection]:
-    """A connection of its own (no pool), so a restore's checks never hold a pooled one open."""
+    """A connection of its own (no pool), so a restore's checks never hold a pooled one open; on
+    PostgreSQL to the primary only (``target_session_attrs=read-write``), where pg_restore writes."""
     if settings.database.is_sqlite:
         if not _sqlite_path(settings).exists():
             engine = create_engine("sqlite://", poolclass=NullPool)  # no file yet: empty
         else:
             engine = create_engine(settings.database.url, poolclass=NullPool)
     else:
-        engine = create_engine(settings.database.url, poolclass=NullPool, hide_parameters=True)
+        engine = create_engine(
+            settings.database.url,
+            poolclass=NullPool,
+            hide_parameters=True,
+            connect_args={"target_session_attrs": "read-write"},
+        )
     try:
         with engine.begin() as connection:
             yield connection

@@ -54,11 +54,13 @@ class Pair:
         (node,) = [node for node in self.nodes if node is not self.primary]
         return node
 
-    def url(self, database: str = "aios", *, first: PgNode | None = None) -> str:
-        """The failover form of the URL (docs/ha.md), ``first`` (default: site A) listed first."""
+    def url(self, database: str = "aios", *, first: PgNode | None = None, read_write: bool = True) -> str:
+        """The failover form of the URL (docs/ha.md), ``first`` (default: site A) listed first;
+        ``read_write`` False leaves out ``target_session_attrs`` (libpq then keeps the first it reaches)."""
         first = first or self.nodes[0]
         hosts = "&".join(f"host={node.addr}" for node in (first, *(n for n in self.nodes if n is not first)))
-        return f"postgresql+psycopg2://postgres@/{database}?{hosts}&target_session_attrs=read-write"
+        attrs = "&target_session_attrs=read-write" if read_write else ""
+        return f"postgresql+psycopg2://postgres@/{database}?{hosts}{attrs}"
 
     def stop_primary_and_promote(self, gap_s: float = 0.0) -> tuple[PgNode, PgNode]:
         """A planned switchover, as an operator does it by hand: stop the primary (fast: its sessions
@@ -157,9 +159,9 @@ def test_a_multi_host_url_runs_tasks_and_backs_up_and_restores_through_it(
         timeout=30,
         what=f"database {target} to replicate to the standby",
     )
-    restored = restore_backup(
-        row["path"], stack.override(database={"url": pg_pair.url(target, first=pg_pair.standby)}).settings
-    )
+    # (the target URL lists the standby first and does not ask for the primary: the restore does)
+    target_url = pg_pair.url(target, first=pg_pair.standby, read_write=False)
+    restored = restore_backup(row["path"], stack.override(database={"url": target_url}).settings)
     assert restored["restored"]
     source_count = pg_pair.primary.sql("SELECT count(*) FROM tasks", database="aios")
     assert int(source_count) >= len(task_ids)
