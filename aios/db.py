@@ -37,6 +37,21 @@ _lock = threading.Lock()
 _engines: dict[tuple[int, str], Engine] = {}
 _factories: dict[Engine, sessionmaker[Session]] = {}
 
+#: libpq settings AIOS uses unless ``database.url`` sets them (its query wins). Why: on a multi-host URL
+#: whose first server is unreachable (a site lost, its packets dropped rather than refused) libpq waits
+#: for the operating system's connect timeout, about two minutes, before it tries the next host:
+#: ``connect_timeout`` bounds that per host. And a connection to a server behind a cut link answers
+#: nothing: without ``tcp_user_timeout`` (unacknowledged data, milliseconds) and keepalives a write or a
+#: pool pre-ping on it would wait for TCP's retransmissions, about fifteen minutes, before failing over.
+LIBPQ_DEFAULTS = {
+    "connect_timeout": "5",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "3",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "10000",
+}
+
 #: SQLSTATE read_only_sql_transaction: a write reached a server in recovery (a standby).
 READ_ONLY_SQLSTATE = "25006"
 
@@ -80,7 +95,10 @@ def create_db_engine(settings: DatabaseSettings) -> Engine:
             Path(database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         kwargs["connect_args"] = {"timeout": settings.sqlite_busy_timeout_s, "check_same_thread": False}
     else:
+        # pre-ping: a connection to a server that went away (a restart, a promotion elsewhere) is replaced
+        # at checkout, so a read after a failover succeeds instead of failing once.
         kwargs.update(pool_size=settings.pool_size, max_overflow=settings.pool_size, pool_pre_ping=True)
+        kwargs["connect_args"] = libpq_connect_args(settings.url)
     engine = create_engine(url, **kwargs)
     if url.get_backend_name() == "postgresql":
         event.listen(engine, "handle_error", _read_only_is_a_disconnect)
@@ -109,13 +127,20 @@ def create_db_engine(settings: DatabaseSettings) -> Engine:
 
 def libpq_params(url_text: str) -> tuple[dict[str, str], str | None]:
     """The libpq parameters (without the password) and the password SQLAlchemy's PostgreSQL dialect
-    gives the driver for ``url_text``: what pg_dump and the topology probe must use to reach the same
-    servers as the engines (a multi-host URL's hosts become ``host=h1,h2 port=5432,5432``)."""
+    gives the driver for ``url_text``, with :data:`LIBPQ_DEFAULTS` where the URL sets none: what pg_dump
+    and the topology probe use to reach the same servers as the engines (a multi-host URL's hosts
+    become ``host=h1,h2 port=5432,5432``)."""
     url = make_url(url_text)
     _args, connect = url.get_dialect()().create_connect_args(url)
     password = connect.pop("password", None)
     params = {key: str(value) for key, value in connect.items() if value is not None}
-    return params, (str(password) if password else None)
+    return {**LIBPQ_DEFAULTS, **params}, (str(password) if password else None)
+
+
+def libpq_connect_args(url_text: str, **more: str) -> dict[str, str]:
+    """``connect_args`` for a PostgreSQL engine: :data:`LIBPQ_DEFAULTS` the URL does not set, and ``more``."""
+    query = make_url(url_text).query
+    return {**{key: value for key, value in LIBPQ_DEFAULTS.items() if key not in query}, **more}
 
 
 def libpq_hosts(params: dict[str, str]) -> list[tuple[str, str]]:

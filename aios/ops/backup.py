@@ -43,7 +43,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from aios.config import Settings
-from aios.db import libpq_params, session_scope
+from aios.db import libpq_connect_args, libpq_params, session_scope
 from aios.errors import BackupFailed, BackupInvalid, Conflict
 from aios.models import Backup
 from aios.timeutil import isoformat, utcnow
@@ -310,7 +310,7 @@ def _scratch_connection(settings: Settings) -> Iterator[Connection]:
             settings.database.url,
             poolclass=NullPool,
             hide_parameters=True,
-            connect_args={"target_session_attrs": "read-write"},
+            connect_args=libpq_connect_args(settings.database.url, target_session_attrs="read-write"),
         )
     try:
         with engine.begin() as connection:
