@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 from aios.config import DatabaseSettings
-from aios.errors import NotMigrated
+from aios.errors import NotMigrated, ServiceUnavailable
 
 _lock = threading.Lock()
 _engines: dict[tuple[int, str], Engine] = {}
@@ -204,8 +204,15 @@ def session_scope(settings: DatabaseSettings) -> Iterator[Session]:
 
 
 def ping(settings: DatabaseSettings) -> None:
+    """The database answers and takes writes (readiness: a standby answers, but could take no task)."""
     with get_engine(settings).connect() as connection:
-        connection.execute(text("SELECT 1"))
+        if connection.dialect.name != "postgresql":
+            connection.execute(text("SELECT 1"))
+        elif connection.execute(text("SELECT pg_is_in_recovery()")).scalar():
+            raise ServiceUnavailable(
+                "the database server is a standby (read-only): database.url must reach the primary; "
+                "name every server with target_session_attrs=read-write (docs/deploy.md)"
+            )
 
 
 #: Alembic's scripts; :mod:`aios.migrate` runs them, the guard below reads their head.

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import make_user, requirement_missing, wait_for
+from tests.conftest import free_port, make_user, requirement_missing, wait_for
 from tests.faults.conftest import Effects, HttpSubmitter, assert_nothing_lost, settle, start_system
 from tests.support.pg_cluster import (
     PgNode,
@@ -89,7 +89,6 @@ def pg_pair() -> Iterator[Pair]:
     from aios import migrate
     from aios.config import DatabaseSettings
     from aios.db import dispose_engines
-    from tests.conftest import free_port
 
     root = new_root()
     nodes: list[PgNode] = []
@@ -244,6 +243,12 @@ def test_an_old_primary_rejoined_as_a_standby_never_takes_a_write(pg_pair, stack
     (old_host,) = [host for host in topology.hosts if host.addr == old.addr]
     assert old_host.receiver is not None and old_host.receiver.status == "streaming", old_host
     assert old_host.timeline is not None and old_host.timeline >= 2, old_host
+    # (and a server that is down is reported as such, never raised: here a port nothing listens on)
+    closed = f"127.0.0.1:{free_port()}"
+    with_dead = pg_topology(DatabaseSettings(url=f"{pg_pair.url()}&host={closed}"))
+    assert with_dead.primary == new.addr and with_dead.error is None, with_dead
+    (dead,) = [host for host in with_dead.hosts if host.addr == closed]
+    assert not dead.reachable and dead.role is None and dead.error, dead
 
     # And a URL naming only the old primary cannot write through the engine ...
     only_old = stack.override(database={"url": old.url()})
@@ -262,6 +267,9 @@ def test_an_old_primary_rejoined_as_a_standby_never_takes_a_write(pg_pair, stack
     posted = client.post("/api/v1/tasks", json={"type": "echo", "parameters": {}})
     assert posted.status_code == 503, (posted.status_code, posted.get_data(as_text=True)[:500])
     assert posted.json["error"] == "database_unavailable" and posted.headers.get("Retry-After")
+    ready = app.test_client().get("/readyz")
+    assert ready.status_code == 503 and not ready.json["checks"]["database"]["ok"], ready.json
+    assert "standby" in ready.json["checks"]["database"]["error"], ready.json
 
     # And the failover URL with the old primary listed first still writes only to the new primary
     both = stack.override(database={"url": pg_pair.url(first=old)})

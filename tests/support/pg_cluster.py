@@ -78,11 +78,14 @@ class PgNode:
 
     # ----------------------------------------------------------------- commands
 
-    def run(self, argv: Sequence[str], *, timeout: float = 120.0, stdin: str | None = None) -> str:
-        """Run ``argv`` (a binary of :attr:`bindir` by name, or a path) as the server's user, prefixed."""
+    def run(
+        self, argv: Sequence[str], *, timeout: float = 120.0, stdin: str | None = None, prefixed: bool = True
+    ) -> str:
+        """Run ``argv`` (a binary of :attr:`bindir` by name, or a path) as the server's user, prefixed
+        (``prefixed`` False: in this namespace, for what needs no network, such as signalling the server)."""
         program = argv[0] if "/" in argv[0] else str(self.bindir / argv[0])
         as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        full = [*self.prefix, *as_user, program, *argv[1:]]
+        full = [*(self.prefix if prefixed else []), *as_user, program, *argv[1:]]
         result = subprocess.run(full, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
         if result.returncode != 0:
             raise AssertionError(
@@ -108,12 +111,14 @@ class PgNode:
         self.run(["pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-o", options, "-w", "-t", "90", "start"])
 
     def stop(self, mode: str = "fast") -> None:
-        """``fast``: a clean shutdown that cuts open connections; ``immediate``: a crash (no checkpoint)."""
-        self.run(["pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "90", "stop"])
+        """``fast``: a clean shutdown that cuts open connections; ``immediate``: a crash (no checkpoint).
+        (A signal to the pid in the data folder: no namespace needed.)"""
+        self.run(["pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "90", "stop"], prefixed=False)
 
     def is_running(self) -> bool:
+        """``pg_ctl status`` (reads the pid file: works from any namespace, even one already deleted)."""
         as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        argv = [*self.prefix, *as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), "status"]
+        argv = [*as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), "status"]
         return subprocess.run(argv, capture_output=True, timeout=30, check=False).returncode == 0
 
     def promote(self, synchronous_standby_names: str = "") -> None:
