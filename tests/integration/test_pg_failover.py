@@ -199,7 +199,7 @@ def test_a_planned_switchover_under_load_answers_503_meanwhile_and_every_accepte
     finally:
         submitter.stop()
 
-    # And meanwhile it answered 503 (a JSON error with Retry-After), never a 500 nor a dropped connection
+    # And meanwhile it answered 503, never a 500 nor a dropped connection
     assert 503 in submitter.refused, submitter.refused
     assert set(submitter.refused) == {503}, submitter.refused
 
