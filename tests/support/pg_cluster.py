@@ -30,8 +30,9 @@ A pair across two namespaces, a site lost, and the old primary back as a standby
     b.set_synchronous("siteA")
 
 Cut a link on the namespace's side (``ip link set <veth> down`` inside it) or with a DROP rule: with the
-root namespace's end down, this sandbox's default route answers for the address and libpq, getting a
-reply that is not PostgreSQL, gives up on the whole host list instead of trying the next host.
+root namespace's end down, the address falls to the default route, and where that leads to a
+transparent proxy (as on this project's build machine) the proxy answers: libpq, getting a reply that
+is not PostgreSQL, gives up on the whole host list instead of trying the next host.
 """
 
 from __future__ import annotations
