@@ -373,6 +373,24 @@ def backup_restore(settings: Settings, file: str, force: bool) -> int:
     return 0
 
 
+@cli.group(help="high availability: the primary/secondary pair as AIOS sees it")
+def ha() -> None:
+    """The two-site view (aios.ops.ha, docs/ha.md); AIOS never promotes or elects anything itself."""
+
+
+@ha.command("status", help="which PostgreSQL is primary, standby lag, the Redis master, the beat leader")
+@click.option("--json", "as_json", is_flag=True, help="print the status as JSON")
+@server_command
+def ha_status(settings: Settings, as_json: bool) -> int:
+    """Exit 0 when the pair can fail over with nothing lost, 1 while a problem is listed (for probes)."""
+    from aios.ops.ha import ha_status as read_status
+    from aios.ops.ha import render
+
+    status = read_status(settings)
+    print(json.dumps(status.to_dict(), indent=2) if as_json else render(status))
+    return 1 if status.problems else 0
+
+
 @cli.command("up", help="run the API, one agent and beat together (a laptop, a demo)")
 @click.option("--migrate", is_flag=True, help="upgrade the database schema first")
 @click.option("--agent-name", default="agent-1")

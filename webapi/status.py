@@ -37,6 +37,16 @@ def status() -> Any:
     return jsonify(cluster_status(ctx().settings, ctx().celery))
 
 
+def _ha(settings: Settings) -> dict[str, Any] | None:
+    """The pair's view (aios ha status) when there is a pair to look at, else None: the embedded
+    default has no replication, and a single server's status needs no probe of it."""
+    if settings.database.is_sqlite and not settings.broker.is_sentinel:
+        return None
+    from aios.ops.ha import ha_status
+
+    return ha_status(settings).to_dict()
+
+
 def cluster_status(settings: Settings, celery: Celery) -> dict[str, Any]:
     """The figures of GET /api/v1/status, also shown (and refreshed) by the dashboard's overview."""
     since = utcnow() - timedelta(hours=1)
@@ -68,6 +78,7 @@ def cluster_status(settings: Settings, celery: Celery) -> dict[str, Any]:
         queues_error = None
     return {
         "version": _version(),
+        "ha": _ha(settings),
         "beat_leader": {"holder": leader.holder, "expires_at": isoformat(leader.expires_at)}
         if leader and leader.live
         else None,

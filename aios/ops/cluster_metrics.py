@@ -72,9 +72,12 @@ class ClusterCollector(Collector):
         self.celery = celery
         self.errors: dict[str, int] = {}
         self.lock = threading.Lock()
+        #: The PostgreSQL primary and Redis master of the previous scrape, and how often they changed.
+        self.primaries: dict[str, str] = {}
+        self.primary_changes: dict[str, int] = {"postgresql": 0, "redis": 0}
 
     def collect(self) -> Iterator[Metric]:
-        for part in (self._tasks, self._queues, self._agents, self._sync, self._backups):
+        for part in (self._tasks, self._queues, self._agents, self._sync, self._backups, self._ha):
             try:
                 yield from list(part())
             except Exception as exc:  # noqa: BLE001 - one unreadable part must not hide the others
@@ -192,6 +195,73 @@ class ClusterCollector(Collector):
         )
         success.add_metric([], last_ok.timestamp() if last_ok else 0.0)
         yield success
+
+    def _ha(self) -> Iterator[Metric]:
+        """Replication and failover (aios.ops.ha): PostgreSQL's standbys and the Sentinel-watched Redis.
+        Not on the embedded default, which has neither."""
+        from aios.ops.ha import ha_status
+
+        if self.settings.database.is_sqlite and not self.settings.broker.is_sentinel:
+            return
+        status = ha_status(self.settings)
+        db, broker = status.database, status.broker
+        primary = GaugeMetricFamily(
+            "aios_ha_primary",
+            "The PostgreSQL primary and the Redis master now (1), by engine.",
+            labels=["engine", "addr"],
+        )
+        for engine, addr in (("postgresql", db.primary), ("redis", broker.master)):
+            if addr is None:
+                continue
+            primary.add_metric([engine, addr], 1)
+            with self.lock:
+                before = self.primaries.get(engine)
+                if before is not None and before != addr:
+                    self.primary_changes[engine] += 1
+                self.primaries[engine] = addr
+        yield primary
+        changes = CounterMetricFamily(
+            "aios_ha_primary_changes",
+            "Changes of the PostgreSQL primary or Redis master seen by this process between scrapes.",
+            labels=["engine"],
+        )
+        with self.lock:
+            for engine, count in sorted(self.primary_changes.items()):
+                changes.add_metric([engine], count)
+        yield changes
+        lag_s = GaugeMetricFamily(
+            "aios_pg_replication_lag_seconds",
+            "How far each standby's replay is behind the primary.",
+            labels=["standby"],
+        )
+        lag_bytes = GaugeMetricFamily(
+            "aios_pg_replication_lag_bytes", "WAL the standby has not replayed yet.", labels=["standby"]
+        )
+        sync = GaugeMetricFamily(
+            "aios_pg_standby_synchronous",
+            "1 while the standby streams synchronously (a commit waits for it), else 0.",
+            labels=["standby"],
+        )
+        for standby in db.standbys:
+            name = standby.application_name
+            lag_s.add_metric([name], standby.replay_lag_s or 0.0)
+            if standby.lag_bytes is not None:
+                lag_bytes.add_metric([name], standby.lag_bytes)
+            streaming_sync = standby.state == "streaming" and standby.sync_state in ("sync", "quorum")
+            sync.add_metric([name], 1.0 if streaming_sync else 0.0)
+        yield from (lag_s, lag_bytes, sync)
+        replica_lag = GaugeMetricFamily(
+            "aios_redis_replica_lag_bytes", "Replication stream a Redis replica has not confirmed.", labels=["replica"]
+        )
+        for replica in broker.replicas:
+            if replica.lag_bytes is not None:
+                replica_lag.add_metric([replica.addr], replica.lag_bytes)
+        yield replica_lag
+        problems = GaugeMetricFamily(
+            "aios_ha_problems", "Problems between the pair and a failover that loses nothing (aios ha status)."
+        )
+        problems.add_metric([], len(status.problems))
+        yield problems
 
 
 #: Shortest bearer token ``aios metrics`` accepts: a short one can be guessed over the network.
