@@ -18,7 +18,21 @@ from tests.conftest import REPO_ROOT
 
 SERVER_SIDE = {"aios", "webapi", "workers"}
 #: The server commands aios/cli.py defines itself (``api`` and ``worker`` come from entry points).
-CORE_SERVER_COMMANDS = {"db", "dispatch-pending", "sync", "config", "users", "metrics", "beat", "backup", "up"}
+CORE_SERVER_COMMANDS = {
+    "db",
+    "dispatch-pending",
+    "sync",
+    "config",
+    "users",
+    "metrics",
+    "beat",
+    "backup",
+    "up",
+    "down",
+    "restart",
+    "ps",
+    "logs",
+}
 CLIENT_MODULES = sorted((REPO_ROOT / "aios_client").glob("*.py"))
 
 
