@@ -300,8 +300,9 @@ def last_lines(path: Path, count: int) -> list[str]:
 
 
 def follow(paths: dict[str, Path], *, interval_s: float = 0.2) -> Iterator[tuple[str, str]]:
-    """Yield ``(name, line)`` for each line appended to the files from now on, forever (like ``tail -F``:
-    a file that appears later, or is truncated or replaced by a restart, is followed too)."""
+    """Yield ``(name, line)`` for each line appended to the files after this call, forever (like
+    ``tail -F``: a file that appears later, or is truncated or replaced by a restart, is followed too).
+    Where the files end is read now, not at the first ``next()``, so no line written in between is lost."""
     positions: dict[str, tuple[int, int]] = {}  # name → (inode, offset)
     for name, path in paths.items():
         try:
@@ -309,6 +310,12 @@ def follow(paths: dict[str, Path], *, interval_s: float = 0.2) -> Iterator[tuple
             positions[name] = (info.st_ino, info.st_size)
         except FileNotFoundError:
             positions[name] = (0, 0)
+    return _follow(paths, positions, interval_s)
+
+
+def _follow(
+    paths: dict[str, Path], positions: dict[str, tuple[int, int]], interval_s: float
+) -> Iterator[tuple[str, str]]:
     pending: dict[str, bytes] = dict.fromkeys(paths, b"")
     while True:
         for name, path in paths.items():
@@ -318,7 +325,7 @@ def follow(paths: dict[str, Path], *, interval_s: float = 0.2) -> Iterator[tuple
                 continue
             inode, offset = positions[name]
             if info.st_ino != inode or info.st_size < offset:
-                inode, offset = info.st_ino, 0
+                inode, offset, pending[name] = info.st_ino, 0, b""
             if info.st_size > offset:
                 with path.open("rb") as handle:
                     handle.seek(offset)

@@ -3,10 +3,12 @@
 For a laptop or a demo. The supervisor runs in the foreground, or (``--detach``) in the background with
 its children's output in ``logs/``; :mod:`aios.ops.services` has the pid file and what ``down``, ``ps``
 and ``logs`` read. Either way, before the children start it migrates (if asked), creates the first
-admin and the API key of the ``try:`` hint, so the printed ``curl`` works as printed. Ctrl-C or SIGTERM stops the children cleanly (SIGTERM, then SIGKILL after
-a grace period); each child also gets SIGTERM from the kernel if this process dies without
-cleaning up (``PR_SET_PDEATHSIG``), so no orphans are left either way. If one child exits on its
-own, the others are stopped too and ``aios up`` exits non-zero.
+admin and the API key of the ``try:`` hint, so the printed ``curl`` works as printed.
+
+Ctrl-C or SIGTERM stops the children cleanly (SIGTERM, then SIGKILL after a grace period); each
+child also gets SIGTERM from the kernel if this process dies without cleaning up
+(``PR_SET_PDEATHSIG``), so no orphans are left either way. If one child exits on its own, the others
+are stopped too and ``aios up`` exits non-zero.
 """
 
 from __future__ import annotations
