@@ -404,9 +404,15 @@ def up(settings: Settings, detach: bool, supervise: bool, wait_s: float, **given
 
 @cli.command("down", help="stop the detached aios up and everything it started (a no-op if nothing runs)")
 @pid_file_option
-def down(pid_file: Path) -> int:
-    from aios.ops.supervisor import STOP_GRACE_S
-
+@click.option(
+    "--grace",
+    "grace_s",
+    type=click.FloatRange(min=0),
+    default=services.DOWN_GRACE_S,
+    show_default=True,
+    help="seconds the supervisor gets to stop its children; then it and every process under it are killed",
+)
+def down(pid_file: Path, grace_s: float) -> int:
     found = services.find(pid_file)
     if found.status == "stopped":
         print(services.describe(found))
@@ -416,7 +422,7 @@ def down(pid_file: Path) -> int:
         print(f"{services.describe(found)}; removed it" + (f", killed leftovers {killed}" if killed else ""))
         return 0
     started = time.monotonic()
-    killed = services.stop(found, STOP_GRACE_S)
+    killed = services.stop(found, grace_s)
     print(
         f"stopped aios up (pid {found.pid}) in {time.monotonic() - started:.1f}s"
         + (f"; killed {killed} after the grace period" if killed else "")
@@ -428,11 +434,11 @@ def down(pid_file: Path) -> int:
 @up_options
 @server_command
 def restart(settings: Settings, wait_s: float, **given: Any) -> int:
-    from aios.ops.supervisor import STOP_GRACE_S, UpOptions, start_detached
+    from aios.ops.supervisor import UpOptions, start_detached
 
     found = services.find(given["pid_file"])
     if found.status == "running":
-        services.stop(found, STOP_GRACE_S)
+        services.stop(found, services.DOWN_GRACE_S)
     options = UpOptions(
         migrate_first=given["migrate"],
         agent_name=given["agent_name"],

@@ -45,6 +45,9 @@ CHILD_NAMES = ("api", "agent", "beat")
 SUPERVISOR_LOG = "up"
 #: Seconds a stale supervisor's children get to stop on their own (PDEATHSIG) before they are killed.
 LEFTOVER_GRACE_S = 20.0
+#: Seconds ``aios down`` gives the supervisor: its own grace for the children (``STOP_GRACE_S``, 20),
+#: twice over for a slow agent's warm shutdown plus the API's, and a margin.
+DOWN_GRACE_S = 45.0
 
 
 class AlreadyRunning(Exception):
@@ -253,8 +256,8 @@ def clean_stale(found: Found, grace_s: float = LEFTOVER_GRACE_S) -> list[int]:
 
 
 def stop(found: Found, grace_s: float) -> list[int]:
-    """SIGTERM the running supervisor (it stops its children, each with ``grace_s``), wait for it, and
-    kill whatever is left past the grace period. Returns the pids that had to be killed."""
+    """SIGTERM the running supervisor (it stops its children), wait ``grace_s`` for it, then kill it and
+    every process under it; then make sure the children it recorded are gone. Returns the pids killed."""
     killed: list[int] = []
     supervisor = found.state.supervisor.process() if found.state else None
     if supervisor is None and found.pid is not None:
@@ -267,8 +270,7 @@ def stop(found: Found, grace_s: float) -> list[int]:
             supervisor.send_signal(signal.SIGTERM)
         except psutil.Error:
             pass
-        # The supervisor waits grace_s for its children, then kills them: give it that and a margin.
-        _gone, alive = psutil.wait_procs([supervisor], timeout=grace_s + 15)
+        _gone, alive = psutil.wait_procs([supervisor], timeout=grace_s)
         for process in alive:
             killed.append(process.pid)
             kill_tree(process)

@@ -172,7 +172,7 @@ def start_detached(settings: Settings, options: UpOptions, *, wait_s: float) -> 
                 f"aios: not healthy after {wait_s:.0f}s, stopping it again:\n{services.render(found, rows)}",
                 file=sys.stderr,
             )
-            services.stop(found, STOP_GRACE_S)
+            services.stop(found, services.DOWN_GRACE_S)
             return 1
         time.sleep(0.25)
     supervisor.returncode = 0  # it is no child of ours to wait for: it outlives this process on purpose

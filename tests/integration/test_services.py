@@ -227,7 +227,17 @@ def test_a_sigkilled_supervisor_is_reported_by_ps_and_up_detach_starts_cleanly_a
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr + log_tail(project)
     code, status = project.ps()
     assert code == 0 and status["healthy"], status
-    assert {row["name"]: row["pid"] for row in status["processes"]}["up"] != after["up"]
+    restarted_pids = {row["name"]: row["pid"] for row in status["processes"]}
+    assert restarted_pids["up"] != after["up"]
+
+    # When the supervisor hangs (SIGSTOP: it cannot act on SIGTERM) and `aios down --grace 2` runs
+    everything = family(list(restarted_pids.values()))
+    os.kill(restarted_pids["up"], signal.SIGSTOP)
+    stopped = project.aios("down", "--grace", "2")
+    # Then past the grace it killed the supervisor and every process under it, and removed the pid file
+    assert stopped.returncode == 0 and "killed" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert still_alive(everything, grace_s=5.0) == []
+    assert not (project.cwd / PID_FILE).exists()
 
 
 def test_a_stale_pid_file_alone_is_reported_and_removed_by_down(project):
