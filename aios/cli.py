@@ -1,13 +1,15 @@
 """The ``aios`` command: one click group for every command, the server's and the client's.
 
 - **Server commands** run AIOS: they read its configuration and talk to the database and broker.
-  ``db``, ``dispatch-pending``, ``sync``, ``config``, ``users``, ``metrics``, ``beat``, ``backup`` and
-  ``up`` are here. ``api`` and ``worker`` need the web or the agent code, so those packages contribute
+  ``db``, ``dispatch-pending``, ``sync``, ``config``, ``users``, ``metrics``, ``beat``, ``backup``,
+  ``up`` and its companions ``down``, ``restart``, ``ps``, ``logs`` (:mod:`aios.ops.services`) are here.
+  ``api`` and ``worker`` need the web or the agent code, so those packages contribute
   them through the entry-point group ``aios.commands``: each entry point, named after its command, is a
   ``register(group)`` hook that adds click commands to this group, loaded only when its command is
   named or every command is listed (``aios --help``). So ``aios`` never imports ``webapi`` or
   ``workers``. Every server command's callback is wrapped by :func:`server_command`, which loads the
-  settings and turns AIOS's errors into exit statuses.
+  settings and turns AIOS's errors into exit statuses (but ``down`` and ``logs``, which read only the
+  pid file and the logs, so they work even with a broken configuration).
 - **Client commands** (``login``, ``submit``, ``tasks`` …) talk to a running API over HTTP. They are
   :mod:`aios_client.commands`'s, added here as they are; the group carries their global options
   (``--url``, ``--api-key``, ``--json``, ``--timeout``, before the command) and refuses them before a
