@@ -1,14 +1,16 @@
 """The ``aios`` command: one click group for every command, the server's and the client's.
 
 - **Server commands** run AIOS: they read its configuration and talk to the database and broker.
-  ``db``, ``dispatch-pending``, ``sync``, ``config``, ``users``, ``metrics``, ``beat``, ``backup`` and
-  ``up`` are here, and ``certs`` (which needs no configuration). ``api`` and ``worker`` need the web
-  or the agent code, so those packages contribute them through the entry-point group
-  ``aios.commands``: each entry point, named after its command, is a ``register(group)`` hook that
-  adds click commands to this group, loaded only when its command is named or every command is
-  listed (``aios --help``). So ``aios`` never imports ``webapi`` or
+  ``db``, ``dispatch-pending``, ``sync``, ``config``, ``users``, ``metrics``, ``beat``, ``backup``,
+  ``ha``, ``up`` and its companions ``down``, ``restart``, ``ps``, ``logs`` (:mod:`aios.ops.services`)
+  are here, and ``certs`` (which needs no configuration). ``api`` and ``worker`` need the web or the
+  agent code, so those packages contribute them through the entry-point group ``aios.commands``: each
+  entry point, named after its command, is a ``register(group)`` hook that adds click commands to this
+  group, loaded only when its command is named or every command is listed (``aios --help``). So
+  ``aios`` never imports ``webapi`` or
   ``workers``. Every server command's callback is wrapped by :func:`server_command`, which loads the
-  settings and turns AIOS's errors into exit statuses.
+  settings and turns AIOS's errors into exit statuses (but ``down`` and ``logs``, which read only the
+  pid file and the logs, so they work even with a broken configuration).
 - **Client commands** (``login``, ``submit``, ``tasks`` …) talk to a running API over HTTP. They are
   :mod:`aios_client.commands`'s, added here as they are; the group carries their global options
   (``--url``, ``--api-key``, ``--json``, ``--timeout``, before the command) and refuses them before a
@@ -20,8 +22,10 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import click
@@ -29,6 +33,7 @@ from click.core import ParameterSource
 
 from aios.config import Settings, load_settings, redact_url
 from aios.errors import AiosError, ConfigError, NotMigrated
+from aios.ops import services
 from aios.ops.log import configure_logging
 from aios_client import commands as client_commands
 
@@ -41,7 +46,7 @@ EXIT_NOT_MIGRATED = 3
 EXIT_INTERRUPTED = 130
 
 #: Commands that run until stopped: they log to stdout (a one-shot command's stdout is its answer).
-SERVICES = frozenset({"api", "worker", "beat", "metrics", "up"})
+SERVICES = frozenset({"api", "worker", "beat", "metrics", "up", "restart"})
 
 #: Commands of :mod:`aios_client.commands` (click + rich): they talk to a running API instead of running AIOS.
 CLIENT_COMMANDS = frozenset(client_commands.cli.commands)
@@ -391,17 +396,170 @@ def ha_status(settings: Settings, as_json: bool) -> int:
     return 1 if status.problems else 0
 
 
-@cli.command("up", help="run the API, one agent and beat together (a laptop, a demo)")
-@click.option("--migrate", is_flag=True, help="upgrade the database schema first")
-@click.option("--agent-name", default="agent-1")
+def _path_option(
+    flag: str, *, is_dir: bool, default: str, envvar: str, what: str
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--pid-file`` / ``--log-dir``: a path with a default under the working directory and a variable."""
+    kind = click.Path(file_okay=not is_dir, dir_okay=is_dir, path_type=Path)
+    return click.option(
+        flag, type=kind, default=default, envvar=envvar, show_default=True, help=f"{what} (or {envvar})"
+    )
+
+
+pid_file_option = _path_option(
+    "--pid-file",
+    is_dir=False,
+    default=services.DEFAULT_PID_FILE,
+    envvar=services.PID_FILE_ENV,
+    what="the detached aios up's pid file; its state file is beside it",
+)
+log_dir_option = _path_option(
+    "--log-dir",
+    is_dir=True,
+    default=services.DEFAULT_LOG_DIR,
+    envvar=services.LOG_DIR_ENV,
+    what="where a detached aios up writes up.log and each process's log",
+)
+
+
+def up_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options ``up`` and ``restart`` share."""
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
+        click.option("--migrate", is_flag=True, help="upgrade the database schema first"),
+        click.option("--agent-name", default="agent-1", show_default=True),
+        pid_file_option,
+        log_dir_option,
+        click.option(
+            "--wait",
+            "wait_s",
+            type=float,
+            default=120.0,
+            show_default=True,
+            help="--detach: seconds to wait for every process to be healthy",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@cli.command("up", help="run the API, one agent and beat together (a laptop, a demo); --detach: in the background")
+@up_options
+@click.option("--detach", is_flag=True, help="run in the background; return once all is up and healthy")
+@click.option("--supervise", is_flag=True, hidden=True, help="(the detached supervisor itself)")
 @server_command
-def up(settings: Settings, migrate: bool, agent_name: str) -> int:
-    from aios.ops.supervisor import run_all_in_one
+def up(settings: Settings, detach: bool, supervise: bool, wait_s: float, **given: Any) -> int:
+    from aios.ops.supervisor import UpOptions, run_all_in_one, start_detached
     from aios.security.tls import check_tls_files
 
     check_tls_files("api", settings.api)  # before any child starts: a bad key is one message, exit 2
+    options = UpOptions(
+        migrate_first=given["migrate"],
+        agent_name=given["agent_name"],
+        pid_file=given["pid_file"],
+        log_dir=given["log_dir"],
+        to_log_files=supervise,
+    )
+    return start_detached(settings, options, wait_s=wait_s) if detach else run_all_in_one(settings, options)
 
-    return run_all_in_one(settings, migrate_first=migrate, agent_name=agent_name)
+
+@cli.command("down", help="stop the detached aios up and everything it started (a no-op if nothing runs)")
+@pid_file_option
+@click.option(
+    "--grace",
+    "grace_s",
+    type=click.FloatRange(min=0),
+    default=services.DOWN_GRACE_S,
+    show_default=True,
+    help="seconds the supervisor gets to stop its children; then it and every process under it are killed",
+)
+def down(pid_file: Path, grace_s: float) -> int:
+    found = services.find(pid_file)
+    if found.status == "stopped":
+        print(services.describe(found))
+        return 0
+    if found.status == "stale":
+        killed = services.clean_stale(found)
+        print(f"{services.describe(found)}; removed it" + (f", killed leftovers {killed}" if killed else ""))
+        return 0
+    started = time.monotonic()
+    killed = services.stop(found, grace_s)
+    print(
+        f"stopped aios up (pid {found.pid}) in {time.monotonic() - started:.1f}s"
+        + (f"; killed {killed} after the grace period" if killed else "")
+    )
+    return 0
+
+
+@cli.command("restart", help="aios down, then aios up --detach")
+@up_options
+@server_command
+def restart(settings: Settings, wait_s: float, **given: Any) -> int:
+    from aios.ops.supervisor import UpOptions, start_detached
+    from aios.security.tls import check_tls_files
+
+    check_tls_files("api", settings.api)  # refuse before stopping what runs, not after
+    found = services.find(given["pid_file"])
+    if found.status == "running":
+        services.stop(found, services.DOWN_GRACE_S)
+    options = UpOptions(
+        migrate_first=given["migrate"],
+        agent_name=given["agent_name"],
+        pid_file=given["pid_file"],
+        log_dir=given["log_dir"],
+    )
+    return start_detached(settings, options, wait_s=wait_s)
+
+
+@cli.command("ps", help="what aios up runs: each process with pid, uptime and health (exit 1 unless all is well)")
+@pid_file_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON object")
+@server_command
+def ps(settings: Settings, pid_file: Path, as_json: bool) -> int:
+    found = services.find(pid_file)
+    rows = services.health(settings, found)
+    ok = found.status == "running" and bool(rows) and all(row.healthy for row in rows)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "status": found.status,
+                    "pid_file": str(pid_file),
+                    "pid": found.pid,
+                    "healthy": ok,
+                    "processes": [row.to_json() for row in rows],
+                }
+            )
+        )
+    else:
+        print(services.render(found, rows))
+    return 0 if ok else 1
+
+
+@cli.command("logs", help="the last lines of the detached aios up's logs (all, or one process); -f follows")
+@click.argument("name", required=False, type=click.Choice([*services.CHILD_NAMES, services.SUPERVISOR_LOG]))
+@click.option("-f", "--follow", is_flag=True, help="keep printing new lines (Ctrl-C stops)")
+@click.option("-n", "--lines", type=int, default=50, show_default=True)
+@log_dir_option
+def logs(name: str | None, follow: bool, lines: int, log_dir: Path) -> int:
+    files = services.log_files(log_dir, [name] if name else [*services.CHILD_NAMES, services.SUPERVISOR_LOG])
+    if not any(path.exists() for path in files.values()):
+        print(f"aios: no logs in {log_dir}/ (is aios up --detach running here? see --log-dir)", file=sys.stderr)
+        return 1
+
+    def prefix(who: str) -> str:
+        return "" if name else f"{who:<5}| "
+
+    for who, path in files.items():
+        for line in services.last_lines(path, lines):
+            print(prefix(who) + line)
+    if follow:
+        try:
+            for who, line in services.follow(files):
+                print(prefix(who) + line, flush=True)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+    return 0
 
 
 # --------------------------------------------------------------------------- entry point

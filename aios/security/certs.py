@@ -138,3 +138,14 @@ def create_pair(directory: Path, *, names: tuple[str, ...], days: int, force: bo
     _write(key_path, key_pem, 0o600)
     _write(cert_path, cert_pem, 0o644)
     return CertificatePair(cert_path, key_path, names, not_after)
+
+
+def trust_for(cert_path: str) -> str | None:
+    """The file a client should trust to reach a server presenting ``cert_path``: the certificate itself
+    when it is self-signed (``aios certs create``), else None (a CA the client already trusts signed it).
+    So ``aios up``'s hint and ``aios ps`` verify the certificate instead of turning verification off."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return cert_path if cert.issuer == cert.subject else None

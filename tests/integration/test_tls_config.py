@@ -5,6 +5,7 @@ without a certificate are refused; a key others can read stops the command befor
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,6 +162,21 @@ def test_aios_up_serves_the_api_over_https_from_config(tmp_path):
             timeout=60,
         )
         assert logged_in.returncode == 0, logged_in.stdout + logged_in.stderr
+        # And the `try:` line it printed works as printed: curl trusts the self-signed certificate
+        match = re.search(r"^\s*try: (.+)$", log_path.read_text(errors="replace"), re.MULTILINE)
+        assert match and "--cacert" in match.group(1), log_path.read_text(errors="replace")[-3000:]
+        tried = subprocess.run(["bash", "-c", match.group(1)], cwd=cwd, capture_output=True, text=True, timeout=60)
+        assert tried.returncode == 0 and '"state"' in tried.stdout, tried.stdout + tried.stderr
+        # And `aios ps` finds the API ready over HTTPS, verifying the same certificate
+        ps = subprocess.run(
+            [sys.executable, "-m", "aios.cli", "ps", "--json"],
+            env=env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "ready (GET /readyz 200)" in ps.stdout, ps.stdout + ps.stderr
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGINT)

@@ -30,6 +30,10 @@ CORE_SERVER_COMMANDS = {
     "up",
     "certs",
     "ha",
+    "down",
+    "restart",
+    "ps",
+    "logs",
 }
 CLIENT_MODULES = sorted((REPO_ROOT / "aios_client").glob("*.py"))
 

@@ -28,6 +28,8 @@ COMPOSE_FLOWER = DOCKER / "compose.flower.yml"
 DOCKERFILE = DOCKER / "Dockerfile"
 SYSTEMD = REPO_ROOT / "config" / "systemd"
 UNITS = ["aios-api.service", "aios-worker@.service", "aios-beat.service", "aios-metrics.service"]
+#: Groups the units: `systemctl start|stop|restart aios.target`.
+TARGET = "aios.target"
 
 #: The values compose refuses to run without; sentinels make them easy to find in the output.
 REQUIRED = {
@@ -387,6 +389,15 @@ def test_each_unit_runs_as_aios_hardened_with_config_and_secrets_from_etc_aios(u
     }.items():
         assert service.get(key) == value, f"{unit}: {key}={service.get(key)!r}, want {value!r}"
     assert service["StateDirectory"] == service["LogsDirectory"] == "aios"
+    # And it belongs to aios.target: enabled into it, and stopped/restarted with it
+    assert sections["Install"]["WantedBy"] == [TARGET]
+    assert sections["Unit"]["PartOf"] == [TARGET]
+
+
+def test_aios_target_wants_the_api_and_beat_and_is_started_at_boot():
+    sections = parse_unit(SYSTEMD / TARGET)
+    assert set(sections) == {"Unit", "Install"}
+    assert set(sections["Unit"]["Wants"][0].split()) == {"aios-api.service", "aios-beat.service"}
     assert sections["Install"]["WantedBy"] == ["multi-user.target"]
 
 
@@ -415,7 +426,7 @@ def scratch_root(tmp_path) -> Path:
     root = tmp_path / "root"
     shutil.copytree(system, root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
-    for unit in UNITS:
+    for unit in [*UNITS, TARGET]:
         shutil.copy(SYSTEMD / unit, root / "etc/systemd/system" / unit)
     for unit in UNITS:
         program = Path(parse_unit(SYSTEMD / unit)["Service"]["ExecStart"][0].split()[0])
@@ -433,7 +444,7 @@ def instance(unit: str) -> str:
 def test_systemd_analyze_verify_passes_with_no_message(scratch_root):
     # When systemd verifies every unit (the template through an instance)
     result = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", f"--root={scratch_root}", *map(instance, UNITS)],
+        ["systemd-analyze", "verify", "--man=no", f"--root={scratch_root}", *map(instance, UNITS), TARGET],
         capture_output=True,
         text=True,
         timeout=120,
@@ -441,6 +452,40 @@ def test_systemd_analyze_verify_passes_with_no_message(scratch_root):
     # Then it exits 0 and says nothing: an unknown key or a bad value is only a message, so none is allowed
     assert result.returncode == 0, result.stdout + result.stderr
     assert (result.stdout + result.stderr).strip() == ""
+
+
+def test_enabling_aios_target_and_its_units_puts_them_all_under_the_target(scratch_root):
+    require_tool("systemctl", "--version")
+    # When the target, an agent and the metrics server are enabled (offline, in the scratch root)
+    result = subprocess.run(
+        [
+            "systemctl",
+            f"--root={scratch_root}",
+            "enable",
+            TARGET,
+            "aios-api.service",
+            "aios-beat.service",
+            "aios-worker@agent-1.service",
+            "aios-metrics.service",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Then the target starts at boot, and every unit starts with it (the agent under its instance name)
+    etc = scratch_root / "etc/systemd/system"
+    assert (etc / "multi-user.target.wants" / TARGET).is_symlink()
+    wants = {path.name for path in (etc / "aios.target.wants").iterdir()}
+    assert wants == {"aios-api.service", "aios-beat.service", "aios-worker@agent-1.service", "aios-metrics.service"}
+    # And systemd finds nothing to say about the target with its units in place
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", f"--root={scratch_root}", TARGET],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), verify.stdout + verify.stderr
 
 
 @pytest.mark.parametrize("unit", UNITS)
