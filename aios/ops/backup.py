@@ -43,7 +43,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from aios.config import Settings
-from aios.db import session_scope
+from aios.db import libpq_connect_args, libpq_params, session_scope
 from aios.errors import BackupFailed, BackupInvalid, Conflict
 from aios.models import Backup
 from aios.timeutil import isoformat, utcnow
@@ -298,14 +298,20 @@ def _guarded_counts(settings: Settings) -> dict[str, int]:
 
 @contextmanager
 def _scratch_connection(settings: Settings) -> Iterator[Connection]:
-    """A connection of its own (no pool), so a restore's checks never hold a pooled one open."""
+    """A connection of its own (no pool), so a restore's checks never hold a pooled one open; on
+    PostgreSQL to the primary only (``target_session_attrs=read-write``), where pg_restore writes."""
     if settings.database.is_sqlite:
         if not _sqlite_path(settings).exists():
             engine = create_engine("sqlite://", poolclass=NullPool)  # no file yet: empty
         else:
             engine = create_engine(settings.database.url, poolclass=NullPool)
     else:
-        engine = create_engine(settings.database.url, poolclass=NullPool, hide_parameters=True)
+        engine = create_engine(
+            settings.database.url,
+            poolclass=NullPool,
+            hide_parameters=True,
+            connect_args=libpq_connect_args(settings.database.url, target_session_attrs="read-write"),
+        )
     try:
         with engine.begin() as connection:
             yield connection
@@ -365,45 +371,43 @@ def _sqlite_integrity_check(file: Path) -> None:
 
 @dataclass(frozen=True)
 class PgTarget:
-    """How pg_dump/pg_restore reach the configured database (the password goes in the environment)."""
+    """How pg_dump/pg_restore reach the configured database: one libpq conninfo, the password apart.
 
-    host: str | None
-    port: int | None
-    user: str | None
+    The conninfo is the one SQLAlchemy's psycopg2 dialect builds from the URL, so pg_dump connects
+    where the engines connect: every host of a multi-host URL (``?host=h1:5432&host=h2:5432``, libpq's
+    ``host=h1,h2 port=5432,5432``), with its ``target_session_attrs`` and TLS settings. The password
+    goes in ``PGPASSWORD``, never on the command line. The URL's ``options`` are left out (a
+    ``statement_timeout`` there must not cut a dump short); its search_path picks the schema instead."""
+
+    #: libpq parameters without the password (``host``, ``port``, ``dbname``, ``user``, ``sslmode``, ...).
+    params: dict[str, str]
     password: str | None
-    dbname: str
     #: The first schema of the URL's search_path, or None when the URL sets none.
     schema: str | None
-    ssl: dict[str, str]
 
     @classmethod
     def from_url(cls, url_text: str) -> PgTarget:
-        url = make_url(url_text)
-        query = {key: (value[0] if isinstance(value, tuple) else value) for key, value in url.query.items()}
-        ssl_keys = ("sslmode", "sslrootcert", "sslcert", "sslkey")
-        ssl = {f"PG{key.upper()}": query[key] for key in ssl_keys if key in query}
-        return cls(
-            host=url.host or query.get("host"),
-            port=url.port,
-            user=url.username,
-            password=url.password,
-            dbname=url.database or "",
-            schema=search_path_schema(query.get("options", "")),
-            ssl=ssl,
-        )
+        params, password = libpq_params(url_text)
+        return cls(params=params, password=password, schema=search_path_schema(params.pop("options", "")))
+
+    @property
+    def dbname(self) -> str:
+        return self.params.get("dbname", "")
+
+    def primary(self) -> PgTarget:
+        """This target, connecting only to a server that takes writes (what a restore must reach)."""
+        return PgTarget({**self.params, "target_session_attrs": "read-write"}, self.password, self.schema)
+
+    def conninfo(self) -> str:
+        from psycopg2.extensions import make_dsn  # local: only PostgreSQL backups need the driver
+
+        return make_dsn(**self.params)
 
     def args(self) -> list[str]:
-        args = ["--no-password", "--dbname", self.dbname]
-        if self.host:
-            args += ["--host", self.host]
-        if self.port:
-            args += ["--port", str(self.port)]
-        if self.user:
-            args += ["--username", self.user]
-        return args
+        return ["--no-password", "--dbname", self.conninfo()]
 
     def env(self) -> dict[str, str]:
-        env = {**os.environ, **self.ssl}
+        env = dict(os.environ)
         if self.password:
             env["PGPASSWORD"] = self.password
         return env
@@ -481,8 +485,10 @@ def _create_extensions(file: Path, settings: Settings) -> None:
 
 
 def _pg_restore(file: Path, settings: Settings) -> None:
-    """pg_restore in one transaction, into the target URL's schema (renaming the dump's if they differ)."""
-    target = PgTarget.from_url(settings.database.url)
+    """pg_restore in one transaction, into the target URL's schema (renaming the dump's if they differ).
+
+    Only ever into the primary: ``target_session_attrs=read-write`` whatever the URL says."""
+    target = PgTarget.from_url(settings.database.url).primary()
     wanted = target.schema or "public"
     schemas = dump_schemas(file, settings)
     _create_extensions(file, settings)

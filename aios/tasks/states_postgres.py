@@ -22,7 +22,8 @@ outcome five. Here each is one:
   The bind processors SQLAlchemy would apply (JSON encoding) are applied here; a driver error is raised
   as SQLAlchemy's own exception, so :func:`workers.runner.with_db_retry` sees what it always saw;
 * on a connection the pool process keeps between runs, so no pool checkout and pre-ping per write.
-  A connection error drops it; :func:`workers.runner.with_db_retry` then tries again on a new one;
+  A connection error (or a standby's read-only refusal, :class:`aios.db.ReadOnlyServer`) drops it;
+  :func:`workers.runner.with_db_retry` then tries again on a new one;
 * the claim commits without waiting for its WAL flush (``synchronous_commit = off`` on the claim's own
   connection), the outcome waits as before. Why it is safe: PostgreSQL flushes the WAL in order, so the
   outcome's durable commit makes the claim before it durable too, and the message is acked only after
@@ -52,7 +53,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from aios.config import Settings
-from aios.db import get_engine
+from aios.db import as_outage, get_engine
 from aios.models import Task, TaskEvent
 
 _tasks = Task.__table__
@@ -204,13 +205,16 @@ def _fetch_one(connection: Connection, statement: Select[Any], given: Mapping[st
             cursor.execute(compiled.sql, params)
             return cursor.fetchone()  # type: ignore[no-any-return]
     except connection.dialect.loaded_dbapi.Error as error:
-        raise DBAPIError.instance(
-            compiled.sql,
-            params,
-            error,
-            connection.dialect.loaded_dbapi.Error,
-            hide_parameters=True,
-            dialect=connection.dialect,
+        # as_outage: a standby's read-only refusal is an outage to with_db_retry, as on the engine's path
+        raise as_outage(
+            DBAPIError.instance(
+                compiled.sql,
+                params,
+                error,
+                connection.dialect.loaded_dbapi.Error,
+                hide_parameters=True,
+                dialect=connection.dialect,
+            )
         ) from error
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from psycopg2.extensions import parse_dsn
 
 from aios.config import Settings, load_settings
+from aios.db import LIBPQ_DEFAULTS
 from aios.errors import ConfigError
 from aios.ops.backup import PgTarget, search_path_schema
 
@@ -57,17 +59,29 @@ def test_the_password_goes_to_the_environment_never_to_argv() -> None:
         "postgresql+psycopg2://aios:s3cr%40t@db:5433/aios?sslmode=require&options=-csearch_path%3Dtenant"
     )
     assert "s3cr@t" not in " ".join(target.args())
-    assert target.args() == [
-        "--no-password",
-        "--dbname",
-        "aios",
-        "--host",
-        "db",
-        "--port",
-        "5433",
-        "--username",
-        "aios",
-    ]
+    assert target.args()[:2] == ["--no-password", "--dbname"]
+    assert parse_dsn(target.args()[2]) == {
+        "host": "db",
+        "port": "5433",
+        "dbname": "aios",
+        "user": "aios",
+        "sslmode": "require",
+        **LIBPQ_DEFAULTS,  # a connect timeout and keepalives, as the engines have
+    }
     env = target.env()
-    assert env["PGPASSWORD"] == "s3cr@t" and env["PGSSLMODE"] == "require"
+    assert env["PGPASSWORD"] == "s3cr@t"
     assert target.schema == "tenant"
+
+
+def test_a_multi_host_url_gives_pg_dump_every_host_and_a_restore_only_the_primary() -> None:
+    # Given the failover form of the URL (docs/ha.md), which SQLAlchemy turns into one libpq conninfo
+    url = "postgresql+psycopg2://aios:pw@/aios?host=h1:5432&host=h2:5433&target_session_attrs=read-write"
+    target = PgTarget.from_url(url)
+    # Then pg_dump gets both hosts, in order, and the session attribute: it reaches the primary
+    conninfo = target.args()[-1]
+    assert "host=h1,h2" in conninfo and "port=5432,5433" in conninfo
+    assert "target_session_attrs=read-write" in conninfo and "pw" not in conninfo
+    # And a restore is sent to the primary even when the URL does not ask for it
+    plain = PgTarget.from_url("postgresql+psycopg2://aios@/aios?host=h1:5432&host=h2:5433")
+    assert "target_session_attrs" not in plain.args()[-1]
+    assert "target_session_attrs=read-write" in plain.primary().args()[-1]
