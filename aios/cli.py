@@ -223,6 +223,8 @@ def config_show(settings: Settings) -> int:
     data["broker"]["url"] = redact_url(settings.broker.url)
     if data["security"]["jwt_secret"]:
         data["security"]["jwt_secret"] = "***"
+    if data["broker"]["sentinel_password"]:
+        data["broker"]["sentinel_password"] = "***"
     print(json.dumps(data, indent=2))
     return 0
 

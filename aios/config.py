@@ -89,9 +89,17 @@ class DatabaseSettings(_Section):
 class BrokerSettings(_Section):
     #: kombu URL. ``sqlite:///var/broker.db`` is the embedded default that needs no server (AIOS's
     #: own transport, :mod:`aios.broker.sqlite_transport`: priorities, acks, visibility timeout, fanout);
-    #: production uses ``redis://`` or ``rediss://`` (Sentinel URLs pass through to kombu).
+    #: production uses ``redis://`` or ``rediss://``, or Redis Sentinel in kombu's form
+    #: ``sentinel://h1:26379;sentinel://h2:26379;sentinel://h3:26379`` with ``sentinel_master``.
     #: kombu's ``filesystem://`` is still accepted (FIFO, no queue depths).
     url: str = "sqlite:///var/broker.db"
+    #: The name Sentinel monitors the Redis master under (``sentinel monitor <name> ...``); required with
+    #: a ``sentinel://`` URL, which names the Sentinels, not the master: every AIOS process and Redis
+    #: client asks them for the current master, so a failover needs no restart.
+    sentinel_master: str = Field("", pattern=r"^[A-Za-z0-9._-]{0,64}$")
+    #: The Sentinels' own password (``requirepass`` in sentinel.conf), if they have one. The master's
+    #: password goes in the URL, as for ``redis://``.
+    sentinel_password: str = ""
     #: Where the filesystem transport keeps its messages (``filesystem://`` only).
     data_dir: str = "var/broker"
     #: Prefix of every AIOS queue name, control and event exchange: lets several AIOS
@@ -120,9 +128,35 @@ class BrokerSettings(_Section):
     #: stay on either way, so Flower and ``celery events`` still see every agent and every run.
     send_task_sent_events: bool = False
 
+    @model_validator(mode="after")
+    def _sentinel_url_has_a_master(self) -> BrokerSettings:
+        if self.is_sentinel:
+            if not self.sentinel_master:
+                raise ValueError(
+                    "a sentinel:// broker.url names the Sentinels, not the master: set broker.sentinel_master "
+                    "(env AIOS_BROKER__SENTINEL_MASTER) to the name in their 'sentinel monitor <name> ...' line"
+                )
+            parts = self.url.split(";")
+            if any(not part.startswith("sentinel://") or not part[len("sentinel://") :].strip("/") for part in parts):
+                raise ValueError(
+                    "broker.url: every part of a Sentinel URL is sentinel://host:port, separated by ';' "
+                    "(sentinel://h1:26379;sentinel://h2:26379;sentinel://h3:26379)"
+                )
+        elif self.sentinel_master:
+            raise ValueError(
+                f"broker.sentinel_master ({self.sentinel_master!r}) is set but broker.url is not a sentinel:// URL; "
+                "list the Sentinels there (sentinel://h1:26379;sentinel://h2:26379;sentinel://h3:26379) or unset it"
+            )
+        return self
+
     @property
     def is_redis(self) -> bool:
         return self.url.startswith(("redis://", "rediss://", "sentinel://", "redis+socket://"))
+
+    @property
+    def is_sentinel(self) -> bool:
+        """Redis found through Sentinel (``sentinel://`` URLs, with ``sentinel_master``)."""
+        return self.url.startswith("sentinel://")
 
     @property
     def is_sqlite(self) -> bool:
@@ -434,6 +468,8 @@ def redact_url(url: str) -> str:
     """Hide the password in a database or broker URL before it reaches a log or an API answer."""
     from sqlalchemy.engine import make_url
 
+    if ";" in url:  # kombu's list of alternatives (a Sentinel URL): each part its own URL
+        return ";".join(redact_url(part) for part in url.split(";"))
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - a URL we cannot parse is shown without its credentials part

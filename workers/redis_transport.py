@@ -31,8 +31,8 @@ from kombu.utils.json import dumps
 
 logger = logging.getLogger(__name__)
 
-#: The URL schemes that mean this transport in an agent's process (sentinel and socket URLs keep kombu's).
-SCHEMES = ("redis", "rediss")
+#: The URL schemes that mean these transports in an agent's process (socket URLs keep kombu's).
+SCHEMES = {"redis": "Transport", "rediss": "Transport", "sentinel": "SentinelTransport"}
 
 #: Longest an ack waits for a delivery to travel with (seconds), when the agent is idle.
 ACK_FLUSH_S = 0.05
@@ -111,13 +111,19 @@ class Channel(kombu_redis.Channel):
     QoS = DeferredAckQoS
 
 
-class Transport(kombu_redis.Transport):
-    """The agent's Redis transport (what ``redis://`` and ``rediss://`` mean once :func:`install` ran)."""
+class SentinelChannel(kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel (master found through Sentinel on every connection) with the same acks."""
 
-    Channel = Channel
+    QoS = DeferredAckQoS
+
+
+class _AckFlushTimer:
+    """The idle ack flush on the worker's event loop, for both transports below."""
+
+    channels: list[Any]
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
-        super().register_with_event_loop(connection, loop)  # type: ignore[no-untyped-call]  # as in QoS
+        super().register_with_event_loop(connection, loop)  # type: ignore[misc]  # kombu's Transport, next in the MRO
         # One timer, whatever the number of reconnects (each registers the transport again).
         previous = getattr(self, "_ack_flush_tref", None)
         if previous is not None:
@@ -143,13 +149,29 @@ class Transport(kombu_redis.Transport):
                     self._ack_flush_failing = False
 
 
+class Transport(_AckFlushTimer, kombu_redis.Transport):
+    """The agent's Redis transport (what ``redis://`` and ``rediss://`` mean once :func:`install` ran)."""
+
+    Channel = Channel
+
+
+class SentinelTransport(_AckFlushTimer, kombu_redis.SentinelTransport):
+    """The agent's transport behind Redis Sentinel (what ``sentinel://`` means once :func:`install` ran).
+
+    Acks kept in a :class:`DeferredAckQoS` when the master fails over are written to the new master
+    with the next delivery, or dropped if the write fails: the old master's unacked hash is gone with
+    its unreplicated writes anyway, and the ledger's dispatch fence skips any redelivered copy."""
+
+    Channel = SentinelChannel
+
+
 def install() -> None:
-    """Make ``redis://`` and ``rediss://`` mean this transport in this process (an agent's).
+    """Make ``redis://``, ``rediss://`` and ``sentinel://`` mean these transports in this process (an agent's).
 
     Through kombu's alias table rather than Celery's ``broker_transport``, so the worker still logs
     and reports its broker as ``redis://host:port/db``."""
     from kombu import transport
 
-    for scheme in SCHEMES:
-        transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+    for scheme, name in SCHEMES.items():
+        transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:{name}"
         getattr(transport, "_transport_cache", {}).pop(scheme, None)

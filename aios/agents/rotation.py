@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from aios.broker.redis_clients import redis_client
 from aios.config import Settings
 from aios.db import get_engine, session_scope
 from aios.errors import ServiceUnavailable
@@ -38,12 +39,11 @@ REDIS_STATE_BACKOFF_S = 0.0005
 
 
 def _redis(settings: Settings) -> Any:
-    import redis
-
     client = _redis_clients.get(settings.broker.url)
     if client is None:
-        client = _redis_clients[settings.broker.url] = redis.Redis.from_url(
-            settings.broker.url, socket_connect_timeout=1, socket_timeout=2
+        # Through Sentinel this client finds the current master on each new connection itself.
+        client = _redis_clients[settings.broker.url] = redis_client(
+            settings.broker, socket_connect_timeout=1, socket_timeout=2
         )
     return client
 

@@ -20,6 +20,9 @@ Settings that matter for delivery, and why:
   ``pool/restart``) is refused without it. AIOS sends it with no modules to reload, so it only asks
   each pool process to exit after its current task and be replaced: nothing running is killed.
 * Publishing retries a bounded number of times; past that the caller keeps the task ``PENDING``.
+* Redis Sentinel (``sentinel://`` URLs): kombu gets the master's name and how to reach the Sentinels
+  in its transport options, and the URL with the password and TLS options on every part
+  (:func:`aios.broker.redis_clients.kombu_url`).
 
 ``celery -A aios.broker.celery_app inspect ping`` works: the module-level ``app`` is built lazily from the
 environment on first access, not at import time.
@@ -34,6 +37,7 @@ from celery import Celery
 
 from aios.broker import sqlite_transport
 from aios.broker.priority import PRIORITY_STEPS, to_transport
+from aios.broker.redis_clients import kombu_url, sentinel_kwargs
 from aios.config import Settings, load_settings
 
 # ``sqlite://`` broker URLs (the embedded default) open AIOS's transport in every process that builds
@@ -87,6 +91,11 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         )
         if broker.key_prefix:
             options["global_keyprefix"] = broker.key_prefix
+    if broker.is_sentinel:
+        # kombu asks these Sentinels for the master on every (re)connection: after a failover the
+        # consumer's reconnect and the next publish reach the new master (aios.broker.redis_clients).
+        options["master_name"] = broker.sentinel_master
+        options["sentinel_kwargs"] = sentinel_kwargs(broker)
     return options
 
 
@@ -100,7 +109,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "interval_max": broker.publish_timeout_s / 2,
     }
     return {
-        "broker_url": broker.url,
+        "broker_url": kombu_url(broker),
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": broker.publish_timeout_s,

@@ -18,9 +18,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from aios.broker.redis_clients import read_twice
 from aios.config import Settings, redact_url
 from aios.errors import ServiceUnavailable, WorkerNotFound, WorkerRefused, WorkerTimeout
 
@@ -61,8 +63,9 @@ def broadcast(
     With ``destination`` and ``limit`` the call returns as soon as that many workers answered;
     otherwise it waits the whole ``api.inspect_timeout_s`` (who else might answer is unknown).
     """
-    try:
-        replies = celery.control.broadcast(
+
+    def send() -> Any:
+        return celery.control.broadcast(
             command,
             arguments=arguments or {},
             destination=list(destination) if destination else None,
@@ -70,12 +73,24 @@ def broadcast(
             timeout=_timeout(settings),
             limit=limit,
         )
-    except OperationalError as exc:
+
+    try:
+        # An inspection only reads, so it is sent again if it met a pooled connection to a Redis master
+        # that is gone (after a Sentinel failover or a restart); a control command is not repeated.
+        replies = read_twice(send) if _is_inspection(command) else send()
+    except (OperationalError, redis.ConnectionError) as exc:
         raise ServiceUnavailable(f"the broker did not take the {command} command: {exc}") from exc
     merged: dict[str, Any] = {}
     for item in replies or []:
         merged.update(item)
     return merged
+
+
+def _is_inspection(command: str) -> bool:
+    from celery.worker.control import Panel
+
+    meta = Panel.meta.get(command)
+    return meta is not None and meta.type == "inspect"
 
 
 def _arguments(command: str) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from aios.broker.celery_app import queue_name
 from aios.broker.inspection import consumers_by_queue
 from aios.broker.priority import MAX_PRIORITY, MIN_PRIORITY, to_transport
 from aios.broker.publish import PUBLISHED_AT_HEADER
+from aios.broker.redis_clients import read_twice
 from aios.config import Settings
 from aios.db import session_scope
 from aios.errors import ConfigError, NotFound, ServiceUnavailable, UnsupportedOnBroker
@@ -160,12 +161,15 @@ class _RedisLists(_Broker):
         return f"{self.channel.global_keyprefix}{self.channel._q_for_pri(broker_queue, to_transport(priority))}"
 
     def levels(self, queues: Sequence[str]) -> list[list[tuple[int, bytes | str | None]]]:
-        pipe = self.redis.pipeline(transaction=False)
-        for queue in queues:
-            for level in LEVELS:
-                pipe.llen(self.key(queue, level))
-                pipe.lindex(self.key(queue, level), -1)
-        answers = pipe.execute()
+        def read() -> list[Any]:
+            pipe = self.redis.pipeline(transaction=False)
+            for queue in queues:
+                for level in LEVELS:
+                    pipe.llen(self.key(queue, level))
+                    pipe.lindex(self.key(queue, level), -1)
+            return pipe.execute()
+
+        answers = read_twice(read)
         return [
             [(int(answers[base + 2 * i]), answers[base + 2 * i + 1]) for i in range(len(LEVELS))]
             for base in range(0, len(answers), 2 * len(LEVELS))

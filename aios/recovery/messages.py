@@ -220,6 +220,7 @@ def _messages_in_redis(run: SyncContext, queues: set[str], wanted: set[str]) -> 
     import redis
 
     from aios.broker.celery_app import queue_name
+    from aios.broker.redis_clients import read_twice
 
     with run.celery.connection_for_read() as connection:
         channel = connection.default_channel
@@ -234,11 +235,16 @@ def _messages_in_redis(run: SyncContext, queues: set[str], wanted: set[str]) -> 
             }
         )
         unacked = prefix + channel.unacked_key
-        sizes = client.pipeline(transaction=False)
-        for key in keys:
-            sizes.llen(key)
-        sizes.hlen(unacked)
-        lengths = sizes.execute()
+
+        def read_sizes() -> list[Any]:
+            sizes = client.pipeline(transaction=False)
+            for key in keys:
+                sizes.llen(key)
+            sizes.hlen(unacked)
+            return sizes.execute()
+
+        # Read-only, so tried again on a fresh connection if the first meets a master that is gone.
+        lengths = read_twice(read_sizes)
         total = sum(int(n) for n in lengths)
         if total > MAX_SCAN_MESSAGES:
             run.notes.append(f"lost_messages: skipped, {total} messages to read is more than {MAX_SCAN_MESSAGES}")

@@ -23,7 +23,8 @@ from typing import Protocol
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from aios.config import Settings
+from aios.broker.redis_clients import redis_client
+from aios.config import BrokerSettings, Settings
 from aios.db import get_engine, session_scope
 from aios.models import Counter
 from aios.timeutil import as_utc, utcnow
@@ -75,12 +76,12 @@ logger = logging.getLogger(__name__)
 class RedisStore:
     """Counters in Redis (failing open when it is down); revoked tokens in the database."""
 
-    def __init__(self, url: str, prefix: str, database: DatabaseStore) -> None:
+    def __init__(self, broker: BrokerSettings, database: DatabaseStore) -> None:
         import redis
 
         self.redis_error = redis.RedisError
-        self.client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
-        self.prefix = f"{prefix}aios:sec:"
+        self.client = redis_client(broker, socket_connect_timeout=1, socket_timeout=1)
+        self.prefix = f"{broker.key_prefix}aios:sec:"
         self.database = database
 
     def hit(self, key: str, window_s: int) -> tuple[int, int]:
@@ -223,5 +224,5 @@ def _seconds_left(expires_at: datetime, now: datetime) -> int:
 
 def create_store(settings: Settings) -> SecurityStore:
     if settings.broker.is_redis:
-        return RedisStore(settings.broker.url, settings.broker.key_prefix, DatabaseStore(settings))
+        return RedisStore(settings.broker, DatabaseStore(settings))
     return DatabaseStore(settings)
