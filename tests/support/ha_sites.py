@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.faults.conftest import HttpSubmitter
 from tests.support.pg_cluster import (
     PgNode,
     create_primary,
@@ -318,6 +319,7 @@ def start_aios(site: Site, env: dict[str, str], logs: Path, queue: str, *, concu
         "AIOS_API__PORT": str(API_PORT),
         "AIOS_API__WORKERS": "1",
         "AIOS_METRICS__MULTIPROC_DIR": str(logs / f"prometheus-{site.label}"),
+        "AIOS_LOGGING__DIR": str(logs / f"aios-{site.label}"),
         "PYTHONUNBUFFERED": "1",
     }
     import sys
@@ -394,6 +396,13 @@ class Pair:
     #: The site whose PostgreSQL takes writes, as the operator set it.
     pg_primary: str = "a"
     a_lost: bool = False
+    #: Seconds a fault cost, as measured by the scenario that caused it (printed; the bench reports them).
+    times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        """The multi-host URL every AIOS process of the pair uses."""
+        return database_url(self.sites)
 
     @staticmethod
     def other(label: str) -> str:
@@ -515,3 +524,41 @@ def start_pair(sites: Sites, root: Path, base_env: dict[str, str], queue: str, *
                 node.destroy()
         raise
     return pair
+
+
+# --------------------------------------------------------------------------- load and the times a fault costs
+
+
+def timed_submitter(url: str, key: str, effects: object, queue: str, interval_s: float = 0.3) -> HttpSubmitter:
+    """An :class:`~tests.faults.conftest.HttpSubmitter` to ``url`` that also notes when each ``202`` came
+    (``accepted_at``: ``(time.time(), task id)``), so a scenario can tell when a site took writes again."""
+
+    class Timed(HttpSubmitter):
+        accepted_at: list[tuple[float, str]] = []
+
+        def post(self, body: dict[str, object]) -> tuple[int | str, object]:
+            status, answer = super().post(body)
+            if status == 202 and isinstance(answer, dict):
+                self.accepted_at.append((time.time(), str(answer["id"])))
+            return status, answer
+
+    submitter = Timed(url, key, effects, queue, interval_s=interval_s)
+    submitter.accepted_at = []
+    return submitter
+
+
+def first_run_after(database: object, since: float) -> float | None:
+    """When (``time.time()``) the first run started after ``since``: its ``RUNNING`` event, from the ledger."""
+    import datetime
+
+    from sqlalchemy import func, select
+
+    from aios.db import session_scope
+    from aios.models import TaskEvent
+
+    moment = datetime.datetime.fromtimestamp(since, datetime.UTC)
+    with session_scope(database) as session:  # type: ignore[arg-type]
+        first = session.scalar(
+            select(func.min(TaskEvent.at)).where(TaskEvent.to_state == "RUNNING", TaskEvent.at > moment)
+        )
+    return first.timestamp() if first is not None else None
