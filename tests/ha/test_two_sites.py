@@ -32,6 +32,7 @@ from tests.support.ha_sites import (
     SitesUnavailable,
     create_sites,
     first_run_after,
+    longest_write_gap,
     postgres_bindir,
     start_pair,
     timed_submitter,
@@ -92,11 +93,15 @@ def under_load(pair: Pair, world: Any, effects: Effects, fault: Any, *, after_s:
     try:
         wait_for(lambda: len(effects.counts()) >= 2, timeout=60, what="the first tasks to run")
         settle(BEFORE_S)
+        began = time.time()
         result = fault()
         settle(after_s)
     finally:
         for submitter in submitters:
             submitter.stop()
+    gaps = {site: round(longest_write_gap(s, began), 1) for site, s in zip(pair.aios, submitters, strict=True)}
+    refused = {site: len(s.refused) for site, s in zip(pair.aios, submitters, strict=True)}
+    print(f"\n{getattr(fault, '__name__', 'fault')}: longest gap between 202s per site {gaps} s, refused {refused}")
     return submitters, result
 
 

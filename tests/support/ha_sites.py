@@ -321,6 +321,7 @@ def start_aios(site: Site, env: dict[str, str], logs: Path, queue: str, *, concu
         "AIOS_METRICS__MULTIPROC_DIR": str(logs / f"prometheus-{site.label}"),
         "AIOS_LOGGING__DIR": str(logs / f"aios-{site.label}"),
         "PYTHONUNBUFFERED": "1",
+        "AIOS_LOGGING__LEVEL": "INFO",  # the agent's " ready." line (INFO) is how start-up is awaited
     }
     import sys
 
@@ -545,6 +546,13 @@ def timed_submitter(url: str, key: str, effects: object, queue: str, interval_s:
     submitter = Timed(url, key, effects, queue, interval_s=interval_s)
     submitter.accepted_at = []
     return submitter
+
+
+def longest_write_gap(submitter: HttpSubmitter, since: float) -> float:
+    """The longest time (s) after ``since`` between two ``202``s of a :func:`timed_submitter` (or between
+    ``since`` and its first one): how long that API stopped taking writes."""
+    times = [since, *sorted(at for at, _ in submitter.accepted_at if at > since)]  # type: ignore[attr-defined]
+    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
 
 
 def first_run_after(database: object, since: float) -> float | None:
