@@ -98,7 +98,8 @@ def create_db_engine(settings: DatabaseSettings) -> Engine:
         # pre-ping: a connection to a server that went away (a restart, a promotion elsewhere) is replaced
         # at checkout, so a read after a failover succeeds instead of failing once.
         kwargs.update(pool_size=settings.pool_size, max_overflow=settings.pool_size, pool_pre_ping=True)
-        kwargs["connect_args"] = libpq_connect_args(settings.url)
+        if url.get_backend_name() == "postgresql":
+            kwargs["connect_args"] = libpq_connect_args(settings.url)
     engine = create_engine(url, **kwargs)
     if url.get_backend_name() == "postgresql":
         event.listen(engine, "handle_error", _read_only_is_a_disconnect)

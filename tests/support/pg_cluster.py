@@ -15,6 +15,24 @@ PostgreSQL refuses to run as root, so as root every server command runs as the `
 in a folder owned by it (made here; pytest's ``tmp_path`` is not readable by other users). Every command
 takes an optional ``prefix`` (``["ip", "netns", "exec", "siteA"]``) so a node can live in a network
 namespace. Authentication is ``trust`` for the given networks: these clusters are throwaway.
+
+A pair across two namespaces, a site lost, and the old primary back as a standby::
+
+    root = new_root()
+    a = create_primary(root, "siteA", "10.0.1.2", 5432, networks=["10.0.0.0/16"],
+                       synchronous_standby_names="siteB", prefix=["ip", "netns", "exec", "siteA"])
+    b = create_standby(root, "siteB", "10.0.2.2", 5432, a, prefix=["ip", "netns", "exec", "siteB"])
+    a.wait_streaming("siteB", sync=True)
+    a.create_database("aios")            # replicated: exists on both (libpq needs it on every host)
+    ...                                  # site A lost: kill its processes, cut its link
+    a.stop("immediate"); b.promote()     # promote() also stops commits waiting for a lost standby
+    rejoin_as_standby(a, b)              # later: pg_rewind, standby.signal, streaming from b
+    b.set_synchronous("siteA")
+
+Cut a link on the namespace's side (``ip link set <veth> down`` inside it) or with a DROP rule: with the
+root namespace's end down, the address falls to the default route, and where that leads to a
+transparent proxy (as on this project's build machine) the proxy answers: libpq, getting a reply that
+is not PostgreSQL, gives up on the whole host list instead of trying the next host.
 """
 
 from __future__ import annotations
