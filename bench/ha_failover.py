@@ -44,9 +44,9 @@ def lose_site_a_once(base_env: dict[str, str], root: Path) -> dict[str, float]:
     from tests.conftest import BEAT_TEST_ENV, make_user, wait_for
     from tests.faults.conftest import FAST_SYNC, Effects, read_tasks, wait_terminal
     from tests.support.agent_helpers import FAST_BEATS
-    from tests.support.ha_sites import first_run_after, start_pair, timed_submitter, two_sites
+    from tests.support.ha_sites import SHORT_REDELIVERY, first_run_after, start_pair, timed_submitter, two_sites
 
-    env = {**base_env, **FAST_BEATS, **BEAT_TEST_ENV, **FAST_SYNC}
+    env = {**base_env, **FAST_BEATS, **BEAT_TEST_ENV, **FAST_SYNC, **SHORT_REDELIVERY}
     with two_sites() as sites:
         pair = start_pair(sites, root, env, f"ha{uuid.uuid4().hex[:10]}")
         try:
@@ -68,13 +68,18 @@ def lose_site_a_once(base_env: dict[str, str], root: Path) -> dict[str, float]:
                     submitter.stop()
             b = next(s for s in submitters if s.url == pair.aios["b"].url)
             first_202 = next((at for at, _ in b.accepted_at if at > lost_at), None)
-            first_run = first_run_after(settings.database, lost_at)
+            first_run = first_run_after(settings.database, lost_at, pair.aios["b"].hostname)
             ids = [task_id for submitter in submitters for task_id in submitter.accepted]
             try:
-                tasks = wait_terminal(settings.database, ids, timeout=180)
+                tasks = wait_terminal(settings.database, ids, timeout=240)
             except AssertionError:
                 tasks = read_tasks(settings.database, ids)
-            lost = sum(1 for task_id in ids if tasks.get(task_id, {}).get("state") != "SUCCEEDED")
+            unfinished = {
+                i: tasks.get(i, {}).get("transitions") for i in ids if tasks.get(i, {}).get("state") != "SUCCEEDED"
+            }
+            if unfinished:
+                print(f"  not SUCCEEDED (logs kept in {root}): {unfinished}", flush=True)
+            lost = len(unfinished)
             doubles = sum(1 for t in tasks.values() if t["transitions"].count("SUCCEEDED") > 1)
             if first_202 is None or first_run is None:
                 raise RuntimeError(f"site B took no write or ran nothing in {AFTER_S}s after the loss")
@@ -101,9 +106,8 @@ def figures(base_env: dict[str, str], reps: int) -> list[Figure]:
     results = []
     for rep in range(reps):
         root = Path(tempfile.mkdtemp(prefix=f"aios-bench-ha{rep}-"))
-        try:
-            results.append(lose_site_a_once(base_env, root))
-        finally:
+        results.append(lose_site_a_once(base_env, root))
+        if not results[-1]["lost"]:  # a loss keeps its logs for a look
             shutil.rmtree(root, ignore_errors=True)
         print(f"  site A lost, rep {rep + 1}: {results[-1]}", flush=True)
     first_202 = Stat([r["first_202_s"] for r in results], "s")

@@ -246,6 +246,14 @@ def broker_url(sites: Sites) -> str:
     return ";".join(f"sentinel://{host}:{port}" for host, port in sentinel_ports(sites))
 
 
+#: A message an agent has fetched but not yet claimed sits in kombu's ``unacked`` hash, which replicates to
+#: site B; when site A's agent dies with it, Redis hands it out again only after ``visibility_timeout_s``
+#: (two hours by default), and the sync job counts it as held by a live agent meanwhile: its task waits
+#: QUEUED that long (docs/ha.md, "What a lost site's agent had fetched"). The pair runs with a short
+#: timeout so such a task finishes within the test; the task timeout must stay below it.
+SHORT_REDELIVERY = {"AIOS_ORCHESTRATOR__TASK_TIMEOUT_S": "40", "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "60"}
+
+
 def aios_env(sites: Sites, base_env: dict[str, str]) -> dict[str, str]:
     """``base_env`` (a session's settings) pointed at the pair: the same on both sites."""
     return {
@@ -418,6 +426,21 @@ class Pair:
         site = self.sites.a if label == "a" else self.sites.b
         return next(server for server in self.redis.data if server.node.host == site.address)
 
+    def redis_failover_to(self, label: str, attempts: int = 3) -> None:
+        """Planned Sentinel failovers (``SENTINEL FAILOVER``) until ``label`` holds the master. Sentinel
+        aborts one whose promoted replica does not answer as a master within ``failover-timeout``
+        (``-failover-abort-slave-timeout``, seen on a loaded machine) and does not retry it by itself."""
+        for attempt in range(attempts):
+            if self.redis_master_site() == label:
+                return
+            self.redis.wait_ready(90)
+            try:
+                self.redis.failover(timeout=30)
+            except AssertionError:
+                if attempt == attempts - 1:
+                    raise
+        assert self.redis_master_site() == label, f"the Redis master is not on site {label}"
+
     # ------------------------------------------------------------------ PostgreSQL moves
 
     def promote(self, label: str) -> None:
@@ -555,8 +578,9 @@ def longest_write_gap(submitter: HttpSubmitter, since: float) -> float:
     return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
 
 
-def first_run_after(database: object, since: float) -> float | None:
-    """When (``time.time()``) the first run started after ``since``: its ``RUNNING`` event, from the ledger."""
+def first_run_after(database: object, since: float, agent: str) -> float | None:
+    """When (``time.time()``) ``agent`` first started a run after ``since``: its claim's ``RUNNING`` event.
+    (By agent: a claim on the lost site stamped just before the kill may commit after it.)"""
     import datetime
 
     from sqlalchemy import func, select
@@ -567,6 +591,8 @@ def first_run_after(database: object, since: float) -> float | None:
     moment = datetime.datetime.fromtimestamp(since, datetime.UTC)
     with session_scope(database) as session:  # type: ignore[arg-type]
         first = session.scalar(
-            select(func.min(TaskEvent.at)).where(TaskEvent.to_state == "RUNNING", TaskEvent.at > moment)
+            select(func.min(TaskEvent.at)).where(
+                TaskEvent.to_state == "RUNNING", TaskEvent.at > moment, TaskEvent.actor == f"worker:{agent}"
+            )
         )
     return first.timestamp() if first is not None else None
