@@ -44,7 +44,14 @@ def lose_site_a_once(base_env: dict[str, str], root: Path) -> dict[str, float]:
     from tests.conftest import BEAT_TEST_ENV, make_user, wait_for
     from tests.faults.conftest import FAST_SYNC, Effects, read_tasks, wait_terminal
     from tests.support.agent_helpers import FAST_BEATS
-    from tests.support.ha_sites import SHORT_REDELIVERY, first_run_after, start_pair, timed_submitter, two_sites
+    from tests.support.ha_sites import (
+        SHORT_REDELIVERY,
+        first_run_after,
+        first_write_after,
+        start_pair,
+        timed_submitter,
+        two_sites,
+    )
 
     env = {**base_env, **FAST_BEATS, **BEAT_TEST_ENV, **FAST_SYNC, **SHORT_REDELIVERY}
     with two_sites() as sites:
@@ -67,7 +74,7 @@ def lose_site_a_once(base_env: dict[str, str], root: Path) -> dict[str, float]:
                 for submitter in submitters:
                     submitter.stop()
             b = next(s for s in submitters if s.url == pair.aios["b"].url)
-            first_202 = next((at for at, _ in b.accepted_at if at > lost_at), None)
+            first_202 = first_write_after(b, lost_at)
             first_run = first_run_after(settings.database, lost_at, pair.aios["b"].hostname)
             ids = [task_id for submitter in submitters for task_id in submitter.accepted]
             try:

@@ -559,15 +559,17 @@ def start_pair(sites: Sites, root: Path, base_env: dict[str, str], queue: str, *
 
 def timed_submitter(url: str, key: str, effects: object, queue: str, interval_s: float = 0.3) -> HttpSubmitter:
     """An :class:`~tests.faults.conftest.HttpSubmitter` to ``url`` that also notes when each ``202`` came
-    (``accepted_at``: ``(time.time(), task id)``), so a scenario can tell when a site took writes again."""
+    (``accepted_at``: ``(sent, answered, task id)``, ``time.time()``s), so a scenario can tell when a site
+    took writes again: counted by requests sent after the fault (one in flight may be answered after it)."""
 
     class Timed(HttpSubmitter):
-        accepted_at: list[tuple[float, str]] = []
+        accepted_at: list[tuple[float, float, str]] = []
 
         def post(self, body: dict[str, object]) -> tuple[int | str, object]:
+            sent = time.time()
             status, answer = super().post(body)
             if status == 202 and isinstance(answer, dict):
-                self.accepted_at.append((time.time(), str(answer["id"])))
+                self.accepted_at.append((sent, time.time(), str(answer["id"])))
             return status, answer
 
     submitter = Timed(url, key, effects, queue, interval_s=interval_s)
@@ -578,8 +580,14 @@ def timed_submitter(url: str, key: str, effects: object, queue: str, interval_s:
 def longest_write_gap(submitter: HttpSubmitter, since: float) -> float:
     """The longest time (s) after ``since`` between two ``202``s of a :func:`timed_submitter` (or between
     ``since`` and its first one): how long that API stopped taking writes."""
-    times = [since, *sorted(at for at, _ in submitter.accepted_at if at > since)]  # type: ignore[attr-defined]
+    answered = (at for sent, at, _ in submitter.accepted_at if sent > since)  # type: ignore[attr-defined]
+    times = [since, *sorted(answered)]
     return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+
+
+def first_write_after(submitter: HttpSubmitter, since: float) -> float | None:
+    """When the first request sent after ``since`` was answered ``202`` (``time.time()``), or None."""
+    return min((at for sent, at, _ in submitter.accepted_at if sent > since), default=None)  # type: ignore[attr-defined]
 
 
 def first_run_after(database: object, since: float, agent: str) -> float | None:
