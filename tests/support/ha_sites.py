@@ -21,6 +21,7 @@ import contextlib
 import ipaddress
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -430,19 +431,24 @@ class Pair:
         site = self.sites.a if label == "a" else self.sites.b
         return next(server for server in self.redis.data if server.node.host == site.address)
 
-    def redis_failover_to(self, label: str, attempts: int = 3) -> None:
+    def redis_failover_to(self, label: str, attempts: int = 8) -> None:
         """Planned Sentinel failovers (``SENTINEL FAILOVER``) until ``label`` holds the master. Sentinel
-        aborts one whose promoted replica does not answer as a master within ``failover-timeout``
-        (``-failover-abort-slave-timeout``, seen on a loaded machine) and does not retry it by itself."""
+        answers ``NOGOODSLAVE`` while its view of a just-resynced replica is stale (it asks replicas for
+        ``INFO`` every 10 s), and aborts a failover whose promoted replica does not answer as a master
+        within ``failover-timeout`` (``-failover-abort-slave-timeout``, seen on a loaded machine); it
+        retries neither by itself, so this does, a few seconds apart."""
+        import redis
+
         for attempt in range(attempts):
             if self.redis_master_site() == label:
                 return
-            self.redis.wait_ready(90)
             try:
+                self.redis.wait_ready(90)
                 self.redis.failover(timeout=30)
-            except AssertionError:
+            except (AssertionError, redis.RedisError):
                 if attempt == attempts - 1:
                     raise
+                time.sleep(3)
         assert self.redis_master_site() == label, f"the Redis master is not on site {label}"
 
     # ------------------------------------------------------------------ PostgreSQL moves
@@ -500,6 +506,8 @@ class Pair:
         self.redis.close()
         for node in self.pg.values():
             node.destroy()
+        for root in {node.dir.parent for node in self.pg.values()}:  # the pair's own new_root()
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def start_pair(sites: Sites, root: Path, base_env: dict[str, str], queue: str, *, with_aios: bool = True) -> Pair:
