@@ -40,7 +40,7 @@ test-unit: $(STAMP)
 ## test-integration: the tests on the real PostgreSQL, Redis and processes, fault injection included
 test-integration: $(STAMP)
 	.ci/bootstrap
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile -q -ra tests/integration tests/faults
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile -q -ra tests/integration tests/faults tests/ha
 
 ## bench: AIOS against Celery, Flower and a bare Flask ceiling (PostgreSQL and Redis on localhost);
 ##        rewrites BENCHMARKS.md (15-20 minutes on 2 cores at the spec's sizes, about half of it end to end)

@@ -30,6 +30,7 @@ from bench import (  # noqa: E402
     bench_inspect,
     bench_priority,
     bench_submit,
+    ha_failover,
 )
 from bench.harness import REPO_ROOT, Figure, create_run, destroy_run, machine, met_text  # noqa: E402
 
@@ -42,6 +43,7 @@ MODULES = {
     "sync": None,
     "inspect": bench_inspect,
     "embedded": bench_embedded,
+    "ha": ha_failover,  # two sites in network namespaces, site A lost (root and `ip netns`)
 }
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from aios import original_config
 from aios.config import load_settings
 from aios.errors import ConfigError
 
@@ -96,3 +98,13 @@ def test_a_file_that_is_neither_toml_nor_the_originals_gets_the_toml_error(tmp_p
     config.write_text("[api\nport = 1\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(environ={"AIOS_CONFIG": str(config)})
+
+
+def test_every_original_key_is_in_the_table_of_docs_ha():
+    # docs/ha.md has the same table as the message (one row per key of the original)
+    text = (REPO_ROOT / "docs" / "ha.md").read_text()
+    section = text.split("## Coming from the original's config file", 1)[1]
+    for mapping in original_config.MAPPINGS:
+        assert f"`{mapping.original}`" in section, mapping.original
+        for setting in re.split(r", | \+ ", mapping.setting):
+            assert f"`{setting}`" in section, (mapping.original, setting)
