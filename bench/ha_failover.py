@@ -45,7 +45,6 @@ def lose_site_a_once(base_env: dict[str, str], root: Path) -> dict[str, float]:
     from tests.faults.conftest import FAST_SYNC, Effects, read_tasks, wait_terminal
     from tests.support.agent_helpers import FAST_BEATS
     from tests.support.ha_sites import (
-        SHORT_REDELIVERY,
         first_run_after,
         first_write_after,
         start_pair,
@@ -53,7 +52,7 @@ def lose_site_a_once(base_env: dict[str, str], root: Path) -> dict[str, float]:
         two_sites,
     )
 
-    env = {**base_env, **FAST_BEATS, **BEAT_TEST_ENV, **FAST_SYNC, **SHORT_REDELIVERY}
+    env = {**base_env, **FAST_BEATS, **BEAT_TEST_ENV, **FAST_SYNC}
     with two_sites() as sites:
         pair = start_pair(sites, root, env, f"ha{uuid.uuid4().hex[:10]}")
         try:

@@ -1,5 +1,6 @@
 """One sync run as its steps see it: the settings, the broker, what was found and changed, and the
-live agents' ``inspect active`` replies, asked at most once per run and shared by the steps that need them.
+live agents' ``inspect`` replies (``active``, ``reserved``, ``scheduled``), each asked at most once per run and
+shared by the steps that need them.
 
 Each step module (:mod:`~aios.recovery.timeouts`, :mod:`~aios.recovery.lost_runs`,
 :mod:`~aios.recovery.messages`) takes a :class:`SyncContext` and records its counts in it;
@@ -38,6 +39,7 @@ FOUND_KEYS = (
     "orphaned_runs",
     "pending",
     "lost_messages",
+    "held_lost",
     "stranded",
     "duplicates",
 )
@@ -65,9 +67,10 @@ class SyncContext:
     #: Why the broker cannot be used this run (None when it answered).
     broker_down: str | None = None
 
-    #: The live agents' ``inspect active`` replies, asked at most once per run (see :meth:`active_replies`).
-    _active: dict[str, list[dict[str, Any]]] | None = None
-    _active_error: str | None = None
+    #: The live agents' ``inspect`` replies by command (``active``, ``reserved``, ``scheduled``), each asked at
+    #: most once per run (see :meth:`inspect_replies`), and why a command could not be asked.
+    _replies: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    _inspect_errors: dict[str, str] = field(default_factory=dict)
 
     def need_broker(self, step: str) -> bool:
         if self.broker_down is None:
@@ -75,14 +78,18 @@ class SyncContext:
         self.notes.append(f"{step}: skipped, the broker is unreachable")
         return False
 
-    def active_replies(self, step: str) -> dict[str, list[dict[str, Any]]] | None:
-        """What every agent that may answer is running, by agent name (one ``inspect active`` broadcast
-        per run, shared by the steps that need it); None, with a note, when it could not be asked.
+    def active_replies(self, step: str) -> dict[str, list[Any]] | None:
+        """What every agent that may answer is running, by agent name (see :meth:`inspect_replies`)."""
+        return self.inspect_replies("active", step)
+
+    def inspect_replies(self, command: str, step: str) -> dict[str, list[Any]] | None:
+        """One ``inspect <command>`` broadcast per run (``active``, ``reserved`` or ``scheduled``), shared by
+        the steps that need it: ``{agent name: its list}``; None, with a note, when it could not be asked.
 
         Agents OFFLINE in the ledger but heard from in the last ``DUPLICATE_LOOKBACK_S`` are asked too:
         a partitioned agent may still run work, and that is exactly when a task runs twice.
         """
-        if self._active is None and self._active_error is None:
+        if command not in self._replies and command not in self._inspect_errors:
             recent = utcnow() - timedelta(seconds=DUPLICATE_LOOKBACK_S)
             with session_scope(self.settings.database) as session:
                 live = list(
@@ -93,14 +100,15 @@ class SyncContext:
                     )
                 )
             if not live:
-                self._active = {}
+                self._replies[command] = {}
             else:
                 try:
-                    replies = self.celery.control.inspect(timeout=INSPECT_TIMEOUT_S, limit=len(live)).active()
-                    self._active = {agent: list(requests or []) for agent, requests in (replies or {}).items()}
+                    inspect = self.celery.control.inspect(timeout=INSPECT_TIMEOUT_S, limit=len(live))
+                    replies = getattr(inspect, command)()
+                    self._replies[command] = {agent: list(items or []) for agent, items in (replies or {}).items()}
                 except Exception as exc:  # noqa: BLE001 - without an answer the ledger decides
-                    self._active_error = f"{type(exc).__name__}: {exc}"
-        if self._active_error is not None:
-            self.notes.append(f"{step}: inspect failed ({self._active_error})")
+                    self._inspect_errors[command] = f"{type(exc).__name__}: {exc}"
+        if command in self._inspect_errors:
+            self.notes.append(f"{step}: inspect {command} failed ({self._inspect_errors[command]})")
             return None
-        return self._active
+        return self._replies[command]

@@ -5,8 +5,10 @@
   ``lost_message_grace_s`` (a process died after its commit) are dispatched; so are RETRYING tasks
   left that long (a process died between deciding a retry and publishing it).
 * ``lost_messages`` (:func:`redispatch_lost_messages`): QUEUED tasks older than ``lost_message_grace_s``
-  whose message is in no broker queue and in no agent's hands, and QUEUED tasks stranded in the queue
-  of an OFFLINE or unknown agent, go back to PENDING and are dispatched again under a new dispatch id.
+  whose message is in no broker queue and in no live agent's hands (missing from Redis, or held in
+  kombu's ``unacked`` hash by an agent that died: :func:`judge_messages`), and QUEUED tasks stranded in
+  the queue of an OFFLINE or unknown agent, go back to PENDING and are dispatched again under a new
+  dispatch id.
   The message check needs Redis and is skipped (with a note in ``found``) on other transports: the
   embedded SQLite broker delivers a message a killed agent held again by itself (visibility timeout),
   and messages of kombu's filesystem transport leave its queue folder when an agent fetches them, so
@@ -20,7 +22,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -41,6 +44,13 @@ logger = logging.getLogger(__name__)
 #: Most broker messages the lost-message check reads in one run; past this it skips (with a note).
 MAX_SCAN_MESSAGES = 100_000
 DUPLICATE_NOTE = "running on two agents"
+#: Event reasons of a re-dispatch by ``lost_messages``.
+LOST_MESSAGE = "lost message"
+HELD_BY_LOST_AGENT = "held by a lost agent"
+#: The ``inspect`` commands that together list every message a live agent holds, in the order a message
+#: passes through them (a countdown waits in ``scheduled``, then ``reserved``, then ``active``): asked in
+#: this order, a message moving on between two broadcasts is seen by the later one.
+HOLDING_COMMANDS = ("scheduled", "reserved", "active")
 
 
 def dispatch_pending(run: SyncContext) -> None:
@@ -75,7 +85,8 @@ def dispatch_pending(run: SyncContext) -> None:
 
 
 def redispatch_lost_messages(run: SyncContext) -> None:
-    """``lost_messages``: QUEUED tasks with no message anywhere, or stranded with an OFFLINE agent, go again."""
+    """``lost_messages``: QUEUED tasks whose message is lost or held by a dead agent, or stranded with an
+    OFFLINE agent, go again."""
     settings = run.settings
     cutoff = utcnow() - timedelta(seconds=settings.orchestrator.lost_message_grace_s)
     with session_scope(settings.database) as session:
@@ -100,7 +111,7 @@ def redispatch_lost_messages(run: SyncContext) -> None:
         if row.queue in agent_queues and statuses.get(row.queue, AgentStatus.OFFLINE.value) == AgentStatus.OFFLINE.value
     }
     run.found["stranded"] = len(stranded)
-    lost: set[str] = set()
+    lost: dict[str, str] = {}
     if settings.broker.is_sqlite:
         run.notes.append(
             "lost_messages: skipped on the embedded SQLite broker (it delivers a message a killed "
@@ -112,19 +123,16 @@ def redispatch_lost_messages(run: SyncContext) -> None:
             "leave its queue folder, so held and lost look the same); see docs/sync.md"
         )
     elif run.need_broker("lost_messages"):
-        candidates = [row for row in rows if row.id not in stranded]
-        missing = _missing_messages(run, candidates)
-        if missing:  # look once more: a message may have been between a queue and an agent's hands
-            missing &= _missing_messages(run, [row for row in candidates if row.id in missing])
-        lost = missing or set()
+        lost = _lost_in_redis(run, [row for row in rows if row.id not in stranded])
         run.found["lost_messages"] = len(lost)
+        run.found["held_lost"] = sum(1 for reason in lost.values() if reason == HELD_BY_LOST_AGENT)
     redo = [row for row in rows if row.id in lost or row.id in stranded]
     if not redo:
         return
     with session_scope(settings.database) as session:
         moved = []
         for row in redo:
-            reason = "stranded in the queue of an offline agent" if row.id in stranded else "lost message"
+            reason = "stranded in the queue of an offline agent" if row.id in stranded else lost[row.id]
             moved += transition_many(
                 session,
                 [row.id],
@@ -201,22 +209,131 @@ def record_duplicates(settings: Settings, duplicates: dict[str, dict[str, str | 
 # --------------------------------------------------------------------------- what Redis holds
 
 
-def _missing_messages(run: SyncContext, rows: list[Any]) -> set[str]:
-    """Ids of ``rows`` whose current dispatch has no message in its Redis queue and none held by an agent.
+@dataclass(frozen=True)
+class BrokerView:
+    """One atomic read of Redis: the (task id, dispatch id) of the messages found in a queue list, and of
+    those found only in kombu's ``unacked`` hash (fetched by an agent, not acked yet)."""
 
-    Reads, in one MULTI transaction (an atomic snapshot), every priority list of the rows' queues and
-    kombu's ``unacked`` hash: with ``acks_late`` every message an agent fetched (reserved, running, or
-    waiting for its countdown) stays there until the run ended.
+    queued: frozenset[tuple[str, str | None]] = frozenset()
+    held: frozenset[tuple[str, str | None]] = frozenset()
+
+
+def judge_messages(
+    rows: Sequence[Any], views: Sequence[BrokerView], reported: Collection[tuple[str, str | None]] | None
+) -> dict[str, str]:
+    """QUEUED rows (``id``, ``dispatch_id``) whose current message is lost in every one of ``views``
+    → the reason (:data:`LOST_MESSAGE` or :data:`HELD_BY_LOST_AGENT`).
+
+    A message is lost in a view when it is in no queue list and either not in ``unacked`` either
+    (missing), or in ``unacked`` but reported by no live agent (``reported``: the (task id, dispatch id)
+    pairs the agents listed, dispatch id None when an agent's reply did not say it). ``reported`` None
+    means the agents could not all be asked: a held message then counts as in an agent's hands, as
+    before (kombu hands it out again after ``broker.visibility_timeout_s``).
+    """
+    lost: dict[str, str] = {}
+    for row in rows:
+        message = (row.id, row.dispatch_id)
+        listed = reported is not None and (message in reported or (row.id, None) in reported)
+        seen_held = False
+        for view in views:
+            if message in view.queued:
+                break
+            if message in view.held:
+                if reported is None or listed:
+                    break
+                seen_held = True
+        else:
+            if views:
+                lost[row.id] = HELD_BY_LOST_AGENT if seen_held else LOST_MESSAGE
+    return lost
+
+
+def held_reports(
+    replies: Mapping[str, Mapping[str, list[Any]] | None], statuses: Mapping[str, str]
+) -> tuple[set[tuple[str, str | None]] | None, str | None]:
+    """What the live agents hold, from their ``inspect scheduled/reserved/active`` replies (``replies``:
+    command → {agent: its list}) and the ledger's ``statuses`` (agent name → status): the (task id,
+    dispatch id) pairs reported, or None with the reason when the replies cannot be trusted to be
+    complete (a command failed, or an agent the ledger holds alive, i.e. not OFFLINE, did not answer it).
+    """
+    alive = {name for name, status in statuses.items() if status != AgentStatus.OFFLINE.value}
+    reported: set[tuple[str, str | None]] = set()
+    for command in HOLDING_COMMANDS:
+        answers = replies.get(command)
+        if answers is None:
+            return None, f"inspect {command} failed"
+        silent = sorted(alive - set(answers))
+        if silent:
+            return None, f"{', '.join(silent)} did not answer inspect {command}"
+        for items in answers.values():
+            for item in items or []:
+                request = item.get("request", item) if isinstance(item, dict) else None  # scheduled wraps it
+                if isinstance(request, dict) and request.get("id"):
+                    kwargs = request.get("kwargs")
+                    dispatch_id = kwargs.get("dispatch_id") if isinstance(kwargs, dict) else None
+                    reported.add((request["id"], dispatch_id))
+    return reported, None
+
+
+def _lost_in_redis(run: SyncContext, rows: list[Any]) -> dict[str, str]:
+    """Ids of ``rows`` whose current message is lost → the reason (see :func:`judge_messages`).
+
+    A message an agent fetched stays in kombu's ``unacked`` hash until acked (``acks_late``), through
+    its countdown (``scheduled``), its wait for a pool process (``reserved``) and its run (``active``).
+    If that agent was SIGKILLed, or its site lost, before it claimed the task, the row stays QUEUED and
+    kombu hands the message out again only after ``broker.visibility_timeout_s`` (two hours by default).
+    So for held messages of QUEUED tasks past the grace period the live agents are asked what they hold
+    (one broadcast per command and run, asked after the first read, so a message fetched before it is
+    listed by its live holder); a held message none of them lists is held by a dead agent and goes
+    again. This is judged only when every agent the ledger holds alive (not OFFLINE) answered every
+    command: an agent that died a moment ago stays alive in the ledger until its heartbeat timeout,
+    and until then its messages wait (a note says why). Every lost message is read again once (a
+    message between a queue and an agent's hands in that instant is not lost).
+
+    A wrong call costs nothing but a skipped delivery: the re-dispatch is fenced on the dispatch id read
+    (a task claimed meanwhile is not QUEUED any more and is left alone), and a new dispatch id fences the
+    old message off, so an agent that still held it drops it at claim time (``delivery skipped: stale
+    dispatch``). One shortcut: ``inspect active`` may come from earlier in the run (shared with
+    ``orphaned_runs``), so a message that went from reserved to active in between and is not claimed
+    yet is judged lost; the fence decides that race. A retry re-dispatched this way runs without the
+    rest of its backoff.
     """
     if not rows:
-        return set()
-    present = _messages_in_redis(run, {row.queue for row in rows}, {row.id for row in rows})
-    if present is None:
-        return set()
-    return {row.id for row in rows if (row.id, row.dispatch_id) not in present}
+        return {}
+    queues, wanted = {row.queue for row in rows}, {row.id for row in rows}
+    first = _messages_in_redis(run, queues, wanted)
+    if first is None:
+        return {}
+    reported: set[tuple[str, str | None]] | None = None
+    if any((row.id, row.dispatch_id) in first.held for row in rows):
+        reported = _reported_by_agents(run)
+    lost = judge_messages(rows, [first], reported)
+    if not lost:
+        return {}
+    # Look once more: a message may have been between a queue and an agent's hands.
+    again = [row for row in rows if row.id in lost]
+    second = _messages_in_redis(run, {row.queue for row in again}, set(lost))
+    return {} if second is None else judge_messages(again, [first, second], reported)
 
 
-def _messages_in_redis(run: SyncContext, queues: set[str], wanted: set[str]) -> set[tuple[str, str | None]] | None:
+def _reported_by_agents(run: SyncContext) -> set[tuple[str, str | None]] | None:
+    """What the live agents hold (:func:`held_reports`), or None with a note when it cannot be trusted."""
+    replies = {command: run.inspect_replies(command, "lost_messages") for command in HOLDING_COMMANDS}
+    with session_scope(run.settings.database) as session:
+        statuses = dict(session.execute(select(Agent.name, Agent.status)).tuples().all())
+    reported, why = held_reports(replies, statuses)
+    if reported is None:
+        run.notes.append(
+            f"lost_messages: messages held in unacked were counted as alive ({why}); "
+            "they come back after broker.visibility_timeout_s or once the agent is OFFLINE"
+        )
+    return reported
+
+
+def _messages_in_redis(run: SyncContext, queues: set[str], wanted: set[str]) -> BrokerView | None:
+    """One atomic snapshot (a MULTI transaction) of every priority list of ``queues`` and of kombu's
+    ``unacked`` hash, reduced to the messages of the task ids ``wanted``; None (with a note) when there
+    are more than :data:`MAX_SCAN_MESSAGES` to read."""
     import redis
 
     from aios.broker.celery_app import queue_name
@@ -255,16 +372,17 @@ def _messages_in_redis(run: SyncContext, queues: set[str], wanted: set[str]) -> 
             snapshot.lrange(key, 0, -1)
         snapshot.hvals(unacked)
         *lists, held = snapshot.execute()
-    present: set[tuple[str, str | None]] = set()
+    queued: set[tuple[str, str | None]] = set()
     for raw in (item for items in lists for item in items):
-        present.update(_identify(raw, wanted))
+        queued.update(_identify(raw, wanted))
+    fetched: set[tuple[str, str | None]] = set()
     for raw in held:
         try:
             message = json.loads(raw)[0]
         except (ValueError, TypeError, IndexError, KeyError):
             continue
-        present.update(_identify(message, wanted))
-    return present
+        fetched.update(_identify(message, wanted))
+    return BrokerView(queued=frozenset(queued), held=frozenset(fetched - queued))
 
 
 def _identify(raw: Any, wanted: set[str]) -> list[tuple[str, str | None]]:

@@ -27,7 +27,6 @@ from tests.conftest import BEAT_TEST_ENV, make_user, require_program, requiremen
 from tests.faults.conftest import FAST_SYNC, Effects, assert_nothing_lost, settle
 from tests.support.agent_helpers import FAST_BEATS
 from tests.support.ha_sites import (
-    SHORT_REDELIVERY,
     Pair,
     Sites,
     SitesUnavailable,
@@ -67,7 +66,7 @@ def pair(sites: Sites, stack: Any, tmp_path_factory: pytest.TempPathFactory) -> 
         requirement_missing("PostgreSQL server binaries (/usr/lib/postgresql/*/bin)", "not installed")
     # FAST_SYNC after BEAT_TEST_ENV (which turns the sync job off): the sync job re-dispatches what a
     # failover dropped, and every scenario here needs it
-    env = {**stack.env, **FAST_BEATS, **BEAT_TEST_ENV, **FAST_SYNC, **SHORT_REDELIVERY}
+    env = {**stack.env, **FAST_BEATS, **BEAT_TEST_ENV, **FAST_SYNC}
     built = start_pair(sites, tmp_path_factory.mktemp("ha"), env, f"ha{uuid.uuid4().hex[:10]}")
     try:
         yield built

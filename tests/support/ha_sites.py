@@ -247,18 +247,6 @@ def broker_url(sites: Sites) -> str:
     return ";".join(f"sentinel://{host}:{port}" for host, port in sentinel_ports(sites))
 
 
-#: A message an agent has fetched but not yet claimed sits in kombu's ``unacked`` hash, which replicates to
-#: site B; when site A's agent dies with it, Redis hands it out again only after ``visibility_timeout_s``
-#: (two hours by default), and the sync job counts it as held by a live agent meanwhile: its task waits
-#: QUEUED that long (docs/ha.md, "What a lost site's agent had fetched"). The pair runs with a short
-#: timeout so such a task finishes within the test; the task timeout and the retry backoff stay below it.
-SHORT_REDELIVERY = {
-    "AIOS_ORCHESTRATOR__TASK_TIMEOUT_S": "40",
-    "AIOS_ORCHESTRATOR__RETRY_BACKOFF_MAX_S": "2",  # a retry waits as a countdown message: below it too
-    "AIOS_BROKER__VISIBILITY_TIMEOUT_S": "60",
-}
-
-
 def aios_env(sites: Sites, base_env: dict[str, str]) -> dict[str, str]:
     """``base_env`` (a session's settings) pointed at the pair: the same on both sites."""
     return {
