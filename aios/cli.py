@@ -432,7 +432,7 @@ def up_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--wait",
             "wait_s",
-            type=float,
+            type=click.FloatRange(min=0, min_open=True),
             default=120.0,
             show_default=True,
             help="--detach: seconds to wait for every process to be healthy",
@@ -539,7 +539,7 @@ def ps(settings: Settings, pid_file: Path, as_json: bool) -> int:
 @cli.command("logs", help="the last lines of the detached aios up's logs (all, or one process); -f follows")
 @click.argument("name", required=False, type=click.Choice([*services.CHILD_NAMES, services.SUPERVISOR_LOG]))
 @click.option("-f", "--follow", is_flag=True, help="keep printing new lines (Ctrl-C stops)")
-@click.option("-n", "--lines", type=int, default=50, show_default=True)
+@click.option("-n", "--lines", type=click.IntRange(min=0), default=50, show_default=True)
 @log_dir_option
 def logs(name: str | None, follow: bool, lines: int, log_dir: Path) -> int:
     files = services.log_files(log_dir, [name] if name else [*services.CHILD_NAMES, services.SUPERVISOR_LOG])

@@ -38,13 +38,10 @@ def status() -> Any:
 
 
 def _ha(settings: Settings) -> dict[str, Any] | None:
-    """The pair's view (aios ha status) when there is a pair to look at, else None: the embedded
-    default has no replication, and a single server's status needs no probe of it."""
-    if settings.database.is_sqlite and not settings.broker.is_sentinel:
-        return None
-    from aios.ops.ha import ha_status
+    """The pair's view (``aios ha status``), or None on the embedded default, which has no replication."""
+    from aios.ops.ha import ha_status, has_replication
 
-    return ha_status(settings).to_dict()
+    return ha_status(settings).to_dict() if has_replication(settings) else None
 
 
 def cluster_status(settings: Settings, celery: Celery) -> dict[str, Any]:

@@ -199,9 +199,9 @@ class ClusterCollector(Collector):
     def _ha(self) -> Iterator[Metric]:
         """Replication and failover (aios.ops.ha): PostgreSQL's standbys and the Sentinel-watched Redis.
         Not on the embedded default, which has neither."""
-        from aios.ops.ha import ha_status
+        from aios.ops.ha import ha_status, has_replication
 
-        if self.settings.database.is_sqlite and not self.settings.broker.is_sentinel:
+        if not has_replication(self.settings):
             return
         status = ha_status(self.settings)
         db, broker = status.database, status.broker

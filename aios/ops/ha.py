@@ -84,6 +84,12 @@ class HaStatus:
         }
 
 
+def has_replication(settings: Settings) -> bool:
+    """Whether there is replication to look at: not on the embedded default (SQLite, no Sentinel), where
+    the API's status and the metrics skip the probe instead of reporting an empty pair."""
+    return not settings.database.is_sqlite or settings.broker.is_sentinel
+
+
 def ha_status(settings: Settings) -> HaStatus:
     """Ask each engine where it stands now (each host of the URLs on its own, with short timeouts)."""
     try:

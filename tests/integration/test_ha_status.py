@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,8 +18,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port, requirement_missing, wait_for
-from tests.support.pg_cluster import PgNode, create_primary, create_standby, new_root, postgres_bindir
+from tests.conftest import REPO_ROOT, wait_for
+from tests.support.pg_cluster import PgNode, loopback_pair
 from tests.support.redis_sentinel import SentinelGroup, running_sentinel_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -43,30 +42,17 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    if postgres_bindir() is None:
-        requirement_missing("PostgreSQL server binaries (/usr/lib/postgresql/*/bin)", "not installed")
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        requirement_missing("runuser", "PostgreSQL refuses to run as root, and runuser is not installed")
     from aios import migrate
     from aios.config import DatabaseSettings
     from aios.db import dispose_engines
 
-    root = new_root()
-    nodes: list[PgNode] = []
-    try:
-        nodes.append(create_primary(root, "siteA", "127.0.0.1", free_port(), synchronous_standby_names="siteB"))
-        nodes.append(create_standby(root, "siteB", "127.0.0.1", free_port(), nodes[0]))
-        nodes[0].wait_streaming("siteB", sync=True)
-        nodes[0].create_database("aios")
-        with running_sentinel_group(tmp_path_factory.mktemp("redis")) as group:
-            pair = Pair(nodes[0], nodes[1], group)
+    with loopback_pair() as (primary, standby), running_sentinel_group(tmp_path_factory.mktemp("redis")) as group:
+        pair = Pair(primary, standby, group)
+        try:
             migrate.upgrade(DatabaseSettings(url=pair.env["AIOS_DATABASE__URL"]))
             yield pair
-    finally:
-        dispose_engines()
-        for node in nodes:
-            node.destroy()
-        shutil.rmtree(root, ignore_errors=True)
+        finally:
+            dispose_engines()
 
 
 def aios_ha_status(pair: Pair, *args: str) -> subprocess.CompletedProcess[str]:

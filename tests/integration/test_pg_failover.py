@@ -10,8 +10,6 @@ AIOS finds the primary only through the URL's ``target_session_attrs=read-write`
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,16 +19,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import free_port, make_user, requirement_missing, wait_for
+from tests.conftest import free_port, make_user, wait_for
 from tests.faults.conftest import Effects, HttpSubmitter, assert_nothing_lost, settle, start_system
-from tests.support.pg_cluster import (
-    PgNode,
-    create_primary,
-    create_standby,
-    new_root,
-    postgres_bindir,
-    rejoin_as_standby,
-)
+from tests.support.pg_cluster import PgNode, loopback_pair, rejoin_as_standby
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -81,30 +72,17 @@ class Pair:
 @pytest.fixture(scope="module")
 def pg_pair() -> Iterator[Pair]:
     """Site A primary, site B its synchronous standby, database ``aios`` migrated through the multi-host URL."""
-    bindir = postgres_bindir()
-    if bindir is None:
-        requirement_missing("PostgreSQL server binaries (/usr/lib/postgresql/*/bin)", "not installed")
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        requirement_missing("runuser", "PostgreSQL refuses to run as root, and runuser is not installed")
     from aios import migrate
     from aios.config import DatabaseSettings
     from aios.db import dispose_engines
 
-    root = new_root()
-    nodes: list[PgNode] = []
-    try:
-        nodes.append(create_primary(root, "siteA", "127.0.0.1", free_port(), synchronous_standby_names="siteB"))
-        nodes.append(create_standby(root, "siteB", "127.0.0.1", free_port(), nodes[0]))
-        nodes[0].wait_streaming("siteB", sync=True)
-        nodes[0].create_database("aios")
-        pair = Pair((nodes[0], nodes[1]))
-        migrate.upgrade(DatabaseSettings(url=pair.url()))
-        yield pair
-    finally:
-        dispose_engines()
-        for node in nodes:
-            node.destroy()
-        shutil.rmtree(root, ignore_errors=True)
+    with loopback_pair() as nodes:
+        pair = Pair(nodes)
+        try:
+            migrate.upgrade(DatabaseSettings(url=pair.url()))
+            yield pair
+        finally:
+            dispose_engines()
 
 
 @pytest.fixture()

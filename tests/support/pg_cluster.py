@@ -43,7 +43,8 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,3 +282,36 @@ def rejoin_as_standby(old: PgNode, new_primary: PgNode, *, application_name: str
         for path in (old.data / "postgresql.auto.conf", old.data / "standby.signal"):
             shutil.chown(path, "postgres")
     old.start()
+
+
+def require_postgres_server() -> Path:
+    """The server binaries' folder; else the test skips (fails under CI) saying what is missing."""
+    from tests.conftest import requirement_missing
+
+    bindir = postgres_bindir()
+    if bindir is None:
+        requirement_missing("PostgreSQL server binaries (/usr/lib/postgresql/*/bin)", "not installed")
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        requirement_missing("runuser", "PostgreSQL refuses to run as root, and runuser is not installed")
+    return bindir
+
+
+@contextmanager
+def loopback_pair(database: str = "aios") -> Iterator[tuple[PgNode, PgNode]]:
+    """``siteA`` primary and ``siteB`` its synchronous standby on free loopback ports, with ``database``
+    made on the primary (it replicates); both destroyed on exit, whatever state they are in."""
+    from tests.conftest import free_port
+
+    require_postgres_server()
+    root = new_root()
+    nodes: list[PgNode] = []
+    try:
+        nodes.append(create_primary(root, "siteA", "127.0.0.1", free_port(), synchronous_standby_names="siteB"))
+        nodes.append(create_standby(root, "siteB", "127.0.0.1", free_port(), nodes[0]))
+        nodes[0].wait_streaming("siteB", sync=True)
+        nodes[0].create_database(database)
+        yield nodes[0], nodes[1]
+    finally:
+        for node in nodes:
+            node.destroy()
+        shutil.rmtree(root, ignore_errors=True)

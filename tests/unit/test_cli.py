@@ -14,6 +14,8 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 SERVER_SIDE = {"aios", "webapi", "workers"}
@@ -83,6 +85,26 @@ def test_a_client_option_before_a_server_command_is_a_usage_error():
     assert done.returncode == 2
     assert "--json" in done.stderr and "client commands" in done.stderr
     assert not done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["certs", "create", "--days", "0"], "--days"),
+        (["logs", "nope"], "nope"),
+        (["logs", "-n", "-1"], "--lines"),
+        (["down", "--grace", "-1"], "--grace"),
+        (["up", "--detach", "--wait", "0"], "--wait"),
+        (["restart", "--wait", "-5"], "--wait"),
+        (["ha", "status", "--jsn"], "--jsn"),
+    ],
+)
+def test_a_bad_value_of_a_new_server_option_is_a_usage_error_that_names_it(args, named):
+    # Given a value the option cannot take / When the command starts
+    done = run_aios(*args)
+    # Then nothing runs: exit 2, and stderr names the option or value
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert named in done.stderr and not done.stdout
 
 
 def imported_roots(path: Path) -> set[str]:
